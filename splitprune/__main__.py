@@ -1,0 +1,5 @@
+import sys
+
+from splitprune.cli import main
+
+sys.exit(main())

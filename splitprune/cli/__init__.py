@@ -1,0 +1,50 @@
+"""The `splitprune` command line. Each subcommand lives in its own module with `add_parser` and `run`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from splitprune.errors import UserError
+
+# subcommand name -> module under splitprune.cli (each defines add_parser(subparsers) and run(args) -> int)
+SUBCOMMANDS = {
+    "train": "train",
+    "eval": "evaluate",
+    "models": "models",
+    "serve": "serve",
+    "infer": "infer",
+    "link": "link",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"splitprune.cli.{module_name}")
+        except ModuleNotFoundError as exc:  # a subcommand not written yet
+            if exc.name != f"splitprune.cli.{module_name}":
+                raise
+            continue
+        module.add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"splitprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"splitprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

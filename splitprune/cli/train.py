@@ -1,0 +1,56 @@
+"""`splitprune train`: run sl, ca, deprune or prune, in-process or against a `splitprune serve` server."""
+from __future__ import annotations
+
+import argparse
+
+from splitprune.cli.common import add_config_flags, config_from_args, percent, print_table
+
+
+def add_parser(subparsers, name: str) -> None:
+    p = subparsers.add_parser(name, help="train a split model (sl, ca, deprune, prune)",
+                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(p)
+    p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_remote_flags(p)
+    p.set_defaults(run=run)
+
+
+def add_remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="HOST:PORT of a `splitprune serve` server (default: train in-process)")
+    p.add_argument("--token", help="bearer token for the server")
+    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitprune.training.trainer import Trainer
+
+    cfg = config_from_args(args)
+    endpoint = None
+    if args.server:
+        from splitprune.transport.client import connect_for_training
+
+        endpoint = connect_for_training(cfg, args)
+    try:
+        summary = Trainer(cfg, args.out, endpoint=endpoint, show_progress=not args.quiet).run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    print_summary(summary)
+    print(f"results: {args.out}/summary.json, {args.out}/metrics.csv, checkpoint {args.out}/checkpoint")
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    rows = [[p["budget"], p["epochs"], f"{p['bytes_up'] / 1e6:.2f}", f"{p['bytes_down'] / 1e6:.2f}",
+             percent(p["final_test_accuracy"])] for p in s["phases"]]
+    print(f"\n{s['method']} on {s['dataset']} ({s['train_samples']} train images), {s['model']} cut at {s['split']}, "
+          f"up {s['dtype_up']} / down {s['dtype_down']}")
+    print_table(rows, ["budget", "epochs", "MB up", "MB down", "test acc"])
+    print(f"final test accuracy {percent(s['final_test_accuracy'])}  best {percent(s['best_test_accuracy'])}  "
+          f"mean of last 3 {percent(s['mean_last3_test_accuracy'])}")
+    print(f"training traffic {s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down; "
+          f"inference uplink {s['inference_bytes_per_sample']:.1f} B/sample "
+          f"({s['inference_bytes_single_sample']} B for a single-sample request); {s['wall_seconds']:.0f} s")

@@ -1,0 +1,199 @@
+"""Wire codec for cut tensors: only the kept channels travel, as fp32, fp16 or 8-bit affine values.
+
+Like CompressAI's latent codecs, one object has three verbs: `forward` (the round trip used in
+training, returning what the receiver sees and how many bytes it cost), `compress` (tensor -> bytes)
+and `decompress` (bytes -> tensor). The bytes are a serialized `EncodedTensor` protobuf message, the
+same message the network runtime carries, so byte counts are those of real messages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+
+WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8}
+_NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1")}
+MAX_CHANNELS = 65535  # channel indices travel as uint16
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def dtype_name(dtype: int) -> str:
+    for name, value in WIRE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ProtocolError(f"unknown tensor dtype {dtype}")
+
+
+def check_dtype_name(name: str) -> int:
+    if name not in WIRE_DTYPES:
+        raise ProtocolError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a receiver accepts: the dense cut shape (C, H, W), the largest batch, the allowed dtypes."""
+
+    channels: int
+    height: int
+    width: int
+    max_batch: int = 4096
+    dtypes: tuple[int, ...] = (pb.FP32, pb.FP16, pb.INT8)
+    max_kept: int | None = None  # largest K accepted (the budget); None = C
+
+
+@dataclass
+class Decoded:
+    """A received tensor: values of the kept channels [N, K, H, W] (float32) and their indices [K]."""
+
+    values: torch.Tensor
+    channels: torch.Tensor
+    num_channels: int
+
+    def dense(self) -> torch.Tensor:
+        """Scatter the kept channels into a zero tensor [N, C, H, W]."""
+        n, _, h, w = self.values.shape
+        out = self.values.new_zeros(n, self.num_channels, h, w)
+        return out.index_copy_(1, self.channels, self.values)
+
+
+def _quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine 8-bit per channel (axis 1) over all samples and positions of that channel."""
+    per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
+    lo = per_channel.min(axis=1) if per_channel.size else np.zeros(values.shape[1], np.float32)
+    hi = per_channel.max(axis=1) if per_channel.size else lo
+    scale = ((hi - lo) / 255.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).reshape(1, -1, 1, 1)
+    q = np.rint((values - lo.reshape(1, -1, 1, 1)) / safe)
+    return np.clip(q, 0, 255).astype(np.uint8), scale, lo.astype(np.float32)
+
+
+class ChannelCodec:
+    """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16" or "int8")."""
+
+    def __init__(self, dtype: str = "fp16") -> None:
+        self.dtype_name = dtype
+        self.dtype = check_dtype_name(dtype)
+
+    def __repr__(self) -> str:
+        return f"ChannelCodec({self.dtype_name!r})"
+
+    def encode(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> pb.EncodedTensor:
+        """kept: [N, K, H, W] values of the channels `channels` (ascending; None = all C channels)."""
+        if kept.dim() != 4:
+            raise ProtocolError(f"cut tensors are 4-D [N, C, H, W], got shape {tuple(kept.shape)}")
+        values = kept.detach().to(torch.float32).cpu().contiguous().numpy()
+        if not np.isfinite(values).all():
+            raise ProtocolError("refusing to encode non-finite values (NaN or Inf): the training has diverged")
+        n, k, h, w = values.shape
+        msg = pb.EncodedTensor(dtype=self.dtype, shape=[n, num_channels, h, w])
+        if channels is not None and k != num_channels:
+            msg.channels = channels.detach().cpu().numpy().astype("<u2").tobytes()
+        elif k != num_channels:
+            raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
+        if self.dtype == pb.INT8:
+            q, scale, offset = _quantize_int8(values)
+            msg.data, msg.scales, msg.offsets = q.tobytes(), scale.astype("<f4").tobytes(), offset.tobytes()
+        else:
+            msg.data = values.astype(_NUMPY_DTYPES[self.dtype]).tobytes()
+        return msg
+
+    def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> bytes:
+        return self.encode(kept, channels, num_channels).SerializeToString()
+
+    def decompress(self, data: bytes, spec: TensorSpec | None = None) -> Decoded:
+        return decode_tensor(parse_tensor(data), spec)
+
+    def forward(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> tuple[Decoded, int]:
+        """The round trip: what the receiver decodes, and the message size in bytes."""
+        data = self.compress(kept, channels, num_channels)
+        return self.decompress(data), len(data)
+
+
+def parse_tensor(data: bytes) -> pb.EncodedTensor:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"tensor message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    msg = pb.EncodedTensor()
+    try:
+        msg.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, and others on garbage
+        raise ProtocolError(f"malformed tensor message: {exc}") from None
+    return msg
+
+
+def _decode_channels(msg: pb.EncodedTensor, num_channels: int) -> np.ndarray:
+    if not msg.channels:
+        return np.arange(num_channels, dtype=np.int64)
+    if len(msg.channels) % 2:
+        raise ProtocolError("channel indices must be uint16: odd byte count")
+    idx = np.frombuffer(msg.channels, dtype="<u2").astype(np.int64)
+    if idx.size and (idx[-1] >= num_channels or (np.diff(idx) <= 0).any()):
+        raise ProtocolError(f"channel indices must be strictly ascending and below {num_channels}")
+    return idx
+
+
+def _check_shape(msg: pb.EncodedTensor, spec: TensorSpec | None) -> tuple[int, int, int, int]:
+    if len(msg.shape) != 4:
+        raise ProtocolError(f"tensor shape must have 4 dims [N, C, H, W], got {list(msg.shape)}")
+    n, c, h, w = (int(v) for v in msg.shape)
+    if min(n, c, h, w) < 1 or c > MAX_CHANNELS:
+        raise ProtocolError(f"invalid tensor shape {[n, c, h, w]}")
+    if n * c * h * w * 4 > 4 * MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"tensor shape {[n, c, h, w]} is too large")
+    if spec is not None:
+        if (c, h, w) != (spec.channels, spec.height, spec.width):
+            raise ProtocolError(f"tensor shape {[c, h, w]} does not match the session's cut shape "
+                                f"{[spec.channels, spec.height, spec.width]}")
+        if n > spec.max_batch:
+            raise ProtocolError(f"batch of {n} exceeds the limit of {spec.max_batch}")
+        if msg.dtype not in spec.dtypes:
+            raise ProtocolError(f"dtype {msg.dtype} not allowed here; expected one of {list(spec.dtypes)}")
+    return n, c, h, w
+
+
+def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Decoded:
+    """Validate a tensor message completely and return its values as float32."""
+    if msg.dtype not in _NUMPY_DTYPES:
+        raise ProtocolError(f"unknown tensor dtype {msg.dtype}")
+    n, c, h, w = _check_shape(msg, spec)
+    idx = _decode_channels(msg, c)
+    k = idx.size
+    if spec is not None and spec.max_kept is not None and k > spec.max_kept:
+        raise ProtocolError(f"{k} channels sent but the budget is {spec.max_kept}")
+    np_dtype = _NUMPY_DTYPES[msg.dtype]
+    expected = n * k * h * w * np_dtype.itemsize
+    if len(msg.data) != expected:
+        raise ProtocolError(f"tensor data holds {len(msg.data)} bytes, shape and dtype need {expected}")
+    values = np.frombuffer(msg.data, dtype=np_dtype).reshape(n, k, h, w).astype(np.float32)
+    if msg.dtype == pb.INT8:
+        if len(msg.scales) != 4 * k or len(msg.offsets) != 4 * k:
+            raise ProtocolError(f"int8 tensors need {k} float32 scales and offsets")
+        scale = np.frombuffer(msg.scales, dtype="<f4").reshape(1, k, 1, 1)
+        offset = np.frombuffer(msg.offsets, dtype="<f4").reshape(1, k, 1, 1)
+        if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
+            raise ProtocolError("int8 scales or offsets are not finite")
+        values = values * scale + offset
+    elif not np.isfinite(values).all():
+        raise ProtocolError("tensor holds non-finite values (NaN or Inf)")
+    return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c)
+
+
+def encode_labels(labels: torch.Tensor) -> pb.Labels:
+    y = labels.detach().cpu().numpy()
+    width = 1 if y.size == 0 or int(y.max()) < 256 else 2
+    return pb.Labels(width=width, data=y.astype("u1" if width == 1 else "<u2").tobytes())
+
+
+def decode_labels(msg: pb.Labels, count: int, num_classes: int) -> torch.Tensor:
+    if msg.width not in (1, 2):
+        raise ProtocolError(f"label width must be 1 or 2 bytes, got {msg.width}")
+    if len(msg.data) != count * msg.width:
+        raise ProtocolError(f"expected {count} labels of {msg.width} byte(s), got {len(msg.data)} bytes")
+    y = np.frombuffer(msg.data, dtype="u1" if msg.width == 1 else "<u2").astype(np.int64)
+    if y.size and int(y.max()) >= num_classes:
+        raise ProtocolError(f"label {int(y.max())} out of range for {num_classes} classes")
+    return torch.from_numpy(y)

@@ -1,0 +1,1 @@
+"""Split training: the shared step, schedules, the trainer, checkpoints."""

@@ -1,0 +1,104 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; nothing is unpickled.
+
+A checkpoint folder holds model.safetensors (device.* and server.* weights), meta.json (config, cut
+geometry, classes, budget) and, for resumable runs, state.safetensors + progress inside meta.json
+(optimizer buffers, random states, finished epochs). Folders are written aside and swapped in atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from splitprune.errors import UserError
+
+MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "meta.json"
+FORMAT = "splitprune-checkpoint/1"
+
+
+def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def load_module(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    start = prefix + "."
+    own = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+    missing = set(module.state_dict()) - set(own)
+    if missing:
+        raise UserError(f"checkpoint lacks {len(missing)} {prefix} tensors (e.g. {sorted(missing)[0]}): "
+                        "it was made for another model, split or resolution")
+    try:
+        module.load_state_dict(own)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+
+
+def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"{prefix}.{names[id(p)]}"] = buf.detach().clone()
+    return out
+
+
+def load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, module: torch.nn.Module,
+                   tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    start = prefix + "."
+    for key, value in tensors.items():
+        if key.startswith(start) and key[len(start):] in params:
+            optimizer.state[params[key[len(start):]]]["momentum_buffer"] = value.clone()
+
+
+def write_checkpoint(folder: str | Path, model: dict[str, torch.Tensor], meta: dict,
+                     state: dict[str, torch.Tensor] | None = None) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model, str(tmp / MODEL_FILE))
+    if state is not None:
+        save_file(state, str(tmp / STATE_FILE))
+    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if (folder / "checkpoint" / META_FILE).exists():  # a run directory was given
+        folder = folder / "checkpoint"
+    meta_path = folder / META_FILE
+    if not meta_path.exists():
+        raise UserError(f"no checkpoint at {folder}: expected {META_FILE} and {MODEL_FILE} there")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path} is not a splitprune checkpoint (format {FORMAT})")
+    meta["_folder"] = str(folder)
+    return meta
+
+
+def read_tensors(folder: str | Path, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
+    path = Path(folder) / name
+    if not path.exists():
+        raise UserError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint file {path} is damaged: {exc}") from None

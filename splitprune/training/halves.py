@@ -1,0 +1,62 @@
+"""The two halves of a split network with the compression module at the cut."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from splitprune.compression import Decoder, GatedEncoder, encoded_shape
+from splitprune.config import RunConfig
+from splitprune.models import build_split_model, check_server_input
+
+
+@dataclass(frozen=True)
+class Geometry:
+    cut_shape: tuple[int, int, int]    # (C, H, W) at the split point
+    wire_shape: tuple[int, int, int]   # (C, H', W') after the encoder: what travels, per sample
+
+    @property
+    def channels(self) -> int:
+        return self.cut_shape[0]
+
+
+class DeviceHalf(nn.Module):
+    """Runs on the device: backbone layers up to the cut, then the gated encoder."""
+
+    def __init__(self, layers: nn.Module, encoder: GatedEncoder) -> None:
+        super().__init__()
+        self.layers = layers
+        self.encoder = encoder
+
+    @property
+    def gate_logits(self) -> nn.Parameter:
+        return self.encoder.gate_logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.layers(x))
+
+
+class ServerHalf(nn.Module):
+    """Runs on the server: the decoder, then the rest of the backbone and its head."""
+
+    def __init__(self, decoder: Decoder, layers: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.layers = layers
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.decoder(z))
+
+
+def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, ServerHalf, Geometry]:
+    """Build both halves with weights drawn from cfg.seed; refuses impossible shapes with a UserError."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        split = build_split_model(cfg.model, cfg.split, num_classes, in_channels, cfg.input_size)
+        channels = split.cut_shape[0]
+        wire = encoded_shape(split.cut_shape, cfg.resolution)
+        encoder = GatedEncoder(channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
+        decoder = Decoder(channels, cfg.resolution)
+    check_server_input(split.server, split.cut_shape)
+    return DeviceHalf(split.device, encoder), ServerHalf(decoder, split.server), Geometry(split.cut_shape, wire)

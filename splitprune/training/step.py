@@ -1,0 +1,230 @@
+"""One split-training step, shared by every method, in-process and over a network.
+
+The device part (DeviceWorker) and the server part (ServerWorker) share no objects: only serialized
+protobuf messages pass between them, through a Link. LocalLink calls the server in the same process;
+the gRPC client in splitprune.transport is the same Link over a real network.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from google.protobuf.message import Message
+
+from splitprune.compression import (ChannelCodec, TensorSpec, budget_loss, channel_mask, decode_labels,
+                                    decode_tensor, encode_labels, keep_channels, reset_gate, select_top_b)
+from splitprune.compression.codec import MAX_MESSAGE_BYTES
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf
+from splitprune.training.rng import RngStream
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_message(cls: type[M], data: bytes) -> M:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{cls.__name__} of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except Exception as exc:
+        raise ProtocolError(f"malformed {cls.__name__}: {exc}") from None
+    return msg
+
+
+class Link(Protocol):
+    """How the device reaches the server: serialized requests in, serialized replies out."""
+
+    def train(self, request: bytes) -> bytes: ...
+
+    def evaluate(self, request: bytes) -> bytes: ...
+
+    def start_phase(self, request: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    lr: float
+    momentum: float
+    weight_decay: float
+
+    def build(self, module: torch.nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(module.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+
+class ServerWorker:
+    """The server part: decodes activations, runs decoder + server layers, returns encoded gradients.
+
+    It never sees device parameters or the budget term; updates are applied one at a time under a lock,
+    so several devices may share one server half.
+    """
+
+    def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
+                 seed: int, max_batch: int = 4096) -> None:
+        self.half = half
+        self.num_classes = num_classes
+        self.codec = codec_down
+        self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
+        self.rng = RngStream(seed + 1)
+        self.lock = threading.Lock()
+        self.optimizer: torch.optim.SGD | None = None
+        self.budget: int | None = None
+        self.phase = -1
+
+    def start_phase(self, req: pb.PhaseRequest) -> pb.PhaseReply:
+        budget = req.budget or self.spec.channels
+        if budget > self.spec.channels:
+            raise ProtocolError(f"budget {budget} exceeds the {self.spec.channels} channels at the cut")
+        with self.lock:
+            self.optimizer = OptimizerSettings(req.lr, req.momentum, req.weight_decay).build(self.half)
+            self.budget, self.phase = budget, req.phase
+        return pb.PhaseReply(phase=req.phase)
+
+    def _spec(self) -> TensorSpec:
+        return TensorSpec(*self.geometry_tuple(), max_batch=self.spec.max_batch, max_kept=self.budget)
+
+    def geometry_tuple(self) -> tuple[int, int, int]:
+        return self.spec.channels, self.spec.height, self.spec.width
+
+    def train(self, req: pb.TrainRequest) -> pb.TrainReply:
+        if self.optimizer is None:
+            raise ProtocolError("no training phase started: send a PhaseRequest first")
+        received = decode_tensor(req.activations, self._spec())
+        labels = decode_labels(req.labels, received.values.shape[0], self.num_classes)
+        partial = received.channels.numel() < received.num_channels
+        with self.lock, self.rng.active():
+            self.half.train()
+            compact = received.values.requires_grad_()
+            logits = self.half(received.dense() if partial else compact)
+            loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        correct = int((logits.detach().argmax(1) == labels).sum())
+        gradient = self.codec.encode(compact.grad, received.channels if partial else None, received.num_channels)
+        return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=float(loss), correct=correct)
+
+    @torch.no_grad()
+    def evaluate(self, req: pb.EvalRequest) -> pb.EvalReply:
+        received = decode_tensor(req.activations, TensorSpec(*self.geometry_tuple(), max_batch=self.spec.max_batch))
+        with self.lock, self.rng.active():
+            self.half.eval()
+            logits = self.half(received.dense())
+        return pb.EvalReply(request_id=req.request_id, predictions=encode_labels(logits.argmax(1)))
+
+
+class LocalLink:
+    """The in-process link: every message still goes through its serialized bytes."""
+
+    def __init__(self, server: ServerWorker) -> None:
+        self.server = server
+
+    def train(self, request: bytes) -> bytes:
+        return self.server.train(parse_message(pb.TrainRequest, request)).SerializeToString()
+
+    def evaluate(self, request: bytes) -> bytes:
+        return self.server.evaluate(parse_message(pb.EvalRequest, request)).SerializeToString()
+
+    def start_phase(self, request: bytes) -> bytes:
+        return self.server.start_phase(parse_message(pb.PhaseRequest, request)).SerializeToString()
+
+
+@dataclass
+class StepStats:
+    samples: int
+    loss: float
+    correct: int
+    bytes_up: int
+    bytes_down: int
+
+
+class DeviceWorker:
+    """The device part: backbone layers, the gated encoder, the budget and its loss, the codec uplink."""
+
+    def __init__(self, half: DeviceHalf, geometry: Geometry, num_classes: int, codec_up: ChannelCodec,
+                 scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0) -> None:
+        self.half = half
+        self.geometry = geometry
+        self.num_classes = num_classes
+        self.codec = codec_up
+        self.scaling = scaling
+        self.budget_eps, self.budget_delta = budget_eps, budget_delta
+        self.rng = RngStream(seed + 2)
+        self.optimizer: torch.optim.SGD | None = None
+        self.budget: int | None = None      # None = every channel
+        self.use_budget_loss = False
+        self.step_id = 0
+
+    @property
+    def channels(self) -> int:
+        return self.geometry.channels
+
+    def start_phase(self, link: Link, phase: int, budget: int | None, optimizer: OptimizerSettings,
+                    use_budget_loss: bool) -> None:
+        self.budget, self.use_budget_loss = budget, use_budget_loss
+        self.optimizer = optimizer.build(self.half)
+        req = pb.PhaseRequest(phase=phase, budget=budget or self.channels, lr=optimizer.lr,
+                              momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
+        reply = parse_message(pb.PhaseReply, link.start_phase(req.SerializeToString()))
+        if reply.phase != phase:
+            raise ProtocolError(f"server acknowledged phase {reply.phase}, expected {phase}")
+
+    def reset_gate(self, threshold: float, low_max: float, high: float) -> int:
+        with self.rng.active():
+            return reset_gate(self.half.gate_logits, threshold, low_max, high)
+
+    def kept_channels(self, budget: int | None = None) -> torch.Tensor | None:
+        budget = self.budget if budget is None else budget
+        if budget is None or budget >= self.channels:
+            return None
+        return select_top_b(channel_mask(self.half.gate_logits), budget)
+
+    def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
+        kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
+        return kept, self.codec.encode(kept, channels, self.channels)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link) -> StepStats:
+        assert self.optimizer is not None, "start_phase first"
+        self.step_id += 1
+        self.half.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.rng.active():
+            z = self.half(x)
+        channels = self.kept_channels()
+        kept, activations = self._encode(z, channels)
+        request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y))
+        up = request.SerializeToString()
+        down = link.train(up)
+        reply = parse_message(pb.TrainReply, down)
+        if reply.step_id != self.step_id:
+            raise ProtocolError(f"reply to step {reply.step_id} received for step {self.step_id}")
+        gradient = decode_tensor(reply.gradient)
+        if tuple(gradient.values.shape) != tuple(kept.shape):
+            raise ProtocolError(f"gradient shape {tuple(gradient.values.shape)} != sent {tuple(kept.shape)}")
+        tensors, grads = [kept], [gradient.values]
+        if self.use_budget_loss:
+            tensors.append(budget_loss(self.half.gate_logits, self.budget or self.channels,
+                                       self.budget_eps, self.budget_delta))
+            grads.append(torch.ones(()))
+        torch.autograd.backward(tensors, grads)
+        self.optimizer.step()
+        return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, link: Link, budget: int | None = None) -> tuple[torch.Tensor, int, int]:
+        """Split inference: predicted classes, uplink and downlink bytes."""
+        self.half.eval()
+        self.step_id += 1
+        channels = self.kept_channels(budget)
+        _, activations = self._encode(self.half(x), channels)
+        up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
+        down = link.evaluate(up)
+        reply = parse_message(pb.EvalReply, down)
+        if reply.request_id != self.step_id:
+            raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
+        return decode_labels(reply.predictions, len(x), self.num_classes), len(up), len(down)

@@ -1,0 +1,260 @@
+"""The training loop: phases of a schedule, per-epoch evaluation, metrics, checkpoints and resume."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from splitprune.config import Phase, RunConfig, resolve_schedule
+from splitprune.errors import ProtocolError, UserError
+from splitprune.proto import pb
+from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
+                                            read_meta, read_tensors, write_checkpoint)
+from splitprune.training.setup import InProcessServer, RunParts, ServerEndpoint, build_run
+from splitprune.training.step import DeviceWorker, Link, OptimizerSettings
+
+METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up",
+                 "bytes_down", "eval_bytes_up", "eval_bytes_down", "seconds", "eval_seconds"]
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    samples: int
+    bytes_up: int
+    bytes_down: int
+    single_sample_bytes_up: int    # one inference request holding one sample
+
+
+def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None) -> EvalResult:
+    correct = samples = up = down = 0
+    for x, y in loader:
+        predictions, sent, received = device.predict(x, link, budget)
+        correct += int((predictions == y).sum())
+        samples, up, down = samples + len(y), up + sent, down + received
+    x, _ = next(iter(loader))
+    single = device.predict(x[:1], link, budget)[1]
+    return EvalResult(correct / max(samples, 1), samples, up, down, single)
+
+
+@dataclass
+class Progress:
+    phase: int = 0
+    epoch_in_phase: int = 0
+    epoch: int = 0
+    rows: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Runs a method's schedule; `endpoint` is where the server half lives (in-process by default)."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, endpoint: ServerEndpoint | None = None,
+                 parts: RunParts | None = None, show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.parts = parts or build_run(cfg)
+        self.endpoint = endpoint or InProcessServer(self.parts.server_worker)
+        self.device = self.parts.device
+        self.phases = resolve_schedule(cfg, self.parts.geometry.channels)
+        self.show_progress = show_progress
+        self.progress = Progress()
+        self._writer = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        geometry = self.parts.geometry
+        return {
+            "config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "num_classes": self.parts.num_classes,
+            "in_channels": self.parts.in_channels, "cut_shape": list(geometry.cut_shape),
+            "wire_shape": list(geometry.wire_shape), "budget": self.device.budget or geometry.channels,
+            "phases": [{"budget": p.label(), "epochs": p.epochs} for p in self.phases],
+            "progress": {"phase": self.progress.phase, "epoch_in_phase": self.progress.epoch_in_phase,
+                         "epoch": self.progress.epoch, "wall_seconds": self.progress.wall_seconds,
+                         "rows": self.progress.rows, "last_eval": self.progress.last_eval},
+        }
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        server = {k: v for k, v in self.endpoint.server_state().items() if k.startswith("server.")}
+        return {**module_tensors("device", self.device.half), **server}
+
+    def _save(self) -> None:
+        state = {k: v for k, v in self.endpoint.server_state().items() if not k.startswith("server.")}
+        state.update(optimizer_tensors("opt.device", self.device.optimizer, self.device.half))
+        state["rng.device"] = self.device.rng.state.clone()
+        state["step_id"] = torch.tensor([self.device.step_id], dtype=torch.int64)
+        write_checkpoint(self.out / "checkpoint", self.model_tensors(), self._meta(), state)
+
+    def _resume(self) -> bool:
+        if not (self.out / "checkpoint" / "meta.json").exists():
+            return False
+        meta = read_meta(self.out / "checkpoint")
+        if meta.get("fingerprint") != self.cfg.fingerprint():
+            raise UserError(f"{self.out} holds a run with another configuration; "
+                            "pass another --out or remove that folder to start afresh")
+        saved = meta["progress"]
+        self.progress = Progress(saved["phase"], saved["epoch_in_phase"], saved["epoch"], saved["rows"],
+                                 saved["wall_seconds"], saved.get("last_eval", {}))
+        if self.progress.phase < len(self.phases):
+            self._start_phase(self.progress.phase, fresh=False)
+        model = read_tensors(meta["_folder"])
+        state = read_tensors(meta["_folder"], "state.safetensors")
+        load_module("device", self.device.half, model)
+        load_optimizer("opt.device", self.device.optimizer, self.device.half, state)
+        self.device.rng.state = state["rng.device"].clone()
+        self.device.step_id = int(state["step_id"][0])
+        self.endpoint.load_server_state({**model, **state})
+        return True
+
+    # ---------------------------------------------------------------- phases
+    def _optimizer(self) -> OptimizerSettings:
+        return OptimizerSettings(self.cfg.lr_value(), self.cfg.momentum_value(), self.cfg.weight_decay)
+
+    def _start_phase(self, index: int, fresh: bool) -> None:
+        phase = self.phases[index]
+        if fresh and self.cfg.method == "deprune" and index > 0 and self._relaxes(index):
+            opened = self.device.reset_gate(self.cfg.reset_threshold, self.cfg.reset_low, self.cfg.reset_high)
+            self._log(f"phase {index}: budget relaxed to {phase.label()}; gate reset, {opened} channels kept open")
+        self.device.start_phase(self.endpoint.link, index, phase.budget, self._optimizer(),
+                                use_budget_loss=self.cfg.method != "sl")
+
+    def _relaxes(self, index: int) -> bool:
+        big = self.parts.geometry.channels
+        before, now = self.phases[index - 1].budget or big, self.phases[index].budget or big
+        return now > before
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self._resume()
+        if resumed:
+            self._log(f"resuming {self.out} after epoch {self.progress.epoch}")
+        self._open_tensorboard()
+        while self.progress.phase < len(self.phases):
+            phase = self.phases[self.progress.phase]
+            if self.progress.epoch_in_phase == 0 and not resumed:
+                self._start_phase(self.progress.phase, fresh=True)
+            resumed = False
+            while self.progress.epoch_in_phase < phase.epochs:
+                self._run_epoch(phase)
+            if self.cfg.method == "prune":
+                self._save_phase_model(phase)
+            self.progress.phase += 1
+            self.progress.epoch_in_phase = 0
+            if self.progress.phase < len(self.phases):
+                self._start_phase(self.progress.phase, fresh=True)
+                resumed = True  # started already; do not start it twice
+            self._save()
+        summary = self.summary()
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _run_epoch(self, phase: Phase) -> None:
+        p = self.progress
+        loader = self.parts.train_loader
+        loader.set_epoch(p.epoch)
+        totals = {"samples": 0, "loss": 0.0, "correct": 0, "up": 0, "down": 0}
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {p.epoch + 1} B={phase.label()}", leave=False, unit="batch",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        for x, y in bar:
+            try:
+                stats = self.device.train_step(x, y, self.endpoint.link)
+            except ProtocolError as exc:
+                raise UserError(f"training step failed: {exc}") from None
+            totals["samples"] += stats.samples
+            totals["loss"] += stats.loss * stats.samples
+            totals["correct"] += stats.correct
+            totals["up"] += stats.bytes_up
+            totals["down"] += stats.bytes_down
+            bar.set_postfix(loss=f"{totals['loss'] / totals['samples']:.3f}",
+                            acc=f"{totals['correct'] / totals['samples']:.3f}",
+                            up=_megabytes(totals["up"]), down=_megabytes(totals["down"]))
+        seconds = time.perf_counter() - start
+        result = evaluate(self.device, self.endpoint.link, self.parts.test_loader)
+        eval_seconds = time.perf_counter() - start - seconds
+        n = max(totals["samples"], 1)
+        row = {"epoch": p.epoch + 1, "phase": p.phase, "budget": phase.label(),
+               "train_loss": round(totals["loss"] / n, 6), "train_accuracy": round(totals["correct"] / n, 6),
+               "test_accuracy": round(result.accuracy, 6), "bytes_up": totals["up"], "bytes_down": totals["down"],
+               "eval_bytes_up": result.bytes_up, "eval_bytes_down": result.bytes_down,
+               "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
+        p.rows.append(row)
+        p.last_eval = {"samples": result.samples, "bytes_up": result.bytes_up,
+                       "single_sample_bytes_up": result.single_sample_bytes_up, "budget": phase.label()}
+        p.wall_seconds += seconds + eval_seconds
+        p.epoch += 1
+        p.epoch_in_phase += 1
+        self._write_metrics()
+        self._save()
+        self._log(f"epoch {row['epoch']} B={row['budget']}: loss {row['train_loss']:.4f} "
+                  f"test acc {row['test_accuracy']:.4f} up {_megabytes(row['bytes_up'])} "
+                  f"down {_megabytes(row['bytes_down'])} ({seconds:.1f}s + eval {eval_seconds:.1f}s)")
+        if self._writer is not None:
+            for key in ("train_loss", "train_accuracy", "test_accuracy", "bytes_up", "bytes_down"):
+                self._writer.add_scalar(key, row[key], row["epoch"])
+
+    def _save_phase_model(self, phase: Phase) -> None:
+        meta = {**self._meta(), "budget": phase.budget or self.parts.geometry.channels}
+        write_checkpoint(self.out / "models" / f"budget_{phase.label()}", self.model_tensors(), meta)
+
+    def _write_metrics(self) -> None:
+        with open(self.out / "metrics.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.progress.rows)
+
+    def _open_tensorboard(self) -> None:
+        if not self.cfg.tensorboard:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self._writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _log(self, message: str) -> None:
+        if self.show_progress:
+            tqdm.write(message)
+
+    # ---------------------------------------------------------------- results
+    def summary(self) -> dict:
+        rows = self.progress.rows
+        accuracies = [r["test_accuracy"] for r in rows]
+        last = self.progress.last_eval
+        phases = []
+        for index, phase in enumerate(self.phases):
+            own = [r for r in rows if r["phase"] == index]
+            phases.append({"budget": phase.label(), "epochs": phase.epochs,
+                           "bytes_up": sum(r["bytes_up"] for r in own), "bytes_down": sum(r["bytes_down"] for r in own),
+                           "final_test_accuracy": own[-1]["test_accuracy"] if own else None})
+        cfg = self.cfg
+        return {
+            "method": cfg.method, "model": cfg.model, "split": cfg.split, "dataset": cfg.dataset,
+            "epochs": len(rows), "train_samples": len(self.parts.train_loader.dataset.labels),
+            "test_samples": last.get("samples"),
+            "final_test_accuracy": accuracies[-1] if accuracies else None,
+            "best_test_accuracy": max(accuracies) if accuracies else None,
+            "mean_last3_test_accuracy": sum(accuracies[-3:]) / len(accuracies[-3:]) if accuracies else None,
+            "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
+            "eval_bytes_up": sum(r["eval_bytes_up"] for r in rows),
+            "eval_bytes_down": sum(r["eval_bytes_down"] for r in rows),
+            "inference_bytes_per_sample": last["bytes_up"] / last["samples"] if last else None,
+            "inference_bytes_single_sample": last.get("single_sample_bytes_up"),
+            "final_budget": last.get("budget"), "dtype_up": cfg.dtype_up, "dtype_down": cfg.dtype_down,
+            "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "cut_shape": list(self.parts.geometry.cut_shape), "wire_shape": list(self.parts.geometry.wire_shape),
+            "wall_seconds": round(self.progress.wall_seconds, 3),
+            "train_seconds": round(sum(r["seconds"] for r in rows), 3),
+            "phases": phases, "config": cfg.to_dict(),
+        }
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f}MB"
