@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from splitprune.errors import UserError
@@ -100,5 +100,5 @@ def read_tensors(folder: str | Path, name: str = MODEL_FILE) -> dict[str, torch.
         raise UserError(f"checkpoint file {path} is missing")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"checkpoint file {path} is damaged: {exc}") from None

@@ -107,7 +107,7 @@ class ServerWorker:
             self.optimizer.step()
         correct = int((logits.detach().argmax(1) == labels).sum())
         gradient = self.codec.encode(compact.grad, received.channels if partial else None, received.num_channels)
-        return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=float(loss), correct=correct)
+        return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
 
     @torch.no_grad()
     def evaluate(self, req: pb.EvalRequest) -> pb.EvalReply:

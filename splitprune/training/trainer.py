@@ -253,6 +253,7 @@ class Trainer:
             "wall_seconds": round(self.progress.wall_seconds, 3),
             "train_seconds": round(sum(r["seconds"] for r in rows), 3),
             "phases": phases, "config": cfg.to_dict(),
+            "transport": self.endpoint.transport_stats() if hasattr(self.endpoint, "transport_stats") else None,
         }
 
 
