@@ -58,6 +58,7 @@ class RunConfig:
     test_subset: int | None = None
     from_checkpoint: str | None = None
     threads: int | None = None
+    accelerator: str = "cpu"              # where both halves compute: "cpu" or "cuda" (the wire is the same)
     tensorboard: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -72,7 +73,8 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the model and its training (not where data lives)."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "threads", "tensorboard")}
+        skip = ("data_dir", "threads", "tensorboard", "accelerator")
+        keep = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,6 +167,7 @@ def _validate(cfg: RunConfig) -> None:
         (isinstance(cfg.resolution, int) and cfg.resolution >= 1, "resolution must be a positive integer"),
         (cfg.lr is None or (isinstance(cfg.lr, (int, float)) and cfg.lr > 0), "lr must be a positive number"),
         (cfg.in_channels in (None, 1, 3), "in_channels must be 1 or 3"),
+        (cfg.accelerator in ("cpu", "cuda"), "accelerator must be 'cpu' or 'cuda'"),
         (isinstance(cfg.input_size, int) and cfg.input_size >= 8, "input_size must be an integer of at least 8"),
         (cfg.method != "prune" or cfg.from_checkpoint, "method prune needs --from CHECKPOINT (a trained model)"),
     ]

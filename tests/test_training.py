@@ -69,7 +69,6 @@ def test_b4_fp16_uplink_is_128_bytes_per_sample_plus_labels_and_indices(tiny, tm
 def test_same_seed_gives_identical_runs(tiny, tmp_path):
     a = _train(tmp_path / "a", **tiny, method="deprune", schedule="4:1,all:1")
     b = _train(tmp_path / "b", **tiny, method="deprune", schedule="4:1,all:1")
-    assert _rows(tmp_path / "a") == [dict(r, seconds=r["seconds"]) for r in _rows(tmp_path / "a")]
     strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
     wa = read_tensors(tmp_path / "a" / "checkpoint")

@@ -30,6 +30,7 @@ CONFIG_FLAGS = {
     "--test-subset": ("test_subset", int, "use N test images"),
     "--from": ("from_checkpoint", str, "start from this checkpoint (prune)"),
     "--threads": ("threads", int, "torch CPU threads"),
+    "--accelerator": ("accelerator", str, "cpu or cuda: where both halves compute in-process"),
 }
 
 

@@ -54,6 +54,9 @@ class Decoded:
     channels: torch.Tensor
     num_channels: int
 
+    def to(self, device: torch.device) -> "Decoded":
+        return Decoded(self.values.to(device), self.channels.to(device), self.num_channels)
+
     def dense(self) -> torch.Tensor:
         """Scatter the kept channels into a zero tensor [N, C, H, W]."""
         n, _, h, w = self.values.shape

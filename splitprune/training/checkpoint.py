@@ -22,7 +22,7 @@ FORMAT = "splitprune-checkpoint/1"
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
 def load_module(prefix: str, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -45,7 +45,7 @@ def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, module: tor
         for p in group["params"]:
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                out[f"{prefix}.{names[id(p)]}"] = buf.detach().clone()
+                out[f"{prefix}.{names[id(p)]}"] = buf.detach().cpu().clone()
     return out
 
 
@@ -55,7 +55,8 @@ def load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, module: torch.
     start = prefix + "."
     for key, value in tensors.items():
         if key.startswith(start) and key[len(start):] in params:
-            optimizer.state[params[key[len(start):]]]["momentum_buffer"] = value.clone()
+            param = params[key[len(start):]]
+            optimizer.state[param]["momentum_buffer"] = value.to(param.device).clone()
 
 
 def write_checkpoint(folder: str | Path, model: dict[str, torch.Tensor], meta: dict,

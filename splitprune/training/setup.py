@@ -90,6 +90,11 @@ def build_run(cfg: RunConfig) -> RunParts:
     device, server, geometry = build_workers(cfg, num_classes, in_channels)
     if cfg.from_checkpoint:
         load_pretrained(cfg, device, server, num_classes)
+    if cfg.accelerator == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--accelerator cuda: no CUDA device is available here")
+        device.half.cuda()
+        server.half.cuda()
     return RunParts(cfg, device, server, geometry, num_classes, in_channels, train, test)
 
 

@@ -76,6 +76,10 @@ class ServerWorker:
         self.budget: int | None = None
         self.phase = -1
 
+    @property
+    def accelerator(self) -> torch.device:
+        return next(self.half.parameters()).device
+
     def start_phase(self, req: pb.PhaseRequest) -> pb.PhaseReply:
         budget = req.budget or self.spec.channels
         if budget > self.spec.channels:
@@ -95,7 +99,8 @@ class ServerWorker:
         if self.optimizer is None:
             raise ProtocolError("no training phase started: send a PhaseRequest first")
         received = decode_tensor(req.activations, self._spec())
-        labels = decode_labels(req.labels, received.values.shape[0], self.num_classes)
+        labels = decode_labels(req.labels, received.values.shape[0], self.num_classes).to(self.accelerator)
+        received = received.to(self.accelerator)
         partial = received.channels.numel() < received.num_channels
         with self.lock, self.rng.active():
             self.half.train()
@@ -112,6 +117,7 @@ class ServerWorker:
     @torch.no_grad()
     def evaluate(self, req: pb.EvalRequest) -> pb.EvalReply:
         received = decode_tensor(req.activations, TensorSpec(*self.geometry_tuple(), max_batch=self.spec.max_batch))
+        received = received.to(self.accelerator)
         with self.lock, self.rng.active():
             self.half.eval()
             logits = self.half(received.dense())
@@ -164,6 +170,10 @@ class DeviceWorker:
     def channels(self) -> int:
         return self.geometry.channels
 
+    @property
+    def accelerator(self) -> torch.device:
+        return self.half.gate_logits.device
+
     def start_phase(self, link: Link, phase: int, budget: int | None, optimizer: OptimizerSettings,
                     use_budget_loss: bool) -> None:
         self.budget, self.use_budget_loss = budget, use_budget_loss
@@ -194,7 +204,7 @@ class DeviceWorker:
         self.half.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.rng.active():
-            z = self.half(x)
+            z = self.half(x.to(self.accelerator))
         channels = self.kept_channels()
         kept, activations = self._encode(z, channels)
         request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y))
@@ -206,11 +216,11 @@ class DeviceWorker:
         gradient = decode_tensor(reply.gradient)
         if tuple(gradient.values.shape) != tuple(kept.shape):
             raise ProtocolError(f"gradient shape {tuple(gradient.values.shape)} != sent {tuple(kept.shape)}")
-        tensors, grads = [kept], [gradient.values]
+        tensors, grads = [kept], [gradient.values.to(self.accelerator)]
         if self.use_budget_loss:
             tensors.append(budget_loss(self.half.gate_logits, self.budget or self.channels,
                                        self.budget_eps, self.budget_delta))
-            grads.append(torch.ones(()))
+            grads.append(torch.ones((), device=self.accelerator))
         torch.autograd.backward(tensors, grads)
         self.optimizer.step()
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
@@ -221,7 +231,7 @@ class DeviceWorker:
         self.half.eval()
         self.step_id += 1
         channels = self.kept_channels(budget)
-        _, activations = self._encode(self.half(x), channels)
+        _, activations = self._encode(self.half(x.to(self.accelerator)), channels)
         up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
         down = link.evaluate(up)
         reply = parse_message(pb.EvalReply, down)

@@ -106,7 +106,8 @@ class Trainer:
         model = read_tensors(meta["_folder"])
         state = read_tensors(meta["_folder"], "state.safetensors")
         load_module("device", self.device.half, model)
-        load_optimizer("opt.device", self.device.optimizer, self.device.half, state)
+        if self.device.optimizer is not None:
+            load_optimizer("opt.device", self.device.optimizer, self.device.half, state)
         self.device.rng.state = state["rng.device"].clone()
         self.device.step_id = int(state["step_id"][0])
         self.endpoint.load_server_state({**model, **state})
