@@ -9,7 +9,8 @@ from splitprune.cli import main
 from splitprune.config import make_config, resolve_schedule
 from splitprune.errors import UserError
 from splitprune.proto import pb
-from splitprune.training.checkpoint import read_tensors
+from splitprune.training.checkpoint import read_meta, read_tensors
+from splitprune.training.evaluation import evaluate_checkpoint
 from splitprune.training.setup import build_run
 from splitprune.training.step import LocalLink, OptimizerSettings
 from splitprune.training.trainer import Trainer
@@ -103,7 +104,8 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch)
     wa, wb = read_tensors(tmp_path / "cut" / "checkpoint"), read_tensors(tmp_path / "full" / "checkpoint")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (tmp_path / "full" / "models" / "budget_8" / "model.safetensors").exists()
-    assert (tmp_path / "full" / "models" / "budget_4" / "meta.json").exists()
+    pruned = evaluate_checkpoint(read_meta(tmp_path / "full" / "models" / "budget_4"), 2, "int8", test_subset=32)
+    assert pruned["budget"] == 2 and pruned["test_samples"] == 32
     assert base["phases"][0]["budget"] == "all"
 
 

@@ -12,7 +12,7 @@ from splitprune.training.trainer import evaluate
 
 def evaluate_checkpoint(meta: dict, budget: int, dtype_up: str | None = None, data_dir: str | None = None,
                         test_subset: int | None = None) -> dict:
-    values = {**meta["config"], "from_checkpoint": None}
+    values = dict(meta["config"])
     if dtype_up:
         values["dtype_up"] = dtype_up
     if data_dir:
