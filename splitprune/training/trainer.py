@@ -15,7 +15,8 @@ from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
                                             read_meta, read_tensors, write_checkpoint)
-from splitprune.training.setup import InProcessServer, RunParts, ServerEndpoint, build_run
+from splitprune.models import cut_shape
+from splitprune.training.setup import InProcessServer, RunParts, ServerEndpoint, build_run, input_channels
 from splitprune.training.step import DeviceWorker, Link, OptimizerSettings
 
 METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up",
@@ -59,10 +60,11 @@ class Trainer:
                  parts: RunParts | None = None, show_progress: bool = True) -> None:
         self.cfg = cfg
         self.out = Path(out)
+        channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
+        self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         self.parts = parts or build_run(cfg)
         self.endpoint = endpoint or InProcessServer(self.parts.server_worker)
         self.device = self.parts.device
-        self.phases = resolve_schedule(cfg, self.parts.geometry.channels)
         self.show_progress = show_progress
         self.progress = Progress()
         self._writer = None
