@@ -12,7 +12,8 @@ def _kept(n=16, k=4, h=4, w=4, seed=0):
     return torch.rand(n, k, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("int8", 1 / 255 / 2 + 1e-6)])
+@pytest.mark.parametrize("dtype,tolerance", [("fp32", 0.0), ("fp16", 1e-3), ("int8", 1 / 255 / 2 + 1e-6),
+                                             ("int4", 1 / 15 / 2 + 1e-6)])
 def test_round_trip_restores_values_within_the_dtype_precision(dtype, tolerance):
     kept = _kept()
     channels = torch.tensor([3, 17, 200, 511])
@@ -22,12 +23,12 @@ def test_round_trip_restores_values_within_the_dtype_precision(dtype, tolerance)
     assert (decoded.values - kept).abs().max().item() <= tolerance
 
 
-@pytest.mark.parametrize("dtype,value_bytes", [("fp32", 4), ("fp16", 2), ("int8", 1)])
+@pytest.mark.parametrize("dtype,value_bytes", [("fp32", 4), ("fp16", 2), ("int8", 1), ("int4", 0.5)])
 def test_message_size_is_the_kept_values_plus_a_small_header(dtype, value_bytes):
     n, k = 16, 4
     data = ChannelCodec(dtype).compress(_kept(n, k), torch.tensor([0, 1, 2, 3]), 512)
-    payload = n * k * 16 * value_bytes
-    extra = 2 * k + (8 * k if dtype == "int8" else 0)
+    payload = int(n * k * 16 * value_bytes)
+    extra = 2 * k + (8 * k if dtype.startswith("int") else 0)
     assert payload + extra <= len(data) <= payload + extra + 24
 
 
@@ -125,3 +126,14 @@ def test_labels_round_trip_compactly():
         decode_labels(msg, 4, 5)
     with pytest.raises(ProtocolError, match="expected 3 labels"):
         decode_labels(msg, 3, 10)
+
+
+def test_int4_packs_two_values_per_byte_and_pads_odd_counts():
+    kept = torch.tensor([0.0, 1.0, 0.6]).view(1, 1, 1, 3)
+    msg = ChannelCodec("int4").encode(kept, None, 1)
+    assert len(msg.data) == 2
+    decoded = decode_tensor(msg)
+    assert torch.allclose(decoded.values, torch.tensor([0.0, 1.0, 9 / 15]).view(1, 1, 1, 3))
+    msg.data = msg.data + b"\x00"
+    with pytest.raises(ProtocolError, match="need 2"):
+        decode_tensor(msg)

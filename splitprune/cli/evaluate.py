@@ -13,7 +13,7 @@ def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="evaluate a checkpoint at a budget and wire dtype", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder holding checkpoint/")
     p.add_argument("--budget", help="channels kept, up to the trained budget, or 'all' (default: the trained one)")
-    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8"], help="uplink dtype (default: as trained)")
+    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8", "int4"], help="uplink dtype (default: as trained)")
     p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test images (default: all)")
     p.add_argument("--out", help="write the result JSON here (default: next to the checkpoint)")

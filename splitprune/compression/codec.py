@@ -15,8 +15,9 @@ import torch
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 
-WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8}
-_NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1")}
+WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4}
+_NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1"), pb.INT4: np.dtype("u1")}
+_LEVELS = {pb.INT8: 255, pb.INT4: 15}  # affine quantisation: q in 0..levels
 MAX_CHANNELS = 65535  # channel indices travel as uint16
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -42,7 +43,7 @@ class TensorSpec:
     height: int
     width: int
     max_batch: int = 4096
-    dtypes: tuple[int, ...] = (pb.FP32, pb.FP16, pb.INT8)
+    dtypes: tuple[int, ...] = tuple(WIRE_DTYPES.values())
     max_kept: int | None = None  # largest K accepted (the budget); None = C
 
 
@@ -64,15 +65,27 @@ class Decoded:
         return out.index_copy_(1, self.channels, self.values)
 
 
-def _quantize_int8(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Affine 8-bit per channel (axis 1) over all samples and positions of that channel."""
+def _quantize(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine per channel (axis 1) over all samples and positions of that channel: q in 0..levels."""
     per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
     lo = per_channel.min(axis=1) if per_channel.size else np.zeros(values.shape[1], np.float32)
     hi = per_channel.max(axis=1) if per_channel.size else lo
-    scale = ((hi - lo) / 255.0).astype(np.float32)
+    scale = ((hi - lo) / levels).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).reshape(1, -1, 1, 1)
     q = np.rint((values - lo.reshape(1, -1, 1, 1)) / safe)
-    return np.clip(q, 0, 255).astype(np.uint8), scale, lo.astype(np.float32)
+    return np.clip(q, 0, levels).astype(np.uint8), scale, lo.astype(np.float32)
+
+
+def _pack_nibbles(q: np.ndarray) -> bytes:
+    flat = q.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
+    packed = np.frombuffer(data, dtype=np.uint8)
+    return np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count]
 
 
 class ChannelCodec:
@@ -98,9 +111,10 @@ class ChannelCodec:
             msg.channels = channels.detach().cpu().numpy().astype("<u2").tobytes()
         elif k != num_channels:
             raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
-        if self.dtype == pb.INT8:
-            q, scale, offset = _quantize_int8(values)
-            msg.data, msg.scales, msg.offsets = q.tobytes(), scale.astype("<f4").tobytes(), offset.tobytes()
+        if self.dtype in _LEVELS:
+            q, scale, offset = _quantize(values, _LEVELS[self.dtype])
+            msg.data = _pack_nibbles(q) if self.dtype == pb.INT4 else q.tobytes()
+            msg.scales, msg.offsets = scale.astype("<f4").tobytes(), offset.astype("<f4").tobytes()
         else:
             msg.data = values.astype(_NUMPY_DTYPES[self.dtype]).tobytes()
         return msg
@@ -168,13 +182,15 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
     if spec is not None and spec.max_kept is not None and k > spec.max_kept:
         raise ProtocolError(f"{k} channels sent but the budget is {spec.max_kept}")
     np_dtype = _NUMPY_DTYPES[msg.dtype]
-    expected = n * k * h * w * np_dtype.itemsize
+    count = n * k * h * w
+    expected = (count + 1) // 2 if msg.dtype == pb.INT4 else count * np_dtype.itemsize
     if len(msg.data) != expected:
         raise ProtocolError(f"tensor data holds {len(msg.data)} bytes, shape and dtype need {expected}")
-    values = np.frombuffer(msg.data, dtype=np_dtype).reshape(n, k, h, w).astype(np.float32)
-    if msg.dtype == pb.INT8:
+    raw = _unpack_nibbles(msg.data, count) if msg.dtype == pb.INT4 else np.frombuffer(msg.data, dtype=np_dtype)
+    values = raw.reshape(n, k, h, w).astype(np.float32)
+    if msg.dtype in _LEVELS:
         if len(msg.scales) != 4 * k or len(msg.offsets) != 4 * k:
-            raise ProtocolError(f"int8 tensors need {k} float32 scales and offsets")
+            raise ProtocolError(f"quantised tensors need {k} float32 scales and offsets")
         scale = np.frombuffer(msg.scales, dtype="<f4").reshape(1, k, 1, 1)
         offset = np.frombuffer(msg.offsets, dtype="<f4").reshape(1, k, 1, 1)
         if not (np.isfinite(scale).all() and np.isfinite(offset).all()):

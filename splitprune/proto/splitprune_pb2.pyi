@@ -13,10 +13,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP32: _ClassVar[DType]
     FP16: _ClassVar[DType]
     INT8: _ClassVar[DType]
+    INT4: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FP32: DType
 FP16: DType
 INT8: DType
+INT4: DType
 
 class EncodedTensor(_message.Message):
     __slots__ = ("dtype", "shape", "channels", "scales", "offsets", "data")
