@@ -16,10 +16,10 @@ ALL = "all"
 
 # Paper defaults per method (method.md §5): schedule, lr, momentum.
 METHOD_DEFAULTS = {
-    "sl": {"schedule": "all:22", "lr": 1e-2, "momentum": 0.0},
-    "ca": {"schedule": "{budget}:22", "lr": 1e-2, "momentum": 0.0},
-    "deprune": {"schedule": "4:15,all:7", "lr": 1e-2, "momentum": 0.0},
-    "prune": {"schedule": "32:10,4:10", "lr": 1e-3, "momentum": 0.9},
+    "sl": {"schedule": "all:22", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp32"},
+    "ca": {"schedule": "{budget}:22", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16"},
+    "deprune": {"schedule": "4:15,all:7", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16"},
+    "prune": {"schedule": "32:10,4:10", "lr": 1e-3, "momentum": 0.9, "dtype_up": "fp16"},
 }
 
 
@@ -35,7 +35,7 @@ class RunConfig:
     budget: int = 4                       # ca's fixed budget
     schedule: str | None = None           # "B:epochs,..." (B an int or "all"); None = the method's default
     epochs: int | None = None             # sl/ca: epochs; deprune/prune: total, the default schedule scaled to it
-    dtype_up: str = "fp16"
+    dtype_up: str | None = None           # None = the method's paper value: fp32 for sl, fp16 otherwise
     dtype_down: str = "fp32"
     resolution: int = 1
     scaling: str = "paper"                # "paper": kept channels times mask_c; "binary": kept as they are
@@ -61,6 +61,10 @@ class RunConfig:
     accelerator: str = "cpu"              # where both halves compute: "cpu" or "cuda" (the wire is the same)
     tensorboard: bool = False
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype_up is None and self.method in METHOD_DEFAULTS:
+            self.dtype_up = METHOD_DEFAULTS[self.method]["dtype_up"]
 
     def lr_value(self) -> float:
         return self.lr if self.lr is not None else METHOD_DEFAULTS[self.method]["lr"]
