@@ -1,0 +1,149 @@
+"""`splitprune infer`: split inference: the device half runs here, the rest on a `splitprune serve` server."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from splitprune.cli.common import percent
+from splitprune.compression.codec import WIRE_DTYPES
+from splitprune.errors import UserError
+
+
+def add_parser(subparsers, name: str) -> None:
+    p = subparsers.add_parser(name, help="split inference against a server: accuracy and latency",
+                              description=__doc__)
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="a `splitprune serve` server")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder) of the trained model; "
+                                                       "the server must host the same model")
+    p.add_argument("--budget", help="channels sent per request, up to the trained budget, or 'all' "
+                                    "(default: the trained budget)")
+    p.add_argument("--dtype-up", choices=list(WIRE_DTYPES), help="uplink dtype (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per inference request (default: 1)")
+    p.add_argument("--test-subset", type=int, help="use N test images (default: all)")
+    p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="requests sent first and left out of the latency figures (default: 3)")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
+    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", help="client key for mutual TLS")
+    p.set_defaults(run=run)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def run_inference(checkpoint: str, server: str, budget_text: str | None = None, dtype_up: str | None = None,
+                  batch_size: int = 1, test_subset: int | None = None, data_dir: str | None = None,
+                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = True) -> dict:
+    import torch
+
+    from splitprune.cli.evaluate import parse_budget
+    from splitprune.compression import ChannelCodec
+    from splitprune.config import make_config
+    from splitprune.data import make_loaders
+    from splitprune.training.checkpoint import load_module, read_meta, read_tensors
+    from splitprune.training.setup import build_workers
+    from splitprune.transport.client import InferenceClient
+    from splitprune.transport.protocol import weights_digest
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    meta = read_meta(checkpoint)
+    if "config" not in meta or "num_classes" not in meta:
+        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
+    channels = int(meta["cut_shape"][0])
+    budget = parse_budget(budget_text, int(meta["budget"]), channels)
+    values = {**meta["config"], "test_subset": test_subset, "test_batch_size": batch_size}
+    if dtype_up:
+        values["dtype_up"] = dtype_up
+    if data_dir:
+        values["data_dir"] = data_dir
+    cfg = make_config(values)
+    tensors = read_tensors(meta["_folder"])
+    client = InferenceClient(server, meta["fingerprint"], token, tls, measure)
+    try:
+        info = client.describe()
+        if list(info.wire_shape) != list(meta["wire_shape"]) or info.num_classes != meta["num_classes"]:
+            raise UserError(f"the server's model {info.fingerprint} has wire shape {list(info.wire_shape)} and "
+                            f"{info.num_classes} classes; the checkpoint {list(meta['wire_shape'])} and "
+                            f"{meta['num_classes']}")
+        if info.weights_sha256 != weights_digest(tensors):
+            raise UserError(f"the server's half of model {info.fingerprint} differs from the one in {checkpoint} "
+                            "(trained further, or another run): serve this checkpoint with "
+                            f"`splitprune serve --model {checkpoint}`")
+        if batch_size > info.max_batch:
+            raise UserError(f"--batch-size {batch_size} exceeds the server's limit of {info.max_batch} for this model")
+        _, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
+                                            meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
+        device, _, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+        load_module("device", device.half, tensors)
+        device.codec = ChannelCodec(cfg.dtype_up)
+        link = client.link(budget)
+        batches = list(test)
+        for x, _ in batches[:warmup]:
+            device.predict(x, link, budget)
+        client.latencies_ms.clear()
+        client.server_ms.clear()
+        correct = samples = up = down = 0
+        wall = []
+        start = time.perf_counter()
+        for x, y in batches:
+            t0 = time.perf_counter()
+            predictions, sent, received = device.predict(x, link, budget)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            correct += int((predictions == y).sum())
+            samples, up, down = samples + len(y), up + sent, down + received
+        seconds = time.perf_counter() - start
+        rpc = client.latencies_ms
+        result = {
+            "checkpoint": meta["_folder"], "server": client.conn.target, "fingerprint": info.fingerprint,
+            "budget": budget, "channels": channels, "dtype_up": cfg.dtype_up, "batch_size": batch_size,
+            "requests": len(batches), "test_samples": samples, "test_accuracy": correct / max(samples, 1),
+            "samples_per_second": samples / seconds if seconds else None,
+            "latency_ms": {"p50": percentile(wall, 50), "p99": percentile(wall, 99), "mean": sum(wall) / len(wall)},
+            "rpc_latency_ms": {"p50": percentile(rpc, 50), "p99": percentile(rpc, 99)},
+            "server_ms": {"p50": percentile(client.server_ms, 50), "p99": percentile(client.server_ms, 99)},
+            "payload_bytes_up": up, "payload_bytes_down": down, "bytes_up_per_sample": up / max(samples, 1),
+            "transport": client.meter.report(), "threads": torch.get_num_threads(),
+        }
+    finally:
+        client.close()
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitprune.transport.client import tls_from_args, token_from_args
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    r = run_inference(args.checkpoint, args.server, args.budget, args.dtype_up, args.batch_size, args.test_subset,
+                      args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0))
+    lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
+    print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
+          f"per request: test accuracy {percent(r['test_accuracy'])} on {r['test_samples']} images")
+    print(f"latency per request: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, mean {lat['mean']:.2f} ms "
+          f"(network round trip p50 {rpc['p50']:.2f} ms, server {r['server_ms']['p50']:.2f} ms); "
+          f"{r['samples_per_second']:.1f} samples/s")
+    t = r["transport"]
+    wire = f", {t['wire_bytes_up']} B measured on the socket" if "wire_bytes_up" in t else ""
+    print(f"uplink {r['bytes_up_per_sample']:.1f} B/sample of payload ({r['payload_bytes_up']} B{wire})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=2))
+        print(f"written to {args.out}")
+    return 0

@@ -1,0 +1,95 @@
+"""`splitprune serve`: host server halves for `splitprune train --server` and `splitprune infer --server` clients."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from splitprune.errors import UserError
+from splitprune.transport.protocol import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+
+
+def add_parser(subparsers, name: str) -> None:
+    p = subparsers.add_parser(
+        name, help="run the server part of split training and split inference (gRPC)", description=(
+            "Host the server half of split models over gRPC. Training clients (`splitprune train --server`) "
+            "with the same config share one server half; inference clients (`splitprune infer --server`) use "
+            "a half trained here or one given with --model. With --checkpoint, state is saved atomically "
+            "every --save-every seconds and on SIGTERM / Ctrl-C, and loaded again on start, so clients "
+            "resume where they were. Binds to loopback unless --listen says otherwise."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   help="address to listen on (port 0 picks a free one; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--checkpoint", metavar="DIR", help="folder for the server's state: resumed on start, "
+                                                       "saved periodically and on shutdown")
+    p.add_argument("--model", action="append", default=[], metavar="CKPT",
+                   help="also host this trained checkpoint (a `splitprune train` run or checkpoint folder) "
+                        "for inference; repeatable")
+    p.add_argument("--token", help=f"require this bearer token from every client (if not given: ${TOKEN_ENV}, when set)")
+    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server")
+    p.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu",
+                   help="where the server halves compute (the wire is the same)")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent training sessions")
+    p.add_argument("--max-models", type=int, default=8, help="server halves (distinct configs) hosted at once")
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted, in MiB")
+    p.add_argument("--save-every", type=float, default=60.0, metavar="S", help="seconds between periodic saves")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="drop training streams silent for this long (clients reconnect when they come back)")
+    p.add_argument("--keepalive", type=float, default=30.0, metavar="S",
+                   help="ping connections after S idle seconds; dead ones are dropped 10 s later")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+    p.set_defaults(run=run)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from splitprune.transport.server import start_server
+
+    for name in ("max_sessions", "max_models", "max_message_mb", "save_every", "idle_timeout", "keepalive"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.threads is not None:
+        _positive("--threads", args.threads)
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
+    handle = start_server(args.listen, checkpoint=args.checkpoint, models=tuple(args.model), token=token,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          max_sessions=args.max_sessions, max_halves=args.max_models,
+                          max_message=int(args.max_message_mb * 1024 * 1024), keepalive_s=args.keepalive,
+                          idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
+                          accelerator=args.accelerator)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    security = ("mutual TLS" if args.tls_client_ca else "TLS") if handle.tls else "plaintext"
+    if token and not handle.tls and handle.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("splitprune.serve").warning("the token travels in clear text: use TLS off loopback")
+    hosted = len(handle.servicer.halves)
+    print(f"splitprune serve: listening on {handle.address} ({security}, "
+          f"{'token required' if token else 'no token'}; {hosted} model(s) hosted"
+          f"{', state in ' + args.checkpoint if args.checkpoint else ''})", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("splitprune serve: stopping: saving state", flush=True)
+        handle.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    c = handle.servicer.counters
+    print(f"splitprune serve: stopped after {c['steps']} training steps ({c['retried_steps']} retries answered "
+          f"from memory), {c['infer']} inference requests, {c['sessions']} sessions, {c['errors']} refused calls",
+          flush=True)
+    return 0

@@ -1,0 +1,480 @@
+"""The gRPC runtime against a real server on a free loopback port: equivalence with in-process training,
+authentication, TLS, validation of every field, size limits, state transfer and split inference."""
+import json
+import shutil
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitprune.cli import main
+from splitprune.compression import ChannelCodec, encode_labels
+from splitprune.config import make_config
+from splitprune.proto import pb
+from splitprune.proto import service_pb2 as spb
+from splitprune.proto import service_pb2_grpc
+from splitprune.training.trainer import Trainer
+from splitprune.transport.client import InferenceClient, RemoteError, connect, make_hello
+from splitprune.transport.protocol import (DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
+                                           PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_to_bytes, unframe,
+                                           weights_digest)
+from splitprune.transport.server import start_server
+from splitprune.transport.testing import make_certificates
+
+SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=48, test_subset=32, batch_size=16,
+             test_batch_size=32, threads=1, seed=0)
+
+
+def small_config(**overrides):
+    return make_config({**SMALL, "method": "ca", "epochs": 1, **overrides})
+
+
+@pytest.fixture(scope="module")
+def server():
+    handle = start_server("127.0.0.1:0", max_sessions=32)
+    yield handle
+    handle.stop(grace=0.5)
+
+
+# ---------------------------------------------------------------- raw protocol helpers
+def raw_stream(address, messages, metadata=(), timeout=60):
+    """Send `messages` (bytes) on one Train stream; return (replies, RpcError or None)."""
+    with grpc.insecure_channel(address) as channel:
+        call = channel.stream_stream(TRAIN_METHOD)(iter(messages), metadata=metadata, timeout=timeout)
+        replies = []
+        try:
+            for reply in call:
+                replies.append(reply)
+        except grpc.RpcError as exc:
+            return replies, exc
+        return replies, None
+
+
+def reason(exc):
+    return dict(exc.trailing_metadata() or ()).get(ERROR_KEY)
+
+
+def hello_bytes(cfg, client_id, fresh=False, **fields):
+    hello = make_hello(cfg, client_id, fresh, num_classes=10, in_channels=1)
+    for key, value in fields.items():
+        if isinstance(value, list):
+            del getattr(hello, key)[:]
+            getattr(hello, key).extend(value)
+        else:
+            setattr(hello, key, value)
+    return frame(HELLO, hello.SerializeToString())
+
+
+PHASE0 = frame(PHASE, pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.0, weight_decay=5e-4).SerializeToString())
+
+
+def train_bytes(step_id=1, n=2, channels=(0, 1, 2, 3), labels=None, tensor=None, codec="fp16"):
+    if tensor is None:
+        values = torch.randn(n, len(channels), 4, 4, generator=torch.Generator().manual_seed(step_id))
+        tensor = ChannelCodec(codec).encode(values, torch.tensor(channels), 512)
+    y = torch.tensor(labels if labels is not None else [i % 10 for i in range(n)])
+    req = pb.TrainRequest(step_id=step_id, activations=tensor, labels=encode_labels(y))
+    return frame(TRAIN, req.SerializeToString())
+
+
+# ---------------------------------------------------------------- equivalence
+def _strip(summary):
+    return {k: v for k, v in summary.items() if k not in ("wall_seconds", "train_seconds", "transport")}
+
+
+def test_training_over_grpc_equals_in_process_training(tmp_path, server):
+    cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1"})
+    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
+    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
+    try:
+        remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
+    finally:
+        endpoint.close()
+    assert _strip(remote) == _strip(local)
+    for name in ("model.safetensors", "state.safetensors"):
+        a, b = (load_file(str(tmp_path / run / "checkpoint" / name)) for run in ("local", "remote"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(json.dumps(r)) for r in (local, remote)]
+    assert rows[0]["final_test_accuracy"] == rows[1]["final_test_accuracy"]
+    # bytes: the device counts the same payload; the socket sees that plus framing
+    steps = remote["transport"]["steps"]
+    payload_up = remote["bytes_up"] + remote["eval_bytes_up"]
+    single = 512 * 16 * 2 + 100  # evaluate() also sends one single-sample request per epoch, not in eval_bytes_up
+    assert payload_up < steps["payload_bytes_up"] < payload_up + 2 * single + 100  # + two PhaseRequests
+    assert steps["payload_bytes_down"] >= remote["bytes_down"] + remote["eval_bytes_down"]
+    assert steps["wire_bytes_up"] > steps["payload_bytes_up"] + steps["handshake_bytes_up"]
+    assert steps["wire_bytes_down"] > steps["payload_bytes_down"]
+    assert steps["framing_bytes_up"] == steps["wire_bytes_up"] - steps["payload_bytes_up"] - steps["handshake_bytes_up"]
+    assert steps["connections"] == 1 and remote["transport"]["reconnects"] == 0
+
+
+def test_prune_over_grpc_starts_from_the_pretrained_server_half(tmp_path, server):
+    Trainer(make_config({**SMALL, "method": "sl", "epochs": 1, "train_subset": 32}), tmp_path / "sl",
+            show_progress=False).run()
+    cfg = make_config({**SMALL, "method": "prune", "schedule": "32:1,4:1", "train_subset": 32,
+                       "from_checkpoint": str(tmp_path / "sl")})  # momentum 0.9: optimizer buffers travel too
+    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
+    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
+    try:
+        remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
+    finally:
+        endpoint.close()
+    assert remote["transport"]["state"]["pushes"] == 1  # the pretrained server half went up first
+    assert _strip(remote) == _strip(local)
+    for folder in ("checkpoint", "models/budget_32", "models/budget_4"):
+        a = load_file(str(tmp_path / "local" / folder / "model.safetensors"))
+        b = load_file(str(tmp_path / "remote" / folder / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    state = load_file(str(tmp_path / "remote" / "checkpoint" / "state.safetensors"))
+    assert any(k.startswith("opt.server.") for k in state)
+
+
+def test_summary_is_identical_from_the_cli(tmp_path, server, capsys):
+    args = ["--method", "ca", "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--threads", "1",
+            "--quiet"]
+    assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--server", server.address]) == 0
+    a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b"))
+    assert _strip(a) == _strip(b)
+    assert b["transport"]["steps"]["wire_bytes_up"] > 0 and a["transport"] is None
+
+
+# ---------------------------------------------------------------- authentication and TLS
+def test_missing_or_wrong_token_is_refused_with_a_clear_status(tmp_path):
+    handle = start_server("127.0.0.1:0", token="open-sesame")
+    try:
+        cfg = small_config()
+        for token in (None, "wrong"):
+            with pytest.raises(RemoteError) as info:
+                connect(cfg, handle.address, token=token, client_id="intruder", fresh_start=False)
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "token" in str(info.value)
+        # every RPC checks it, not only Train
+        with grpc.insecure_channel(handle.address) as ch:
+            with pytest.raises(grpc.RpcError) as rpc:
+                ch.unary_unary(DESCRIBE_METHOD)(b"", timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        endpoint = connect(cfg, handle.address, token="open-sesame", client_id="friend", fresh_start=True)
+        endpoint.close()
+        rc = main(["train", "--method", "ca", "--epochs", "1", "--train-subset", "16", "--test-subset", "16",
+                   "--out", str(tmp_path / "cli"), "--server", handle.address, "--token", "bad", "--quiet"])
+        assert rc == 2
+    finally:
+        handle.stop(grace=0.5)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+def test_tls_and_mutual_tls(tmp_path):
+    certs = make_certificates(tmp_path / "certs")
+    from splitprune.transport.protocol import TlsFiles
+
+    cfg = small_config()
+    handle = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key, token="t")
+    try:
+        endpoint = connect(cfg, handle.address, token="t", tls=TlsFiles(ca=certs.ca), client_id="tls-1",
+                           fresh_start=True)
+        endpoint.start_phase(pb.PhaseRequest(phase=0, budget=4, lr=0.01, weight_decay=5e-4).SerializeToString())
+        stats = endpoint.transport_stats()
+        endpoint.close()
+        assert stats["tls"] and stats["steps"]["wire_bytes_up"] > 0
+        with pytest.raises(RemoteError):  # plaintext client against a TLS server
+            connect(cfg, handle.address, token="t", client_id="tls-2", fresh_start=False, connect_timeout=2)
+        with pytest.raises(RemoteError):  # the server's certificate is not signed by this CA
+            connect(cfg, handle.address, token="t", tls=TlsFiles(ca=certs.other_ca), client_id="tls-3",
+                    fresh_start=False, connect_timeout=2)
+    finally:
+        handle.stop(grace=0.5)
+    mutual = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key,
+                          tls_client_ca=certs.ca)
+    try:
+        with pytest.raises(RemoteError):  # no client certificate
+            connect(cfg, mutual.address, tls=TlsFiles(ca=certs.ca), client_id="m-1", fresh_start=False,
+                    connect_timeout=2)
+        endpoint = connect(cfg, mutual.address, tls=TlsFiles(certs.ca, certs.client_cert, certs.client_key),
+                           client_id="m-2", fresh_start=False)
+        assert endpoint.transport_stats()["mutual_tls"]
+        endpoint.close()
+    finally:
+        mutual.stop(grace=0.5)
+
+
+def test_tls_flag_errors_are_user_errors(tmp_path, capsys):
+    rc = main(["serve", "--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "missing.pem")])
+    assert rc == 2
+    assert "TLS needs both" in capsys.readouterr().err
+    (tmp_path / "x.pem").write_text("not a certificate")
+    rc = main(["serve", "--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "x.pem"), "--tls-key",
+               str(tmp_path / "x.pem")])
+    assert rc == 2
+    assert "not a PEM file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- validation of every field
+def _tensor(**fields):
+    t = pb.EncodedTensor(dtype=pb.FP16, shape=[2, 512, 4, 4], channels=np.arange(4, dtype="<u2").tobytes(),
+                         data=np.zeros((2, 4, 4, 4), dtype="<f2").tobytes())
+    for key, value in fields.items():
+        if key == "shape":
+            del t.shape[:]
+            t.shape.extend(value)
+        else:
+            setattr(t, key, value)
+    return t
+
+
+BAD_STEPS = {
+    "garbage": (b"\xff\xff\xff\xff", "BAD_MESSAGE"),
+    "empty message": (b"", "BAD_MESSAGE"),
+    "second hello": (None, "BAD_MESSAGE"),
+    "wrong dtype": (train_bytes(codec="fp32"), "BAD_TENSOR"),
+    "NaN": (train_bytes(tensor=_tensor(data=np.full((2, 4, 4, 4), np.nan, dtype="<f2").tobytes())), "BAD_TENSOR"),
+    "Inf": (train_bytes(tensor=_tensor(data=np.full((2, 4, 4, 4), np.inf, dtype="<f2").tobytes())), "BAD_TENSOR"),
+    "channel out of range": (train_bytes(tensor=_tensor(channels=np.array([0, 1, 2, 600], "<u2").tobytes())),
+                             "BAD_TENSOR"),
+    "channels not ascending": (train_bytes(tensor=_tensor(channels=np.array([3, 1, 2, 0], "<u2").tobytes())),
+                               "BAD_TENSOR"),
+    "odd channel bytes": (train_bytes(tensor=_tensor(channels=b"\x00\x01\x02")), "BAD_TENSOR"),
+    "short data": (train_bytes(tensor=_tensor(data=b"\x00" * 10)), "BAD_TENSOR"),
+    "wrong cut shape": (train_bytes(tensor=_tensor(shape=[2, 256, 4, 4])), "BAD_TENSOR"),
+    "3-D shape": (train_bytes(tensor=_tensor(shape=[2, 512, 4])), "BAD_TENSOR"),
+    "huge batch": (train_bytes(tensor=_tensor(shape=[10 ** 6, 512, 4, 4])), "BAD_TENSOR"),
+    "over budget": (train_bytes(channels=(0, 1, 2, 3, 4)), "BUDGET_EXCEEDED"),
+    "label out of range": (train_bytes(labels=[3, 12]), "BAD_TENSOR"),
+    "labels missing": (train_bytes(labels=[3]), "BAD_TENSOR"),
+    "eval NaN": (frame(EVAL, pb.EvalRequest(request_id=1, activations=_tensor(
+        data=np.full((2, 4, 4, 4), np.nan, dtype="<f2").tobytes())).SerializeToString()), "BAD_TENSOR"),
+    "phase over budget": (frame(PHASE, pb.PhaseRequest(phase=1, budget=513, lr=0.1).SerializeToString()),
+                          "BUDGET_EXCEEDED"),
+    "phase NaN lr": (frame(PHASE, pb.PhaseRequest(phase=1, budget=4, lr=float("nan")).SerializeToString()),
+                     "BAD_MESSAGE"),
+}
+
+
+def test_every_malformed_message_gets_a_clear_status_and_the_server_goes_on(server):
+    cfg = small_config()
+    for i, (name, (message, expected)) in enumerate(BAD_STEPS.items()):
+        hello = hello_bytes(cfg, f"bad-{i}")
+        message = hello if message is None else message
+        replies, exc = raw_stream(server.address, [hello, PHASE0, message])
+        assert exc is not None, name
+        assert len(replies) == 2, name  # Welcome and PhaseReply came back
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), (name, exc)
+        assert reason(exc) == expected, (name, exc.details())
+        assert exc.details(), name
+    # the server still trains after all that
+    replies, exc = raw_stream(server.address, [hello_bytes(cfg, "good"), PHASE0, train_bytes(1)])
+    assert exc is None and unframe(replies[-1])[0] == TRAIN
+
+
+def test_handshake_and_ordering_errors(server):
+    cfg = small_config()
+    cases = [
+        ([train_bytes(1)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h1", protocol_version=99)], grpc.StatusCode.FAILED_PRECONDITION, "VERSION_MISMATCH"),
+        ([hello_bytes(cfg, "h2", fingerprint="0123456789abcdef")], grpc.StatusCode.INVALID_ARGUMENT,
+         "FINGERPRINT_MISMATCH"),
+        ([hello_bytes(cfg, "h3", config_json="{not json")], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h4", config_json='{"no_such_option": 1}')], grpc.StatusCode.INVALID_ARGUMENT,
+         "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "bad id!")], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h5", dtype_up=pb.INT8)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h6", wire_shape=[256, 4, 4])], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h7", max_budget=1000)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h8", num_classes=1)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(small_config(input_size=100_000), "h13", fingerprint="")], grpc.StatusCode.INVALID_ARGUMENT,
+         "BAD_HANDSHAKE"),  # would need terabytes: refused before anything is allocated
+        ([hello_bytes(cfg, "h14", config_json='{"model": "no-such-model"}', fingerprint="")],
+         grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h9"), PHASE0, train_bytes(2), train_bytes(2, n=3)], grpc.StatusCode.FAILED_PRECONDITION,
+         "STEP_OUT_OF_ORDER"),  # same step id, other content
+        ([hello_bytes(cfg, "h10"), PHASE0, train_bytes(5), train_bytes(3)], grpc.StatusCode.FAILED_PRECONDITION,
+         "STEP_OUT_OF_ORDER"),
+    ]
+    for messages, code, expected in cases:
+        _, exc = raw_stream(server.address, messages)
+        assert exc is not None and exc.code() == code and reason(exc) == expected, (expected, exc)
+    # the same step again (a retry) is answered from memory, not applied twice
+    replies, exc = raw_stream(server.address, [hello_bytes(cfg, "h12"), PHASE0, train_bytes(1), train_bytes(1)])
+    assert exc is None and replies[2] == replies[3]
+    other = small_config(seed=123)  # a half of its own, no phase yet
+    _, exc = raw_stream(server.address, [hello_bytes(other, "h11", fresh=True), train_bytes(1)])
+    assert reason(exc) == "NO_PHASE"
+
+
+def test_oversized_messages_are_refused_by_the_size_limit():
+    handle = start_server("127.0.0.1:0", max_message=256 * 1024)
+    try:
+        cfg = small_config()
+        big = train_bytes(1, n=32)  # the largest batch this config allows
+        replies, exc = raw_stream(handle.address, [hello_bytes(cfg, "big", fresh=True), PHASE0, big])
+        assert exc is None, exc
+        huge = frame(TRAIN, b"\x00" * (512 * 1024))
+        _, exc = raw_stream(handle.address, [hello_bytes(cfg, "huge"), PHASE0, huge])
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        replies, exc = raw_stream(handle.address, [hello_bytes(cfg, "big"), train_bytes(2)])
+        assert exc is None and len(replies) == 2  # still serving
+    finally:
+        handle.stop(grace=0.5)
+
+
+def test_generated_stub_speaks_the_protocol(server):
+    """A client built only from service.proto (the generated stub) can train and describe."""
+    cfg = small_config()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.SplitPruneStub(channel)
+        hello = make_hello(cfg, "stub-client", False, num_classes=10, in_channels=1)
+        msgs = [spb.ClientMessage(hello=hello),
+                spb.ClientMessage(phase=pb.PhaseRequest(phase=0, budget=4, lr=0.01, weight_decay=5e-4)),
+                spb.ClientMessage(train=pb.TrainRequest.FromString(unframe(train_bytes(1))[1]))]
+        replies = list(stub.Train(iter(msgs), timeout=60))
+        assert [r.WhichOneof("body") for r in replies] == ["welcome", "phase", "train"]
+        assert replies[0].welcome.wire_shape == [512, 4, 4]
+        grad = replies[2].train.gradient
+        assert list(grad.shape) == [2, 512, 4, 4] and len(grad.channels) == 8 and grad.dtype == pb.FP32
+        info = stub.Describe(spb.DescribeRequest(fingerprint=cfg.fingerprint()), timeout=30)
+        assert info.num_classes == 10 and len(info.weights_sha256) == 64
+
+
+def test_pushed_state_is_validated(server):
+    cfg = small_config(seed=7)
+    endpoint = connect(cfg, server.address, client_id="pusher", fresh_start=True)
+    try:
+        state = endpoint.server_state()
+        assert endpoint.push_state(state, 0).applied
+        bad = dict(state)
+        name = next(k for k in bad if k.endswith("weight"))
+        for broken, expected in [({**bad, name: bad[name][:1]}, "shape"),
+                                 ({**bad, name: torch.full_like(bad[name], float("nan"))}, "NaN"),
+                                 ({**bad, "server.extra": torch.zeros(1)}, "does not have"),
+                                 ({k: v for k, v in bad.items() if k != name}, "lacks")]:
+            with pytest.raises(RemoteError) as info:
+                endpoint.push_state(broken, 0)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and expected in str(info.value)
+        with grpc.insecure_channel(server.address) as ch:  # not a safetensors file
+            first = spb.StateChunk(session_id=endpoint.welcome.session_id, total_bytes=5, data=b"hello")
+            with pytest.raises(grpc.RpcError) as rpc:
+                ch.stream_unary(PUSH_STATE_METHOD)(iter([first.SerializeToString()]), timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            first = spb.StateChunk(session_id="nope", total_bytes=5, data=b"hello")
+            with pytest.raises(grpc.RpcError) as rpc:
+                ch.stream_unary(PUSH_STATE_METHOD)(iter([first.SerializeToString()]), timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.NOT_FOUND
+            huge = spb.StateChunk(session_id=endpoint.welcome.session_id, total_bytes=1 << 40, data=b"x")
+            with pytest.raises(grpc.RpcError) as rpc:
+                ch.stream_unary(PUSH_STATE_METHOD)(iter([huge.SerializeToString()]), timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert state_to_bytes(endpoint.server_state()) == state_to_bytes(state)  # unchanged by the refusals
+    finally:
+        endpoint.close()
+
+
+# ---------------------------------------------------------------- inference
+def test_split_inference_concurrent_requests_and_budget_checks(tmp_path, server):
+    cfg = small_config(seed=3)
+    endpoint = connect(cfg, server.address, out=str(tmp_path / "run"))
+    try:
+        trainer = Trainer(cfg, tmp_path / "run", endpoint=endpoint, show_progress=False)
+        trainer.run()
+    finally:
+        endpoint.close()
+    device, loader = trainer.device, trainer.parts.test_loader
+    x, y = next(iter(loader))
+    client = InferenceClient(server.address, cfg.fingerprint())
+    try:
+        info = client.describe()
+        model = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+        assert info.weights_sha256 == weights_digest(model)  # the server half is the checkpoint's
+        link = client.link(4)
+        reference, _, _ = device.predict(x, link, 4)
+        results, errors = [], []
+
+        def worker():
+            try:
+                for _ in range(3):
+                    results.append(device_predict(x))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        lock = threading.Lock()
+
+        def device_predict(batch):
+            with lock:  # the device half is one module; the server calls overlap
+                _, request = device._encode(device.half(batch), device.kept_channels(4))
+                data = pb.EvalRequest(request_id=1, activations=request).SerializeToString()
+            return pb.EvalReply.FromString(client.infer(data, 4))
+
+        device.half.eval()
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        with torch.no_grad():
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors and len(results) == 24
+        first = results[0].predictions.data
+        assert all(r.predictions.data == first for r in results)
+        assert np.frombuffer(first, "u1").tolist() == reference.tolist()
+        with torch.no_grad():
+            _, request = device._encode(device.half(x), device.kept_channels(4))
+        data = pb.EvalRequest(request_id=1, activations=request).SerializeToString()
+        for budget in (0, 3, 513):
+            with pytest.raises(RemoteError) as exc_info:
+                client.infer(data, budget)
+            assert exc_info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with grpc.insecure_channel(server.address) as ch:
+            with pytest.raises(grpc.RpcError) as rpc:
+                ch.unary_unary(INFER_METHOD)(spb.InferRequest(fingerprint="ffffffffffffffff", budget=4).SerializeToString(),
+                                             timeout=10)
+            assert rpc.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        client.close()
+
+
+def test_infer_command_prints_accuracy_and_latency(tmp_path, capsys):
+    cfg = small_config(seed=5)
+    Trainer(cfg, tmp_path / "run", show_progress=False).run()
+    handle = start_server("127.0.0.1:0", models=(str(tmp_path / "run"),))
+    try:
+        out = tmp_path / "infer.json"
+        rc = main(["infer", "--server", handle.address, "--checkpoint", str(tmp_path / "run"), "--test-subset", "16",
+                   "--batch-size", "4", "--out", str(out)])
+        text = capsys.readouterr().out
+        assert rc == 0 and "test accuracy" in text and "p99" in text
+        result = json.loads(out.read_text())
+        local = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert result["test_samples"] == 16 and result["requests"] == 4
+        assert result["test_accuracy"] == pytest.approx(local["final_test_accuracy"], abs=0.5)
+        assert result["transport"]["wire_bytes_up"] > result["payload_bytes_up"]
+        # a model hosted with --model is for inference only
+        with pytest.raises(RemoteError) as info:
+            connect(cfg, handle.address, client_id="x", fresh_start=True)
+        assert info.value.reason == "READ_ONLY_MODEL"
+        other = tmp_path / "other"
+        Trainer(small_config(seed=5, epochs=2), other, show_progress=False).run()
+        rc = main(["infer", "--server", handle.address, "--checkpoint", str(other), "--test-subset", "4"])
+        assert rc == 2 and "UNKNOWN_MODEL" in capsys.readouterr().err
+    finally:
+        handle.stop(grace=0.5)
+
+
+def test_serve_refuses_bad_flags(capsys):
+    assert main(["serve", "--listen", "nonsense"]) == 2
+    assert "bad address" in capsys.readouterr().err
+    assert main(["serve", "--listen", "127.0.0.1:0", "--max-sessions", "0"]) == 2
+    assert main(["serve", "--listen", "127.0.0.1:0", "--model", "/no/such/checkpoint"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from splitprune.transport.testing import free_port
+
+    monkeypatch.setenv("SPLITPRUNE_CONNECT_TIMEOUT", "1")
+    rc = main(["train", "--method", "ca", "--epochs", "1", "--train-subset", "16", "--out", str(tmp_path / "x"),
+               "--server", f"127.0.0.1:{free_port()}", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot reach the server" in err and "Traceback" not in err
