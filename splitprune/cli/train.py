@@ -54,3 +54,16 @@ def print_summary(s: dict) -> None:
     print(f"training traffic {s['bytes_up'] / 1e6:.2f} MB up, {s['bytes_down'] / 1e6:.2f} MB down; "
           f"inference uplink {s['inference_bytes_per_sample']:.1f} B/sample "
           f"({s['inference_bytes_single_sample']} B for a single-sample request); {s['wall_seconds']:.0f} s")
+    transport = s.get("transport")
+    if transport:
+        print(f"measured at the socket: {transport_line(transport)}")
+
+
+def transport_line(t: dict) -> str:
+    steps, parts = t.get("steps", {}), []
+    for direction in ("up", "down"):
+        wire, payload = steps.get(f"wire_bytes_{direction}"), steps.get(f"payload_bytes_{direction}")
+        if wire is not None and payload:
+            parts.append(f"{direction} {wire / 1e6:.2f} MB on the wire for {payload / 1e6:.2f} MB of messages "
+                         f"({wire / payload:.3f}x)")
+    return "; ".join(parts) or str(t)

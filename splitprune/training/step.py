@@ -109,9 +109,11 @@ class ServerWorker:
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # encoding refuses a non-finite gradient: a diverged step is reported, never applied
+            gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
+                                         received.num_channels)
             self.optimizer.step()
         correct = int((logits.detach().argmax(1) == labels).sum())
-        gradient = self.codec.encode(compact.grad, received.channels if partial else None, received.num_channels)
         return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
 
     @torch.no_grad()

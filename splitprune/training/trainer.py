@@ -82,16 +82,20 @@ class Trainer:
                          "rows": self.progress.rows, "last_eval": self.progress.last_eval},
         }
 
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        server = {k: v for k, v in self.endpoint.server_state().items() if k.startswith("server.")}
-        return {**module_tensors("device", self.device.half), **server}
-
-    def _save(self) -> None:
-        state = {k: v for k, v in self.endpoint.server_state().items() if not k.startswith("server.")}
+    def _model_and_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Model weights (device.*, server.*) and training state (optimizers, random streams, step id)."""
+        server = self.endpoint.server_state()
+        model = {**module_tensors("device", self.device.half),
+                 **{k: v for k, v in server.items() if k.startswith("server.")}}
+        state = {k: v for k, v in server.items() if not k.startswith("server.")}
         state.update(optimizer_tensors("opt.device", self.device.optimizer, self.device.half))
         state["rng.device"] = self.device.rng.state.clone()
         state["step_id"] = torch.tensor([self.device.step_id], dtype=torch.int64)
-        write_checkpoint(self.out / "checkpoint", self.model_tensors(), self._meta(), state)
+        return model, state
+
+    def _save(self) -> None:
+        model, state = self._model_and_state()
+        write_checkpoint(self.out / "checkpoint", model, self._meta(), state)
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():
@@ -205,7 +209,7 @@ class Trainer:
 
     def _save_phase_model(self, phase: Phase) -> None:
         meta = {**self._meta(), "budget": phase.budget or self.parts.geometry.channels}
-        write_checkpoint(self.out / "models" / f"budget_{phase.label()}", self.model_tensors(), meta)
+        write_checkpoint(self.out / "models" / f"budget_{phase.label()}", self._model_and_state()[0], meta)
 
     def _write_metrics(self) -> None:
         with open(self.out / "metrics.csv", "w", newline="") as fh:
