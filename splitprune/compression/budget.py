@@ -47,6 +47,6 @@ def reset_gate(gate_logits: torch.Tensor, threshold: float = 0.9, low_max: float
     """
     flat = gate_logits.view(-1)
     closed = flat < threshold
-    fresh = torch.rand(flat.shape, generator=generator, dtype=flat.dtype) * low_max
+    fresh = (torch.rand(flat.shape, generator=generator, dtype=flat.dtype) * low_max).to(flat.device)
     flat.copy_(torch.where(closed, fresh, torch.full_like(flat, high)))
     return int((~closed).sum())
