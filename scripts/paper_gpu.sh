@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Paper-profile benchmark run on ONE GPU machine (H100/H200, 16 cores), time-boxed.
+#
+#   OUT=/some/dir bash scripts/paper_gpu.sh        # from the repository root; results under $OUT
+#
+# vgg11_bn (the paper's 120M-parameter head), cut at conv5, the paper's schedules (sl all:22, ca 4:22,
+# deprune 4:15,all:7, prune 32:10,4:10 from the sl model, lr 1e-3 momentum 0.9) on a Fashion-MNIST
+# training subset (PAPER_TRAIN_SUBSET, default 8000), full 10k test set for the headline numbers.
+# Phase 1 trains every from-scratch run in parallel processes on the one GPU; phase 2 (prune, the rate
+# suite's prune chain and baselines) starts from the sl model as soon as sl is done, or from sl's last
+# finished epoch once PHASE2_AT of the training time has passed. At the training deadline every run is
+# interrupted (SIGINT: the last finished epoch is kept) and the reports are made from what finished,
+# partial runs marked complete=false. Nothing here needs the package installed: PYTHONPATH=. only.
+#
+# What comes back (at most 8 files, all directly under $OUT):
+#   paper_results.tar.gz   bench_results/paper/<suite>/... (JSON, CSV, PNG, markdown, per-run metrics; no weights)
+#   paper_summary.md       the suites' markdown tables, concatenated
+#   paper_log.txt          this script's log, every process's output included
+# Extract at the repository root: tar xzf paper_results.tar.gz  (-> bench_results/paper/...)
+#
+# Knobs (environment): TOTAL_S (wall budget of the whole script, default 510), ANALYSIS_S (reserved for
+# the reports, default 110), PHASE2_AT (fraction of the training window after which phase 2 starts
+# from a partial sl, default 0.6), PAPER_TRAIN_SUBSET, PAPER_EPOCHS (from-scratch epochs, default 22),
+# DATA_DIR (Fashion-MNIST IDX files; default ./.gpu_data/fashion-mnist, then
+# /usr/share/datasets/fashion-mnist), PYTHON (default python3).
+# SMOKE=1: the same logic on CPU with tiny sizes (vgg11_bn_compact) to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+OUT=${OUT:-/tmp/paper_out}
+WORK=${WORK:-/tmp/paper_work}
+PYTHON=${PYTHON:-python3}
+TOTAL_S=${TOTAL_S:-510}
+ANALYSIS_S=${ANALYSIS_S:-110}
+PHASE2_AT=${PHASE2_AT:-0.6}
+mkdir -p "$OUT" "$WORK"
+LOG="$OUT/paper_log.txt"
+: > "$LOG"
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export SPLITPRUNE_BENCH_THREADS=${SPLITPRUNE_BENCH_THREADS:-1}
+[ -n "${PAPER_TRAIN_SUBSET:-}" ] && export SPLITPRUNE_BENCH_TRAIN_SUBSET=$PAPER_TRAIN_SUBSET
+[ -n "${PAPER_EPOCHS:-}" ] && export SPLITPRUNE_BENCH_EPOCHS=$PAPER_EPOCHS
+if [ "${SMOKE:-0}" = "1" ]; then
+  export SPLITPRUNE_BENCH_SMOKE=1
+  TOTAL_S=${SMOKE_TOTAL_S:-240}; ANALYSIS_S=${SMOKE_ANALYSIS_S:-90}
+fi
+for d in "${DATA_DIR:-}" "$PWD/.gpu_data/fashion-mnist" /usr/share/datasets/fashion-mnist; do
+  if [ -n "$d" ] && [ -e "$d/train-images-idx3-ubyte.gz" -o -e "$d/train-images-idx3-ubyte" ]; then
+    export SPLITPRUNE_BENCH_DATA_DIR="$d"; break
+  fi
+done
+if [ -z "${SPLITPRUNE_BENCH_DATA_DIR:-}" ]; then
+  log "no Fashion-MNIST IDX files found (set DATA_DIR, or put them in .gpu_data/fashion-mnist/)"; exit 2
+fi
+
+ROOT="$WORK/bench_results/paper"
+mkdir -p "$ROOT" "$WORK/logs"
+log "data: $SPLITPRUNE_BENCH_DATA_DIR; results: $ROOT; budget ${TOTAL_S}s (reports ${ANALYSIS_S}s)"
+$PYTHON - <<'EOF' 2>&1 | tee -a "$LOG"
+import torch, platform
+print("torch", torch.__version__, "python", platform.python_version(), "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+from splitprune.bench.runs import get_profile
+print("profile", get_profile("paper").settings())
+EOF
+
+TRAIN_END=$(( START + TOTAL_S - ANALYSIS_S ))
+PHASE1=(sl ca4 deprune ca4_i8 deprune16_i8 ca1_i8 ca32 deprune_r2 ca4_r2)
+PHASE2=(prune chain random2 bottleneck2)
+declare -A PIDS
+
+launch() {  # launch NAME: train one run in its own process until the training deadline
+  local name=$1 left=$(( TRAIN_END - $(date +%s) ))
+  if [ "$left" -le 5 ]; then log "no time left for $name"; return; fi
+  timeout -s INT -k 20 "$left" $PYTHON -m splitprune.bench.runs --profile paper --out "$ROOT" "$name" \
+    > "$WORK/logs/$name.log" 2>&1 &
+  PIDS[$name]=$!
+  log "started $name (pid ${PIDS[$name]}, ${left}s left)"
+}
+
+for name in "${PHASE1[@]}"; do launch "$name"; done
+
+# phase 2 starts when sl is done, or from sl's last finished epoch at PHASE2_AT of the training window
+PHASE2_DEADLINE=$(( START + $(awk -v a="$PHASE2_AT" -v t="$(( TRAIN_END - START ))" 'BEGIN{printf "%d", a*t}') ))
+while [ ! -f "$ROOT/deprune/runs/sl/summary.json" ] && [ "$(date +%s)" -lt "$PHASE2_DEADLINE" ]; do
+  if ! kill -0 "${PIDS[sl]:-0}" 2>/dev/null; then break; fi
+  sleep 2
+done
+if [ ! -f "$ROOT/deprune/runs/sl/summary.json" ]; then
+  log "sl not finished at the phase-2 start: stopping it, phase 2 starts from its last finished epoch"
+  if [ -n "${PIDS[sl]:-}" ]; then
+    kill -INT "${PIDS[sl]}" 2>/dev/null; wait "${PIDS[sl]}" 2>/dev/null
+    log "sl stopped (exit $?)"; unset 'PIDS[sl]'
+  fi
+  export SPLITPRUNE_BENCH_USE_PARTIAL=1
+fi
+if [ -f "$ROOT/deprune/runs/sl/checkpoint/meta.json" ]; then
+  for name in "${PHASE2[@]}"; do launch "$name"; done
+else
+  log "no sl checkpoint: phase 2 skipped"
+fi
+
+for name in "${!PIDS[@]}"; do
+  wait "${PIDS[$name]}"; rc=$?
+  log "$name finished (exit $rc$( [ $rc = 124 ] || [ $rc = 130 ] && echo ': stopped at the deadline'))"
+done
+for name in "${PHASE1[@]}" "${PHASE2[@]}"; do
+  [ -f "$WORK/logs/$name.log" ] && { echo "----- $name" >> "$LOG"; tail -n 40 "$WORK/logs/$name.log" >> "$LOG"; }
+done
+
+log "reports"
+SUITE_LEFT=$(( START + TOTAL_S - $(date +%s) - 10 ))
+SPLITPRUNE_BENCH_NO_TRAIN=1 timeout -s INT -k 10 "$(( SUITE_LEFT > 20 ? SUITE_LEFT : 20 ))" \
+  $PYTHON -m splitprune.bench.runs --profile paper --out "$ROOT" --suite deprune prune resolution rate \
+  >> "$LOG" 2>&1
+log "reports done (exit $?)"
+
+cat "$ROOT"/*/*.md > "$OUT/paper_summary.md" 2>/dev/null
+tar czf "$OUT/paper_results.tar.gz" --exclude=checkpoint --exclude='checkpoint.*' --exclude=models \
+  -C "$WORK" bench_results/paper
+log "wrote $OUT/paper_results.tar.gz ($(du -h "$OUT/paper_results.tar.gz" | cut -f1)), total $(( $(date +%s) - START ))s"

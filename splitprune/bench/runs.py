@@ -1,0 +1,429 @@
+"""The training runs behind the benchmark suites: one plan per profile, shared between suites, resumable.
+
+Every run is a `Trainer` run (in this process) with its own folder ROOT/SUITE/runs/NAME, where SUITE is
+the suite that owns it (e.g. the sl run lives under deprune/ and is the baseline of prune and rate too).
+A run whose summary.json exists is not trained again; an interrupted run resumes from its checkpoint.
+
+On top of the trainer's per-epoch evaluation (on `curve_subset` test images, for the curves) the last
+`full_last` epochs of a run are also evaluated on the full test set (written to full_test.json); the
+headline accuracy of a run is the mean of those. This extra evaluation does not change training, so
+`splitprune train` with the run's recorded command reproduces the run itself.
+
+Profiles: `quick` (CPU, vgg11_bn_compact, a Fashion-MNIST subset, schedules of the paper's shape scaled
+to a few epochs) and `paper` (vgg11_bn and the paper's schedules, for a GPU). Environment overrides:
+SPLITPRUNE_BENCH_SMOKE=1 (tiny sizes: tests and dry runs), SPLITPRUNE_BENCH_TRAIN_SUBSET=N,
+SPLITPRUNE_BENCH_EPOCHS=E (from-scratch epochs; the other schedules scale with it),
+SPLITPRUNE_BENCH_THREADS=T, SPLITPRUNE_BENCH_DATA_DIR=DIR (where the Fashion-MNIST IDX files are),
+SPLITPRUNE_BENCH_NO_TRAIN=1 (never train: report what is there, partial runs included; used after a
+time-boxed GPU run), SPLITPRUNE_BENCH_USE_PARTIAL=1 (a run started from another one's checkpoint uses
+that checkpoint even if its run did not finish, instead of finishing it first).
+
+`python -m splitprune.bench.runs --profile paper --out DIR NAME...` trains named runs (for parallel
+processes on one machine); `--suite SUITE...` runs suites' reports (without importing the CLI, whose
+transport commands need grpc); `--list` prints the plan with each run's `splitprune train` command.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from splitprune.config import make_config, resolve_schedule
+from splitprune.errors import UserError
+
+PAPER_EPOCHS = 22  # sl / ca / deprune epochs in the paper (Fig. 6)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str
+    train_subset: int | None      # training images (stratified subset); None = all 60k
+    curve_subset: int | None      # test images of the per-epoch evaluation (curves); None = all 10k
+    full_subset: int | None       # test images of the headline evaluations; None = all 10k
+    full_last: int                # last epochs of a headline run also evaluated on the full test set
+    epochs: int                   # from-scratch runs (sl, ca, deprune); paper: 22
+    prune_epochs: int             # prune 32:x,4:x from the sl model; paper: 20
+    chain_subset: int | None      # training images per phase of the rate suite's prune chain (1 epoch each)
+    finetune_epochs: int          # rate baselines fine-tuned from the sl model (same samples as the chain to B=2)
+    threads: int | None
+    accelerator: str
+    test_batch_size: int
+    topk: tuple[int, ...]         # top-k baseline: values kept per sample
+    link_steps: int               # time-to-accuracy suite: training steps measured through the link
+    smoke: bool = False
+
+    def settings(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {text!r}") from None
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        cuda = False
+    if name == "quick":
+        p = Profile("quick", "vgg11_bn_compact", train_subset=3000, curve_subset=2000, full_subset=None, full_last=2,
+                    epochs=6, prune_epochs=4, chain_subset=1500, finetune_epochs=3, threads=2, accelerator="cpu",
+                    test_batch_size=256, topk=(4, 8, 32, 128, 512), link_steps=30)
+    elif name == "paper":
+        p = Profile("paper", "vgg11_bn", train_subset=8000, curve_subset=2000, full_subset=None, full_last=3,
+                    epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=4000, finetune_epochs=3, threads=2,
+                    accelerator="cuda" if cuda else "cpu", test_batch_size=500, topk=(4, 8, 32, 128, 512),
+                    link_steps=30)
+    else:
+        raise UserError(f"unknown profile {name!r}: quick or paper")
+    if os.environ.get("SPLITPRUNE_BENCH_SMOKE"):
+        p = replace(p, model="vgg11_bn_compact", train_subset=48, curve_subset=32, full_subset=64,
+                    full_last=1, epochs=2, prune_epochs=2, chain_subset=16, finetune_epochs=1, threads=1,
+                    accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True)
+    n, e, t = (_env_int(f"SPLITPRUNE_BENCH_{k}") for k in ("TRAIN_SUBSET", "EPOCHS", "THREADS"))
+    if n:
+        p = replace(p, train_subset=n, chain_subset=max(n // 2, 16))
+    if e:
+        p = replace(p, epochs=e, prune_epochs=max(2, round(e * 20 / PAPER_EPOCHS)))
+    if t:
+        p = replace(p, threads=t)
+    return p
+
+
+def no_train() -> bool:
+    return bool(os.environ.get("SPLITPRUNE_BENCH_NO_TRAIN"))
+
+
+def use_partial() -> bool:
+    return bool(os.environ.get("SPLITPRUNE_BENCH_USE_PARTIAL"))
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    suite: str                      # the suite whose folder holds it
+    values: dict                    # RunConfig values
+    label: str                      # how tables and plots name it
+    kind: str = "train"             # "train", or a baseline of splitprune.bench.baselines
+    needs: tuple[str, ...] = ()     # runs whose checkpoint it starts from
+    full_last: int = 0
+    note: str = ""
+    baseline: dict = field(default_factory=dict)
+
+
+def plan(profile: Profile) -> dict[str, RunSpec]:
+    p = profile
+    E, K = p.epochs, p.full_last
+    common = {"model": p.model, "dataset": "fashion-mnist", "train_subset": p.train_subset,
+              "test_subset": p.curve_subset, "test_batch_size": p.test_batch_size, "batch_size": 16, "seed": 0,
+              "threads": p.threads, "accelerator": p.accelerator,
+              "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None}
+
+    def scratch(method: str, schedule: str, up: str, down: str, **more) -> dict:
+        return {**common, "method": method, "schedule": schedule, "epochs": E, "dtype_up": up, "dtype_down": down,
+                **more}
+
+    chain = ",".join(f"{b}:1" for b in (64, 32, 16, 8, 4, 2, 1))
+    specs = [
+        # (a) deprune vs ca vs sl, paper Fig. 6 shapes, plus runs that push the traffic down
+        RunSpec("sl", "deprune", scratch("sl", "all:22", "fp32", "fp32"), "sl (all, fp32/fp32)", full_last=K,
+                note="plain split learning: every channel, fp32 both ways"),
+        RunSpec("ca4", "deprune", scratch("ca", "4:22", "fp16", "fp32", budget=4), "ca B=4 (fp16/fp32)", full_last=K,
+                note="compression-aware SL at a fixed budget of 4 from scratch (the paper's baseline)"),
+        RunSpec("deprune", "deprune", scratch("deprune", "4:15,all:7", "fp16", "fp32"), "deprune 4->all (fp16/fp32)",
+                full_last=K, note="the paper's deprune: B=4 for 15/22 of the epochs, gate reset, then all channels"),
+        RunSpec("ca4_i8", "deprune", scratch("ca", "4:22", "fp16", "int8", budget=4), "ca B=4 (fp16/int8)",
+                full_last=K, note="ca B=4 with int8 gradients on the downlink"),
+        RunSpec("deprune16_i8", "deprune", scratch("deprune", "4:15,16:7", "fp16", "int8"),
+                "deprune 4->16 (fp16/int8)", full_last=K,
+                note="deprune whose last phase opens only 16 channels, int8 gradients down"),
+        RunSpec("ca1_i8", "deprune", scratch("ca", "1:22", "int8", "int8", budget=1), "ca B=1 (int8/int8)",
+                full_last=K, note="the extreme: one channel, int8 both ways (where accuracy bends)"),
+        # (b) prune (transfer from the sl model) vs ca from scratch at B=32 and B=4
+        RunSpec("prune", "prune", {**common, "method": "prune", "schedule": "32:10,4:10", "epochs": p.prune_epochs,
+                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune 32->4 from sl",
+                needs=("sl",), full_last=1, note="the paper's prune: from the sl model, B=32 then B=4, lr 1e-3, "
+                                                  "momentum 0.9"),
+        RunSpec("ca32", "prune", scratch("ca", "32:22", "fp16", "fp32", budget=32), "ca B=32 (fp16/fp32)",
+                full_last=1, note="ca at B=32 from scratch"),
+        # (c) resolution compression r=2 (the 4x4 cut travels as 3x3)
+        RunSpec("deprune_r2", "resolution", scratch("deprune", "4:15,all:7", "fp16", "fp32", resolution=2),
+                "deprune 4->all, r=2", full_last=K, note="deprune with resolution factor 2"),
+        RunSpec("ca4_r2", "resolution", scratch("ca", "4:22", "fp16", "fp32", budget=4, resolution=2),
+                "ca B=4, r=2", full_last=K, note="ca B=4 with resolution factor 2"),
+        # (d) a trained model at every budget (prune chain from sl), and trained baselines
+        RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
+                                  "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",
+                needs=("sl",), note="prune from the sl model through B=64,32,...,1, one epoch of chain_subset each"),
+        RunSpec("random2", "rate", {**common, "method": "prune", "schedule": f"2:{p.finetune_epochs}",
+                                    "dtype_up": "fp16", "dtype_down": "fp32", "budget": 2},
+                "random 2 channels (no gate)", kind="random_channels", needs=("sl",),
+                note="2 channels chosen at random once (seeded), no top-B by the gate, no budget loss; "
+                     "fine-tuned from the sl model with the prune recipe"),
+        RunSpec("bottleneck2", "rate", {**common, "method": "sl", "schedule": f"all:{p.finetune_epochs}",
+                                        "dtype_up": "fp16", "dtype_down": "fp32", "lr": 1e-3, "momentum": 0.9,
+                                        "scaling": "binary"},
+                "narrow bottleneck 2 ch (no gate)", kind="bottleneck", needs=("sl",), baseline={"width": 2},
+                note="encoder conv 512->2 + BN + sigmoid, decoder deconv 2->512 + BN + ReLU, no gate; backbone "
+                     "from the sl model, all fine-tuned with the prune recipe"),
+    ]
+    return {s.name: s for s in specs}
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def run_dir(root: Path, spec: RunSpec) -> Path:
+    return Path(root) / spec.suite / "runs" / spec.name
+
+
+def run_config(spec: RunSpec, root: Path, specs: dict[str, RunSpec]):
+    values = dict(spec.values)
+    if spec.needs:
+        values["from_checkpoint"] = str(run_dir(root, specs[spec.needs[0]]) / "checkpoint")
+    if spec.kind != "train":
+        values["extra"] = {"baseline": spec.kind, **spec.baseline}
+    return make_config(values)
+
+
+def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
+    """The `splitprune train` command that trains this run (baselines need the bench: they change the model)."""
+    if spec.kind != "train":
+        return f"(baseline: trained by `splitprune bench {spec.suite}`)"
+    cfg = run_config(spec, root, specs)
+    flags = ["splitprune", "train", "--method", cfg.method, "--model", cfg.model, "--dataset", cfg.dataset,
+             "--schedule", cfg.schedule, "--dtype-up", cfg.dtype_up, "--dtype-down", cfg.dtype_down]
+    if cfg.epochs is not None:
+        flags += ["--epochs", str(cfg.epochs)]
+    if cfg.method == "ca":
+        flags += ["--budget", str(cfg.budget)]
+    if cfg.resolution != 1:
+        flags += ["--resolution", str(cfg.resolution)]
+    if cfg.data_dir:
+        flags += ["--data-dir", cfg.data_dir]
+    if cfg.train_subset:
+        flags += ["--train-subset", str(cfg.train_subset)]
+    if cfg.test_subset:
+        flags += ["--test-subset", str(cfg.test_subset)]
+    if cfg.from_checkpoint:
+        flags += ["--from", cfg.from_checkpoint]
+    if cfg.test_batch_size != 256:
+        flags += ["--test-batch-size", str(cfg.test_batch_size)]
+    if cfg.threads:
+        flags += ["--threads", str(cfg.threads)]
+    if cfg.accelerator != "cpu":
+        flags += ["--accelerator", cfg.accelerator]
+    flags += ["--out", str(run_dir(root, spec))]
+    return " ".join(shlex.quote(f) for f in flags)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _bench_trainer_class():
+    from splitprune.training.trainer import Trainer, evaluate
+
+    class BenchTrainer(Trainer):
+        """A Trainer that also evaluates the last `full_last` epochs on the full test set and prints plain lines."""
+
+        def __init__(self, cfg, out, full_loader=None, full_last: int = 0, **kwargs) -> None:
+            super().__init__(cfg, out, show_progress=False, **kwargs)
+            self.full_loader, self.full_last = full_loader, full_last
+            self.total_epochs = sum(p.epochs for p in self.phases)
+            self.full_path = Path(out) / "full_test.json"
+            self.full_evals = json.loads(self.full_path.read_text()) if self.full_path.exists() else []
+
+        def _write_metrics(self) -> None:
+            epoch = self.progress.epoch  # epochs finished, this one included; the checkpoint is written next
+            if self.full_loader is not None and epoch > self.total_epochs - self.full_last:
+                start = time.perf_counter()
+                result = evaluate(self.device, self.endpoint.link, self.full_loader)
+                record = {"epoch": epoch, "budget": self.progress.rows[-1]["budget"], "accuracy": result.accuracy,
+                          "samples": result.samples, "bytes_per_sample": result.bytes_up / max(result.samples, 1),
+                          "single_sample_bytes": result.single_sample_bytes_up,
+                          "seconds": round(time.perf_counter() - start, 3)}
+                self.full_evals = [r for r in self.full_evals if r["epoch"] != epoch] + [record]
+                self.full_path.write_text(json.dumps(self.full_evals, indent=2))
+                self._log(f"epoch {epoch} on the full test set ({result.samples} images): {100 * result.accuracy:.2f}%")
+            super()._write_metrics()
+
+        def _log(self, message: str) -> None:
+            print(f"[{self.out.name}] {message}", flush=True)
+
+    return BenchTrainer
+
+
+def full_test_loader(cfg, profile: Profile):
+    """The headline test loader: `full_subset` test images (None = all), at the profile's test batch size."""
+    from splitprune.data import BatchLoader, dataset_info, load_split, subset
+    from splitprune.training.setup import input_channels
+
+    info = dataset_info(cfg.dataset)  # the test split only, exactly as make_loaders prepares it
+    channels = input_channels(cfg)
+    load_size = cfg.input_size if info.native_size is None else None
+    test = subset(load_split(cfg.dataset, cfg.data_dir, False, load_size,
+                             channels if info.name == "folder" else info.in_channels), profile.full_subset, cfg.seed)
+    return BatchLoader(test, profile.test_batch_size, cfg.input_size, channels, info.mean, info.std, shuffle=False,
+                       augment=False, seed=cfg.seed)
+
+
+def train(spec: RunSpec, profile: Profile, root: Path, specs: dict[str, RunSpec]) -> dict:
+    """Train one run (resuming a partial one); returns its summary."""
+    from splitprune.bench import baselines
+
+    cfg = run_config(spec, root, specs)
+    out = run_dir(root, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    command = cli_command(spec, root, specs)
+    (out / "command.txt").write_text(command + "\n")
+    parts = baselines.build_parts(cfg) if spec.kind != "train" else None
+    full = full_test_loader(cfg, profile) if spec.full_last and profile.full_subset != cfg.test_subset else None
+    trainer = _bench_trainer_class()(cfg, out, full_loader=full, full_last=spec.full_last, parts=parts)
+    print(f"== run {spec.name}: {spec.label} -> {out}", flush=True)
+    summary = trainer.run()
+    summary["bench"] = {"name": spec.name, "label": spec.label, "kind": spec.kind, "note": spec.note,
+                        "full_test": trainer.full_evals, "command": command,
+                        "profile": profile.settings()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def ensure(name: str, profile: Profile, root: Path) -> dict:
+    """The run's record: its summary if finished, else train it (and what it starts from) first.
+
+    With SPLITPRUNE_BENCH_NO_TRAIN set, nothing is trained: a partial run is read from its last checkpoint
+    (marked complete=False) and a missing one raises UserError.
+    """
+    specs = plan(profile)
+    spec = specs[name]
+    record = load_record(spec, root)
+    if record is not None and record["complete"]:
+        return record
+    if no_train():
+        if record is None:
+            raise UserError(f"run {name} has not been trained under {run_dir(root, spec)}")
+        return record
+    for need in spec.needs:
+        needed = load_record(specs[need], root)
+        if not (use_partial() and needed is not None and needed["rows"]):
+            ensure(need, profile, root)
+    train(spec, profile, root, specs)
+    return load_record(spec, root)
+
+
+def load_record(spec: RunSpec, root: Path) -> dict | None:
+    """What the suites read of a run: summary (or progress so far), metric rows and full-test evaluations."""
+    out = run_dir(root, spec)
+    summary_path, meta_path = out / "summary.json", out / "checkpoint" / "meta.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        complete = True
+    elif meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        rows = meta["progress"]["rows"]
+        summary = {"method": meta["config"]["method"], "config": meta["config"], "epochs": len(rows),
+                   "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
+                   "wall_seconds": meta["progress"]["wall_seconds"], "wire_shape": meta["wire_shape"],
+                   "train_samples": None, "final_budget": rows[-1]["budget"] if rows else None}
+        complete = False
+    else:
+        return None
+    rows = []
+    if (out / "metrics.csv").exists():
+        with open(out / "metrics.csv") as fh:
+            rows = [_numbers(r) for r in csv.DictReader(fh)]
+    full = json.loads((out / "full_test.json").read_text()) if (out / "full_test.json").exists() else []
+    return {"name": spec.name, "label": spec.label, "spec": spec, "dir": out, "summary": summary, "rows": rows,
+            "full_test": full, "complete": complete,
+            "command": (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else ""}
+
+
+def _numbers(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def headline_accuracy(record: dict) -> tuple[float | None, str]:
+    """Mean accuracy over the last epochs on the full test set, and how it was measured."""
+    full = record["full_test"]
+    if full:
+        accs = [r["accuracy"] for r in full]
+        return sum(accs) / len(accs), f"mean of last {len(accs)} epoch(s), {full[-1]['samples']} test images"
+    rows = record["rows"]
+    if not rows:
+        return None, "no epoch finished"
+    subset = record["summary"]["config"].get("test_subset")
+    last = rows[-3:]
+    where = "all test images" if subset is None else f"{subset} test images"
+    return sum(r["test_accuracy"] for r in last) / len(last), f"mean of last {len(last)} epoch(s), {where}"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m splitprune.bench.runs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="runs to train (default: all, in plan order)")
+    parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--out", default="bench_results", help="results root (suites' folders inside)")
+    parser.add_argument("--list", action="store_true", help="print the plan and each run's command")
+    parser.add_argument("--suite", nargs="+", metavar="SUITE", help="run these suites' reports instead "
+                        "(deprune, prune, resolution, rate, link_time, step); each failure is reported, "
+                        "the others still run")
+    args = parser.parse_args(argv)
+    profile = get_profile(args.profile)
+    specs = plan(profile)
+    root = Path(args.out)
+    if args.suite:
+        import importlib
+        import traceback
+        failed = []
+        for suite in args.suite:
+            folder = {"link_time": "link"}.get(suite, suite)
+            print(f"== suite {suite} ({args.profile}) ==", flush=True)
+            try:
+                importlib.import_module(f"splitprune.bench.{suite}").run(args.profile, root / folder)
+            except Exception:  # noqa: BLE001 - one suite's failure must not lose the others' results
+                traceback.print_exc()
+                failed.append(suite)
+        if failed:
+            print(f"failed suites: {failed}", file=sys.stderr)
+        return 1 if failed else 0
+    names = args.names or list(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        print(f"unknown run(s) {unknown}; the plan has {list(specs)}", file=sys.stderr)
+        return 2
+    if args.list:
+        for name in names:
+            print(f"{name:14s} [{specs[name].suite}] {specs[name].label}\n    {cli_command(specs[name], root, specs)}")
+        return 0
+    try:
+        for name in names:
+            ensure(name, profile, root)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
