@@ -98,16 +98,21 @@ def build_run(cfg: RunConfig) -> RunParts:
     return RunParts(cfg, device, server, geometry, num_classes, in_channels, train, test)
 
 
-def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker, num_classes: int) -> None:
-    """Start from a trained model (prune): same model, split, resolution and classes required."""
+def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """The weights of cfg.from_checkpoint, refused unless model, split, resolution and classes match."""
     meta = read_meta(cfg.from_checkpoint)
     trained = meta.get("config", {})
     for key in ("model", "split", "resolution", "input_size"):
         if trained.get(key) != getattr(cfg, key):
             raise UserError(f"checkpoint {cfg.from_checkpoint} was trained with {key}={trained.get(key)!r}, "
                             f"this run asks for {getattr(cfg, key)!r}")
-    if meta.get("num_classes") != num_classes:
+    if num_classes is not None and meta.get("num_classes") != num_classes:
         raise UserError(f"checkpoint has {meta.get('num_classes')} classes, the dataset {num_classes}")
-    tensors = read_tensors(meta["_folder"])
+    return read_tensors(meta["_folder"])
+
+
+def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker, num_classes: int) -> None:
+    """Start from a trained model (prune)."""
+    tensors = read_pretrained(cfg, num_classes)
     load_module("device", device.half, tensors)
     load_module("server", server.half, tensors)

@@ -581,15 +581,9 @@ def connect(cfg: RunConfig, server: str, *, out: str | None = None, token: str |
 
 def _push_pretrained(endpoint: RemoteServer, cfg: RunConfig) -> None:
     """prune starts from a trained model: its server half travels to the server before the first phase."""
-    from splitprune.training.checkpoint import read_meta, read_tensors
+    from splitprune.training.setup import read_pretrained
 
-    meta = read_meta(cfg.from_checkpoint)
-    trained = meta.get("config", {})
-    for key in ("model", "split", "resolution", "input_size"):
-        if trained.get(key) != getattr(cfg, key):
-            raise UserError(f"checkpoint {cfg.from_checkpoint} was trained with {key}={trained.get(key)!r}, "
-                            f"this run asks for {getattr(cfg, key)!r}")
-    tensors = {k: v for k, v in read_tensors(meta["_folder"]).items() if k.startswith("server.")}
+    tensors = {k: v for k, v in read_pretrained(cfg).items() if k.startswith("server.")}
     reply = endpoint.push_state(tensors, 0)
     if not reply.applied:
         raise RemoteError(f"cannot start from {cfg.from_checkpoint}: {reply.note}")
