@@ -134,3 +134,21 @@ def test_rate_suite_smoke(smoke, root):
     chain = [p for p in data["points"] if p["model"] == "chain B=1" and p["dtype"] == "int8"]
     assert chain and chain[0]["bytes_per_sample"] < 20  # 16 values of 1 byte, plus per-message overhead
     assert (root / "rate" / "rate.png").exists() and "holds" in result
+
+
+def test_stopped_run_is_read_from_its_results_without_weights(smoke, root, tmp_path):
+    import shutil
+
+    runs.ensure("sl", smoke, root)
+    spec = runs.plan(smoke)["sl"]
+    src, dst = runs.run_dir(root, spec), runs.run_dir(tmp_path, spec)
+    dst.mkdir(parents=True)
+    for name in ("metrics.csv", "command.txt"):  # what a time-boxed GPU run returns, minus run.json
+        shutil.copy(src / name, dst / name)
+    record = runs.load_record(spec, tmp_path)
+    assert not record["complete"] and record["planned_epochs"] == smoke.epochs
+    assert record["summary"]["config"]["train_subset"] == smoke.train_subset
+    assert runs.headline_accuracy(record)[0] == pytest.approx(
+        sum(r["test_accuracy"] for r in record["rows"][-3:]) / len(record["rows"][-3:]))
+    from splitprune.bench.report import partial_note
+    assert "stopped" in partial_note(record)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from splitprune.bench import plots
 from splitprune.bench.report import (curve, final_curve_accuracy, first_reaching, load_profile, markdown_table,
-                                     megabytes, pct, pts, ratio, run_row, write_csv, write_suite)
+                                     megabytes, partial_note, pct, pts, ratio, run_row, write_csv, write_suite)
 from splitprune.bench.runs import ensure
 
 RUNS = ["sl", "ca4", "deprune", "ca4_i8", "deprune16_i8", "ca1_i8"]
@@ -34,14 +34,14 @@ def run(profile: str, out: Path) -> dict:
         r["traffic_vs_sl_at_equal_accuracy"] = sl_to_target / reach if reach and sl_to_target else None
 
     table = markdown_table(
-        ["run", "accuracy (full test)", "vs sl", "last epoch (full test)", "curve spread, last 3 epochs",
+        ["run", "accuracy (full test)", "vs sl", "last epoch", "curve spread, last 3 epochs",
          "train MB up", "train MB down", "traffic vs sl", "traffic vs sl to reach sl-0.5pt", "inference B/sample",
          "epochs"],
-        [[r["label"], pct(r["accuracy"]), pts(r["accuracy_vs_sl"]), pct(r["accuracy_last_epoch"]),
+        [[r["label"], r["accuracy_text"], pts(r["accuracy_vs_sl"]), pct(r["accuracy_last_epoch"]),
           pts(r["curve_spread_last3"]).replace("+", ""), megabytes(r["train_bytes_up"]),
           megabytes(r["train_bytes_down"]), ratio(r["traffic_vs_sl"]),
           ratio(r["traffic_vs_sl_at_equal_accuracy"]) if r["bytes_to_sl_minus_half_point"] else "not reached",
-          f"{r['inference_bytes_per_sample']:,.1f}" if r["inference_bytes_per_sample"] else "n/a", r["epochs"]]
+          f"{r['inference_bytes_per_sample']:,.1f}" if r["inference_bytes_per_sample"] else "n/a", r["epochs_text"]]
          for r in rows])
 
     dep, ca = by["deprune"], by["ca4"]
@@ -54,13 +54,15 @@ def run(profile: str, out: Path) -> dict:
     c2 = (dep["accuracy"] - ca["accuracy"]) if dep["accuracy"] is not None and ca["accuracy"] is not None else None
     c2_last = (dep["accuracy_last_epoch"] - ca["accuracy_last_epoch"]
                if dep["accuracy_last_epoch"] is not None and ca["accuracy_last_epoch"] is not None else None)
-    c1 = verdict(dep["accuracy_vs_sl"], -0.005, c1_noise) if (dep["traffic_vs_sl"] or 0) >= 3.5 else "does not hold"
-    target = {r["run"]: verdict(r["accuracy_vs_sl"], -0.005, gap_noise(r["run"], "sl")) for r in rows
+    c1 = partial_note(records["deprune"], sl) or (
+        verdict(dep["accuracy_vs_sl"], -0.005, c1_noise) if (dep["traffic_vs_sl"] or 0) >= 3.5 else "does not hold")
+    target = {r["run"]: partial_note(records[r["run"]], sl)
+              or verdict(r["accuracy_vs_sl"], -0.005, gap_noise(r["run"], "sl")) for r in rows
               if r["run"] != "sl" and (r["traffic_vs_sl"] or 0) >= 100}
     claims = {
         "C1_deprune_traffic_vs_sl": dep["traffic_vs_sl"], "C1_deprune_accuracy_vs_sl": dep["accuracy_vs_sl"],
         "C1": c1, "C2_deprune_minus_ca4": c2, "C2_deprune_minus_ca4_last_epoch": c2_last,
-        "C2": verdict(c2, 0.04, c2_noise),
+        "C2": partial_note(records["deprune"], records["ca4"]) or verdict(c2, 0.04, c2_noise),
         "noise_last_two_full_test_evaluations": noise, "target_100x_at_half_point": target,
     }
     lines = [

@@ -30,10 +30,15 @@ TARGET_BYTES = 32
 
 def _cached_points(out: Path, name: str, folder: Path, prof, points_fn) -> list[dict]:
     """Evaluate a model's points once; cached under rate/evals/ keyed by the checkpoint and the test set."""
+    cache = out / "evals" / f"{name}.json"
+    if not (Path(folder) / "meta.json").exists() and cache.exists():
+        return json.loads(cache.read_text())["points"]  # results copied without weights: keep what was measured
+    if not (Path(folder) / "meta.json").exists():
+        print(f"[rate] {name}: no trained model at {folder} (stopped before its first epoch?): left out")
+        return []
     meta = read_meta(folder)
     key = {"fingerprint": meta.get("fingerprint"), "epoch": meta.get("progress", {}).get("epoch"),
            "test_subset": prof.full_subset, "folder": str(folder)}
-    cache = out / "evals" / f"{name}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
@@ -80,9 +85,7 @@ def run(profile: str, out: Path) -> dict:
         else:
             add(f"sl model, all channels ({r['dtype']})", "sl", [r])
     for b in CHAIN:
-        folder = records["chain"]["dir"] / "models" / f"budget_{b}"
-        if not (folder / "meta.json").exists():
-            continue  # a partial chain (time-boxed run)
+        folder = records["chain"]["dir"] / "models" / f"budget_{b}"  # a stopped chain lacks the last ones
         res = _cached_points(out, f"chain_B{b}", folder, prof, lambda m, b=b: [Point(b, d) for d in DTYPES])
         for r in res:
             add(f"prune chain from sl ({r['dtype']})", f"chain B={b}", [r])
@@ -126,48 +129,53 @@ def run(profile: str, out: Path) -> dict:
         [[p["model"], p["point"], f"{p['bytes_per_sample']:.1f}", p["single_sample_bytes"], pct(p["accuracy"]),
           pts(p["accuracy_vs_sl_fp32"])] for p in sorted(small, key=lambda p: -p["accuracy"])])
     samples = sl_fp32["samples"]
+    stopped = [f"{r['name']} ({len(r['rows'])} of {r.get('planned_epochs')} epochs)" for r in records.values()
+               if not r["complete"]]
     lines = [f"- sl, fp32, all channels: {pct(sl_fp32['accuracy'])} at {sl_fp32['bytes_per_sample']:,.0f} B/sample.",
              (f"- Target (<= {TARGET_BYTES} B/sample within 1 pt of sl): best at <= {TARGET_BYTES} B is "
               f"{best_small['model']} {best_small['point']} with {pct(best_small['accuracy'])} "
               f"({pts(best_small['accuracy_vs_sl_fp32'])}) at {best_small['bytes_per_sample']:.1f} B/sample "
               f"(single-sample request {best_small['single_sample_bytes']} B) -> {'holds' if holds else 'fails'}.")
              if best_small else f"- Target: no point at <= {TARGET_BYTES} B/sample."]
+    if stopped:
+        lines.append(f"- Runs stopped before the end of their schedule (their last finished epoch is evaluated): "
+                     f"{', '.join(stopped)}.")
     markdown = (f"### rate-accuracy ({prof.name} profile, {samples} test images)\n\nPoints at <= {TARGET_BYTES} "
                 f"B/sample:\n\n{at_target}\n" + "\n".join(lines) + f"\n\nAll points:\n\n{table}\n"
                 "Bytes: serialized EvalRequest messages at the evaluation batch size (top-k: its raw message: "
                 "12-byte header + uint16 indices + fp16 values), divided by the number of samples.\n")
     print(markdown)
 
-    fig, (ax,) = plots.figure(1, width=9.0, height=5.6)
+    fig, axes = plots.figure(2, width=7.6, height=5.6)
     styles = {}
     for i, series in enumerate(dict.fromkeys(p["series"] for p in points)):
         styles[series] = plots.COLORS[i % len(plots.COLORS)]
     markers = {"fp32": "s", "fp16": "o", "int8": "^"}
-    for series, color in styles.items():
-        own = [p for p in points if p["series"] == series]
-        if series.startswith("prune chain"):
-            own.sort(key=lambda p: p["bytes_per_sample"])
-            ax.plot([p["bytes_per_sample"] for p in own], [100 * p["accuracy"] for p in own], color=color,
-                    marker=markers.get(own[0]["dtype"], "o"), linewidth=1.4, markersize=5, label=series)
-        elif series.startswith("top-k"):
-            own.sort(key=lambda p: p["bytes_per_sample"])
-            ax.plot([p["bytes_per_sample"] for p in own], [100 * p["accuracy"] for p in own], color=color,
-                    marker="x", linewidth=1.2, markersize=6, label=series)
-        else:
-            for j, p in enumerate(own):
-                ax.scatter(p["bytes_per_sample"], 100 * p["accuracy"], color=color, s=36,
-                           marker=markers.get(p["dtype"], "o"), label=series if j == 0 else None, zorder=3)
-    ax.axhline(100 * (sl_fp32["accuracy"] - 0.01), color="gray", linestyle="--", linewidth=1,
-               label="sl fp32 accuracy - 1 pt")
-    ax.axvline(TARGET_BYTES, color="black", linestyle=":", linewidth=1, label=f"{TARGET_BYTES} B/sample")
-    ax.set_xscale("log")
-    ax.set_xlabel("uplink bytes per sample (measured messages, log)  [square fp32, circle fp16, triangle int8]")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"rate-accuracy at the conv5 cut ({samples} test images)", fontsize=10)
-    accs = sorted(p["accuracy"] for p in points)
-    plots.zoom_y(ax, accs[len(accs) // 5:], pad=2.0)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    for k, ax in enumerate(axes):
+        for series, color in styles.items():
+            own = [p for p in points if p["series"] == series]
+            label = series if k == 1 else None
+            if series.startswith("prune chain") or series.startswith("top-k"):
+                own.sort(key=lambda p: p["bytes_per_sample"])
+                ax.plot([p["bytes_per_sample"] for p in own], [100 * p["accuracy"] for p in own], color=color,
+                        marker="x" if series.startswith("top-k") else markers.get(own[0]["dtype"], "o"),
+                        linewidth=1.3, markersize=5, label=label)
+            else:
+                for j, p in enumerate(own):
+                    ax.scatter(p["bytes_per_sample"], 100 * p["accuracy"], color=color, s=36,
+                               marker=markers.get(p["dtype"], "o"), label=label if j == 0 else None, zorder=3)
+        ax.axhline(100 * (sl_fp32["accuracy"] - 0.01), color="gray", linestyle="--", linewidth=1,
+                   label="sl fp32 accuracy - 1 pt" if k == 1 else None)
+        ax.axvline(TARGET_BYTES, color="black", linestyle=":", linewidth=1,
+                   label=f"{TARGET_BYTES} B/sample" if k == 1 else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("uplink bytes per sample (measured messages, log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title(f"all points ({samples} test images); square fp32, circle fp16, triangle int8", fontsize=9)
+    axes[1].set_title("zoom: within 6 points of sl", fontsize=9)
+    axes[1].set_ylim(100 * sl_fp32["accuracy"] - 6, 100 * max(p["accuracy"] for p in points) + 1)
+    axes[1].legend(fontsize=6.5, loc="lower right")
     plots.save(fig, out / "rate.png")
 
     write_csv(out / "rate.csv", order)

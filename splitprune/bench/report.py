@@ -8,7 +8,7 @@ from pathlib import Path
 from splitprune.bench.common import markdown_table, write_results
 from splitprune.bench.runs import Profile, get_profile, headline_accuracy
 
-__all__ = ["pct", "pts", "megabytes", "ratio", "write_suite", "write_csv", "curve", "traffic", "markdown_table",
+__all__ = ["partial_note", "pct", "pts", "megabytes", "ratio", "write_suite", "write_csv", "curve", "traffic", "markdown_table",
            "final_curve_accuracy", "first_reaching", "run_row"]
 
 
@@ -92,7 +92,12 @@ def run_row(record: dict, sl: dict | None = None) -> dict:
     full = record["full_test"]
     last3 = [r["test_accuracy"] for r in record["rows"][-3:]]
     row = {"run": record["name"], "label": record["label"], "complete": record["complete"],
-           "epochs": len(record["rows"]), "accuracy": acc, "accuracy_measured_on": how,
+           "epochs": len(record["rows"]), "planned_epochs": record.get("planned_epochs"),
+           "epochs_text": (f"{len(record['rows'])}" if record["complete"] else
+                           f"{len(record['rows'])} of {record.get('planned_epochs')} (stopped)"),
+           "accuracy": acc, "accuracy_measured_on": how,
+           "accuracy_text": pct(acc) + ("" if full or record["summary"]["config"].get("test_subset") is None
+                                        else f" ({record['summary']['config']['test_subset']} test images)"),
            "accuracy_last_epoch": full[-1]["accuracy"] if full else (last3[-1] if last3 else None),
            "curve_spread_last3": max(last3) - min(last3) if last3 else None,
            "train_bytes_up": t["bytes_up"], "train_bytes_down": t["bytes_down"], "train_bytes": t["bytes"],
@@ -118,3 +123,10 @@ def load_profile(profile: str | Profile) -> Profile:
 
 def dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=str))
+
+
+def partial_note(*records: dict) -> str | None:
+    """None if every run finished; else a verdict saying which did not (claims need whole schedules)."""
+    stopped = [f"{r['name']} ({len(r['rows'])} of {r.get('planned_epochs')} epochs)" for r in records
+               if not r["complete"]]
+    return f"not measured: run(s) stopped before the end of their schedule: {', '.join(stopped)}" if stopped else None

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from splitprune.bench import plots
-from splitprune.bench.report import (curve, load_profile, markdown_table, megabytes, pct, pts, ratio, run_row,
-                                     write_csv, write_suite)
+from splitprune.bench.report import (curve, load_profile, markdown_table, megabytes, partial_note, pct, pts, ratio,
+                                     run_row, write_csv, write_suite)
 from splitprune.bench.runs import ensure
 from splitprune.compression import encoded_shape
 from splitprune.errors import UserError
@@ -40,15 +40,20 @@ def run(profile: str, out: Path) -> dict:
     geometry = shapes(prof.model)
     table = markdown_table(
         ["run", "r", "wire tensor", "accuracy (full test)", "vs sl", "train MB up", "train MB down", "traffic vs sl",
-         "inference B/sample", "single-sample request B"],
-        [[r["label"], r["resolution"], "x".join(str(v) for v in r["wire_shape"] or []), pct(r["accuracy"]),
+         "inference B/sample", "single-sample request B", "epochs"],
+        [[r["label"], r["resolution"], "x".join(str(v) for v in r["wire_shape"] or []), r["accuracy_text"],
           pts(r["accuracy_vs_sl"]), megabytes(r["train_bytes_up"]), megabytes(r["train_bytes_down"]),
           ratio(r["traffic_vs_sl"]), f"{r['inference_bytes_per_sample']:,.1f}" if r["inference_bytes_per_sample"]
-          else "n/a", r["inference_bytes_single_sample"]] for r in rows])
+          else "n/a", r["inference_bytes_single_sample"] or "n/a", r["epochs_text"]] for r in rows])
     lines = []
     for base, r2 in PAIRS:
         a, b = by[base], by[r2]
-        if a["accuracy"] is None or b["accuracy"] is None:
+        if a["accuracy"] is None or b["accuracy"] is None or not a["inference_bytes_per_sample"] \
+                or not b["inference_bytes_per_sample"]:
+            continue
+        note = partial_note(records[base], records[r2])
+        if note:
+            lines.append(f"- {b['label']} vs r=1: {note}.")
             continue
         lines.append(f"- {b['label']} vs r=1: accuracy {pts(b['accuracy'] - a['accuracy'])}, training traffic "
                      f"{ratio(a['train_bytes'] / b['train_bytes'])} less, inference uplink "

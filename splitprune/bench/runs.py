@@ -84,8 +84,8 @@ def get_profile(name: str) -> Profile:
                     epochs=6, prune_epochs=4, chain_subset=1500, finetune_epochs=3, threads=2, accelerator="cpu",
                     test_batch_size=256, topk=(4, 8, 32, 128, 512), link_steps=30)
     elif name == "paper":
-        p = Profile("paper", "vgg11_bn", train_subset=8000, curve_subset=2000, full_subset=None, full_last=3,
-                    epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=4000, finetune_epochs=3, threads=2,
+        p = Profile("paper", "vgg11_bn", train_subset=4000, curve_subset=2000, full_subset=None, full_last=3,
+                    epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=2000, finetune_epochs=3, threads=2,
                     accelerator="cuda" if cuda else "cpu", test_batch_size=500, topk=(4, 8, 32, 128, 512),
                     link_steps=30)
     else:
@@ -290,6 +290,7 @@ def train(spec: RunSpec, profile: Profile, root: Path, specs: dict[str, RunSpec]
     parts = baselines.build_parts(cfg) if spec.kind != "train" else None
     full = full_test_loader(cfg, profile) if spec.full_last and profile.full_subset != cfg.test_subset else None
     trainer = _bench_trainer_class()(cfg, out, full_loader=full, full_last=spec.full_last, parts=parts)
+    (out / "run.json").write_text(json.dumps(run_info(cfg, trainer), indent=2))
     print(f"== run {spec.name}: {spec.label} -> {out}", flush=True)
     summary = trainer.run()
     summary["bench"] = {"name": spec.name, "label": spec.label, "kind": spec.kind, "note": spec.note,
@@ -323,30 +324,81 @@ def ensure(name: str, profile: Profile, root: Path) -> dict:
 
 
 def load_record(spec: RunSpec, root: Path) -> dict | None:
-    """What the suites read of a run: summary (or progress so far), metric rows and full-test evaluations."""
+    """What the suites read of a run: summary (or progress so far), metric rows and full-test evaluations.
+
+    A finished run has summary.json. A stopped one is read from its checkpoint's meta.json, or (results
+    copied without weights) from run.json + metrics.csv, or from the plan + metrics.csv; complete=False.
+    """
     out = run_dir(root, spec)
-    summary_path, meta_path = out / "summary.json", out / "checkpoint" / "meta.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        complete = True
-    elif meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        rows = meta["progress"]["rows"]
-        summary = {"method": meta["config"]["method"], "config": meta["config"], "epochs": len(rows),
-                   "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
-                   "wall_seconds": meta["progress"]["wall_seconds"], "wire_shape": meta["wire_shape"],
-                   "train_samples": None, "final_budget": rows[-1]["budget"] if rows else None}
-        complete = False
-    else:
-        return None
     rows = []
     if (out / "metrics.csv").exists():
         with open(out / "metrics.csv") as fh:
             rows = [_numbers(r) for r in csv.DictReader(fh)]
+    summary_path, meta_path, info_path = out / "summary.json", out / "checkpoint" / "meta.json", out / "run.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        complete = True
+    elif meta_path.exists() or info_path.exists() or rows:
+        if meta_path.exists():
+            info = json.loads(meta_path.read_text())
+            rows = info["progress"]["rows"]
+        elif info_path.exists():
+            info = json.loads(info_path.read_text())
+        else:
+            info = _planned_info(spec, out / "command.txt")
+        cfg = info["config"]
+        tested = cfg.get("test_subset") or 10000  # Fashion-MNIST's test set
+        summary = {"method": cfg["method"], "config": cfg, "epochs": len(rows),
+                   "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
+                   "wall_seconds": sum(r["seconds"] + r["eval_seconds"] for r in rows),
+                   "wire_shape": info.get("wire_shape"), "train_samples": cfg.get("train_subset") or 60000,
+                   "final_budget": rows[-1]["budget"] if rows else None,
+                   "inference_bytes_per_sample": rows[-1]["eval_bytes_up"] / tested if rows else None,
+                   "phases": info.get("phases", [])}
+        complete = False
+    else:
+        return None
     full = json.loads((out / "full_test.json").read_text()) if (out / "full_test.json").exists() else []
+    planned = sum(int(p["epochs"]) for p in summary.get("phases", [])) or None
     return {"name": spec.name, "label": spec.label, "spec": spec, "dir": out, "summary": summary, "rows": rows,
-            "full_test": full, "complete": complete,
+            "planned_epochs": planned, "full_test": full, "complete": complete,
             "command": (out / "command.txt").read_text().strip() if (out / "command.txt").exists() else ""}
+
+
+def run_info(cfg, trainer) -> dict:
+    """run.json: what a stopped run's results need when its checkpoint is not there (copied without weights)."""
+    return {"config": cfg.to_dict(), "phases": [{"budget": p.label(), "epochs": p.epochs} for p in trainer.phases],
+            "cut_shape": list(trainer.parts.geometry.cut_shape), "wire_shape": list(trainer.parts.geometry.wire_shape)}
+
+
+def _planned_info(spec: RunSpec, command: Path) -> dict:
+    """A stopped run's config and phases from its recorded `splitprune train` command, else from the plan
+    (for results copied without weights from before run.json existed)."""
+    from splitprune.compression import encoded_shape
+    from splitprune.models import cut_shape
+
+    cfg = None
+    text = command.read_text().strip() if command.exists() else ""
+    if text.startswith("splitprune train "):
+        from splitprune.cli.common import add_config_flags, config_from_args
+        parser = argparse.ArgumentParser()
+        add_config_flags(parser)
+        parser.add_argument("--out")
+        cfg = config_from_args(parser.parse_args(shlex.split(text)[2:]))
+    if cfg is None:
+        values = dict(spec.values)
+        if spec.needs:
+            values["from_checkpoint"] = f"(the {spec.needs[0]} run's checkpoint)"
+        if spec.kind != "train":
+            values["extra"] = {"baseline": spec.kind, **spec.baseline}
+        cfg = make_config(values)
+    cut = cut_shape(cfg.model, cfg.split, 1, cfg.input_size)
+    phases = resolve_schedule(cfg, cut[0])
+    wire = encoded_shape(cut, cfg.resolution)
+    if spec.kind == "bottleneck":
+        wire = (int(spec.baseline["width"]), *wire[1:])
+    return {"config": cfg.to_dict(), "phases": [{"budget": p.label(), "epochs": p.epochs} for p in phases],
+            "wire_shape": list(wire)}
 
 
 def _numbers(row: dict) -> dict:
