@@ -86,20 +86,9 @@ def run(profile: str, out: Path) -> dict:
     print(markdown)
 
     # plots: accuracy per epoch, accuracy against cumulative training bytes
-    fig, (ax1, ax2) = plots.figure(2)
-    series = [(records[n]["label"], [p["epoch"] for p in curve(records[n])], [p["accuracy"] for p in curve(records[n])])
-              for n in RUNS]
     subset = sl["summary"]["config"].get("test_subset")
     where = f"{subset} test images" if subset else "full test set"
-    plots.curves(ax1, series, "epoch", title=f"accuracy per epoch ({where})")
-    series_b = [(records[n]["label"], [p["bytes"] / 1e6 for p in curve(records[n])],
-                 [p["accuracy"] for p in curve(records[n])]) for n in RUNS]
-    plots.curves(ax2, series_b, "cumulative training traffic, up + down (MB, log)", logx=True,
-                 title="accuracy against training traffic")
-    allacc = [a for _, _, ys in series for a in ys]
-    for ax in (ax1, ax2):
-        plots.zoom_y(ax, sorted(allacc)[len(allacc) // 4:], pad=2.0)
-    plots.save(fig, Path(out) / "deprune.png")
+    plots.accuracy_panels(records, list(RUNS), curve, f"accuracy per epoch ({where})", Path(out) / "deprune.png")
 
     write_csv(Path(out) / "deprune.csv", rows)
     write_csv(Path(out) / "deprune_curves.csv",

@@ -54,3 +54,20 @@ def zoom_y(ax, values: list[float], pad: float = 1.0, floor: float | None = None
     if floor is not None:
         lo = max(lo, floor)
     ax.set_ylim(lo, min(hi, 100))
+
+
+def accuracy_panels(records: dict, names: list[str], curve, epoch_title: str, path: Path) -> Path:
+    """Two panels: accuracy per epoch, and accuracy against cumulative training traffic (log x)."""
+    fig, (ax1, ax2) = figure(2)
+    points = {n: curve(records[n]) for n in names}
+    by_epoch = [(records[n]["label"], [p["epoch"] for p in points[n]], [p["accuracy"] for p in points[n]])
+                for n in names]
+    by_bytes = [(records[n]["label"], [p["bytes"] / 1e6 for p in points[n]], [p["accuracy"] for p in points[n]])
+                for n in names]
+    curves(ax1, by_epoch, "epoch", title=epoch_title)
+    curves(ax2, by_bytes, "cumulative training traffic, up + down (MB, log)", logx=True,
+           title="accuracy against training traffic")
+    accuracies = sorted(a for _, _, ys in by_epoch for a in ys)
+    for ax in (ax1, ax2):
+        zoom_y(ax, accuracies[len(accuracies) // 4:], pad=2.0)
+    return save(fig, path)

@@ -64,18 +64,7 @@ def run(profile: str, out: Path) -> dict:
     markdown = f"### resolution compression ({prof.name} profile)\n\n{table}\n" + "\n".join(lines) + "\n"
     print(markdown)
 
-    fig, (ax1, ax2) = plots.figure(2)
-    series = [(records[n]["label"], [p["epoch"] for p in curve(records[n])],
-               [p["accuracy"] for p in curve(records[n])]) for n in names]
-    plots.curves(ax1, series, "epoch", title="accuracy per epoch, r=1 vs r=2")
-    series_b = [(records[n]["label"], [p["bytes"] / 1e6 for p in curve(records[n])],
-                 [p["accuracy"] for p in curve(records[n])]) for n in names]
-    plots.curves(ax2, series_b, "cumulative training traffic, up + down (MB, log)", logx=True,
-                 title="accuracy against training traffic")
-    accs = [a for _, _, ys in series for a in ys]
-    for ax in (ax1, ax2):
-        plots.zoom_y(ax, sorted(accs)[len(accs) // 4:], pad=2.0)
-    plots.save(fig, Path(out) / "resolution.png")
+    plots.accuracy_panels(records, names, curve, "accuracy per epoch, r=1 vs r=2", Path(out) / "resolution.png")
 
     write_csv(Path(out) / "resolution.csv", rows)
     write_csv(Path(out) / "resolution_curves.csv", [{"run": n, **p} for n in names for p in curve(records[n])])

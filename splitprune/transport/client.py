@@ -166,6 +166,13 @@ class Meter:
         self.messages_up = self.messages_down = 0
         self.setup: tuple[int, int] | None = None  # socket bytes when the first session was set up
 
+    def count(self, up: int, down: int) -> None:
+        """One request of `up` payload bytes answered by `down` bytes."""
+        self.payload_up += up
+        self.payload_down += down
+        self.messages_up += 1
+        self.messages_down += 1
+
     def mark_setup(self) -> None:
         """Remember the socket counts once the connection and the first handshake are done."""
         if self.setup is None and self.proxy is not None:
@@ -383,11 +390,7 @@ class RemoteServer:
                     time.sleep(0.05)
         finally:
             self._pending = None
-        meter = self._steps_meter
-        meter.payload_up += len(inner)
-        meter.payload_down += len(payload)
-        meter.messages_up += 1
-        meter.messages_down += 1
+        self._steps_meter.count(len(inner), len(payload))
         return payload
 
     # ---------------------------------------------------------------- Link
@@ -640,11 +643,7 @@ class InferenceClient:
         reply = spb.InferReply.FromString(out)
         self.server_ms.append(reply.server_ms)
         payload = reply.eval.SerializeToString()
-        m = self.meter
-        m.payload_up += len(request)
-        m.payload_down += len(payload)
-        m.messages_up += 1
-        m.messages_down += 1
+        self.meter.count(len(request), len(payload))
         return payload
 
     def close(self) -> None:
