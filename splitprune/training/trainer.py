@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,8 @@ class Trainer:
         totals = {"samples": 0, "loss": 0.0, "correct": 0, "up": 0, "down": 0}
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {p.epoch + 1} B={phase.label()}", leave=False, unit="batch",
-                   disable=not self.show_progress, dynamic_ncols=True)
+                   disable=not self.show_progress, dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
         for x, y in bar:
             try:
                 stats = self.device.train_step(x, y, self.endpoint.link)
