@@ -20,7 +20,10 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitprune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="splitprune",
+        description="Compression-aware split learning and split inference (deprune / prune), "
+                    "in-process or over gRPC, with every byte on the wire counted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         try:
