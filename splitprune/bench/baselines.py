@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitprune.compression.bottleneck import _geometry
+from splitprune.compression.bottleneck import Decoder, _geometry
 from splitprune.compression.codec import TensorSpec
 from splitprune.config import RunConfig
 from splitprune.errors import ProtocolError, UserError
@@ -75,19 +75,6 @@ class NarrowEncoder(nn.Module):
         return torch.sigmoid(self.bn(self.conv(x)))
 
 
-class NarrowDecoder(nn.Module):
-    """ConvTranspose(W->C) -> BN -> ReLU: back to the cut tensor's shape."""
-
-    def __init__(self, width: int, channels: int, resolution: int = 1) -> None:
-        super().__init__()
-        self.deconv = nn.ConvTranspose2d(width, channels, **_geometry(resolution))
-        self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.deconv(x)))
-
-
 def make_bottleneck(device: DeviceWorker, server: ServerWorker, cfg: RunConfig) -> Geometry:
     """Replace the gated encoder/decoder of both workers by a fresh narrow pair; returns the new geometry."""
     width = int(cfg.extra["width"])
@@ -97,7 +84,7 @@ def make_bottleneck(device: DeviceWorker, server: ServerWorker, cfg: RunConfig) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + BOTTLENECK_SEED_OFFSET)
         encoder = NarrowEncoder(c, width, cfg.resolution, cfg.bn_momentum, cfg.bn_eps)
-        decoder = NarrowDecoder(width, c, cfg.resolution)
+        decoder = Decoder(c, cfg.resolution, in_channels=width)
     device.half.encoder = encoder.to(accelerator)
     server.half.decoder = decoder.to(server.accelerator)
     geometry = Geometry((width, h, w), (width, h, w))

@@ -26,11 +26,14 @@ class GatedEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """ConvTranspose(C->C, same geometry as the encoder) -> BN -> ReLU: restores the cut tensor's size."""
+    """ConvTranspose(in->C, same geometry as the encoder) -> BN -> ReLU: restores the cut tensor's size.
 
-    def __init__(self, channels: int, resolution: int = 1) -> None:
+    `in_channels` defaults to C; a narrower input serves bottlenecks that send fewer channels than C.
+    """
+
+    def __init__(self, channels: int, resolution: int = 1, in_channels: int | None = None) -> None:
         super().__init__()
-        self.deconv = nn.ConvTranspose2d(channels, channels, **_geometry(resolution))
+        self.deconv = nn.ConvTranspose2d(in_channels or channels, channels, **_geometry(resolution))
         self.bn = nn.BatchNorm2d(channels)
         self.relu = nn.ReLU(inplace=True)
 
