@@ -7,7 +7,7 @@ the gRPC client in splitprune.transport is the same Link over a real network.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 import torch
@@ -89,16 +89,10 @@ class ServerWorker:
             self.budget, self.phase = budget, req.phase
         return pb.PhaseReply(phase=req.phase)
 
-    def _spec(self) -> TensorSpec:
-        return TensorSpec(*self.geometry_tuple(), max_batch=self.spec.max_batch, max_kept=self.budget)
-
-    def geometry_tuple(self) -> tuple[int, int, int]:
-        return self.spec.channels, self.spec.height, self.spec.width
-
     def train(self, req: pb.TrainRequest) -> pb.TrainReply:
         if self.optimizer is None:
             raise ProtocolError("no training phase started: send a PhaseRequest first")
-        received = decode_tensor(req.activations, self._spec())
+        received = decode_tensor(req.activations, replace(self.spec, max_kept=self.budget))
         labels = decode_labels(req.labels, received.values.shape[0], self.num_classes).to(self.accelerator)
         received = received.to(self.accelerator)
         partial = received.channels.numel() < received.num_channels
@@ -118,7 +112,7 @@ class ServerWorker:
 
     @torch.no_grad()
     def evaluate(self, req: pb.EvalRequest) -> pb.EvalReply:
-        received = decode_tensor(req.activations, TensorSpec(*self.geometry_tuple(), max_batch=self.spec.max_batch))
+        received = decode_tensor(req.activations, self.spec)
         received = received.to(self.accelerator)
         with self.lock, self.rng.active():
             self.half.eval()
