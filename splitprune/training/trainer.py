@@ -140,24 +140,24 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        resumed = self._resume()
-        if resumed:
+        phase_started = self._resume()  # a resumed run restarts its current phase while loading
+        if phase_started:
             self._log(f"resuming {self.out} after epoch {self.progress.epoch}")
         self._open_tensorboard()
         while self.progress.phase < len(self.phases):
             phase = self.phases[self.progress.phase]
-            if self.progress.epoch_in_phase == 0 and not resumed:
+            if not phase_started:
                 self._start_phase(self.progress.phase, fresh=True)
-            resumed = False
+            phase_started = False
             while self.progress.epoch_in_phase < phase.epochs:
                 self._run_epoch(phase)
             if self.cfg.method == "prune":
                 self._save_phase_model(phase)
             self.progress.phase += 1
             self.progress.epoch_in_phase = 0
-            if self.progress.phase < len(self.phases):
+            if self.progress.phase < len(self.phases):  # start it before saving: a resume lands after the reset
                 self._start_phase(self.progress.phase, fresh=True)
-                resumed = True  # started already; do not start it twice
+                phase_started = True
             self._save()
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
