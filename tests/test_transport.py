@@ -85,14 +85,20 @@ def _strip(summary):
     return {k: v for k, v in summary.items() if k not in ("wall_seconds", "train_seconds", "transport")}
 
 
-def test_training_over_grpc_equals_in_process_training(tmp_path, server):
-    cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1"})
+def _train_locally_and_remotely(cfg, tmp_path, server) -> tuple[dict, dict]:
+    """The same run in-process (tmp_path/local) and against the server (tmp_path/remote): both summaries."""
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
     endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
     try:
         remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
     finally:
         endpoint.close()
+    return local, remote
+
+
+def test_training_over_grpc_equals_in_process_training(tmp_path, server):
+    cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1"})
+    local, remote = _train_locally_and_remotely(cfg, tmp_path, server)
     assert _strip(remote) == _strip(local)
     for name in ("model.safetensors", "state.safetensors"):
         a, b = (load_file(str(tmp_path / run / "checkpoint" / name)) for run in ("local", "remote"))
@@ -118,12 +124,7 @@ def test_prune_over_grpc_starts_from_the_pretrained_server_half(tmp_path, server
             show_progress=False).run()
     cfg = make_config({**SMALL, "method": "prune", "schedule": "32:1,4:1", "train_subset": 32,
                        "from_checkpoint": str(tmp_path / "sl")})  # momentum 0.9: optimizer buffers travel too
-    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
-    try:
-        remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
-    finally:
-        endpoint.close()
+    local, remote = _train_locally_and_remotely(cfg, tmp_path, server)
     assert remote["transport"]["state"]["pushes"] == 1  # the pretrained server half went up first
     assert _strip(remote) == _strip(local)
     for folder in ("checkpoint", "models/budget_32", "models/budget_4"):
