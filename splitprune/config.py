@@ -12,6 +12,7 @@ import yaml
 from splitprune.errors import UserError
 
 METHODS = ("sl", "ca", "deprune", "prune")
+LR_SCHEDULES = ("constant", "cosine")
 ALL = "all"
 
 # Paper defaults per method (method.md §5): schedule, lr, momentum.
@@ -43,6 +44,7 @@ class RunConfig:
     test_batch_size: int = 256
     lr: float | None = None
     momentum: float | None = None
+    lr_schedule: str = "constant"         # "constant" (paper) or "cosine": each phase decays its lr to ~0
     weight_decay: float = 5e-4
     budget_eps: float = 1000.0
     budget_delta: float = 0.01
@@ -166,6 +168,7 @@ def _validate(cfg: RunConfig) -> None:
     checks = [
         (cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
         (cfg.scaling in ("paper", "binary"), "scaling must be 'paper' or 'binary'"),
+        (cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}"),
         (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size must be a positive integer"),
         (isinstance(cfg.budget, int) and cfg.budget >= 1, "budget must be a positive integer"),
         (isinstance(cfg.resolution, int) and cfg.resolution >= 1, "resolution must be a positive integer"),

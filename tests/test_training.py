@@ -13,7 +13,7 @@ from splitprune.training.checkpoint import read_meta, read_tensors
 from splitprune.training.evaluation import evaluate_checkpoint
 from splitprune.training.setup import build_run
 from splitprune.training.step import LocalLink, OptimizerSettings
-from splitprune.training.trainer import Trainer
+from splitprune.training.trainer import Trainer, lr_scale
 
 
 def _train(out, **values):
@@ -56,6 +56,34 @@ def test_device_and_server_share_nothing_but_messages(tiny):
     assert stats.bytes_up == len(link.sent[0])
     # the budget term is the device's own: it moved the gate although the server only saw cross-entropy
     assert not torch.equal(parts.device.half.gate_logits.detach(), gate_before)
+
+
+def test_lr_scale_scales_the_update_of_both_halves(tiny):
+    def one_step(scale):
+        parts = build_run(make_config({**tiny, "method": "ca", "budget": 4}))
+        halves = (parts.device.half, parts.server_worker.half)
+        before = [[p.detach().clone() for p in h.parameters()] for h in halves]
+        link = LocalLink(parts.server_worker)
+        parts.device.start_phase(link, 0, 4, OptimizerSettings(0.01, 0.0, 5e-4), use_budget_loss=True)
+        x, y = next(iter(parts.train_loader))
+        parts.device.train_step(x, y, link, lr_scale=scale)
+        return [[p.detach() - b for p, b in zip(h.parameters(), hb)] for h, hb in zip(halves, before)]
+
+    full, half = one_step(1.0), one_step(0.5)
+    for side_full, side_half in zip(full, half):
+        moved = [d for d in side_full if d.abs().max() > 0]
+        assert moved
+        for d_full, d_half in zip(side_full, side_half):  # float32 rounding of p - p0 aside
+            assert (d_half - 0.5 * d_full).norm() <= 1e-2 * (0.5 * d_full).norm() + 1e-6
+
+
+def test_cosine_lr_schedule_decays_each_phase_to_near_zero():
+    assert lr_scale("constant", 90, 100) == 1.0
+    steps = [lr_scale("cosine", t, 100) for t in range(100)]
+    assert steps[0] == 1.0 and abs(steps[50] - 0.5) < 1e-9 and steps[-1] < 1e-3
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    with pytest.raises(UserError, match="lr_schedule"):
+        make_config({"lr_schedule": "linear"})
 
 
 def test_b4_fp16_uplink_is_128_bytes_per_sample_plus_labels_and_indices(tiny, tmp_path):

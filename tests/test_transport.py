@@ -71,12 +71,12 @@ def hello_bytes(cfg, client_id, fresh=False, **fields):
 PHASE0 = frame(PHASE, pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.0, weight_decay=5e-4).SerializeToString())
 
 
-def train_bytes(step_id=1, n=2, channels=(0, 1, 2, 3), labels=None, tensor=None, codec="fp16"):
+def train_bytes(step_id=1, n=2, channels=(0, 1, 2, 3), labels=None, tensor=None, codec="fp16", lr_scale=0.0):
     if tensor is None:
         values = torch.randn(n, len(channels), 4, 4, generator=torch.Generator().manual_seed(step_id))
         tensor = ChannelCodec(codec).encode(values, torch.tensor(channels), 512)
     y = torch.tensor(labels if labels is not None else [i % 10 for i in range(n)])
-    req = pb.TrainRequest(step_id=step_id, activations=tensor, labels=encode_labels(y))
+    req = pb.TrainRequest(step_id=step_id, activations=tensor, labels=encode_labels(y), lr_scale=lr_scale)
     return frame(TRAIN, req.SerializeToString())
 
 
@@ -96,8 +96,9 @@ def _train_locally_and_remotely(cfg, tmp_path, server) -> tuple[dict, dict]:
     return local, remote
 
 
-def test_training_over_grpc_equals_in_process_training(tmp_path, server):
-    cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1"})
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_training_over_grpc_equals_in_process_training(tmp_path, server, lr_schedule):
+    cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1", "lr_schedule": lr_schedule})
     local, remote = _train_locally_and_remotely(cfg, tmp_path, server)
     assert _strip(remote) == _strip(local)
     for name in ("model.safetensors", "state.safetensors"):
@@ -251,6 +252,9 @@ BAD_STEPS = {
         data=np.full((2, 4, 4, 4), np.nan, dtype="<f2").tobytes())).SerializeToString()), "BAD_TENSOR"),
     "phase over budget": (frame(PHASE, pb.PhaseRequest(phase=1, budget=513, lr=0.1).SerializeToString()),
                           "BUDGET_EXCEEDED"),
+    "lr scale above 1": (train_bytes(lr_scale=1.5), "BAD_MESSAGE"),
+    "negative lr scale": (train_bytes(lr_scale=-0.1), "BAD_MESSAGE"),
+    "NaN lr scale": (train_bytes(lr_scale=float("nan")), "BAD_MESSAGE"),
     "phase NaN lr": (frame(PHASE, pb.PhaseRequest(phase=1, budget=4, lr=float("nan")).SerializeToString()),
                      "BAD_MESSAGE"),
 }

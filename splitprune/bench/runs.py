@@ -212,6 +212,8 @@ def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
         flags += ["--budget", str(cfg.budget)]
     if cfg.resolution != 1:
         flags += ["--resolution", str(cfg.resolution)]
+    if cfg.lr_schedule != "constant":
+        flags += ["--lr-schedule", cfg.lr_schedule]
     if cfg.data_dir:
         flags += ["--data-dir", cfg.data_dir]
     if cfg.train_subset:

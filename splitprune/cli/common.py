@@ -22,6 +22,7 @@ CONFIG_FLAGS = {
     "--test-batch-size": ("test_batch_size", int, "evaluation batch size"),
     "--lr": ("lr", float, "learning rate (default: the method's paper value)"),
     "--momentum": ("momentum", float, "SGD momentum (default: the method's paper value)"),
+    "--lr-schedule": ("lr_schedule", str, "constant (the paper's) or cosine: each phase decays its lr to ~0"),
     "--weight-decay": ("weight_decay", float, "SGD weight decay"),
     "--input-size": ("input_size", int, "model input size in pixels"),
     "--in-channels": ("in_channels", int, "model input channels, 1 or 3 (default: the dataset's)"),

@@ -45,14 +45,16 @@ class Labels(_message.Message):
     def __init__(self, width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("step_id", "activations", "labels")
+    __slots__ = ("step_id", "activations", "labels", "lr_scale")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     activations: EncodedTensor
     labels: Labels
-    def __init__(self, step_id: _Optional[int] = ..., activations: _Optional[_Union[EncodedTensor, _Mapping]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ...) -> None: ...
+    lr_scale: float
+    def __init__(self, step_id: _Optional[int] = ..., activations: _Optional[_Union[EncodedTensor, _Mapping]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., lr_scale: _Optional[float] = ...) -> None: ...
 
 class TrainReply(_message.Message):
     __slots__ = ("step_id", "gradient", "loss", "correct")

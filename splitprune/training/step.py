@@ -6,6 +6,7 @@ the gRPC client in splitprune.transport is the same Link over a real network.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
@@ -57,6 +58,23 @@ class OptimizerSettings:
                                weight_decay=self.weight_decay)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def wire_lr_scale(scale: float) -> float:
+    """The scale as the float32 field carries it, so both halves step with the very same lr."""
+    return float(torch.tensor(scale, dtype=torch.float32))
+
+
+def check_lr_scale(scale: float) -> float:
+    """A TrainRequest's lr_scale as a factor: 0 (unset) means 1; outside [0, 1] is refused."""
+    if not math.isfinite(scale) or not 0.0 <= scale <= 1.0:
+        raise ProtocolError(f"lr_scale {scale} is outside [0, 1]")
+    return scale or 1.0
+
+
 class ServerWorker:
     """The server part: decodes activations, runs decoder + server layers, returns encoded gradients.
 
@@ -73,6 +91,7 @@ class ServerWorker:
         self.rng = RngStream(seed + 1)
         self.lock = threading.Lock()
         self.optimizer: torch.optim.SGD | None = None
+        self.phase_lr = 0.0
         self.budget: int | None = None
         self.phase = -1
 
@@ -86,12 +105,13 @@ class ServerWorker:
             raise ProtocolError(f"budget {budget} exceeds the {self.spec.channels} channels at the cut")
         with self.lock:
             self.optimizer = OptimizerSettings(req.lr, req.momentum, req.weight_decay).build(self.half)
-            self.budget, self.phase = budget, req.phase
+            self.phase_lr, self.budget, self.phase = req.lr, budget, req.phase
         return pb.PhaseReply(phase=req.phase)
 
     def train(self, req: pb.TrainRequest) -> pb.TrainReply:
         if self.optimizer is None:
             raise ProtocolError("no training phase started: send a PhaseRequest first")
+        lr_scale = check_lr_scale(req.lr_scale)
         received = decode_tensor(req.activations, replace(self.spec, max_kept=self.budget))
         labels = decode_labels(req.labels, received.values.shape[0], self.num_classes).to(self.accelerator)
         received = received.to(self.accelerator)
@@ -102,6 +122,7 @@ class ServerWorker:
             logits = self.half(received.dense() if partial else compact)
             loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
+            set_lr(self.optimizer, self.phase_lr * lr_scale)
             loss.backward()
             # encoding refuses a non-finite gradient: a diverged step is reported, never applied
             gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
@@ -158,6 +179,7 @@ class DeviceWorker:
         self.budget_eps, self.budget_delta = budget_eps, budget_delta
         self.rng = RngStream(seed + 2)
         self.optimizer: torch.optim.SGD | None = None
+        self.phase_lr = 0.0
         self.budget: int | None = None      # None = every channel
         self.use_budget_loss = False
         self.step_id = 0
@@ -174,6 +196,7 @@ class DeviceWorker:
                     use_budget_loss: bool) -> None:
         self.budget, self.use_budget_loss = budget, use_budget_loss
         self.optimizer = optimizer.build(self.half)
+        self.phase_lr = float(torch.tensor(optimizer.lr, dtype=torch.float32))  # as the server receives it
         req = pb.PhaseRequest(phase=phase, budget=budget or self.channels, lr=optimizer.lr,
                               momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
         reply = parse_message(pb.PhaseReply, link.start_phase(req.SerializeToString()))
@@ -194,8 +217,10 @@ class DeviceWorker:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
         return kept, self.codec.encode(kept, channels, self.channels)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link) -> StepStats:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0) -> StepStats:
+        """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step."""
         assert self.optimizer is not None, "start_phase first"
+        lr_scale = wire_lr_scale(lr_scale)
         self.step_id += 1
         self.half.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -203,7 +228,8 @@ class DeviceWorker:
             z = self.half(x.to(self.accelerator))
         channels = self.kept_channels()
         kept, activations = self._encode(z, channels)
-        request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y))
+        request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y),
+                                  lr_scale=0.0 if lr_scale == 1.0 else lr_scale)
         up = request.SerializeToString()
         down = link.train(up)
         reply = parse_message(pb.TrainReply, down)
@@ -218,6 +244,7 @@ class DeviceWorker:
                                        self.budget_eps, self.budget_delta))
             grads.append(torch.ones((), device=self.accelerator))
         torch.autograd.backward(tensors, grads)
+        set_lr(self.optimizer, self.phase_lr * check_lr_scale(lr_scale))
         self.optimizer.step()
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
 

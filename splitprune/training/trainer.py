@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,9 +173,11 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {p.epoch + 1} B={phase.label()}", leave=False, unit="batch",
                    disable=not self.show_progress, dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
-        for x, y in bar:
+        done = p.epoch_in_phase * len(loader)
+        for index, (x, y) in enumerate(bar):
+            scale = lr_scale(self.cfg.lr_schedule, done + index, phase.epochs * len(loader))
             try:
-                stats = self.device.train_step(x, y, self.endpoint.link)
+                stats = self.device.train_step(x, y, self.endpoint.link, scale)
             except ProtocolError as exc:
                 raise UserError(f"training step failed: {exc}") from None
             totals["samples"] += stats.samples
@@ -184,7 +187,8 @@ class Trainer:
             totals["down"] += stats.bytes_down
             bar.set_postfix(loss=f"{totals['loss'] / totals['samples']:.3f}",
                             acc=f"{totals['correct'] / totals['samples']:.3f}",
-                            up=_megabytes(totals["up"]), down=_megabytes(totals["down"]))
+                            up=_megabytes(totals["up"]), down=_megabytes(totals["down"]),
+                            refresh=False)  # the bar redraws at its own interval: logs stay short
         seconds = time.perf_counter() - start
         result = evaluate(self.device, self.endpoint.link, self.parts.test_loader)
         eval_seconds = time.perf_counter() - start - seconds
@@ -264,6 +268,13 @@ class Trainer:
             "phases": phases, "config": cfg.to_dict(),
             "transport": self.endpoint.transport_stats() if hasattr(self.endpoint, "transport_stats") else None,
         }
+
+
+def lr_scale(schedule: str, step: int, steps: int) -> float:
+    """The fraction of the phase's lr at a step of the phase (0-based) of `steps` steps."""
+    if schedule == "cosine":
+        return max(0.5 * (1.0 + math.cos(math.pi * step / steps)), 1e-6)
+    return 1.0
 
 
 def _megabytes(n: int) -> str:

@@ -36,7 +36,7 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.training.checkpoint import (load_module, module_tensors, read_meta, read_tensors,
                                             write_checkpoint)
 from splitprune.training.setup import InProcessServer, build_workers
-from splitprune.training.step import ServerWorker
+from splitprune.training.step import ServerWorker, check_lr_scale
 from splitprune.transport.addresses import format_hostport, parse_hostport
 from splitprune.transport.protocol import (AUTH_KEY, CLIENT_ID_RE, DEFAULT_HOST, DEFAULT_MAX_MESSAGE, ERROR_KEY, EVAL,
                                            PHASE, PROTOCOL_VERSION, SERVICE, STATE_CHUNK, TRAIN, WELCOME, frame,
@@ -522,6 +522,10 @@ class SplitServer:
     def _train(self, s: Session, req: pb.TrainRequest) -> bytes:
         half = s.half
         self._check_activations(s, req.activations, min(s.max_budget, half.budget))
+        try:
+            check_lr_scale(req.lr_scale)
+        except ProtocolError as exc:
+            raise _invalid(R.BAD_MESSAGE, str(exc)) from None
         digest = request_digest(req)
         with half.mutex:
             self._check_draining()
