@@ -72,8 +72,8 @@ TRAIN_END=$(( START + TOTAL_S - ANALYSIS_S ))
 # Phase 1 holds sl and the runs it is compared with; phase 2 the runs that start from sl, plus three
 # independent runs moved there so that fewer processes share the GPU while sl trains (on an H200, 9
 # processes got ~360 samples/s each, ~3,300 samples/s together).
-PHASE1=(sl ca4 deprune ca4_i8 deprune16_i8 ca32)
-PHASE2=(prune chain random2 bottleneck2 ca1_i8 deprune_r2 ca4_r2)
+PHASE1=(sl ca4 deprune ca_same_i8 deprune16_i8 ca32)
+PHASE2=(prune chain random2 bottleneck2 ca1_i8 ca4_r2 ca4_seed1)
 declare -A PIDS
 
 launch() {  # launch NAME: train one run in its own process until the training deadline

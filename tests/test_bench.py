@@ -123,6 +123,21 @@ def test_random_channels_and_bottleneck_send_what_they_claim(smoke):
     assert bparts.geometry.wire_shape == (2, 4, 4)
 
 
+def test_deprune_suite_compares_deprune_with_ca_at_the_same_traffic(smoke, root):
+    from splitprune.bench import deprune
+
+    claims = deprune.run("quick", root / "deprune")["claims"]
+    specs = runs.plan(smoke)
+    relaxed = runs.run_config(specs["deprune16_i8"], root, specs)
+    same = runs.run_config(specs["ca_same_i8"], root, specs)
+    assert relaxed.lr_schedule == same.lr_schedule == "cosine"
+    # ca's fixed budget sends what deprune 4->16 sends: the byte ratio is measured, not assumed
+    assert claims["ca_same_traffic_bytes_over_deprune16"] == pytest.approx(1.0, abs=0.1)
+    assert claims["seed_spread_ca4"] is not None
+    assert claims["deprune_beats_ca_at_same_traffic"].split(" (")[0] in ("holds", "not resolved", "does not hold")
+    assert (root / "deprune" / "deprune.png").exists()
+
+
 def test_rate_suite_smoke(smoke, root):
     from splitprune.bench import rate
 

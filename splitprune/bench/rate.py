@@ -24,7 +24,7 @@ from splitprune.training.setup import input_channels
 
 DTYPES = ("fp32", "fp16", "int8")
 CHAIN = (64, 32, 16, 8, 4, 2, 1)
-AS_TRAINED = ["ca4", "ca4_i8", "ca1_i8", "deprune16_i8", "ca4_r2", "deprune_r2"]
+AS_TRAINED = ["ca4", "ca_same_i8", "ca1_i8", "deprune16_i8", "ca4_r2"]
 TARGET_BYTES = 32
 
 
@@ -86,7 +86,7 @@ def run(profile: str, out: Path) -> dict:
             add(f"sl model, all channels ({r['dtype']})", "sl", [r])
     for b in CHAIN:
         folder = records["chain"]["dir"] / "models" / f"budget_{b}"  # a stopped chain lacks the last ones
-        res = _cached_points(out, f"chain_B{b}", folder, prof, lambda m, b=b: [Point(b, d) for d in DTYPES])
+        res = _cached_points(out, f"chain_B{b}", folder, prof, lambda m, b=b: [Point(b, d) for d in prof.chain_dtypes])
         for r in res:
             add(f"prune chain from sl ({r['dtype']})", f"chain B={b}", [r])
     if "random2" in records:

@@ -16,7 +16,7 @@ from splitprune.compression import encoded_shape
 from splitprune.errors import UserError
 from splitprune.models import cut_shape
 
-PAIRS = [("deprune", "deprune_r2"), ("ca4", "ca4_r2")]
+PAIRS = [("ca4", "ca4_r2")]
 
 
 def shapes(model: str, input_size: int = 32, in_channels: int = 1) -> list[dict]:

@@ -51,12 +51,14 @@ class Profile:
     epochs: int                   # from-scratch runs (sl, ca, deprune); paper: 22
     prune_epochs: int             # prune 32:x,4:x from the sl model; paper: 20
     chain_subset: int | None      # training images per phase of the rate suite's prune chain (1 epoch each)
-    finetune_epochs: int          # rate baselines fine-tuned from the sl model (same samples as the chain to B=2)
+    finetune_epochs: int          # rate baselines fine-tuned from the sl model (about the chain's samples to B=2)
     threads: int | None
     accelerator: str
     test_batch_size: int
     topk: tuple[int, ...]         # top-k baseline: values kept per sample
     link_steps: int               # time-to-accuracy suite: training steps measured through the link
+    lr_schedule: str = "constant" # the paper's constant lr, or "cosine" per phase (quick: short runs settle)
+    chain_dtypes: tuple[str, ...] = ("fp32", "fp16", "int8")  # dtypes the rate suite evaluates chain models at
     smoke: bool = False
 
     def settings(self) -> dict:
@@ -80,9 +82,10 @@ def get_profile(name: str) -> Profile:
     except ImportError:  # pragma: no cover
         cuda = False
     if name == "quick":
-        p = Profile("quick", "vgg11_bn_compact", train_subset=3000, curve_subset=2000, full_subset=None, full_last=2,
-                    epochs=6, prune_epochs=4, chain_subset=1500, finetune_epochs=3, threads=2, accelerator="cpu",
-                    test_batch_size=256, topk=(4, 8, 32, 128, 512), link_steps=30)
+        p = Profile("quick", "vgg11_bn_compact", train_subset=2500, curve_subset=1000, full_subset=None, full_last=2,
+                    epochs=4, prune_epochs=2, chain_subset=1000, finetune_epochs=2, threads=2, accelerator="cpu",
+                    test_batch_size=256, topk=(8, 32, 512), link_steps=30, lr_schedule="cosine",
+                    chain_dtypes=("fp16", "int8"))
     elif name == "paper":
         p = Profile("paper", "vgg11_bn", train_subset=4000, curve_subset=2000, full_subset=None, full_last=3,
                     epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=2000, finetune_epochs=3, threads=2,
@@ -93,7 +96,8 @@ def get_profile(name: str) -> Profile:
     if os.environ.get("SPLITPRUNE_BENCH_SMOKE"):
         p = replace(p, model="vgg11_bn_compact", train_subset=48, curve_subset=32, full_subset=64,
                     full_last=1, epochs=2, prune_epochs=2, chain_subset=16, finetune_epochs=1, threads=1,
-                    accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True)
+                    accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True,
+                    chain_dtypes=("fp16", "int8"))
     n, e, t = (_env_int(f"SPLITPRUNE_BENCH_{k}") for k in ("TRAIN_SUBSET", "EPOCHS", "THREADS"))
     if n:
         p = replace(p, train_subset=n, chain_subset=max(n // 2, 16))
@@ -127,11 +131,13 @@ class RunSpec:
 
 
 def plan(profile: Profile) -> dict[str, RunSpec]:
+    from splitprune.models import cut_shape
+
     p = profile
     E, K = p.epochs, p.full_last
     common = {"model": p.model, "dataset": "fashion-mnist", "train_subset": p.train_subset,
               "test_subset": p.curve_subset, "test_batch_size": p.test_batch_size, "batch_size": 16, "seed": 0,
-              "threads": p.threads, "accelerator": p.accelerator,
+              "threads": p.threads, "accelerator": p.accelerator, "lr_schedule": p.lr_schedule,
               "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None}
 
     def scratch(method: str, schedule: str, up: str, down: str, **more) -> dict:
@@ -139,19 +145,28 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
                 **more}
 
     chain = ",".join(f"{b}:1" for b in (64, 32, 16, 8, 4, 2, 1))
+    channels = cut_shape(p.model, "conv5", 1, 32)[0]
+    relax16 = resolve_schedule(make_config(scratch("deprune", "4:15,16:7", "fp16", "int8")), channels)
+    same = round(sum(ph.budget * ph.epochs for ph in relax16) / E)  # ca budget with deprune 4->16's traffic
     specs = [
         # (a) deprune vs ca vs sl, paper Fig. 6 shapes, plus runs that push the traffic down
         RunSpec("sl", "deprune", scratch("sl", "all:22", "fp32", "fp32"), "sl (all, fp32/fp32)", full_last=K,
                 note="plain split learning: every channel, fp32 both ways"),
         RunSpec("ca4", "deprune", scratch("ca", "4:22", "fp16", "fp32", budget=4), "ca B=4 (fp16/fp32)", full_last=K,
                 note="compression-aware SL at a fixed budget of 4 from scratch (the paper's baseline)"),
+        RunSpec("ca4_seed1", "deprune", {**scratch("ca", "4:22", "fp16", "fp32", budget=4), "seed": 1},
+                "ca B=4 (fp16/fp32), seed 1", full_last=K,
+                note="ca4 with another seed (initial weights, data order, subset): the seed-to-seed spread that "
+                     "accuracy differences are judged against"),
         RunSpec("deprune", "deprune", scratch("deprune", "4:15,all:7", "fp16", "fp32"), "deprune 4->all (fp16/fp32)",
                 full_last=K, note="the paper's deprune: B=4 for 15/22 of the epochs, gate reset, then all channels"),
-        RunSpec("ca4_i8", "deprune", scratch("ca", "4:22", "fp16", "int8", budget=4), "ca B=4 (fp16/int8)",
-                full_last=K, note="ca B=4 with int8 gradients on the downlink"),
         RunSpec("deprune16_i8", "deprune", scratch("deprune", "4:15,16:7", "fp16", "int8"),
                 "deprune 4->16 (fp16/int8)", full_last=K,
                 note="deprune whose last phase opens only 16 channels, int8 gradients down"),
+        RunSpec("ca_same_i8", "deprune", scratch("ca", f"{same}:22", "fp16", "int8", budget=same),
+                f"ca B={same} (fp16/int8)", full_last=K,
+                note=f"ca at the fixed budget ({same}) that sends what deprune 4->16 sends over the run: "
+                     "deprune against fixed-budget training at the same traffic"),
         RunSpec("ca1_i8", "deprune", scratch("ca", "1:22", "int8", "int8", budget=1), "ca B=1 (int8/int8)",
                 full_last=K, note="the extreme: one channel, int8 both ways (where accuracy bends)"),
         # (b) prune (transfer from the sl model) vs ca from scratch at B=32 and B=4
@@ -162,8 +177,6 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
         RunSpec("ca32", "prune", scratch("ca", "32:22", "fp16", "fp32", budget=32), "ca B=32 (fp16/fp32)",
                 full_last=1, note="ca at B=32 from scratch"),
         # (c) resolution compression r=2 (the 4x4 cut travels as 3x3)
-        RunSpec("deprune_r2", "resolution", scratch("deprune", "4:15,all:7", "fp16", "fp32", resolution=2),
-                "deprune 4->all, r=2", full_last=K, note="deprune with resolution factor 2"),
         RunSpec("ca4_r2", "resolution", scratch("ca", "4:22", "fp16", "fp32", budget=4, resolution=2),
                 "ca B=4, r=2", full_last=K, note="ca B=4 with resolution factor 2"),
         # (d) a trained model at every budget (prune chain from sl), and trained baselines
@@ -203,31 +216,15 @@ def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
     """The `splitprune train` command that trains this run (baselines need the bench: they change the model)."""
     if spec.kind != "train":
         return f"(baseline: trained by `splitprune bench {spec.suite}`)"
-    cfg = run_config(spec, root, specs)
-    flags = ["splitprune", "train", "--method", cfg.method, "--model", cfg.model, "--dataset", cfg.dataset,
-             "--schedule", cfg.schedule, "--dtype-up", cfg.dtype_up, "--dtype-down", cfg.dtype_down]
-    if cfg.epochs is not None:
-        flags += ["--epochs", str(cfg.epochs)]
-    if cfg.method == "ca":
-        flags += ["--budget", str(cfg.budget)]
-    if cfg.resolution != 1:
-        flags += ["--resolution", str(cfg.resolution)]
-    if cfg.lr_schedule != "constant":
-        flags += ["--lr-schedule", cfg.lr_schedule]
-    if cfg.data_dir:
-        flags += ["--data-dir", cfg.data_dir]
-    if cfg.train_subset:
-        flags += ["--train-subset", str(cfg.train_subset)]
-    if cfg.test_subset:
-        flags += ["--test-subset", str(cfg.test_subset)]
-    if cfg.from_checkpoint:
-        flags += ["--from", cfg.from_checkpoint]
-    if cfg.test_batch_size != 256:
-        flags += ["--test-batch-size", str(cfg.test_batch_size)]
-    if cfg.threads:
-        flags += ["--threads", str(cfg.threads)]
-    if cfg.accelerator != "cpu":
-        flags += ["--accelerator", cfg.accelerator]
+    from splitprune.cli.common import CONFIG_FLAGS
+    from splitprune.config import RunConfig
+
+    cfg, default = run_config(spec, root, specs), RunConfig(method=spec.values["method"])
+    flags = ["splitprune", "train", "--method", cfg.method]
+    for flag, (name, _, _) in CONFIG_FLAGS.items():  # every option that differs from its default
+        value = getattr(cfg, name)
+        if name in ("model", "dataset", "schedule", "dtype_up", "dtype_down") or value != getattr(default, name):
+            flags += [flag, str(value)]
     flags += ["--out", str(run_dir(root, spec))]
     return " ".join(shlex.quote(f) for f in flags)
 
