@@ -43,6 +43,15 @@ def test_every_trainer_run_is_the_command_it_records(smoke, root):
         assert config_from_args(args).fingerprint() == runs.run_config(spec, root, specs).fingerprint(), spec.name
 
 
+def test_a_finished_run_made_with_other_settings_is_not_reused(smoke, root, monkeypatch):
+    runs.ensure("sl", smoke, root)
+    monkeypatch.setenv("SPLITPRUNE_BENCH_TRAIN_SUBSET", str(smoke.train_subset + 16))
+    with pytest.raises(runs.UserError, match="train_subset"):
+        runs.ensure("sl", runs.get_profile("quick"), root)
+    monkeypatch.setenv("SPLITPRUNE_BENCH_NO_TRAIN", "1")  # reading results back: reported, with a warning
+    assert runs.ensure("sl", runs.get_profile("quick"), root)["complete"]
+
+
 def test_prune_suite_runs_shares_sl_and_resumes(smoke, root, monkeypatch):
     from splitprune.bench import prune
 

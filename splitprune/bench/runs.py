@@ -309,6 +309,7 @@ def ensure(name: str, profile: Profile, root: Path) -> dict:
     spec = specs[name]
     record = load_record(spec, root)
     if record is not None and record["complete"]:
+        _check_planned(record, run_config(spec, root, specs))
         return record
     if no_train():
         if record is None:
@@ -320,6 +321,27 @@ def ensure(name: str, profile: Profile, root: Path) -> dict:
             ensure(need, profile, root)
     train(spec, profile, root, specs)
     return load_record(spec, root)
+
+
+def _check_planned(record: dict, planned) -> None:
+    """A finished run is reused only if the plan would train it the same way (else its numbers are stale)."""
+    saved = record["summary"].get("config") or {}
+    want = planned.to_dict()
+    try:
+        made = make_config({k: v for k, v in saved.items() if k in want})
+    except UserError:
+        made = None
+    if made is not None and made.fingerprint() == planned.fingerprint():
+        return
+    have = made.to_dict() if made is not None else saved
+    differ = sorted(k for k, v in want.items()
+                    if have.get(k) != v and k not in ("data_dir", "threads", "accelerator", "tensorboard"))
+    message = (f"{record['dir']} holds run {record['name']} made with other settings ({', '.join(differ) or 'config'}) "
+               "than this profile plans")
+    if no_train():
+        print(f"warning: {message}; reported as it is", flush=True)
+        return
+    raise UserError(f"{message}: remove that folder or give another --out")
 
 
 def load_record(spec: RunSpec, root: Path) -> dict | None:
