@@ -35,19 +35,19 @@ def run(profile: str, out: Path) -> dict:
         r["bytes_to_sl_minus_half_point"] = reach
         r["traffic_vs_sl_at_equal_accuracy"] = sl_to_target / reach if reach and sl_to_target else None
 
+    noise = {r["run"]: _noise(records[r["run"]]) for r in rows}
     table = markdown_table(
-        ["run", "accuracy (full test)", "vs sl", "last epoch", "curve spread, last 3 epochs",
+        ["run", "accuracy (full test)", "vs sl", "last epoch", "change between last 2 full-test evaluations",
          "train MB up", "train MB down", "traffic vs sl", "traffic vs sl to reach sl-0.5pt", "inference B/sample",
          "epochs"],
         [[r["label"], r["accuracy_text"], pts(r["accuracy_vs_sl"]), pct(r["accuracy_last_epoch"]),
-          pts(r["curve_spread_last3"]).replace("+", ""), megabytes(r["train_bytes_up"]),
+          pts(noise[r["run"]]).replace("+", ""), megabytes(r["train_bytes_up"]),
           megabytes(r["train_bytes_down"]), ratio(r["traffic_vs_sl"]),
           ratio(r["traffic_vs_sl_at_equal_accuracy"]) if r["bytes_to_sl_minus_half_point"] else "not reached",
           f"{r['inference_bytes_per_sample']:,.1f}" if r["inference_bytes_per_sample"] else "n/a", r["epochs_text"]]
          for r in rows])
 
     dep, ca = by["deprune"], by["ca4"]
-    noise = {r["run"]: _noise(records[r["run"]]) for r in rows}
     seed_spread = (abs(ca["accuracy"] - by["ca4_seed1"]["accuracy"])
                    if ca["accuracy"] is not None and by["ca4_seed1"]["accuracy"] is not None else None)
 

@@ -69,7 +69,7 @@ def evaluate_points(model: LoadedModel, loader, points: list[Point]) -> list[dic
     link = LocalLink(server)
     device.half.eval()
     server.half.eval()
-    codecs = {d: ChannelCodec(d) for d in ("fp32", "fp16", "int8")}
+    codecs = {d: ChannelCodec(d) for d in ("fp32", "fp16", "int8", "int4")}
     saved_codec = device.codec
     correct = [0] * len(points)
     up = [0] * len(points)

@@ -1,10 +1,11 @@
 """(d) rate-accuracy: trained models' test accuracy against measured uplink bytes per sample.
 
 Models: the sl model (all channels) and a prune chain from it (B = 64, 32, 16, 8, 4, 2, 1, one short phase
-each: a trained model at every budget), each evaluated with fp32, fp16 and int8 on the wire. Baselines at
+each: a trained model at every budget), each evaluated with fp32, fp16, int8 and int4 on the wire (the
+profile's `chain_dtypes` for the chain). Baselines at
 the same bytes (splitprune.bench.baselines): top-k activation values of the sl model, 2 random fixed
 channels, a narrow 2-channel bottleneck without a gate, and int8 of the full tensor (the sl model's int8
-point). Runs of the other suites add their final models as trained. Target: 32 B or fewer per sample on
+point). Runs of the other suites add their final models, as trained and with int8 / int4 uplinks. Target: 32 B or fewer per sample on
 the uplink within 1 point of plain split learning's accuracy.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from splitprune.errors import UserError
 from splitprune.training.checkpoint import read_meta
 from splitprune.training.setup import input_channels
 
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
+QUANTIZED = ("int8", "int4")  # the other runs' final models are also evaluated at these
 CHAIN = (64, 32, 16, 8, 4, 2, 1)
 AS_TRAINED = ["ca4", "ca_same_i8", "ca1_i8", "deprune16_i8", "ca4_r2"]
 TARGET_BYTES = 32
@@ -37,15 +39,15 @@ def _cached_points(out: Path, name: str, folder: Path, prof, points_fn) -> list[
         print(f"[rate] {name}: no trained model at {folder} (stopped before its first epoch?): left out")
         return []
     meta = read_meta(folder)
+    model = load_model(folder, prof.accelerator)
+    points = points_fn(model)
     key = {"fingerprint": meta.get("fingerprint"), "epoch": meta.get("progress", {}).get("epoch"),
-           "test_subset": prof.full_subset, "folder": str(folder)}
+           "test_subset": prof.full_subset, "folder": str(folder), "points": [p.key() for p in points]}
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved["points"]
-    model = load_model(folder, prof.accelerator)
     loader = full_test_loader(model.cfg, prof)
-    points = points_fn(model)
     print(f"[rate] evaluating {name}: {len(points)} point(s) on {len(loader.dataset)} test images", flush=True)
     results = evaluate_points(model, loader, points)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,10 @@ def run(profile: str, out: Path) -> dict:
         if rec is None or not rec["complete"]:
             print(f"[rate] {name} has not run (its suite adds it): no point for it")
             continue
+        res = _cached_points(out, name, rec["dir"] / "checkpoint", prof,
+                             lambda m: [Point(m.budget if m.budget < m.channels else None, d) for d in QUANTIZED
+                                        if d != m.cfg.dtype_up])  # the as-trained dtype is its own point below
+        add("other runs' final models, quantised uplink", rec["label"], res)
         if rec["full_test"]:
             last = rec["full_test"][-1]
             cfg = rec["summary"]["config"]
@@ -150,7 +156,7 @@ def run(profile: str, out: Path) -> dict:
     styles = {}
     for i, series in enumerate(dict.fromkeys(p["series"] for p in points)):
         styles[series] = plots.COLORS[i % len(plots.COLORS)]
-    markers = {"fp32": "s", "fp16": "o", "int8": "^"}
+    markers = {"fp32": "s", "fp16": "o", "int8": "^", "int4": "v"}
     for k, ax in enumerate(axes):
         for series, color in styles.items():
             own = [p for p in points if p["series"] == series]
@@ -172,7 +178,7 @@ def run(profile: str, out: Path) -> dict:
         ax.set_xlabel("uplink bytes per sample (measured messages, log)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_title(f"all points ({samples} test images); square fp32, circle fp16, triangle int8", fontsize=9)
+    axes[0].set_title(f"all points ({samples} test images); square fp32, circle fp16, triangles int8 / int4", fontsize=9)
     axes[1].set_title("zoom: within 6 points of sl", fontsize=9)
     axes[1].set_ylim(100 * sl_fp32["accuracy"] - 6, 100 * max(p["accuracy"] for p in points) + 1)
     axes[1].legend(fontsize=6.5, loc="lower right")

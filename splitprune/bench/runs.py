@@ -58,7 +58,7 @@ class Profile:
     topk: tuple[int, ...]         # top-k baseline: values kept per sample
     link_steps: int               # time-to-accuracy suite: training steps measured through the link
     lr_schedule: str = "constant" # the paper's constant lr, or "cosine" per phase (quick: short runs settle)
-    chain_dtypes: tuple[str, ...] = ("fp32", "fp16", "int8")  # dtypes the rate suite evaluates chain models at
+    chain_dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")  # dtypes the rate suite evaluates chain models at
     smoke: bool = False
 
     def settings(self) -> dict:
@@ -85,7 +85,7 @@ def get_profile(name: str) -> Profile:
         p = Profile("quick", "vgg11_bn_compact", train_subset=2500, curve_subset=1000, full_subset=None, full_last=2,
                     epochs=4, prune_epochs=2, chain_subset=1000, finetune_epochs=2, threads=2, accelerator="cpu",
                     test_batch_size=256, topk=(8, 32, 512), link_steps=30, lr_schedule="cosine",
-                    chain_dtypes=("fp16", "int8"))
+                    chain_dtypes=("int8", "int4"))
     elif name == "paper":
         p = Profile("paper", "vgg11_bn", train_subset=4000, curve_subset=2000, full_subset=None, full_last=3,
                     epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=2000, finetune_epochs=3, threads=2,
@@ -97,7 +97,7 @@ def get_profile(name: str) -> Profile:
         p = replace(p, model="vgg11_bn_compact", train_subset=48, curve_subset=32, full_subset=64,
                     full_last=1, epochs=2, prune_epochs=2, chain_subset=16, finetune_epochs=1, threads=1,
                     accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True,
-                    chain_dtypes=("fp16", "int8"))
+                    chain_dtypes=("int8", "int4"))
     n, e, t = (_env_int(f"SPLITPRUNE_BENCH_{k}") for k in ("TRAIN_SUBSET", "EPOCHS", "THREADS"))
     if n:
         p = replace(p, train_subset=n, chain_subset=max(n // 2, 16))
