@@ -176,3 +176,17 @@ def test_stopped_run_is_read_from_its_results_without_weights(smoke, root, tmp_p
         sum(r["test_accuracy"] for r in record["rows"][-3:]) / len(record["rows"][-3:]))
     from splitprune.bench.report import partial_note
     assert "stopped" in partial_note(record)
+
+
+def test_document_includes_are_refreshed_from_the_suite_files(tmp_path):
+    from splitprune.bench.document import update
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "t.md").write_text("| a |\n|---|\n| 2 |\n")
+    doc = tmp_path / "B.md"
+    doc.write_text("intro\n<!-- include: r/t.md -->\n| a |\n|---|\n| 1 |\n<!-- end include -->\nafter\n")
+    assert update(doc) == ["r/t.md"]
+    assert doc.read_text() == "intro\n<!-- include: r/t.md -->\n| a |\n|---|\n| 2 |\n<!-- end include -->\nafter\n"
+    (tmp_path / "r" / "t.md").unlink()
+    with pytest.raises(SystemExit, match="does not exist"):
+        update(doc)
