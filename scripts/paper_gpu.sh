@@ -120,9 +120,11 @@ SUITE_LEFT=$(( START + TOTAL_S - $(date +%s) - 10 ))
 SPLITPRUNE_BENCH_NO_TRAIN=1 timeout -s INT -k 10 "$(( SUITE_LEFT > 20 ? SUITE_LEFT : 20 ))" \
   $PYTHON -m splitprune.bench.runs --profile paper --out "$ROOT" --suite deprune prune resolution rate \
   >> "$LOG" 2>&1
-log "reports done (exit $?)"
+REPORTS_RC=$?
+log "reports done (exit $REPORTS_RC)"
 
 cat "$ROOT"/*/*.md > "$OUT/paper_summary.md" 2>/dev/null
 tar czf "$OUT/paper_results.tar.gz" --exclude=checkpoint --exclude='checkpoint.*' --exclude=models \
   -C "$WORK" bench_results/paper
 log "wrote $OUT/paper_results.tar.gz ($(du -h "$OUT/paper_results.tar.gz" | cut -f1)), total $(( $(date +%s) - START ))s"
+exit "$REPORTS_RC"  # what finished is packaged either way; a failed report still fails the script
