@@ -63,9 +63,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def wire_lr_scale(scale: float) -> float:
-    """The scale as the float32 field carries it, so both halves step with the very same lr."""
-    return float(torch.tensor(scale, dtype=torch.float32))
+def as_float32(value: float) -> float:
+    """A value as a protobuf float field carries it, so both halves step with the very same lr."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def check_lr_scale(scale: float) -> float:
@@ -196,7 +196,7 @@ class DeviceWorker:
                     use_budget_loss: bool) -> None:
         self.budget, self.use_budget_loss = budget, use_budget_loss
         self.optimizer = optimizer.build(self.half)
-        self.phase_lr = float(torch.tensor(optimizer.lr, dtype=torch.float32))  # as the server receives it
+        self.phase_lr = as_float32(optimizer.lr)
         req = pb.PhaseRequest(phase=phase, budget=budget or self.channels, lr=optimizer.lr,
                               momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
         reply = parse_message(pb.PhaseReply, link.start_phase(req.SerializeToString()))
@@ -220,7 +220,7 @@ class DeviceWorker:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0) -> StepStats:
         """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step."""
         assert self.optimizer is not None, "start_phase first"
-        lr_scale = wire_lr_scale(lr_scale)
+        lr_scale = as_float32(lr_scale)
         self.step_id += 1
         self.half.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -244,7 +244,7 @@ class DeviceWorker:
                                        self.budget_eps, self.budget_delta))
             grads.append(torch.ones((), device=self.accelerator))
         torch.autograd.backward(tensors, grads)
-        set_lr(self.optimizer, self.phase_lr * check_lr_scale(lr_scale))
+        set_lr(self.optimizer, self.phase_lr * lr_scale)  # a scale the server refused never gets here
         self.optimizer.step()
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
 
