@@ -30,8 +30,9 @@ AS_TRAINED = ["ca4", "ca_same_i8", "ca1_i8", "deprune16_i8", "ca4_r2"]
 TARGET_BYTES = 32
 
 
-def _cached_points(out: Path, name: str, folder: Path, prof, points_fn) -> list[dict]:
-    """Evaluate a model's points once; cached under rate/evals/ keyed by the checkpoint and the test set."""
+def _cached_points(out: Path, name: str, folder: Path, prof, plan: tuple, points_fn) -> list[dict]:
+    """Evaluate a model's points once; cached under rate/evals/ keyed by the checkpoint, the test set and
+    `plan` (what decides the points), so a cache hit loads no model."""
     cache = out / "evals" / f"{name}.json"
     if not (Path(folder) / "meta.json").exists() and cache.exists():
         return json.loads(cache.read_text())["points"]  # results copied without weights: keep what was measured
@@ -39,14 +40,14 @@ def _cached_points(out: Path, name: str, folder: Path, prof, points_fn) -> list[
         print(f"[rate] {name}: no trained model at {folder} (stopped before its first epoch?): left out")
         return []
     meta = read_meta(folder)
-    model = load_model(folder, prof.accelerator)
-    points = points_fn(model)
     key = {"fingerprint": meta.get("fingerprint"), "epoch": meta.get("progress", {}).get("epoch"),
-           "test_subset": prof.full_subset, "folder": str(folder), "points": [p.key() for p in points]}
+           "test_subset": prof.full_subset, "folder": str(folder), "plan": json.loads(json.dumps(plan))}
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved["points"]
+    model = load_model(folder, prof.accelerator)
+    points = points_fn(model)
     loader = full_test_loader(model.cfg, prof)
     print(f"[rate] evaluating {name}: {len(points)} point(s) on {len(loader.dataset)} test images", flush=True)
     results = evaluate_points(model, loader, points)
@@ -80,7 +81,7 @@ def run(profile: str, out: Path) -> dict:
         reference = wire_reference(model, train)  # known to both sides, like the model's weights
         return [Point(None, d) for d in DTYPES] + [Point(topk=TopKCodec(k, reference)) for k in prof.topk]
 
-    sl_results = _cached_points(out, "sl", sl_dir, prof, sl_points)
+    sl_results = _cached_points(out, "sl", sl_dir, prof, (DTYPES, prof.topk), sl_points)
     for r in sl_results:
         if r["topk"]:
             add("top-k values of the sl model (fp16 + uint16 index)", "sl", [r])
@@ -88,15 +89,15 @@ def run(profile: str, out: Path) -> dict:
             add(f"sl model, all channels ({r['dtype']})", "sl", [r])
     for b in CHAIN:
         folder = records["chain"]["dir"] / "models" / f"budget_{b}"  # a stopped chain lacks the last ones
-        res = _cached_points(out, f"chain_B{b}", folder, prof, lambda m, b=b: [Point(b, d) for d in prof.chain_dtypes])
+        res = _cached_points(out, f"chain_B{b}", folder, prof, prof.chain_dtypes, lambda m, b=b: [Point(b, d) for d in prof.chain_dtypes])
         for r in res:
             add(f"prune chain from sl ({r['dtype']})", f"chain B={b}", [r])
     if "random2" in records:
-        res = _cached_points(out, "random2", records["random2"]["dir"] / "checkpoint", prof,
+        res = _cached_points(out, "random2", records["random2"]["dir"] / "checkpoint", prof, DTYPES,
                              lambda m: [Point(2, d) for d in DTYPES])
         add("random 2 fixed channels (no gate)", "random2", res)
     if "bottleneck2" in records:
-        res = _cached_points(out, "bottleneck2", records["bottleneck2"]["dir"] / "checkpoint", prof,
+        res = _cached_points(out, "bottleneck2", records["bottleneck2"]["dir"] / "checkpoint", prof, DTYPES,
                              lambda m: [Point(None, d) for d in DTYPES])
         add("narrow bottleneck, 2 channels (no gate)", "bottleneck2", res)
     specs = plan(prof)
@@ -105,7 +106,7 @@ def run(profile: str, out: Path) -> dict:
         if rec is None or not rec["complete"]:
             print(f"[rate] {name} has not run (its suite adds it): no point for it")
             continue
-        res = _cached_points(out, name, rec["dir"] / "checkpoint", prof,
+        res = _cached_points(out, name, rec["dir"] / "checkpoint", prof, QUANTIZED,
                              lambda m: [Point(m.budget if m.budget < m.channels else None, d) for d in QUANTIZED
                                         if d != m.cfg.dtype_up])  # the as-trained dtype is its own point below
         add("other runs' final models, quantised uplink", rec["label"], res)
