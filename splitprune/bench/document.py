@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m splitprune.bench.document BENCHMARKS.md", file=sys.stderr)
         return 2
+    if not Path(args[0]).is_file():
+        print(f"{args[0]} is not a file", file=sys.stderr)
+        return 2
     for path in update(Path(args[0])):
         print(f"included {path}")
     return 0
