@@ -25,37 +25,41 @@ _sym_db = _symbol_database.Default()
 from splitprune.proto import splitprune_pb2 as splitprune_dot_proto_dot_splitprune__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitprune/proto/service.proto\x12\rsplitprune.v1\x1a!splitprune/proto/splitprune.proto\"\x97\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0bin_channels\x18\x06 \x01(\r\x12\x12\n\nwire_shape\x18\x07 \x03(\r\x12&\n\x08\x64type_up\x18\x08 \x01(\x0e\x32\x14.splitprune.v1.DType\x12(\n\ndtype_down\x18\t \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x12\n\nmax_budget\x18\n \x01(\r\x12\x13\n\x0b\x66resh_start\x18\x0b \x01(\x08\"\xdb\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nwire_shape\x18\x04 \x03(\r\x12\x14\n\x0clast_step_id\x18\x05 \x01(\x04\x12\r\n\x05phase\x18\x06 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x18\n\x10\x61ttached_clients\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\x04\"\xc6\x01\n\rClientMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.splitprune.v1.HelloH\x00\x12,\n\x05phase\x18\x02 \x01(\x0b\x32\x1b.splitprune.v1.PhaseRequestH\x00\x12,\n\x05train\x18\x03 \x01(\x0b\x32\x1b.splitprune.v1.TrainRequestH\x00\x12*\n\x04\x65val\x18\x04 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequestH\x00\x42\x06\n\x04\x62ody\"\xc4\x01\n\rServerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.splitprune.v1.WelcomeH\x00\x12*\n\x05phase\x18\x02 \x01(\x0b\x32\x19.splitprune.v1.PhaseReplyH\x00\x12*\n\x05train\x18\x03 \x01(\x0b\x32\x19.splitprune.v1.TrainReplyH\x00\x12(\n\x04\x65val\x18\x04 \x01(\x0b\x32\x18.splitprune.v1.EvalReplyH\x00\x42\x06\n\x04\x62ody\">\n\x11\x46\x65tchStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"x\n\nStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tunchanged\x18\x06 \x01(\x08\"V\n\x0ePushStateReply\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x04 \x01(\x04\"&\n\x0f\x44\x65scribeRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\xfa\x01\n\rDescribeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0bin_channels\x18\x05 \x01(\r\x12\x12\n\nwire_shape\x18\x06 \x03(\r\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x18\n\x10\x61ttached_clients\x18\x0b \x01(\r\"]\n\x0cInferRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequest\"G\n\nInferReply\x12&\n\x04\x65val\x18\x01 \x01(\x0b\x32\x18.splitprune.v1.EvalReply\x12\x11\n\tserver_ms\x18\x02 \x01(\x02*\x93\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_MESSAGE\x10\x01\x12\x11\n\rBAD_HANDSHAKE\x10\x02\x12\x14\n\x10VERSION_MISMATCH\x10\x03\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x04\x12\x0e\n\nBAD_TENSOR\x10\x05\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x06\x12\x15\n\x11STEP_OUT_OF_ORDER\x10\x07\x12\x0c\n\x08NO_PHASE\x10\x08\x12\x11\n\rUNKNOWN_MODEL\x10\t\x12\x13\n\x0fUNKNOWN_SESSION\x10\n\x12\x13\n\x0fREAD_ONLY_MODEL\x10\x0b\x12\r\n\tBAD_STATE\x10\x0c\x12\x19\n\x15UNAUTHENTICATED_TOKEN\x10\r\x12\x15\n\x11TOO_MANY_SESSIONS\x10\x0e\x12\r\n\tTOO_LARGE\x10\x0f\x12\x11\n\rSHUTTING_DOWN\x10\x10\x12\x14\n\x10SESSION_REPLACED\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x32\xf6\x02\n\nSplitPrune\x12G\n\x05Train\x12\x1c.splitprune.v1.ClientMessage\x1a\x1c.splitprune.v1.ServerMessage(\x01\x30\x01\x12K\n\nFetchState\x12 .splitprune.v1.FetchStateRequest\x1a\x19.splitprune.v1.StateChunk0\x01\x12G\n\tPushState\x12\x19.splitprune.v1.StateChunk\x1a\x1d.splitprune.v1.PushStateReply(\x01\x12H\n\x08\x44\x65scribe\x12\x1e.splitprune.v1.DescribeRequest\x1a\x1c.splitprune.v1.DescribeReply\x12?\n\x05Infer\x12\x1b.splitprune.v1.InferRequest\x1a\x19.splitprune.v1.InferReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitprune/proto/service.proto\x12\rsplitprune.v1\x1a!splitprune/proto/splitprune.proto\"\xcc\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0bin_channels\x18\x06 \x01(\r\x12\x12\n\nwire_shape\x18\x07 \x03(\r\x12&\n\x08\x64type_up\x18\x08 \x01(\x0e\x32\x14.splitprune.v1.DType\x12(\n\ndtype_down\x18\t \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x12\n\nmax_budget\x18\n \x01(\r\x12\x13\n\x0b\x66resh_start\x18\x0b \x01(\x08\x12\x16\n\x0eresume_step_id\x18\x0c \x01(\x04\x12\x1b\n\x13resume_state_sha256\x18\r \x01(\t\"\xf1\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nwire_shape\x18\x04 \x03(\r\x12\x14\n\x0clast_step_id\x18\x05 \x01(\x04\x12\r\n\x05phase\x18\x06 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x18\n\x10\x61ttached_clients\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x0b \x01(\t\"\xfe\x01\n\rClientMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.splitprune.v1.HelloH\x00\x12,\n\x05phase\x18\x02 \x01(\x0b\x32\x1b.splitprune.v1.PhaseRequestH\x00\x12,\n\x05train\x18\x03 \x01(\x0b\x32\x1b.splitprune.v1.TrainRequestH\x00\x12*\n\x04\x65val\x18\x04 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequestH\x00\x12\x36\n\ncheckpoint\x18\x05 \x01(\x0b\x32 .splitprune.v1.CheckpointRequestH\x00\x42\x06\n\x04\x62ody\"\xfa\x01\n\rServerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.splitprune.v1.WelcomeH\x00\x12*\n\x05phase\x18\x02 \x01(\x0b\x32\x19.splitprune.v1.PhaseReplyH\x00\x12*\n\x05train\x18\x03 \x01(\x0b\x32\x19.splitprune.v1.TrainReplyH\x00\x12(\n\x04\x65val\x18\x04 \x01(\x0b\x32\x18.splitprune.v1.EvalReplyH\x00\x12\x34\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.splitprune.v1.CheckpointReplyH\x00\x42\x06\n\x04\x62ody\"$\n\x11\x43heckpointRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\"^\n\x0f\x43heckpointReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x03 \x01(\t\x12\x13\n\x0bstate_bytes\x18\x04 \x01(\x04\">\n\x11\x46\x65tchStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"x\n\nStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tunchanged\x18\x06 \x01(\x08\"V\n\x0ePushStateReply\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x04 \x01(\x04\"&\n\x0f\x44\x65scribeRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\xfa\x01\n\rDescribeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0bin_channels\x18\x05 \x01(\r\x12\x12\n\nwire_shape\x18\x06 \x03(\r\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x18\n\x10\x61ttached_clients\x18\x0b \x01(\r\"]\n\x0cInferRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequest\"G\n\nInferReply\x12&\n\x04\x65val\x18\x01 \x01(\x0b\x32\x18.splitprune.v1.EvalReply\x12\x11\n\tserver_ms\x18\x02 \x01(\x02*\xa6\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_MESSAGE\x10\x01\x12\x11\n\rBAD_HANDSHAKE\x10\x02\x12\x14\n\x10VERSION_MISMATCH\x10\x03\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x04\x12\x0e\n\nBAD_TENSOR\x10\x05\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x06\x12\x15\n\x11STEP_OUT_OF_ORDER\x10\x07\x12\x0c\n\x08NO_PHASE\x10\x08\x12\x11\n\rUNKNOWN_MODEL\x10\t\x12\x13\n\x0fUNKNOWN_SESSION\x10\n\x12\x13\n\x0fREAD_ONLY_MODEL\x10\x0b\x12\r\n\tBAD_STATE\x10\x0c\x12\x19\n\x15UNAUTHENTICATED_TOKEN\x10\r\x12\x15\n\x11TOO_MANY_SESSIONS\x10\x0e\x12\r\n\tTOO_LARGE\x10\x0f\x12\x11\n\rSHUTTING_DOWN\x10\x10\x12\x14\n\x10SESSION_REPLACED\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x12\x11\n\rNO_CHECKPOINT\x10\x13\x32\xf6\x02\n\nSplitPrune\x12G\n\x05Train\x12\x1c.splitprune.v1.ClientMessage\x1a\x1c.splitprune.v1.ServerMessage(\x01\x30\x01\x12K\n\nFetchState\x12 .splitprune.v1.FetchStateRequest\x1a\x19.splitprune.v1.StateChunk0\x01\x12G\n\tPushState\x12\x19.splitprune.v1.StateChunk\x1a\x1d.splitprune.v1.PushStateReply(\x01\x12H\n\x08\x44\x65scribe\x12\x1e.splitprune.v1.DescribeRequest\x1a\x1c.splitprune.v1.DescribeReply\x12?\n\x05Infer\x12\x1b.splitprune.v1.InferRequest\x1a\x19.splitprune.v1.InferReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitprune.proto.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORREASON']._serialized_start=1724
-  _globals['_ERRORREASON']._serialized_end=2127
+  _globals['_ERRORREASON']._serialized_start=2043
+  _globals['_ERRORREASON']._serialized_end=2465
   _globals['_HELLO']._serialized_start=85
-  _globals['_HELLO']._serialized_end=364
-  _globals['_WELCOME']._serialized_start=367
-  _globals['_WELCOME']._serialized_end=586
-  _globals['_CLIENTMESSAGE']._serialized_start=589
-  _globals['_CLIENTMESSAGE']._serialized_end=787
-  _globals['_SERVERMESSAGE']._serialized_start=790
-  _globals['_SERVERMESSAGE']._serialized_end=986
-  _globals['_FETCHSTATEREQUEST']._serialized_start=988
-  _globals['_FETCHSTATEREQUEST']._serialized_end=1050
-  _globals['_STATECHUNK']._serialized_start=1052
-  _globals['_STATECHUNK']._serialized_end=1172
-  _globals['_PUSHSTATEREPLY']._serialized_start=1174
-  _globals['_PUSHSTATEREPLY']._serialized_end=1260
-  _globals['_DESCRIBEREQUEST']._serialized_start=1262
-  _globals['_DESCRIBEREQUEST']._serialized_end=1300
-  _globals['_DESCRIBEREPLY']._serialized_start=1303
-  _globals['_DESCRIBEREPLY']._serialized_end=1553
-  _globals['_INFERREQUEST']._serialized_start=1555
-  _globals['_INFERREQUEST']._serialized_end=1648
-  _globals['_INFERREPLY']._serialized_start=1650
-  _globals['_INFERREPLY']._serialized_end=1721
-  _globals['_SPLITPRUNE']._serialized_start=2130
-  _globals['_SPLITPRUNE']._serialized_end=2504
+  _globals['_HELLO']._serialized_end=417
+  _globals['_WELCOME']._serialized_start=420
+  _globals['_WELCOME']._serialized_end=661
+  _globals['_CLIENTMESSAGE']._serialized_start=664
+  _globals['_CLIENTMESSAGE']._serialized_end=918
+  _globals['_SERVERMESSAGE']._serialized_start=921
+  _globals['_SERVERMESSAGE']._serialized_end=1171
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1173
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1209
+  _globals['_CHECKPOINTREPLY']._serialized_start=1211
+  _globals['_CHECKPOINTREPLY']._serialized_end=1305
+  _globals['_FETCHSTATEREQUEST']._serialized_start=1307
+  _globals['_FETCHSTATEREQUEST']._serialized_end=1369
+  _globals['_STATECHUNK']._serialized_start=1371
+  _globals['_STATECHUNK']._serialized_end=1491
+  _globals['_PUSHSTATEREPLY']._serialized_start=1493
+  _globals['_PUSHSTATEREPLY']._serialized_end=1579
+  _globals['_DESCRIBEREQUEST']._serialized_start=1581
+  _globals['_DESCRIBEREQUEST']._serialized_end=1619
+  _globals['_DESCRIBEREPLY']._serialized_start=1622
+  _globals['_DESCRIBEREPLY']._serialized_end=1872
+  _globals['_INFERREQUEST']._serialized_start=1874
+  _globals['_INFERREQUEST']._serialized_end=1967
+  _globals['_INFERREPLY']._serialized_start=1969
+  _globals['_INFERREPLY']._serialized_end=2040
+  _globals['_SPLITPRUNE']._serialized_start=2468
+  _globals['_SPLITPRUNE']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)

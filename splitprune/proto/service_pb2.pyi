@@ -29,6 +29,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SHUTTING_DOWN: _ClassVar[ErrorReason]
     SESSION_REPLACED: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
+    NO_CHECKPOINT: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 BAD_MESSAGE: ErrorReason
 BAD_HANDSHAKE: ErrorReason
@@ -48,9 +49,10 @@ TOO_LARGE: ErrorReason
 SHUTTING_DOWN: ErrorReason
 SESSION_REPLACED: ErrorReason
 INTERNAL_ERROR: ErrorReason
+NO_CHECKPOINT: ErrorReason
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "client_id", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "dtype_up", "dtype_down", "max_budget", "fresh_start")
+    __slots__ = ("protocol_version", "client_id", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "dtype_up", "dtype_down", "max_budget", "fresh_start", "resume_step_id", "resume_state_sha256")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +64,8 @@ class Hello(_message.Message):
     DTYPE_DOWN_FIELD_NUMBER: _ClassVar[int]
     MAX_BUDGET_FIELD_NUMBER: _ClassVar[int]
     FRESH_START_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_id: str
     fingerprint: str
@@ -73,10 +77,12 @@ class Hello(_message.Message):
     dtype_down: _splitprune_pb2.DType
     max_budget: int
     fresh_start: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., dtype_up: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., dtype_down: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., max_budget: _Optional[int] = ..., fresh_start: _Optional[bool] = ...) -> None: ...
+    resume_step_id: int
+    resume_state_sha256: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., dtype_up: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., dtype_down: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., max_budget: _Optional[int] = ..., fresh_start: _Optional[bool] = ..., resume_step_id: _Optional[int] = ..., resume_state_sha256: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "fingerprint", "wire_shape", "last_step_id", "phase", "budget", "attached_clients", "max_message_bytes", "version")
+    __slots__ = ("protocol_version", "session_id", "fingerprint", "wire_shape", "last_step_id", "phase", "budget", "attached_clients", "max_message_bytes", "version", "state_sha256")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +93,7 @@ class Welcome(_message.Message):
     ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: str
     fingerprint: str
@@ -97,31 +104,54 @@ class Welcome(_message.Message):
     attached_clients: int
     max_message_bytes: int
     version: int
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., wire_shape: _Optional[_Iterable[int]] = ..., last_step_id: _Optional[int] = ..., phase: _Optional[int] = ..., budget: _Optional[int] = ..., attached_clients: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    state_sha256: str
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., wire_shape: _Optional[_Iterable[int]] = ..., last_step_id: _Optional[int] = ..., phase: _Optional[int] = ..., budget: _Optional[int] = ..., attached_clients: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[int] = ..., state_sha256: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("hello", "phase", "train", "eval")
+    __slots__ = ("hello", "phase", "train", "eval", "checkpoint")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     phase: _splitprune_pb2.PhaseRequest
     train: _splitprune_pb2.TrainRequest
     eval: _splitprune_pb2.EvalRequest
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseRequest, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainRequest, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalRequest, _Mapping]] = ...) -> None: ...
+    checkpoint: CheckpointRequest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseRequest, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainRequest, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalRequest, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "phase", "train", "eval")
+    __slots__ = ("welcome", "phase", "train", "eval", "checkpoint")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     phase: _splitprune_pb2.PhaseReply
     train: _splitprune_pb2.TrainReply
     eval: _splitprune_pb2.EvalReply
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseReply, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainReply, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ...) -> None: ...
+    checkpoint: CheckpointReply
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseReply, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainReply, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointReply, _Mapping]] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("step_id",)
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    def __init__(self, step_id: _Optional[int] = ...) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("step_id", "version", "state_sha256", "state_bytes")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    version: int
+    state_sha256: str
+    state_bytes: int
+    def __init__(self, step_id: _Optional[int] = ..., version: _Optional[int] = ..., state_sha256: _Optional[str] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchStateRequest(_message.Message):
     __slots__ = ("session_id", "known_version")
