@@ -18,7 +18,7 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.proto import service_pb2_grpc
 from splitprune.training.trainer import Trainer
 from splitprune.transport.client import InferenceClient, RemoteError, connect, make_hello
-from splitprune.transport.protocol import (DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
+from splitprune.transport.protocol import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
                                            PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_to_bytes, unframe,
                                            weights_digest)
 from splitprune.transport.server import start_server
@@ -250,12 +250,18 @@ BAD_STEPS = {
     "labels missing": (train_bytes(labels=[3]), "BAD_TENSOR"),
     "eval NaN": (frame(EVAL, pb.EvalRequest(request_id=1, activations=_tensor(
         data=np.full((2, 4, 4, 4), np.nan, dtype="<f2").tobytes())).SerializeToString()), "BAD_TENSOR"),
-    "phase over budget": (frame(PHASE, pb.PhaseRequest(phase=1, budget=513, lr=0.1).SerializeToString()),
+    "phase over budget": (frame(PHASE, pb.PhaseRequest(phase=0, budget=513, lr=0.1).SerializeToString()),
                           "BUDGET_EXCEEDED"),
+    "phase not in the schedule": (frame(PHASE, pb.PhaseRequest(phase=1, budget=4, lr=0.1).SerializeToString()),
+                                  "BAD_MESSAGE"),
+    "phase 2^31": (frame(PHASE, pb.PhaseRequest(phase=1 << 31, budget=4, lr=0.1).SerializeToString()), "BAD_MESSAGE"),
+    "step id 2^63": (train_bytes(step_id=1 << 63), "BAD_MESSAGE"),
+    "checkpoint step id 2^63": (frame(CHECKPOINT, spb.CheckpointRequest(step_id=1 << 63).SerializeToString()),
+                                "BAD_MESSAGE"),
     "lr scale above 1": (train_bytes(lr_scale=1.5), "BAD_MESSAGE"),
     "negative lr scale": (train_bytes(lr_scale=-0.1), "BAD_MESSAGE"),
     "NaN lr scale": (train_bytes(lr_scale=float("nan")), "BAD_MESSAGE"),
-    "phase NaN lr": (frame(PHASE, pb.PhaseRequest(phase=1, budget=4, lr=float("nan")).SerializeToString()),
+    "phase NaN lr": (frame(PHASE, pb.PhaseRequest(phase=0, budget=4, lr=float("nan")).SerializeToString()),
                      "BAD_MESSAGE"),
 }
 

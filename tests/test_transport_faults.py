@@ -66,7 +66,7 @@ def test_eight_concurrent_training_clients_share_one_server_half(tmp_path):
     try:
         cfg = config()
         endpoints = [connect(cfg, handle.address, out=str(tmp_path / f"c{i}")) for i in range(8)]
-        assert handle.servicer.attached() == 8
+        assert handle.service.attached() == 8
         with pytest.raises(RemoteError) as info:  # the ninth is over the limit
             connect(cfg, handle.address, client_id="ninth", fresh_start=False)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -87,8 +87,8 @@ def test_eight_concurrent_training_clients_share_one_server_half(tmp_path):
             e.close()
         assert not errors, errors
         assert len(summaries) == 8 and all(s["epochs"] == 1 for s in summaries.values())
-        half = handle.servicer.halves[cfg.fingerprint()]
-        assert handle.servicer.counters["steps"] == 8 * 2  # 32 images / batch 16, each applied once
+        half = handle.service.halves[cfg.fingerprint()]
+        assert handle.service.counters["steps"] == 8 * 2  # 32 images / batch 16, each applied once
         assert len(half.clients) == 8 and all(r.last_step >= 2 for r in half.clients.values())
         assert all(bool(torch.isfinite(p).all()) for p in half.worker.half.parameters())
         assert all(s["transport"]["steps"]["wire_bytes_up"] > 0 for s in summaries.values())
@@ -112,9 +112,9 @@ def test_stalled_and_dead_clients_do_not_block_others(tmp_path):
         endpoint.close()
         assert summary["epochs"] == 1 and time.monotonic() - start < 60
         deadline = time.monotonic() + 10
-        while handle.servicer.attached() and time.monotonic() < deadline:
+        while handle.service.attached() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert handle.servicer.attached() == 0  # the stalled session was dropped after its idle timeout
+        assert handle.service.attached() == 0  # the stalled session was dropped after its idle timeout
         with pytest.raises(grpc.RpcError):
             stalled.exchange(frame(TRAIN, b""))
         stalled.close()
@@ -142,7 +142,7 @@ def test_client_disconnecting_mid_step_leaves_the_model_consistent():
         first = RawStream(handle.address)
         first.exchange(frame(HELLO, make_hello(cfg, "flaky", True, 10, 1).SerializeToString()))
         first.exchange(frame(PHASE, phase.SerializeToString()))
-        half = handle.servicer.halves[cfg.fingerprint()]
+        half = handle.service.halves[cfg.fingerprint()]
         entered, finished = threading.Event(), threading.Event()
         original = half.worker.train
 
@@ -160,7 +160,7 @@ def test_client_disconnecting_mid_step_leaves_the_model_consistent():
         first.close()  # the client vanishes while the server is inside the step
         assert finished.wait(30)
         deadline = time.monotonic() + 10
-        while handle.servicer.attached() and time.monotonic() < deadline:
+        while handle.service.attached() and time.monotonic() < deadline:
             time.sleep(0.05)
         half.worker.train = original
         state = half.worker.half.state_dict()
@@ -280,18 +280,18 @@ def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path
     reply2 = stream.exchange(step(2))
     stream.close()
     first.stop(grace=0.5)
-    weights = {k: v.clone() for k, v in first.servicer.halves[cfg.fingerprint()].worker.half.state_dict().items()}
+    weights = {k: v.clone() for k, v in first.service.halves[cfg.fingerprint()].worker.half.state_dict().items()}
 
     second = start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
     try:
-        half = second.servicer.halves[cfg.fingerprint()]
+        half = second.service.halves[cfg.fingerprint()]
         assert all(torch.equal(half.worker.half.state_dict()[k], v) for k, v in weights.items())
         stream = RawStream(second.address)
         welcome = spb.Welcome.FromString(unframe(stream.exchange(hello(False)))[1])
         assert welcome.last_step_id == 2 and welcome.phase == 0
         assert stream.exchange(step(2)) == reply2  # from the saved reply, not applied again
         assert all(torch.equal(half.worker.half.state_dict()[k], v) for k, v in weights.items())
-        assert second.servicer.counters["retried_steps"] == 1
+        assert second.service.counters["retried_steps"] == 1
         assert unframe(stream.exchange(step(3)))[0] == TRAIN
         stream.close()
     finally:

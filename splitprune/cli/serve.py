@@ -9,7 +9,7 @@ import sys
 import threading
 
 from splitprune.errors import UserError
-from splitprune.transport.protocol import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+from splitprune.transport.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -19,12 +19,15 @@ def add_parser(subparsers, name: str) -> None:
             "with the same config share one server half; inference clients (`splitprune infer --server`) use "
             "a half trained here or one given with --model. With --checkpoint, state is saved atomically "
             "every --save-every seconds and on SIGTERM / Ctrl-C, and loaded again on start, so clients "
-            "resume where they were. Binds to loopback unless --listen says otherwise."),
+            "resume where they were; the checkpoints clients ask for at epoch ends are kept there too "
+            "(without --checkpoint: in a temporary folder, for as long as the server runs). "
+            "Binds to loopback unless --listen says otherwise."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", metavar="HOST:PORT",
                    help="address to listen on (port 0 picks a free one; 0.0.0.0 exposes it to the network)")
     p.add_argument("--checkpoint", metavar="DIR", help="folder for the server's state: resumed on start, "
-                                                       "saved periodically and on shutdown")
+                                                       "saved periodically and on shutdown, and the clients' "
+                                                       "server-side checkpoints")
     p.add_argument("--model", action="append", default=[], metavar="CKPT",
                    help="also host this trained checkpoint (a `splitprune train` run or checkpoint folder) "
                         "for inference; repeatable")
@@ -37,7 +40,13 @@ def add_parser(subparsers, name: str) -> None:
                    help="where the server halves compute (the wire is the same)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent training sessions")
     p.add_argument("--max-models", type=int, default=8, help="server halves (distinct configs) hosted at once")
-    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest message accepted, in MiB")
+    p.add_argument("--max-message-mb", type=float, default=None,
+                   help="largest message accepted, in MiB (default: 64 MiB + 64 KiB, the largest tensor the codec "
+                        "writes plus its envelope)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch one request may carry (default: what fits --max-request-mb, at most 4096)")
+    p.add_argument("--max-request-mb", type=float, default=256.0,
+                   help="memory one request may make the server allocate, in MiB (sizes the default --max-batch)")
     p.add_argument("--save-every", type=float, default=60.0, metavar="S", help="seconds between periodic saves")
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
                    help="drop training streams silent for this long (clients reconnect when they come back)")
@@ -55,10 +64,14 @@ def _positive(name: str, value: float) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE
     from splitprune.transport.server import start_server
 
-    for name in ("max_sessions", "max_models", "max_message_mb", "save_every", "idle_timeout", "keepalive"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("max_sessions", "max_models", "max_message_mb", "max_batch", "max_request_mb", "save_every",
+                 "idle_timeout", "keepalive"):
+        if getattr(args, name) is not None:
+            _positive("--" + name.replace("_", "-"), getattr(args, name))
+    max_message = DEFAULT_MAX_MESSAGE if args.max_message_mb is None else int(args.max_message_mb * 1024 * 1024)
     if args.threads is not None:
         _positive("--threads", args.threads)
         torch.set_num_threads(args.threads)
@@ -68,18 +81,17 @@ def run(args: argparse.Namespace) -> int:
     handle = start_server(args.listen, checkpoint=args.checkpoint, models=tuple(args.model), token=token,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           max_sessions=args.max_sessions, max_halves=args.max_models,
-                          max_message=int(args.max_message_mb * 1024 * 1024), keepalive_s=args.keepalive,
+                          max_message=max_message, max_batch=args.max_batch,
+                          request_memory=int(args.max_request_mb * 1024 * 1024), keepalive_s=args.keepalive,
                           idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
                           accelerator=args.accelerator)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     security = ("mutual TLS" if args.tls_client_ca else "TLS") if handle.tls else "plaintext"
-    if token and not handle.tls and handle.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("splitprune.serve").warning("the token travels in clear text: use TLS off loopback")
-    hosted = len(handle.servicer.halves)
+    hosted = len(handle.service.halves)
     print(f"splitprune serve: listening on {handle.address} ({security}, "
           f"{'token required' if token else 'no token'}; {hosted} model(s) hosted"
-          f"{', state in ' + args.checkpoint if args.checkpoint else ''})", flush=True)
+          f"{', state in ' + args.checkpoint if args.checkpoint else ', state kept while it runs'})", flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -88,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         handle.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    c = handle.servicer.counters
+    c = handle.service.counters
     print(f"splitprune serve: stopped after {c['steps']} training steps ({c['retried_steps']} retries answered "
-          f"from memory), {c['infer']} inference requests, {c['sessions']} sessions, {c['errors']} refused calls",
+          f"from memory), {c['checkpoints']} checkpoints, {c['infer']} inference requests, {c['sessions']} sessions, {c['errors']} refused calls",
           flush=True)
     return 0

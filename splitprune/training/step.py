@@ -7,7 +7,6 @@ the gRPC client in splitprune.transport is the same Link over a real network.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
@@ -17,11 +16,12 @@ from google.protobuf.message import Message
 
 from splitprune.compression import (ChannelCodec, TensorSpec, budget_loss, channel_mask, decode_labels,
                                     decode_tensor, encode_labels, keep_channels, reset_gate, select_top_b)
-from splitprune.compression.codec import MAX_MESSAGE_BYTES
+from splitprune.compression.codec import MAX_MESSAGE_BYTES, Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf
 from splitprune.training.rng import RngStream
+from splitprune.transport.errors import BadMessage, BadTensor, BudgetExceeded, NoPhase
 
 M = TypeVar("M", bound=Message)
 
@@ -71,15 +71,35 @@ def as_float32(value: float) -> float:
 def check_lr_scale(scale: float) -> float:
     """A TrainRequest's lr_scale as a factor: 0 (unset) means 1; outside [0, 1] is refused."""
     if not math.isfinite(scale) or not 0.0 <= scale <= 1.0:
-        raise ProtocolError(f"lr_scale {scale} is outside [0, 1]")
+        raise BadMessage(f"lr_scale {scale} is outside [0, 1]")
     return scale or 1.0
+
+
+def check_phase(req: pb.PhaseRequest, channels: int) -> int:
+    """A PhaseRequest's settings; returns its budget (0 = all channels)."""
+    for name in ("lr", "momentum", "weight_decay"):
+        value = getattr(req, name)
+        if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+            kind = "positive" if name == "lr" else "non-negative"
+            raise BadMessage(f"phase {name} must be a finite {kind} number, got {value}")
+    if req.budget > channels:
+        raise BudgetExceeded(f"budget {req.budget} exceeds the {channels} channels at the cut")
+    return req.budget or channels
+
+
+def check_kept(t: pb.EncodedTensor, budget: int | None) -> None:
+    """At most `budget` channels (None: any), read from the header before anything is decoded."""
+    k = len(t.channels) // 2 if t.channels else (int(t.shape[1]) if len(t.shape) == 4 else 0)
+    if budget is not None and k > budget:
+        raise BudgetExceeded(f"{k} channels sent but the budget is {budget}")
 
 
 class ServerWorker:
     """The server part: decodes activations, runs decoder + server layers, returns encoded gradients.
 
-    It never sees device parameters or the budget term; updates are applied one at a time under a lock,
-    so several devices may share one server half.
+    It never sees device parameters or the budget term. Every rule of a request is checked here, once,
+    before anything is decoded or computed; `dtype` and `max_kept` narrow them for one network session.
+    It holds no lock: the network server applies updates of a shared half one at a time under its own.
     """
 
     def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
@@ -89,7 +109,6 @@ class ServerWorker:
         self.codec = codec_down
         self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
         self.rng = RngStream(seed + 1)
-        self.lock = threading.Lock()
         self.optimizer: torch.optim.SGD | None = None
         self.phase_lr = 0.0
         self.budget: int | None = None
@@ -100,23 +119,32 @@ class ServerWorker:
         return next(self.half.parameters()).device
 
     def start_phase(self, req: pb.PhaseRequest) -> pb.PhaseReply:
-        budget = req.budget or self.spec.channels
-        if budget > self.spec.channels:
-            raise ProtocolError(f"budget {budget} exceeds the {self.spec.channels} channels at the cut")
-        with self.lock:
-            self.optimizer = OptimizerSettings(req.lr, req.momentum, req.weight_decay).build(self.half)
-            self.phase_lr, self.budget, self.phase = req.lr, budget, req.phase
+        budget = check_phase(req, self.spec.channels)
+        self.optimizer = OptimizerSettings(req.lr, req.momentum, req.weight_decay).build(self.half)
+        self.phase_lr, self.budget, self.phase = req.lr, budget, req.phase
         return pb.PhaseReply(phase=req.phase)
 
-    def train(self, req: pb.TrainRequest) -> pb.TrainReply:
+    def _decode(self, t: pb.EncodedTensor, dtype: int | None, budget: int | None) -> Decoded:
+        check_kept(t, budget)
+        spec = self.spec if dtype is None else replace(self.spec, dtypes=(dtype,))
+        try:
+            return decode_tensor(t, spec)
+        except ProtocolError as exc:
+            raise BadTensor(str(exc)) from None
+
+    def train(self, req: pb.TrainRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.TrainReply:
         if self.optimizer is None:
-            raise ProtocolError("no training phase started: send a PhaseRequest first")
+            raise NoPhase("no training phase started: send a PhaseRequest first")
         lr_scale = check_lr_scale(req.lr_scale)
-        received = decode_tensor(req.activations, replace(self.spec, max_kept=self.budget))
-        labels = decode_labels(req.labels, received.values.shape[0], self.num_classes).to(self.accelerator)
-        received = received.to(self.accelerator)
+        budget = self.budget if max_kept is None else min(max_kept, self.budget or max_kept)
+        received = self._decode(req.activations, dtype, budget)
+        try:
+            labels = decode_labels(req.labels, received.values.shape[0], self.num_classes)
+        except ProtocolError as exc:
+            raise BadTensor(str(exc)) from None
+        labels, received = labels.to(self.accelerator), received.to(self.accelerator)
         partial = received.channels.numel() < received.num_channels
-        with self.lock, self.rng.active():
+        with self.rng.active():
             self.half.train()
             compact = received.values.requires_grad_()
             logits = self.half(received.dense() if partial else compact)
@@ -132,10 +160,9 @@ class ServerWorker:
         return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
 
     @torch.no_grad()
-    def evaluate(self, req: pb.EvalRequest) -> pb.EvalReply:
-        received = decode_tensor(req.activations, self.spec)
-        received = received.to(self.accelerator)
-        with self.lock, self.rng.active():
+    def evaluate(self, req: pb.EvalRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.EvalReply:
+        received = self._decode(req.activations, dtype, max_kept).to(self.accelerator)
+        with self.rng.active():
             self.half.eval()
             logits = self.half(received.dense())
         return pb.EvalReply(request_id=req.request_id, predictions=encode_labels(logits.argmax(1)))

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from splitprune.errors import UserError
 
-__all__ = ["parse_hostport", "format_hostport"]
+__all__ = ["parse_hostport", "format_hostport", "DEFAULT_HOST", "DEFAULT_PORT", "TOKEN_ENV"]
+
+# Here, not in protocol.py, so that the CLI builds its parsers without importing torch.
+DEFAULT_HOST = "127.0.0.1"   # the server binds to loopback unless told otherwise
+DEFAULT_PORT = 50515
+TOKEN_ENV = "SPLITPRUNE_TOKEN"  # where the bearer token is read from when no --token is given
 
 
 def parse_hostport(s: str, default_host: str | None = None) -> tuple[str, int]:

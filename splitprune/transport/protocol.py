@@ -20,6 +20,8 @@ from splitprune.compression.codec import MAX_MESSAGE_BYTES
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.transport.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV  # noqa: F401 (re-exported)
+from splitprune.transport.errors import BadState, TooLarge
 
 PROTOCOL_VERSION = 1
 SERVICE = "splitprune.v1.SplitPrune"
@@ -29,11 +31,8 @@ PUSH_STATE_METHOD = f"/{SERVICE}/PushState"
 DESCRIBE_METHOD = f"/{SERVICE}/Describe"
 INFER_METHOD = f"/{SERVICE}/Infer"
 
-DEFAULT_HOST = "127.0.0.1"   # the server binds to loopback unless told otherwise
-DEFAULT_PORT = 50515
 AUTH_KEY = "authorization"    # metadata: "Bearer <token>"
 ERROR_KEY = "splitprune-error"  # trailing metadata: an ErrorReason name
-TOKEN_ENV = "SPLITPRUNE_TOKEN"
 
 # The largest step message is MAX_MESSAGE_BYTES (the codec's limit); the envelope adds a few bytes.
 DEFAULT_MAX_MESSAGE = MAX_MESSAGE_BYTES + 64 * 1024
@@ -44,7 +43,8 @@ HELLO = WELCOME = 1
 PHASE = 2
 TRAIN = 3
 EVAL = 4
-KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval"}
+CHECKPOINT = 5
+KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval", CHECKPOINT: "checkpoint"}
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -162,16 +162,18 @@ def join_chunks(chunks: Iterable[spb.StateChunk], limit: int) -> tuple[spb.State
         if first is None:
             first = c
             if c.total_bytes > limit:
-                raise ProtocolError(f"state of {c.total_bytes} bytes exceeds the limit of {limit}")
+                raise TooLarge(f"state of {c.total_bytes} bytes exceeds the limit of {limit}")
         size += len(c.data)
-        if size > limit or (first.total_bytes and size > first.total_bytes):
-            raise ProtocolError(f"state larger than announced ({first.total_bytes} bytes) or than the limit {limit}")
+        if size > limit:
+            raise TooLarge(f"state larger than the limit of {limit} bytes")
+        if first.total_bytes and size > first.total_bytes:
+            raise BadState(f"state larger than announced ({first.total_bytes} bytes)")
         parts.append(c.data)
     if first is None:
-        raise ProtocolError("empty state transfer")
+        raise BadState("empty state transfer")
     data = b"".join(parts)
     if not first.unchanged and len(data) != first.total_bytes:
-        raise ProtocolError(f"state transfer ended after {len(data)} of {first.total_bytes} bytes")
+        raise BadState(f"state transfer ended after {len(data)} of {first.total_bytes} bytes")
     return first, data
 
 

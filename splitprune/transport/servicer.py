@@ -1,0 +1,165 @@
+"""The gRPC servicer, protocol-unaware: authenticate, parse, dispatch, and map typed refusals to status codes.
+
+Handlers get raw bytes (no gRPC (de)serializers), so malformed input gets a clear status. The token is
+checked by an interceptor when a call starts, from its metadata alone: a refused call's body is never
+read or parsed. Refusals are logged at a bounded rate.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Callable, Iterator
+
+import grpc
+
+from splitprune.errors import ProtocolError
+from splitprune.proto import service_pb2 as spb
+from splitprune.transport import transfer
+from splitprune.transport.errors import BadTensor, Refusal, SessionReplaced, Unauthenticated
+from splitprune.transport.protocol import AUTH_KEY, ERROR_KEY, SERVICE
+from splitprune.transport.service import SplitService
+from splitprune.transport.validation import parse
+
+log = logging.getLogger("splitprune.serve")
+
+
+class RefusalLog:
+    """At most `burst` refused calls logged per `period_s`; the rest are counted in one line."""
+
+    def __init__(self, burst: int = 20, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.period_s, self.clock = burst, period_s, clock
+        self._lock = threading.Lock()
+        self._start, self._logged, self._quiet = clock(), 0, 0
+
+    def __call__(self, what: str, peer: str, refusal: Refusal) -> None:
+        with self._lock:
+            now = self.clock()
+            if now - self._start >= self.period_s:
+                if self._quiet:
+                    log.warning("%d more refused calls in the last %.0f s were not logged", self._quiet,
+                                now - self._start)
+                self._start, self._logged, self._quiet = now, 0, 0
+            if self._logged >= self.burst:
+                self._quiet += 1
+                return
+            self._logged += 1
+        log.info("%s from %s refused: %s %s: %s", what, peer, refusal.status, refusal.reason, refusal)
+
+
+def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, refusal.reason),))
+    context.abort(grpc.StatusCode[refusal.status], str(refusal))
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses a call without the bearer token before any of its body is read."""
+
+    def __init__(self, token: str, on_refusal: Callable[[str, str, Refusal], None]) -> None:
+        self.expected = f"Bearer {token}".encode()
+        self.on_refusal = on_refusal
+
+    def intercept_service(self, continuation, handler_call_details):
+        given = dict(handler_call_details.invocation_metadata or ()).get(AUTH_KEY)
+        if given is not None and hmac.compare_digest(given.encode(), self.expected):
+            return continuation(handler_call_details)
+        refusal = Unauthenticated("this server requires a bearer token" if given is None else "wrong bearer token")
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def deny(_requests, context):  # a streaming handler never asks for the request's message
+            self.on_refusal(method, context.peer(), refusal)
+            _abort(context, refusal)
+
+        return grpc.stream_unary_rpc_method_handler(deny)
+
+
+class Servicer:
+    """The five methods of splitprune.v1.SplitPrune over a SplitService."""
+
+    def __init__(self, service: SplitService, refusals: RefusalLog) -> None:
+        self.service = service
+        self.refusals = refusals
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "Train": grpc.stream_stream_rpc_method_handler(self.Train),
+            "FetchState": grpc.unary_stream_rpc_method_handler(self.FetchState),
+            "PushState": grpc.stream_unary_rpc_method_handler(self.PushState),
+            "Describe": grpc.unary_unary_rpc_method_handler(self.Describe),
+            "Infer": grpc.unary_unary_rpc_method_handler(self.Infer),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+    def _fail(self, context: grpc.ServicerContext, exc: BaseException, what: str) -> None:
+        """Turn any exception into a status; the server itself goes on."""
+        if isinstance(exc, Refusal):
+            refusal = exc
+        elif isinstance(exc, ProtocolError):  # the codec's rules: a bad tensor
+            refusal = BadTensor(str(exc))
+        else:
+            log.exception("internal error in %s from %s", what, context.peer())
+            self.service.count("errors")
+            context.set_trailing_metadata(((ERROR_KEY, spb.ErrorReason.Name(spb.INTERNAL_ERROR)),))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {exc!r}")
+            return
+        self.service.count("errors")
+        self.refusals(what, context.peer(), refusal)
+        _abort(context, refusal)
+
+    def Train(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        session = None
+        try:
+            first = next(requests, None)
+            if first is None:
+                return
+            session, welcome = self.service.open(parse(spb.ClientMessage, first), context.peer(), context.cancel)
+            yield welcome
+            for data in requests:
+                session.touch()
+                session.busy = True
+                try:
+                    out = self.service.handle(session, parse(spb.ClientMessage, data))
+                finally:
+                    session.busy = False
+                yield out
+                session.touch()
+        except grpc.RpcError:
+            pass  # the client went away (cancelled, disconnected): nothing to answer
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+            if session is not None and session.replaced:
+                exc = SessionReplaced("a newer stream of this client took over")
+            self._fail(context, exc, "Train")
+        finally:
+            if session is not None:
+                self.service.close(session)
+
+    def FetchState(self, data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            for chunk in transfer.fetch_state(self.service, parse(spb.FetchStateRequest, data)):
+                yield chunk.SerializeToString()
+        except grpc.RpcError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            self._fail(context, exc, "FetchState")
+
+    def PushState(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        try:
+            chunks = (parse(spb.StateChunk, c) for c in requests)
+            return transfer.push_state(self.service, chunks).SerializeToString()
+        except grpc.RpcError:
+            return b""
+        except Exception as exc:  # noqa: BLE001
+            self._fail(context, exc, "PushState")
+
+    def Describe(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return transfer.describe(self.service, parse(spb.DescribeRequest, data)).SerializeToString()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(context, exc, "Describe")
+
+    def Infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return transfer.infer(self.service, parse(spb.InferRequest, data)).SerializeToString()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(context, exc, "Infer")
