@@ -1,5 +1,6 @@
 """Many clients and faults on a real loopback server: 8 concurrent trainers, a stalled and a dead client,
 a client disconnecting mid-step, a server restarted with SIGTERM (resume) and one killed outright."""
+import hashlib
 import queue
 import socket
 import threading
@@ -16,7 +17,8 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.training.setup import build_workers
 from splitprune.training.trainer import Trainer
 from splitprune.transport.client import RemoteError, connect, make_hello
-from splitprune.transport.protocol import HELLO, PHASE, TRAIN, TRAIN_METHOD, frame, unframe
+from splitprune.transport.protocol import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, HELLO, PHASE, TRAIN, TRAIN_METHOD,
+                                           frame, unframe)
 from splitprune.transport.server import start_server
 from splitprune.transport.testing import ServerProcess, free_port
 
@@ -296,3 +298,250 @@ def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path
         stream.close()
     finally:
         second.stop(grace=0.5)
+
+
+# ---------------------------------------------------------------- server-side checkpoints (raw protocol)
+def _step(i, n=8, codec="fp16", channels=(0, 2, 4, 6)):
+    from splitprune.compression import ChannelCodec, encode_labels
+
+    values = torch.randn(n, len(channels), 4, 4, generator=torch.Generator().manual_seed(i))
+    tensor = ChannelCodec(codec).encode(values, torch.tensor(channels), 512)
+    return frame(TRAIN, pb.TrainRequest(step_id=i, activations=tensor, labels=encode_labels(torch.arange(n) % 10))
+                 .SerializeToString())
+
+
+def _checkpoint(stream, step_id):
+    kind, body = unframe(stream.exchange(frame(CHECKPOINT, spb.CheckpointRequest(step_id=step_id).SerializeToString())))
+    assert kind == CHECKPOINT
+    return spb.CheckpointReply.FromString(body)
+
+
+def _hello(cfg, client_id, fresh=False, resume=0, sha=""):
+    hello = make_hello(cfg, client_id, fresh, 10, 1)
+    hello.resume_step_id, hello.resume_state_sha256 = resume, sha
+    return frame(HELLO, hello.SerializeToString())
+
+
+def _welcome(stream, hello):
+    kind, body = unframe(stream.exchange(hello))
+    assert kind == HELLO
+    return spb.Welcome.FromString(body)
+
+
+def _refusal(address, messages):
+    stream = RawStream(address, timeout=30)
+    try:
+        for m in messages:
+            stream.exchange(m)
+    except grpc.RpcError as exc:
+        return exc.code(), dict(exc.trailing_metadata() or ()).get(ERROR_KEY), exc.details()
+    finally:
+        stream.close()
+    raise AssertionError("not refused")
+
+
+PHASE_0 = frame(PHASE, pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.9, weight_decay=5e-4).SerializeToString())
+
+
+def test_server_side_checkpoint_resumes_exactly_after_a_client_and_a_server_crash(tmp_path):
+    cfg = config(seed=31, momentum=0.9)
+    port = free_port()
+    args = ("--checkpoint", str(tmp_path / "srv"), "--save-every", "1000")
+    server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+    try:
+        stream = RawStream(server.address)
+        assert _welcome(stream, _hello(cfg, "dev", fresh=True)).last_step_id == 0
+        stream.exchange(PHASE_0)
+        for i in (1, 2):
+            stream.exchange(_step(i))
+        saved = _checkpoint(stream, 2)
+        assert saved.step_id == 2 and saved.state_bytes > 0 and len(saved.state_sha256) == 64
+        files = list((tmp_path / "srv" / "checkpoints" / cfg.fingerprint()).rglob("2.safetensors"))
+        assert len(files) == 1 and hashlib.sha256(files[0].read_bytes()).hexdigest() == saved.state_sha256
+        expected = [stream.exchange(_step(i)) for i in (3, 4)]  # what the run does after its checkpoint
+        stream.close()
+
+        # the client crashes and comes back from its own checkpoint at step 2: same replies, bit for bit
+        again = RawStream(server.address)
+        welcome = _welcome(again, _hello(cfg, "dev", resume=2, sha=saved.state_sha256))
+        assert welcome.state_sha256 == saved.state_sha256 and welcome.last_step_id == 2 and welcome.phase == 0
+        again.exchange(PHASE_0)
+        assert [again.exchange(_step(i)) for i in (3, 4)] == expected
+        again.close()
+
+        server.kill()  # the server crashes: checkpoints were written when asked, not at shutdown
+        server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+        third = RawStream(server.address)
+        assert _welcome(third, _hello(cfg, "dev", resume=2, sha=saved.state_sha256)).state_sha256 == saved.state_sha256
+        third.exchange(PHASE_0)
+        assert [third.exchange(_step(i)) for i in (3, 4)] == expected
+        assert _checkpoint(third, 4).step_id == 4  # checkpoints at 4 and 6: the one at 2 is pruned
+        third.exchange(_step(5))
+        third.exchange(_step(6))
+        assert _checkpoint(third, 6).step_id == 6
+        with pytest.raises(grpc.RpcError) as stale:  # a checkpoint behind the steps already applied
+            _checkpoint(third, 5)
+        assert dict(stale.value.trailing_metadata())[ERROR_KEY] == "STEP_OUT_OF_ORDER"
+        third.close()
+
+        for resume, sha in ((2, saved.state_sha256), (3, ""), (4, "0" * 64)):
+            code, reason, details = _refusal(server.address, [_hello(cfg, "dev", resume=resume, sha=sha)])
+            assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_CHECKPOINT"), details
+            assert f"at step {resume}" in details
+        code, reason, _ = _refusal(server.address, [_hello(cfg, "dev", fresh=True, resume=4)])
+        assert reason == "BAD_HANDSHAKE"
+    finally:
+        server.stop()
+
+
+def test_checkpoints_without_a_folder_last_as_long_as_the_server(tmp_path):
+    cfg = config(seed=32)
+    handle = start_server("127.0.0.1:0")
+    try:
+        stream = RawStream(handle.address)
+        _welcome(stream, _hello(cfg, "tmp", fresh=True))
+        stream.exchange(PHASE_0)
+        stream.exchange(_step(1))
+        saved = _checkpoint(stream, 1)
+        expected = stream.exchange(_step(2))
+        # another client joins the half: a resume then keeps the shared half (no digest in the Welcome)
+        other = RawStream(handle.address)
+        _welcome(other, _hello(cfg, "other"))
+        stream.close()
+        shared = RawStream(handle.address)
+        welcome = _welcome(shared, _hello(cfg, "tmp", resume=1, sha=saved.state_sha256))
+        assert welcome.state_sha256 == "" and welcome.last_step_id == 1 and welcome.attached_clients == 2
+        shared.close()
+        other.close()
+        deadline = time.monotonic() + 10
+        while handle.service.attached() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alone = RawStream(handle.address)
+        assert _welcome(alone, _hello(cfg, "tmp", resume=1, sha=saved.state_sha256)).state_sha256 == saved.state_sha256
+        alone.exchange(PHASE_0)
+        assert alone.exchange(_step(2)) == expected
+        alone.close()
+        folder = handle.service.store.root
+        assert folder.is_dir()
+    finally:
+        handle.stop(grace=0.5)
+    assert not folder.exists()  # a temporary folder: gone with the server
+    code, reason, details = None, None, ""
+    handle = start_server("127.0.0.1:0")
+    try:
+        code, reason, details = _refusal(handle.address, [_hello(cfg, "tmp", resume=1, sha=saved.state_sha256)])
+    finally:
+        handle.stop(grace=0.5)
+    assert reason == "NO_CHECKPOINT" and "--checkpoint" in details
+
+
+# ---------------------------------------------------------------- hostile input: memory and authentication
+def _peak_rss(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
+def test_a_small_message_cannot_make_the_server_allocate_more_than_its_bound(tmp_path):
+    """serve --max-request-mb M: the largest batch is sized so that no request makes the server's peak
+    memory grow by M MiB or more; a sub-megabyte int4 message at that batch stays under it, and one
+    sample more is refused before anything is decoded."""
+    bound = 64 << 20
+    server = ServerProcess(free_port(), "--max-request-mb", "64", log_path=tmp_path / "serve.log").start()
+    cfg = config(seed=33, dtype_up="int4")
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            stream = RawStream(server.address)
+            _welcome(stream, _hello(cfg, "mem", fresh=True))
+            stream.exchange(PHASE_0)
+            stream.exchange(_step(1, n=16, codec="int4"))  # warm: model, optimizer buffers, allocator
+            info = spb.DescribeReply.FromString(ch.unary_unary(DESCRIBE_METHOD)(
+                spb.DescribeRequest(fingerprint=cfg.fingerprint()).SerializeToString(), timeout=30))
+            n = info.max_batch
+            assert 32 <= n <= 4096
+            base = _peak_rss(server.proc.pid)
+            small = _step(2, n=n, codec="int4", channels=(0,))
+            assert len(small) < 1 << 20
+            assert unframe(stream.exchange(small))[0] == TRAIN
+            grown = _peak_rss(server.proc.pid) - base
+            assert grown < bound, (grown, n)
+            with pytest.raises(grpc.RpcError) as refused:
+                stream.exchange(_step(3, n=n + 1, codec="int4", channels=(0,)))
+            assert dict(refused.value.trailing_metadata())[ERROR_KEY] == "BAD_TENSOR"
+            assert f"limit of {n}" in refused.value.details()
+            stream.close()
+        print(f"max batch {n}: peak RSS grew {grown / 2**20:.1f} MiB for a {len(small)}-byte message")
+    finally:
+        server.stop()
+
+
+def test_token_is_checked_before_any_message_is_read():
+    handle = start_server("127.0.0.1:0", token="secret")
+    try:
+        gate = threading.Event()
+
+        def never():  # the stream's first message is only sent after the verdict
+            gate.wait(30)
+            return
+            yield
+
+        with grpc.insecure_channel(handle.address) as ch:
+            call = ch.stream_stream(TRAIN_METHOD)(never(), timeout=20)
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                next(call)
+            gate.set()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() - start < 10
+            assert dict(refused.value.trailing_metadata())[ERROR_KEY] == "UNAUTHENTICATED_TOKEN"
+            # a unary call with a large body is refused without parsing it, with the same reason
+            with pytest.raises(grpc.RpcError) as big:
+                ch.unary_unary(DESCRIBE_METHOD)(b"\x0a" * (8 << 20), timeout=20)
+            assert big.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "pass --token" not in big.value.details()  # the client adds the hint, once
+        assert handle.service.counters["errors"] == 2
+    finally:
+        handle.stop(grace=0.5)
+
+
+def test_refused_calls_are_logged_at_a_bounded_rate(caplog):
+    from splitprune.transport.errors import BadMessage
+    from splitprune.transport.servicer import RefusalLog
+
+    now = [0.0]
+    refusals = RefusalLog(burst=5, period_s=60, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="splitprune.serve"):
+        for _ in range(1000):
+            refusals("Train", "peer", BadMessage("garbage"))
+        now[0] = 61.0
+        refusals("Train", "peer", BadMessage("garbage"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 7
+    assert "995 more refused calls" in lines[5]
+
+
+def test_serve_on_a_busy_port_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    handle = start_server("127.0.0.1:0")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "splitprune", "serve", "--listen", handle.address],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        handle.stop(grace=0.5)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "in use" in lines[0], proc.stderr
+
+
+def test_exposed_servers_warn():
+    from splitprune.transport.server import exposure_warnings
+
+    assert exposure_warnings("127.0.0.1", None, False) == []
+    both = exposure_warnings("0.0.0.0", None, False)
+    assert len(both) == 2 and "without a token" in both[0] and "without TLS" in both[1]
+    assert exposure_warnings("0.0.0.0", "t", True) == []
+    assert "the token" in exposure_warnings("10.0.0.1", "t", False)[0]
