@@ -148,11 +148,11 @@ def test_client_disconnecting_mid_step_leaves_the_model_consistent():
         entered, finished = threading.Event(), threading.Event()
         original = half.worker.train
 
-        def slow_train(req):
+        def slow_train(req, *session_limits):
             entered.set()
             time.sleep(0.5)
             try:
-                return original(req)
+                return original(req, *session_limits)
             finally:
                 finished.set()
 

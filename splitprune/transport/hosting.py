@@ -21,6 +21,7 @@ from splitprune.training.step import ServerWorker
 from splitprune.transport.errors import BadState
 from splitprune.transport.protocol import state_to_bytes, weights_digest
 
+MAX_CLIENT_RECORDS = 1024  # per half; the least recently used record of a detached client goes first
 DEFAULT_REQUEST_MEMORY = 256 * 1024 * 1024  # bytes one request may make the server allocate (serve --max-request-mb)
 BATCH_CEILING = 4096
 
@@ -105,6 +106,16 @@ class HostedHalf:
         self.clients.clear()
         self.phase_req = None
         self.version += 1
+
+    def record(self, client_id: str, keep: list[str] | tuple = ()) -> ClientRecord:
+        """This client's record, now the most recently used; the oldest records of clients not in `keep`
+        are forgotten beyond MAX_CLIENT_RECORDS (mutex held)."""
+        record = self.clients.pop(client_id, None) or ClientRecord()
+        if len(self.clients) >= MAX_CLIENT_RECORDS:
+            for old in [c for c in self.clients if c not in keep][:len(self.clients) + 1 - MAX_CLIENT_RECORDS]:
+                del self.clients[old]
+        self.clients[client_id] = record
+        return record
 
     def bump(self) -> None:
         self.version += 1

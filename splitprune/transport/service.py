@@ -128,6 +128,7 @@ class SplitService:
         restored = ""
         with half.mutex:
             self.check_draining()
+            self.sessions.check_room(half, hello.client_id)
             others = self.sessions.others(half, hello.client_id)
             if hello.resume_step_id:
                 restored = self._resume(half, hello, alone=not others)
@@ -136,7 +137,7 @@ class SplitService:
                     half.reset()
                     log.info("half %s re-initialised for a new run of %s", half.fingerprint, hello.client_id)
                 half.clients[hello.client_id] = ClientRecord()
-            record = half.clients.setdefault(hello.client_id, ClientRecord())
+            record = half.record(hello.client_id, keep=others)
             old = self.sessions.attach(session)
             welcome = spb.Welcome(
                 protocol_version=PROTOCOL_VERSION, session_id=session.id, fingerprint=half.fingerprint,
@@ -203,7 +204,7 @@ class SplitService:
         with half.mutex:
             self.check_draining()
             s.check_current()
-            record = half.clients.setdefault(s.client_id, ClientRecord())
+            record = half.record(s.client_id)
             retry = stored_reply(record, req.step_id, digest)
             if retry is not None:
                 self.count("retried_steps")
@@ -231,7 +232,7 @@ class SplitService:
         check_step_id(req.step_id)
         with half.mutex:
             self.check_draining()
-            record = half.clients.setdefault(s.client_id, ClientRecord())
+            record = half.record(s.client_id)
             if req.step_id < record.last_step:
                 raise StepOutOfOrder(f"checkpoint at step {req.step_id}, but this client's last applied step is "
                                      f"{record.last_step}")

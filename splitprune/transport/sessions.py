@@ -62,6 +62,11 @@ class SessionRegistry:
         with self.lock:
             return [c for c in self.by_half.get(half.fingerprint, {}) if c != client_id]
 
+    def check_room(self, half: HostedHalf, client_id: str) -> None:
+        with self.lock:
+            if client_id not in self.by_half.get(half.fingerprint, {}) and len(self.by_id) >= self.limit:
+                raise TooManySessions(f"the server is at its limit of {self.limit} training sessions")
+
     def attach(self, session: Session) -> Session | None:
         """Register a session; returns the older stream of the same client it replaces (to be cancelled)."""
         with self.lock:
