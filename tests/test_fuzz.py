@@ -43,7 +43,7 @@ def test_mutate_changes_exactly_one_field():
         assert len(differs) <= 1, (change, differs)
 
 
-@settings(max_examples=250, deadline=None, derandomize=True, database=None,
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_no_mutated_message_makes_the_server_fail(fuzzed, data):
@@ -58,7 +58,8 @@ def _strip(summary):
 
 def test_after_fuzzing_the_server_still_trains_exactly_as_a_fresh_one(fuzzed, tmp_path):
     handle, fuzzer = fuzzed
-    assert fuzzer.messages >= 250 and not fuzzer.failures
+    fuzzer.end_sessions()
+    assert fuzzer.messages >= 200 and not fuzzer.failures
     codes = dict(fuzzer.codes)
     assert codes.get("INVALID_ARGUMENT", 0) > 0 and codes.get("OK", 0) > 0, codes  # the cases do reach both
     cfg = make_config(CFG)

@@ -489,3 +489,43 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys, monkeypatch):
                "--server", f"127.0.0.1:{free_port()}", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot reach the server" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- typed refusals and server limits
+def test_every_error_reason_has_one_refusal_class():
+    from splitprune.transport.errors import REFUSALS
+
+    names = set(spb.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED", "INTERNAL_ERROR"}
+    assert set(REFUSALS) == names
+    for reason_name, cls in REFUSALS.items():
+        assert cls.reason == reason_name and hasattr(grpc.StatusCode, cls.status)
+
+
+def test_server_batch_limit_is_enforced_at_the_handshake_and_per_request():
+    handle = start_server("127.0.0.1:0", max_batch=20)
+    try:
+        _, exc = raw_stream(handle.address, [hello_bytes(small_config(), "b1", fresh=True)])  # test batches of 32
+        assert reason(exc) == "BAD_HANDSHAKE" and "--max-batch" in exc.details()
+        cfg = small_config(test_batch_size=16)
+        replies, exc = raw_stream(handle.address, [hello_bytes(cfg, "b2", fresh=True), PHASE0, train_bytes(1, n=20),
+                                                   train_bytes(2, n=21)])
+        assert len(replies) == 3 and reason(exc) == "BAD_TENSOR" and "limit of 20" in exc.details()
+        info = handle.service.halves[cfg.fingerprint()]
+        assert info.max_batch == 20
+    finally:
+        handle.stop(grace=0.5)
+
+
+def test_client_records_per_half_are_bounded(server):
+    from splitprune.transport import hosting
+
+    cfg = small_config(seed=77)
+    replies, exc = raw_stream(server.address, [hello_bytes(cfg, "keeper", fresh=True)])
+    assert exc is None
+    half = server.service.halves[cfg.fingerprint()]
+    with half.mutex:
+        for i in range(hosting.MAX_CLIENT_RECORDS + 10):
+            half.record(f"c{i}").last_step = i
+        assert len(half.clients) == hosting.MAX_CLIENT_RECORDS
+        assert "c0" not in half.clients and half.clients[f"c{hosting.MAX_CLIENT_RECORDS + 9}"].last_step > 0
+        half.clients.clear()

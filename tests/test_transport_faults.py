@@ -507,19 +507,21 @@ def test_token_is_checked_before_any_message_is_read():
 
 
 def test_refused_calls_are_logged_at_a_bounded_rate(caplog):
-    from splitprune.transport.errors import BadMessage
-    from splitprune.transport.servicer import RefusalLog
+    import logging
+
+    from splitprune.transport.ratelog import BoundedLog
 
     now = [0.0]
-    refusals = RefusalLog(burst=5, period_s=60, clock=lambda: now[0])
+    refusals = BoundedLog(logging.getLogger("splitprune.serve"), "refused calls", burst=5, period_s=60,
+                          clock=lambda: now[0])
     with caplog.at_level("INFO", logger="splitprune.serve"):
-        for _ in range(1000):
-            refusals("Train", "peer", BadMessage("garbage"))
+        for i in range(1000):
+            refusals("call %d refused", i)
         now[0] = 61.0
-        refusals("Train", "peer", BadMessage("garbage"))
+        refusals("call %d refused", 1000)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 7
-    assert "995 more refused calls" in lines[5]
+    assert len(lines) == 7 and lines[4] == "call 4 refused" and lines[6] == "call 1000 refused"
+    assert lines[5].startswith("995 more refused calls in the last 61 s")
 
 
 def test_serve_on_a_busy_port_is_one_clear_error(tmp_path):

@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -122,11 +123,29 @@ class Fuzzer:
         self.unary = {"describe": self.channel.unary_unary(DESCRIBE_METHOD),
                       "infer": self.channel.unary_unary(INFER_METHOD)}
         self.fetch = self.channel.unary_stream(FETCH_STATE_METHOD)
+        self.live: dict[str, _Session] = {}
         self.codes: Counter = Counter()
         self.failures: list[dict] = []
         self.messages = 0
 
+    def end_sessions(self, timeout_s: float = 30.0) -> None:
+        """Close every stream and wait until the server has none attached to the half."""
+        for client in list(self.live):
+            self._end(client)
+        from splitprune.proto import service_pb2 as spb
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = spb.DescribeReply.FromString(self.unary["describe"](
+                spb.DescribeRequest(fingerprint=self.cfg.fingerprint()).SerializeToString(),
+                metadata=self.metadata, timeout=30))
+            if info.attached_clients == 0:
+                return
+            time.sleep(0.05)
+
     def close(self) -> None:
+        for client in list(self.live):
+            self._end(client)
         self.channel.close()
 
     # ---------------------------------------------------------------- valid messages
@@ -157,11 +176,50 @@ class Fuzzer:
         return pb.TrainRequest(step_id=step_id, activations=self._tensor(), labels=encode_labels(torch.tensor([1, 7])))
 
     # ---------------------------------------------------------------- one case
-    def case(self, choose: Choose) -> tuple[str, str, str]:
-        """(kind, mutation, status name) of one mutated message."""
-        from splitprune.proto import pb
+    def _session(self, client: str) -> "_Session":
+        """This client's open stream (Hello and the valid phase sent), opened when it has none."""
         from splitprune.proto import service_pb2 as spb
         from splitprune.transport.protocol import frame, unframe
+
+        live = self.live.get(client)
+        if live is not None:
+            return live
+        stream = _Stream(self)
+        welcome = spb.Welcome.FromString(unframe(stream.exchange(frame(1, self._hello(client).SerializeToString())))[1])
+        if welcome.last_step_id >= 1 << 62:  # a mutated step id used this client's range up: start afresh
+            stream.close()
+            stream = _Stream(self)
+            welcome = spb.Welcome.FromString(unframe(stream.exchange(
+                frame(1, self._hello(client, fresh=True).SerializeToString())))[1])
+        stream.exchange(frame(2, self._phase().SerializeToString()))
+        self.live[client] = live = _Session(stream, welcome.session_id, welcome.version, welcome.last_step_id)
+        return live
+
+    def _end(self, client: str) -> None:
+        live = self.live.pop(client, None)
+        if live is not None:
+            live.stream.close()
+
+    def reset(self) -> None:
+        """Close every stream; a fresh start re-initialises the half (whatever the cases did to it)."""
+        from splitprune.transport.protocol import frame
+
+        for client in list(self.live):
+            self._end(client)
+        stream = _Stream(self)
+        try:
+            stream.exchange(frame(1, self._hello("fuzz-reset", fresh=True).SerializeToString()))
+        except _Refused:
+            pass
+        finally:
+            stream.close()
+
+    def case(self, choose: Choose) -> tuple[str, str, str]:
+        """(kind, mutation, status name) of one mutated message, sent on a live session of the client
+        (one is opened when needed; a refusal ends it, a mutated phase too, so the next one is valid)."""
+        from splitprune.proto import pb
+        from splitprune.proto import service_pb2 as spb
+        from splitprune.transport.protocol import frame
 
         kind = choose(KINDS)
         client = f"fuzz-{choose(range(self.clients))}"
@@ -171,46 +229,45 @@ class Fuzzer:
                 eval=pb.EvalRequest(request_id=1, activations=self._tensor()))
             change = mutate(msg, choose)
             return kind, change, self._unary(kind, msg.SerializeToString())
-        stream = _Stream(self)
+        change = ""
         try:
-            hello = self._hello(client)
-            change = mutate(hello, choose) if kind == "hello" else ""
-            welcome = spb.Welcome.FromString(unframe(stream.exchange(frame(1, hello.SerializeToString())))[1])
             if kind == "hello":
-                return kind, change, "OK"
-            if welcome.last_step_id >= 1 << 62:  # a mutated step id used this client's range up: start afresh
-                stream.close()
+                self._end(client)
+                hello = self._hello(client)
+                change = mutate(hello, choose)
                 stream = _Stream(self)
-                stream.exchange(frame(1, self._hello(client, fresh=True).SerializeToString()))
-                welcome.last_step_id = 0
-            phase = self._phase()
-            change = mutate(phase, choose) if kind == "phase" else ""
-            stream.exchange(frame(2, phase.SerializeToString()))
-            if kind == "phase":
+                try:
+                    stream.exchange(frame(1, hello.SerializeToString()))
+                finally:
+                    stream.close()
                 return kind, change, "OK"
+            live = self._session(client)
             if kind == "fetch":
-                req = spb.FetchStateRequest(session_id=welcome.session_id, known_version=welcome.version)
+                req = spb.FetchStateRequest(session_id=live.session_id, known_version=live.version)
                 change = mutate(req, choose)
-                if req.known_version != welcome.version and req.session_id == welcome.session_id:
-                    req.known_version = welcome.version  # a whole state transfer per case would be slow
+                if req.session_id == live.session_id:
+                    req.known_version = live.version  # a whole state transfer per case would be slow
                 return kind, change, self._fetch(req.SerializeToString())
-            step = welcome.last_step_id + 1
-            msg = {"train": self._train(step), "envelope": self._train(step),
+            step = live.last_step + 1
+            msg = {"phase": self._phase(), "train": self._train(step), "envelope": self._train(step),
                    "eval": pb.EvalRequest(request_id=step, activations=self._tensor()),
-                   "checkpoint": spb.CheckpointRequest(step_id=welcome.last_step_id)}[kind]
-            field = {"train": 3, "envelope": 3, "eval": 4, "checkpoint": 5}[kind]
+                   "checkpoint": spb.CheckpointRequest(step_id=live.last_step)}[kind]
+            field = {"phase": 2, "train": 3, "envelope": 3, "eval": 4, "checkpoint": 5}[kind]
             if kind == "envelope":
                 data = _bytes_variants(frame(field, msg.SerializeToString()), choose)
                 change = f"envelope of {len(data)} bytes"
             else:
                 change = mutate(msg, choose)
                 data = frame(field, msg.SerializeToString())
-            stream.exchange(data)
+            live.stream.exchange(data)
+            if kind == "phase":
+                self._end(client)
+            elif kind in ("train", "envelope"):
+                live.last_step = max(live.last_step, msg.step_id)
             return kind, change, "OK"
         except _Refused as refused:
+            self._end(client)
             return kind, change, refused.code
-        finally:
-            stream.close()
 
     def _unary(self, kind: str, data: bytes) -> str:
         import grpc
@@ -239,6 +296,14 @@ class Fuzzer:
         if code in FAILURES:
             self.failures.append({"kind": kind, "mutation": change, "status": code})
         return code
+
+
+@dataclass
+class _Session:
+    stream: "_Stream"
+    session_id: str
+    version: int
+    last_step: int
 
 
 class _Refused(Exception):
@@ -318,12 +383,15 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
                 crashed = f"server exited with {server.proc.returncode} after {i} cases"
                 break
             fuzzer.run(rng.choice)
+            if i % 500 == 499:
+                fuzzer.reset()
             if i == warmup or i % 1000 == 0 or i == messages - 1:
                 rss.append((i, round(time.monotonic() - start, 1), _rss(server.proc.pid)))
                 if i % 10_000 == 0:
                     print(f"  {i} cases, {fuzzer.messages} messages, server RSS {rss[-1][2] / 2**20:.0f} MiB, "
                           f"statuses {dict(fuzzer.codes)}", flush=True)
         fuzz_seconds = time.monotonic() - start
+        fuzzer.end_sessions()
         alive = server.proc.poll() is None
         with tempfile.TemporaryDirectory() as tmp:
             after = _train_summary(cfg, server.address, Path(tmp) / "fuzzed") if alive else None

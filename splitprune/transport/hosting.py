@@ -76,7 +76,6 @@ class HostedHalf:
         self.phase_req: pb.PhaseRequest | None = None
         self.version = 1
         self.saved_version = 0
-        self._state_cache: tuple[int, bytes] | None = None
         self._digest_cache: tuple[int, str] | None = None
         self._build()
 
@@ -135,10 +134,9 @@ class HostedHalf:
         return InProcessServer(self.worker).server_state()
 
     def state_bytes(self) -> tuple[int, bytes]:
-        """(version, the safetensors file of weights, optimizer buffers and random state)."""
-        if self._state_cache is None or self._state_cache[0] != self.version:
-            self._state_cache = (self.version, state_to_bytes(self.state_tensors()))
-        return self._state_cache
+        """(version, the safetensors file of weights, optimizer buffers and random state); not cached:
+        a hosted half holds no copy of its state between requests."""
+        return self.version, state_to_bytes(self.state_tensors())
 
     def digest(self) -> str:
         if self._digest_cache is None or self._digest_cache[0] != self.version:

@@ -113,7 +113,8 @@ def request_digest(req: pb.TrainRequest) -> bytes:
     """Content digest of a training step, to recognise a retried step (same id, same content)."""
     h = hashlib.sha256()
     act = req.activations
-    h.update(np.asarray([req.step_id, act.dtype, len(act.shape), *act.shape], dtype="<u8").tobytes())
+    dtype = act.dtype & 0xFFFFFFFFFFFFFFFF  # an open enum: a hostile peer may send a negative value
+    h.update(np.asarray([req.step_id, dtype, len(act.shape), *act.shape], dtype="<u8").tobytes())
     for part in (act.channels, act.scales, act.offsets, act.data, req.labels.data):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)

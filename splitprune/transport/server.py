@@ -22,7 +22,8 @@ from splitprune.transport.addresses import format_hostport, parse_hostport
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY
 from splitprune.transport.protocol import DEFAULT_HOST, DEFAULT_MAX_MESSAGE, server_credentials, server_options
 from splitprune.transport.service import ServeOptions, SplitService
-from splitprune.transport.servicer import RefusalLog, Servicer, TokenInterceptor
+from splitprune.transport.ratelog import BoundedLog
+from splitprune.transport.servicer import Servicer, TokenInterceptor, log_refusal
 
 log = logging.getLogger("splitprune.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -126,10 +127,14 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
     options = ServeOptions(checkpoint, tuple(models), max_sessions, max_halves, max_message, max_batch,
                            request_memory, idle_timeout_s, save_every_s, accelerator)
     service = SplitService(options)
-    refusals = RefusalLog()
+    refusals = BoundedLog(log, "refused calls")
+
+    def refused(what: str, peer: str, refusal) -> None:
+        service.count("errors")
+        log_refusal(refusals, what, peer, refusal)
+
     workers = max_sessions + 16
-    interceptors = (TokenInterceptor(token, lambda what, peer, r: (service.count("errors"), refusals(what, peer, r))),
-                    ) if token else ()
+    interceptors = (TokenInterceptor(token, refused),) if token else ()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitprune-rpc"),
                          handlers=(Servicer(service, refusals).handler(),), interceptors=interceptors,
                          options=server_options(max_message, keepalive_s), maximum_concurrent_rpcs=4 * workers)

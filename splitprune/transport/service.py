@@ -147,7 +147,7 @@ class SplitService:
         if old is not None:
             old.cancel()
         self.count("sessions")
-        log.info("session %s: client %s from %s on half %s (%d attached), last step %d%s", session.id[:8],
+        self.sessions.log("session %s: client %s from %s on half %s (%d attached), last step %d%s", session.id[:8],
                  hello.client_id, peer, half.fingerprint, welcome.attached_clients, record.last_step,
                  " (fresh start)" if hello.fresh_start else f" (resumed at step {hello.resume_step_id})"
                  if hello.resume_step_id else "")

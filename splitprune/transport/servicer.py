@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
-import time
 from typing import Callable, Iterator
 
 import grpc
@@ -19,33 +17,15 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.transport import transfer
 from splitprune.transport.errors import BadTensor, Refusal, SessionReplaced, Unauthenticated
 from splitprune.transport.protocol import AUTH_KEY, ERROR_KEY, SERVICE
+from splitprune.transport.ratelog import BoundedLog
 from splitprune.transport.service import SplitService
 from splitprune.transport.validation import parse
 
 log = logging.getLogger("splitprune.serve")
 
 
-class RefusalLog:
-    """At most `burst` refused calls logged per `period_s`; the rest are counted in one line."""
-
-    def __init__(self, burst: int = 20, period_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.burst, self.period_s, self.clock = burst, period_s, clock
-        self._lock = threading.Lock()
-        self._start, self._logged, self._quiet = clock(), 0, 0
-
-    def __call__(self, what: str, peer: str, refusal: Refusal) -> None:
-        with self._lock:
-            now = self.clock()
-            if now - self._start >= self.period_s:
-                if self._quiet:
-                    log.warning("%d more refused calls in the last %.0f s were not logged", self._quiet,
-                                now - self._start)
-                self._start, self._logged, self._quiet = now, 0, 0
-            if self._logged >= self.burst:
-                self._quiet += 1
-                return
-            self._logged += 1
-        log.info("%s from %s refused: %s %s: %s", what, peer, refusal.status, refusal.reason, refusal)
+def log_refusal(refusals: BoundedLog, what: str, peer: str, refusal: Refusal) -> None:
+    refusals("%s from %s refused: %s %s: %s", what, peer, refusal.status, refusal.reason, refusal)
 
 
 def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
@@ -77,7 +57,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
 class Servicer:
     """The five methods of splitprune.v1.SplitPrune over a SplitService."""
 
-    def __init__(self, service: SplitService, refusals: RefusalLog) -> None:
+    def __init__(self, service: SplitService, refusals: BoundedLog) -> None:
         self.service = service
         self.refusals = refusals
 
@@ -104,7 +84,7 @@ class Servicer:
             context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {exc!r}")
             return
         self.service.count("errors")
-        self.refusals(what, context.peer(), refusal)
+        log_refusal(self.refusals, what, context.peer(), refusal)
         _abort(context, refusal)
 
     def Train(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:

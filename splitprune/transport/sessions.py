@@ -11,6 +11,7 @@ from typing import Callable
 
 from splitprune.transport.errors import SessionReplaced, StepOutOfOrder, TooManySessions, UnknownSession
 from splitprune.transport.hosting import ClientRecord, HostedHalf
+from splitprune.transport.ratelog import BoundedLog
 
 log = logging.getLogger("splitprune.serve")
 
@@ -48,6 +49,7 @@ class SessionRegistry:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.log = BoundedLog(log, "session lines")  # a peer opening streams in a loop cannot flood the log
         self.lock = threading.Lock()
         self.by_id: dict[str, Session] = {}
         self.by_half: dict[str, dict[str, Session]] = {}
@@ -87,7 +89,7 @@ class SessionRegistry:
             if on_half.get(session.client_id) is session:
                 del on_half[session.client_id]
             self.by_id.pop(session.id, None)
-        log.info("session %s: client %s detached after %d steps", session.id[:8], session.client_id, session.steps)
+        self.log("session %s: client %s detached after %d steps", session.id[:8], session.client_id, session.steps)
 
     def get(self, session_id: str) -> Session:
         with self.lock:

@@ -22,8 +22,9 @@ log = logging.getLogger("splitprune.serve")
 def fetch_state(service: SplitService, req: spb.FetchStateRequest) -> Iterator[spb.StateChunk]:
     half = service.sessions.get(req.session_id).half
     with half.mutex:
-        version, blob = half.state_bytes()
-    if req.known_version == version:
+        unchanged = req.known_version == half.version
+        version, blob = (half.version, b"") if unchanged else half.state_bytes()
+    if unchanged:
         yield spb.StateChunk(version=version, unchanged=True)
         return
     yield from state_chunks(blob, spb.StateChunk(version=version), STATE_CHUNK)
