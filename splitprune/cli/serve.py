@@ -61,6 +61,24 @@ def _positive(name: str, value: float) -> None:
         raise UserError(f"{name} must be positive, got {value}")
 
 
+def _steady_allocator() -> None:
+    """glibc only: buffers of 1 MiB or more always come from (and go back to) the OS, in few arenas. By
+    default glibc raises that threshold after large frees and keeps one arena per thread, so a server
+    handling state transfers and varying batches on many threads keeps hundreds of MiB it no longer uses."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        mallopt(-8, 4)        # M_ARENA_MAX
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -75,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         _positive("--threads", args.threads)
         torch.set_num_threads(args.threads)
+    _steady_allocator()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)

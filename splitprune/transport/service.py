@@ -147,10 +147,10 @@ class SplitService:
         if old is not None:
             old.cancel()
         self.count("sessions")
+        how = " (fresh start)" if hello.fresh_start else (
+            f" (resumed at step {hello.resume_step_id})" if hello.resume_step_id else "")
         self.sessions.log("session %s: client %s from %s on half %s (%d attached), last step %d%s", session.id[:8],
-                 hello.client_id, peer, half.fingerprint, welcome.attached_clients, record.last_step,
-                 " (fresh start)" if hello.fresh_start else f" (resumed at step {hello.resume_step_id})"
-                 if hello.resume_step_id else "")
+                          hello.client_id, peer, half.fingerprint, welcome.attached_clients, record.last_step, how)
         return session, frame(WELCOME, welcome.SerializeToString())
 
     def _resume(self, half: HostedHalf, hello: spb.Hello, alone: bool) -> str:

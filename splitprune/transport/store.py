@@ -33,7 +33,8 @@ from splitprune.transport.validation import check_phase_number
 
 log = logging.getLogger("splitprune.serve")
 HALF_KIND = "splitprune-server-half/1"
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2          # per half and client
+KEEP_CHECKPOINT_CLIENTS = 64  # per half: the clients whose checkpoints were written longest ago go first
 _FP_RE = re.compile(r"^[0-9a-f]{16}$")
 _PHASE_FIELDS = ("phase", "budget", "lr", "momentum", "weight_decay")
 
@@ -157,6 +158,7 @@ class HalfStore:
                 "state_bytes": len(data), "phase": _phase_dict(half.phase_req)}
         _write_atomically(folder / f"{step_id}.json", json.dumps(meta, indent=2).encode())
         self._prune(folder)
+        self._prune_clients(folder.parent)
         return SavedCheckpoint(step_id, version, digest, len(data))
 
     @staticmethod
@@ -165,6 +167,12 @@ class HalfStore:
         for old in steps[:-KEEP_CHECKPOINTS]:
             for suffix in (".json", ".safetensors"):
                 (folder / f"{old}{suffix}").unlink(missing_ok=True)
+
+    @staticmethod
+    def _prune_clients(folder: Path) -> None:
+        clients = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for old in clients[:-KEEP_CHECKPOINT_CLIENTS]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def read_checkpoint(self, half: HostedHalf, client_id: str, step_id: int,
                         sha256: str) -> tuple[dict[str, torch.Tensor], pb.PhaseRequest | None, str] | None:
