@@ -412,6 +412,7 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
         "crashed": crashed, "server_exit_code": exit_code, "fuzz_seconds": round(fuzz_seconds, 1),
         "rss_after_warmup_mib": round(base[2] / 2**20, 1), "rss_end_mib": round(rss[-1][2] / 2**20, 1) if rss else None,
         "rss_growth_mib": round((rss[-1][2] - base[2]) / 2**20, 1) if rss else None,
+        "rss_max_growth_mib": round((max(r[2] for r in rss if r[0] >= base[0]) - base[2]) / 2**20, 1) if rss else None,
         "rss_samples": [{"case": i, "seconds": t, "rss_mib": round(b / 2**20, 1)} for i, t, b in rss],
         "training_after_fuzz_equals_fresh": after is not None and after == fresh,
         "targets": {"internal_errors": 0, "crashes": 0, "rss_growth_mib_under": 50},
@@ -419,7 +420,8 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
     (out / "fuzz.json").write_text(json.dumps(result, indent=2))
     print(f"fuzz: {result['cases']} cases ({result['messages']} messages) in {result['fuzz_seconds']} s: "
           f"{result['internal_errors']} INTERNAL, crashed: {crashed or 'no'}, server RSS "
-          f"{result['rss_after_warmup_mib']} -> {result['rss_end_mib']} MiB (+{result['rss_growth_mib']}), "
+          f"{result['rss_after_warmup_mib']} -> {result['rss_end_mib']} MiB (+{result['rss_growth_mib']}, at most "
+          f"+{result['rss_max_growth_mib']}), "
           f"training afterwards equals a fresh server: {result['training_after_fuzz_equals_fresh']}")
     return result
 
