@@ -292,6 +292,10 @@ def test_handshake_and_ordering_errors(server):
         ([hello_bytes(cfg, "h3", config_json="{not json")], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h4", config_json='{"no_such_option": 1}')], grpc.StatusCode.INVALID_ARGUMENT,
          "BAD_HANDSHAKE"),
+        ([hello_bytes(cfg, "h4a", config_json="[" * 100_000, fingerprint="")], grpc.StatusCode.INVALID_ARGUMENT,
+         "BAD_HANDSHAKE"),  # nested too deep to parse: a refusal, not an internal error
+        ([hello_bytes(cfg, "h4b", config_json="{" + " " * 70_000 + "}", fingerprint="")],
+         grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "bad id!")], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h5", dtype_up=pb.INT8)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h6", wire_shape=[256, 4, 4])], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
@@ -477,6 +481,8 @@ def test_serve_refuses_bad_flags(capsys):
     assert main(["serve", "--listen", "nonsense"]) == 2
     assert "bad address" in capsys.readouterr().err
     assert main(["serve", "--listen", "127.0.0.1:0", "--max-sessions", "0"]) == 2
+    assert main(["serve", "--listen", "127.0.0.1:0", "--max-batch", "0"]) == 2
+    assert main(["serve", "--listen", "127.0.0.1:0", "--max-request-mb", "-1"]) == 2
     assert main(["serve", "--listen", "127.0.0.1:0", "--model", "/no/such/checkpoint"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 

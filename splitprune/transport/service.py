@@ -85,7 +85,7 @@ class SplitService:
         with self.halves_lock:
             half = self.halves.get(fingerprint)
         if half is None:
-            raise UnknownModel(f"this server hosts no model with fingerprint {fingerprint!r}; "
+            raise UnknownModel(f"this server hosts no model with fingerprint {fingerprint[:32]!r}; "
                                "serve its checkpoint with `splitprune serve --model DIR`")
         return half
 

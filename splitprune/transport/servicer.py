@@ -28,9 +28,12 @@ def log_refusal(refusals: BoundedLog, what: str, peer: str, refusal: Refusal) ->
     refusals("%s from %s refused: %s %s: %s", what, peer, refusal.status, refusal.reason, refusal)
 
 
+MAX_DETAILS = 1000  # characters of a refusal's message: it may quote what a peer sent
+
+
 def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
     context.set_trailing_metadata(((ERROR_KEY, refusal.reason),))
-    context.abort(grpc.StatusCode[refusal.status], str(refusal))
+    context.abort(grpc.StatusCode[refusal.status], str(refusal)[:MAX_DETAILS])
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

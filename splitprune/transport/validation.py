@@ -24,6 +24,7 @@ from splitprune.transport.protocol import CLIENT_ID_RE, PROTOCOL_VERSION
 
 M = TypeVar("M", bound=Message)
 MAX_STEP_ID = (1 << 63) - 1  # step ids are saved as int64
+MAX_CONFIG_JSON = 64 * 1024  # a run configuration is about 1 KiB
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -43,9 +44,11 @@ def check_hello(hello: spb.Hello, max_message: int) -> RunConfig:
                               f"this server speaks version {PROTOCOL_VERSION}")
     if not CLIENT_ID_RE.match(hello.client_id):
         raise BadHandshake("client_id must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if len(hello.config_json) > MAX_CONFIG_JSON:
+        raise BadHandshake(f"config_json of {len(hello.config_json)} characters exceeds {MAX_CONFIG_JSON}")
     try:
         values = json.loads(hello.config_json)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BadHandshake(f"config_json is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise BadHandshake("config_json must be a JSON object")
@@ -55,7 +58,8 @@ def check_hello(hello: spb.Hello, max_message: int) -> RunConfig:
     except (UserError, TypeError, ValueError) as exc:
         raise BadHandshake(f"bad config: {exc}") from None
     if hello.fingerprint and fingerprint != hello.fingerprint:  # empty: the client lets the server compute it
-        raise FingerprintMismatch(f"fingerprint {hello.fingerprint!r} is not that of the config sent ({fingerprint})")
+        raise FingerprintMismatch(f"fingerprint {hello.fingerprint[:32]!r} is not that of the config sent "
+                                  f"({fingerprint})")
     if not 2 <= hello.num_classes <= 65535:
         raise BadHandshake(f"num_classes must be 2..65535, got {hello.num_classes}")
     if hello.in_channels not in (1, 3):
