@@ -236,7 +236,9 @@ class SplitService:
             if req.step_id < record.last_step:
                 raise StepOutOfOrder(f"checkpoint at step {req.step_id}, but this client's last applied step is "
                                      f"{record.last_step}")
-            saved = self.store.save_checkpoint(half, s.client_id, req.step_id)
+            version, data = half.state_bytes()
+            phase = half.phase_req
+        saved = self.store.save_checkpoint(half.fingerprint, s.client_id, req.step_id, version, data, phase)
         self.count("checkpoints")
         log.info("half %s: checkpoint of client %s at step %d (%d bytes)", half.fingerprint, s.client_id,
                  saved.step_id, saved.size)

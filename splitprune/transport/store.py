@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class HalfStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._write_lock = threading.Lock()  # one checkpoint write at a time (never under a half's mutex)
 
     # ---------------------------------------------------------------- live saves
     def save(self, half: HostedHalf) -> bool:
@@ -147,18 +149,19 @@ class HalfStore:
         # hashed: a client id may be "..", and the folder name must not depend on what the id holds
         return self.root / "checkpoints" / fingerprint / hashlib.sha256(client_id.encode()).hexdigest()[:32]
 
-    def save_checkpoint(self, half: HostedHalf, client_id: str, step_id: int) -> SavedCheckpoint:
-        """The half's state at this client's step, saved where the server runs (mutex held)."""
-        version, data = half.state_bytes()
+    def save_checkpoint(self, fingerprint: str, client_id: str, step_id: int, version: int, data: bytes,
+                        phase: pb.PhaseRequest | None) -> SavedCheckpoint:
+        """A state file (taken under the half's mutex by the caller) written where the server runs."""
         digest = hashlib.sha256(data).hexdigest()
-        folder = self._client_folder(half.fingerprint, client_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / f"{step_id}.safetensors", data)
+        folder = self._client_folder(fingerprint, client_id)
         meta = {"client_id": client_id, "step_id": step_id, "version": version, "state_sha256": digest,
-                "state_bytes": len(data), "phase": _phase_dict(half.phase_req)}
-        _write_atomically(folder / f"{step_id}.json", json.dumps(meta, indent=2).encode())
-        self._prune(folder)
-        self._prune_clients(folder.parent)
+                "state_bytes": len(data), "phase": _phase_dict(phase)}
+        with self._write_lock:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(folder / f"{step_id}.safetensors", data)
+            _write_atomically(folder / f"{step_id}.json", json.dumps(meta, indent=2).encode())
+            self._prune(folder)
+            self._prune_clients(folder.parent)
         return SavedCheckpoint(step_id, version, digest, len(data))
 
     @staticmethod
