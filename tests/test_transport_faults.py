@@ -547,3 +547,24 @@ def test_exposed_servers_warn():
     assert len(both) == 2 and "without a token" in both[0] and "without TLS" in both[1]
     assert exposure_warnings("0.0.0.0", "t", True) == []
     assert "the token" in exposure_warnings("10.0.0.1", "t", False)[0]
+
+
+def test_a_saved_phase_out_of_range_is_refused_at_start(tmp_path):
+    """A phase index is checked when loaded from disk as when received (it once poisoned a saved half)."""
+    import json
+
+    from splitprune.errors import UserError
+
+    cfg = config(seed=34)
+    handle = start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
+    stream = RawStream(handle.address)
+    _welcome(stream, _hello(cfg, "p", fresh=True))
+    stream.exchange(PHASE_0)
+    stream.close()
+    handle.stop(grace=0.5)
+    meta_path = tmp_path / "srv" / "halves" / cfg.fingerprint() / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["phase"]["phase"] = 1 << 31
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="phase 2147483648 does not exist"):
+        start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))

@@ -54,16 +54,17 @@ class SplitService:
         self.halves_lock = threading.Lock()
         self.sessions = SessionRegistry(options.max_sessions)
         self.persistent = options.checkpoint is not None
-        root = Path(options.checkpoint) if options.checkpoint else Path(tempfile.mkdtemp(prefix="splitprune-serve-"))
-        self.store = HalfStore(root)
         self.draining = False
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0, "checkpoints": 0}
         self._count_lock = threading.Lock()
         for path in options.models:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
+            self.store = HalfStore(Path(options.checkpoint))
             for half in self.store.load_all(**self._half_options()):
                 self._add(half)
+        else:  # made last: nothing above can fail and leave it behind
+            self.store = HalfStore(Path(tempfile.mkdtemp(prefix="splitprune-serve-")))
 
     def _half_options(self) -> dict:
         o = self.options
