@@ -41,10 +41,10 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent training sessions")
     p.add_argument("--max-models", type=int, default=8, help="server halves (distinct configs) hosted at once")
     p.add_argument("--max-message-mb", type=float, default=None,
-                   help="largest message accepted, in MiB (default: 64 MiB + 64 KiB, the largest tensor the codec "
-                        "writes plus its envelope)")
+                   help="largest message accepted, in MiB; None = 64 MiB + 64 KiB, the largest tensor the codec "
+                        "writes plus its envelope")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="largest batch one request may carry (default: what fits --max-request-mb, at most 4096)")
+                   help="largest batch one request may carry; None = what fits --max-request-mb, at most 4096")
     p.add_argument("--max-request-mb", type=float, default=256.0,
                    help="memory one request may make the server allocate, in MiB (sizes the default --max-batch)")
     p.add_argument("--save-every", type=float, default=60.0, metavar="S", help="seconds between periodic saves")
