@@ -525,13 +525,16 @@ def test_server_batch_limit_is_enforced_at_the_handshake_and_per_request():
 def test_client_records_per_half_are_bounded(server):
     from splitprune.transport import hosting
 
-    cfg = small_config(seed=77)
-    replies, exc = raw_stream(server.address, [hello_bytes(cfg, "keeper", fresh=True)])
+    cfg = small_config()  # the module's server already hosts as many halves as it may
+    replies, exc = raw_stream(server.address, [hello_bytes(cfg, "keeper")])
     assert exc is None
     half = server.service.halves[cfg.fingerprint()]
     with half.mutex:
-        for i in range(hosting.MAX_CLIENT_RECORDS + 10):
-            half.record(f"c{i}").last_step = i
-        assert len(half.clients) == hosting.MAX_CLIENT_RECORDS
-        assert "c0" not in half.clients and half.clients[f"c{hosting.MAX_CLIENT_RECORDS + 9}"].last_step > 0
+        before = dict(half.clients)
         half.clients.clear()
+        for i in range(hosting.MAX_CLIENT_RECORDS + 10):
+            half.record(f"c{i}").last_step = i + 1
+        assert len(half.clients) == hosting.MAX_CLIENT_RECORDS
+        assert "c9" not in half.clients and half.clients["c10"].last_step == 11
+        half.clients.clear()
+        half.clients.update(before)
