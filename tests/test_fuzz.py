@@ -9,7 +9,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from splitprune.bench.fuzz import FAILURES, Fuzzer, mutate  # noqa: E402
+from splitprune.transport.fuzzing import FAILURES, Fuzzer, mutate  # noqa: E402
 from splitprune.config import make_config  # noqa: E402
 from splitprune.proto import pb  # noqa: E402
 from splitprune.training.trainer import Trainer  # noqa: E402
