@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     c = handle.service.counters
     print(f"splitprune serve: stopped after {c['steps']} training steps ({c['retried_steps']} retries answered "
-          f"from memory), {c['checkpoints']} checkpoints, {c['infer']} inference requests, {c['sessions']} sessions, {c['errors']} refused calls",
+          f"from memory), {c['checkpoints']} checkpoints, {c['infer']} inference requests, {c['sessions']} sessions, "
+          f"{c['errors']} refused calls",
           flush=True)
     return 0

@@ -136,7 +136,8 @@ class SplitService:
             elif hello.fresh_start:
                 if not others and half.version > 1:  # a new run on a half nobody else is training
                     half.reset()
-                    log.info("half %s re-initialised for a new run of %s", half.fingerprint, hello.client_id)
+                    self.sessions.log("half %s re-initialised for a new run of %s", half.fingerprint,
+                                      hello.client_id)
                 half.clients[hello.client_id] = ClientRecord()
             record = half.record(hello.client_id, keep=others)
             old = self.sessions.attach(session)
@@ -159,22 +160,23 @@ class SplitService:
         is shared with attached clients and was kept (the client's step count is set either way)."""
         found = self.store.read_checkpoint(half, hello.client_id, hello.resume_step_id, hello.resume_state_sha256)
         if found is None:
-            hint = "" if self.persistent else " (this server keeps checkpoints only while it runs: serve --checkpoint DIR)"
+            hint = "" if self.persistent else (" (this server keeps checkpoints only while it runs: "
+                                               "serve --checkpoint DIR)")
             raise NoCheckpoint(f"this server holds no checkpoint of client {hello.client_id} at step "
                                f"{hello.resume_step_id}" + (f" with digest {hello.resume_state_sha256[:12]}..."
                                                             if hello.resume_state_sha256 else "") + hint)
         tensors, phase, digest = found
         half.clients[hello.client_id] = ClientRecord(last_step=hello.resume_step_id)
         if not alone:
-            log.info("half %s: client %s resumes at step %d on the shared half (kept: other clients train it)",
-                     half.fingerprint, hello.client_id, hello.resume_step_id)
+            self.sessions.log("half %s: client %s resumes at step %d on the shared half (kept: others train it)",
+                              half.fingerprint, hello.client_id, hello.resume_step_id)
             return ""
         half.check_state(tensors)
         if phase is None:
             half.worker.optimizer, half.phase_req = None, None
         half.load_state(tensors, phase)
-        log.info("half %s: restored from the checkpoint of client %s at step %d", half.fingerprint,
-                 hello.client_id, hello.resume_step_id)
+        self.sessions.log("half %s: restored from the checkpoint of client %s at step %d", half.fingerprint,
+                          hello.client_id, hello.resume_step_id)
         return digest
 
     def close(self, session: Session) -> None:
@@ -224,8 +226,8 @@ class SplitService:
         with half.mutex:
             self.check_draining()
             if half.start_phase(req):
-                log.info("half %s: phase %d, budget %d, lr %g, momentum %g", half.fingerprint, req.phase,
-                         half.budget, req.lr, req.momentum)
+                self.sessions.log("half %s: phase %d, budget %d, lr %g, momentum %g", half.fingerprint, req.phase,
+                                  half.budget, req.lr, req.momentum)
         return frame(PHASE, pb.PhaseReply(phase=req.phase).SerializeToString())
 
     def _checkpoint(self, s: Session, req: spb.CheckpointRequest) -> bytes:
@@ -241,8 +243,8 @@ class SplitService:
             phase = half.phase_req
         saved = self.store.save_checkpoint(half.fingerprint, s.client_id, req.step_id, version, data, phase)
         self.count("checkpoints")
-        log.info("half %s: checkpoint of client %s at step %d (%d bytes)", half.fingerprint, s.client_id,
-                 saved.step_id, saved.size)
+        self.sessions.log("half %s: checkpoint of client %s at step %d (%d bytes)", half.fingerprint, s.client_id,
+                          saved.step_id, saved.size)
         reply = spb.CheckpointReply(step_id=saved.step_id, version=saved.version, state_sha256=saved.sha256,
                                     state_bytes=saved.size)
         return frame(CHECKPOINT, reply.SerializeToString())

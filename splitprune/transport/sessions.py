@@ -49,7 +49,7 @@ class SessionRegistry:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.log = BoundedLog(log, "session lines")  # a peer opening streams in a loop cannot flood the log
+        self.log = BoundedLog(log, "session and half events")  # a peer in a loop cannot flood the log
         self.lock = threading.Lock()
         self.by_id: dict[str, Session] = {}
         self.by_half: dict[str, dict[str, Session]] = {}
