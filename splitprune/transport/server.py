@@ -5,7 +5,8 @@
 - transfer.py: state transfer and split inference;
 - sessions.py: the session registry, limits, idle reaping, step ids and retries;
 - hosting.py: hosted halves and the per-request memory bound; store.py: saving and loading them;
-- validation.py + errors.py: the checks, and one exception class per ErrorReason.
+- validation.py + errors.py: the checks, and one exception class per ErrorReason;
+- ratelog.py: per-call log lines at a bounded rate.
 """
 from __future__ import annotations
 
