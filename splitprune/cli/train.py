@@ -22,6 +22,9 @@ def add_remote_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
+    p.add_argument("--measure-socket", action="store_true",
+                   help="with --server: also count the bytes on the TCP socket (through an in-process relay); "
+                        "without it every message is counted, framing and connection setup are not")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,14 +59,18 @@ def print_summary(s: dict) -> None:
           f"({s['inference_bytes_single_sample']} B for a single-sample request); {s['wall_seconds']:.0f} s")
     transport = s.get("transport")
     if transport:
-        print(f"measured at the socket: {transport_line(transport)}")
+        print(traffic_lines(transport))
 
 
-def transport_line(t: dict) -> str:
-    steps, parts = t.get("steps", {}), []
-    for direction in ("up", "down"):
-        wire, payload = steps.get(f"wire_bytes_{direction}"), steps.get(f"payload_bytes_{direction}")
-        if wire is not None and payload:
-            parts.append(f"{direction} {wire / 1e6:.2f} MB on the wire for {payload / 1e6:.2f} MB of messages "
-                         f"({wire / payload:.3f}x)")
-    return "; ".join(parts) or str(t)
+def traffic_lines(t: dict) -> str:
+    """Network traffic of a remote run by purpose, as the summary's `transport` counted it."""
+    from splitprune.transport.accounting import PURPOSES, totals
+
+    key = "socket_bytes" if t["counted"] == "socket" else "message_bytes"
+    up, down = totals(t)
+    what = "on the socket" if t["counted"] == "socket" else "in encoded messages (--measure-socket: on the socket)"
+    parts = [f"{p} {t['purposes'][p][key + '_up'] / 1e6:.3f} up / {t['purposes'][p][key + '_down'] / 1e6:.3f} down"
+             for p in PURPOSES]
+    runs = f" over {t['processes']} processes" if t.get("processes", 1) > 1 else ""
+    return (f"network{runs}, {what}: {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down in all (MB)\n  "
+            + "; ".join(parts))

@@ -44,7 +44,8 @@ HELLO = WELCOME = 1
 PHASE = 2
 TRAIN = 3
 EVAL = 4
-KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval"}
+CHECKPOINT = 5
+KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval", CHECKPOINT: "checkpoint"}
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

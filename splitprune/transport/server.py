@@ -10,6 +10,7 @@ replies) are saved atomically, periodically and on shutdown, and loaded again on
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -262,6 +263,7 @@ class SplitServer:
         self.registry = threading.Lock()
         self.save_lock = threading.Lock()
         self.draining = False
+        self.client_checkpoints: dict[tuple, tuple] = {}  # test shim: (fingerprint, client, step, sha) -> save
         self._stop = threading.Event()
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0}
         self._count_lock = threading.Lock()
@@ -434,6 +436,7 @@ class SplitServer:
                     log.info("half %s re-initialised for a new run of %s", half.fingerprint, hello.client_id)
                 half.clients[hello.client_id] = ClientRecord()
             record = half.clients.setdefault(hello.client_id, ClientRecord())
+            restored = self._restore_for_client(half, hello) if hello.resume_step_id else ""
             with self.registry:
                 old = half.attached.get(hello.client_id)
                 if old is not None:
@@ -445,7 +448,8 @@ class SplitServer:
                 protocol_version=PROTOCOL_VERSION, session_id=session.id, fingerprint=half.fingerprint,
                 wire_shape=wire, last_step_id=record.last_step,
                 phase=half.phase_req.phase if half.phase_req is not None else -1, budget=half.budget,
-                attached_clients=len(half.attached), max_message_bytes=self.max_message, version=half.version)
+                attached_clients=len(half.attached), max_message_bytes=self.max_message, version=half.version,
+                state_sha256=restored)
         if old is not None:
             old.context.cancel()
         self.count("sessions")
@@ -506,9 +510,49 @@ class SplitServer:
             return self._eval(s, msg.eval)
         if kind == "phase":
             return self._phase(s, msg.phase)
+        if kind == "checkpoint":
+            return self._save_for_client(s, msg.checkpoint)
         if kind == "hello":
             raise _invalid(R.BAD_MESSAGE, "a stream carries one Hello, as its first message")
         raise _invalid(R.BAD_MESSAGE, "empty ClientMessage")
+
+    # -- client-branch test shim for server-side checkpoints (CheckpointRequest, Hello.resume_step_id);
+    # -- the server helper's implementation replaces it. Kept in memory, and on disk with --checkpoint.
+    def _save_for_client(self, s: Session, req: spb.CheckpointRequest) -> bytes:
+        half = s.half
+        with half.mutex:
+            last = half.clients.setdefault(s.client_id, ClientRecord()).last_step
+            if req.step_id != last:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, R.STEP_OUT_OF_ORDER,
+                            f"checkpoint at step {req.step_id}, but the last step applied is {last}")
+            model, state, meta = half.snapshot()
+        state = {k: v for k, v in state.items() if not k.startswith("reply.")}
+        sha = hashlib.sha256(state_to_bytes({**model, **state})).hexdigest()  # = FetchState's bytes right now
+        meta.update(step_id=req.step_id, state_sha256=sha, clients=[])
+        self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
+        if self.checkpoint is not None:
+            write_checkpoint(self.checkpoint / "clients" / half.fingerprint / s.client_id, model, meta, state)
+        size = len(state_to_bytes({**model, **state}))
+        return frame(5, spb.CheckpointReply(step_id=req.step_id, version=meta["version"], state_sha256=sha,
+                                            state_bytes=size).SerializeToString())
+
+    def _restore_for_client(self, half: HostedHalf, hello: spb.Hello) -> str:
+        key = (half.fingerprint, hello.client_id, hello.resume_step_id, hello.resume_state_sha256)
+        found = self.client_checkpoints.get(key)
+        folder = self.checkpoint / "clients" / half.fingerprint / hello.client_id if self.checkpoint else None
+        if found is None and folder is not None and (folder / "meta.json").exists():
+            meta = read_meta(folder)
+            if (meta.get("step_id"), meta.get("state_sha256")) == key[2:]:
+                found = (read_tensors(folder), read_tensors(folder, "state.safetensors"), meta)
+        if found is None:
+            raise Abort(grpc.StatusCode.FAILED_PRECONDITION, R.NO_CHECKPOINT,
+                        f"no checkpoint of client {hello.client_id} at step {hello.resume_step_id} here")
+        model, state, meta = found
+        half.phase_req = pb.PhaseRequest(**meta["phase"]) if meta.get("phase") else None
+        half.load_state({**model, **state})
+        record = half.clients.setdefault(hello.client_id, ClientRecord())
+        record.last_step, record.digest, record.reply = hello.resume_step_id, b"", b""
+        return meta["state_sha256"]
 
     @staticmethod
     def _check_activations(s: Session, t: pb.EncodedTensor, limit: int) -> None:
