@@ -31,6 +31,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
+    p.add_argument("--measure-socket", action="store_true",
+                   help="also count the bytes on the TCP socket (an in-process relay, which adds latency)")
     p.set_defaults(run=run)
 
 
@@ -46,7 +48,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def run_inference(checkpoint: str, server: str, budget_text: str | None = None, dtype_up: str | None = None,
                   batch_size: int = 1, test_subset: int | None = None, data_dir: str | None = None,
-                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = True) -> dict:
+                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = False) -> dict:
     import torch
 
     from splitprune.cli.evaluate import parse_budget
@@ -116,7 +118,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
             "rpc_latency_ms": {"p50": percentile(rpc, 50), "p99": percentile(rpc, 99)},
             "server_ms": {"p50": percentile(client.server_ms, 50), "p99": percentile(client.server_ms, 99)},
             "payload_bytes_up": up, "payload_bytes_down": down, "bytes_up_per_sample": up / max(samples, 1),
-            "transport": client.meter.report(), "threads": torch.get_num_threads(),
+            "transport": client.traffic.report(), "threads": torch.get_num_threads(),
         }
     finally:
         client.close()
@@ -133,16 +135,18 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     r = run_inference(args.checkpoint, args.server, args.budget, args.dtype_up, args.batch_size, args.test_subset,
-                      args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0))
+                      args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0),
+                      args.measure_socket)
     lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
     print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
           f"per request: test accuracy {percent(r['test_accuracy'])} on {r['test_samples']} images")
     print(f"latency per request: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, mean {lat['mean']:.2f} ms "
           f"(network round trip p50 {rpc['p50']:.2f} ms, server {r['server_ms']['p50']:.2f} ms); "
           f"{r['samples_per_second']:.1f} samples/s")
-    t = r["transport"]
-    wire = f", {t['wire_bytes_up']} B measured on the socket" if "wire_bytes_up" in t else ""
-    print(f"uplink {r['bytes_up_per_sample']:.1f} B/sample of payload ({r['payload_bytes_up']} B{wire})")
+    t = r["transport"]["purposes"]["evaluation"]
+    wire = f", {t['socket_bytes_up']} B on the socket" if "socket_bytes_up" in t else ""
+    print(f"uplink {r['bytes_up_per_sample']:.1f} B/sample of payload ({r['payload_bytes_up']} B; "
+          f"{t['message_bytes_up']} B of Infer messages{wire}, warm-up included)")
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
         print(f"written to {args.out}")
