@@ -17,7 +17,8 @@ from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.proto import service_pb2_grpc
 from splitprune.training.trainer import Trainer
-from splitprune.transport.client import InferenceClient, RemoteError, connect, make_hello
+from splitprune.transport.client import RemoteError, connect, make_hello
+from splitprune.transport.inference import InferenceClient
 from splitprune.transport.protocol import (DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
                                            PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_from_bytes,
                                            state_to_bytes, unframe, weights_digest)

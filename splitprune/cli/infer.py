@@ -57,7 +57,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
     from splitprune.data import make_loaders
     from splitprune.training.checkpoint import load_module, read_meta, read_tensors
     from splitprune.training.setup import build_workers
-    from splitprune.transport.client import InferenceClient
+    from splitprune.transport.inference import InferenceClient
     from splitprune.transport.protocol import weights_digest
 
     if batch_size < 1:

@@ -34,7 +34,8 @@ def pull(checkpoint: str, server: str, out: str, token: str | None = None, tls=N
     from splitprune.training.checkpoint import read_meta, read_tensors, write_checkpoint
     from splitprune.transport.accounting import totals
     from splitprune.transport.channel import Connection
-    from splitprune.transport.client import RemoteServer, make_hello
+    from splitprune.transport.client import make_hello
+    from splitprune.transport.remote import RemoteServer
     from splitprune.transport.protocol import state_from_bytes
 
     meta = read_meta(checkpoint)
