@@ -15,6 +15,7 @@ SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> d
     "resolution": "resolution",
     "rate": "rate",
     "link": "link_time",
+    "soak": "soak",
     "all": None,
 }
 
@@ -25,21 +26,26 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--profile", choices=["quick", "paper"], default="quick",
                    help="quick: CPU, Fashion-MNIST subset, vgg11_bn_compact; paper: the paper's model (GPU)")
     p.add_argument("--out", default="bench_results", help="results folder (one subfolder per suite)")
+    p.add_argument("--clients", type=int, help="soak: concurrent training clients (default 16)")
+    p.add_argument("--minutes", type=float, help="soak: how long (default 10)")
     p.set_defaults(run=run)
 
 
-def run_suite(suite: str, profile: str, out: Path) -> dict:
+def run_suite(suite: str, profile: str, out: Path, **options) -> dict:
     try:
         module = importlib.import_module(f"splitprune.bench.{SUITES[suite]}")
     except ModuleNotFoundError as exc:
         raise UserError(f"benchmark suite {suite!r} is not available: {exc}") from None
-    return module.run(profile, out / suite)
+    return module.run(profile, out / suite, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    suites = [s for s in SUITES if s not in ("all",)] if args.suite == "all" else [args.suite]
+    suites = [s for s in SUITES if s not in ("all", "soak")] if args.suite == "all" else [args.suite]
+    options = {k: getattr(args, k) for k in ("clients", "minutes") if getattr(args, k) is not None}
+    if options and args.suite != "soak":
+        raise UserError("--clients and --minutes are options of the soak suite")
     for suite in suites:
         print(f"== bench {suite} ({args.profile}) ==")
-        run_suite(suite, args.profile, out)
+        run_suite(suite, args.profile, out, **options)
     return 0

@@ -529,9 +529,13 @@ class SplitServer:
         state = {k: v for k, v in state.items() if not k.startswith("reply.")}
         sha = hashlib.sha256(state_to_bytes({**model, **state})).hexdigest()  # = FetchState's bytes right now
         meta.update(step_id=req.step_id, state_sha256=sha, clients=[])
-        self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
-        if self.checkpoint is not None:
+        if self.checkpoint is not None:  # on disk, the latest per client; in memory, the last 4 per client
             write_checkpoint(self.checkpoint / "clients" / half.fingerprint / s.client_id, model, meta, state)
+        else:
+            mine = [k for k in self.client_checkpoints if k[:2] == (half.fingerprint, s.client_id)]
+            for key in mine[:-3]:
+                del self.client_checkpoints[key]
+            self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
         size = len(state_to_bytes({**model, **state}))
         return frame(5, spb.CheckpointReply(step_id=req.step_id, version=meta["version"], state_sha256=sha,
                                             state_bytes=size).SerializeToString())
