@@ -117,6 +117,11 @@ def test_remote_run_keeps_only_the_device_half_and_pull_completes_it(tmp_path, s
     assert pulled["bytes_down"] > sum(v.numel() * v.element_size() for k, v in local_model.items()
                                       if k.startswith("server."))  # counted: the weights did travel
     assert main(["eval", "--checkpoint", str(tmp_path / "whole"), "--test-subset", "16"]) == 0
+    assert main(["infer", "--server", server.address, "--checkpoint", str(tmp_path / "whole"), "--test-subset", "8",
+                 "--warmup", "0"]) == 0  # the server's live half is the pulled one
+    assert main(["infer", "--server", server.address, "--checkpoint", str(tmp_path / "remote"),
+                 "--test-subset", "8"]) == 2
+    assert "splitprune pull" in capsys.readouterr().err
     assert main(["pull", "--server", server.address, "--checkpoint", str(tmp_path / "remote"),
                  "--out", str(tmp_path / "whole")]) == 2  # never over a folder that holds something
     assert main(["pull", "--server", server.address, "--checkpoint", str(tmp_path / "local"),

@@ -56,7 +56,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
     from splitprune.config import make_config
     from splitprune.data import make_loaders
     from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-    from splitprune.training.setup import build_workers
+    from splitprune.training.setup import build_device_worker
     from splitprune.transport.inference import InferenceClient
     from splitprune.transport.protocol import weights_digest
 
@@ -65,6 +65,10 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
     meta = read_meta(checkpoint)
     if "config" not in meta or "num_classes" not in meta:
         raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
+    if meta.get("server_half"):  # without the server weights, nothing says the server's half is this run's
+        raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
+                        f"`splitprune pull --server {server} --checkpoint {checkpoint} --out DIR`, then infer "
+                        "with --checkpoint DIR")
     channels = int(meta["cut_shape"][0])
     budget = parse_budget(budget_text, int(meta["budget"]), channels)
     values = {**meta["config"], "test_subset": test_subset, "test_batch_size": batch_size}
@@ -89,7 +93,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
             raise UserError(f"--batch-size {batch_size} exceeds the server's limit of {info.max_batch} for this model")
         _, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
                                             meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
-        device, _, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
         load_module("device", device.half, tensors)
         device.codec = ChannelCodec(cfg.dtype_up)
         link = client.link(budget)
