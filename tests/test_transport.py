@@ -150,7 +150,7 @@ def test_summary_is_identical_from_the_cli(tmp_path, server, capsys):
             "--quiet"]
     assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
     assert main(["train", *args, "--out", str(tmp_path / "b"), "--server", server.address, "--measure-socket"]) == 0
-    assert "network, on the socket" in capsys.readouterr().out
+    assert "network (on the socket)" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b"))
     assert _strip(a) == _strip(b)
     assert b["transport"]["purposes"]["training"]["socket_bytes_up"] > 0 and a["transport"] is None

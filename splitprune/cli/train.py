@@ -68,9 +68,9 @@ def traffic_lines(t: dict) -> str:
 
     key = "socket_bytes" if t["counted"] == "socket" else "message_bytes"
     up, down = totals(t)
-    what = "on the socket" if t["counted"] == "socket" else "in encoded messages (--measure-socket: on the socket)"
-    parts = [f"{p} {t['purposes'][p][key + '_up'] / 1e6:.3f} up / {t['purposes'][p][key + '_down'] / 1e6:.3f} down"
+    what = "on the socket" if t["counted"] == "socket" else "encoded messages; --measure-socket counts the socket"
+    runs = f", {t['processes']} processes" if t.get("processes", 1) > 1 else ""
+    parts = [f"{p} {t['purposes'][p][key + '_up'] / 1e6:.3f}/{t['purposes'][p][key + '_down'] / 1e6:.3f}"
              for p in PURPOSES]
-    runs = f" over {t['processes']} processes" if t.get("processes", 1) > 1 else ""
-    return (f"network{runs}, {what}: {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down in all (MB)\n  "
-            + "; ".join(parts))
+    return (f"network ({what}{runs}): {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down\n"
+            f"  by purpose, MB up/down: " + ", ".join(parts))
