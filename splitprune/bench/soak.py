@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from splitprune.bench.common import markdown_table, write_results
 from splitprune.errors import UserError
 
@@ -93,6 +95,7 @@ def soak(clients: int, minutes: float, out: Path, profile: str = "quick", sample
     per_epoch = images_per_epoch or per_epoch
     cfg = make_config({"method": "ca", "budget": 4, "model": model, "dataset": "fashion-mnist", "epochs": 1,
                        "batch_size": 16, "test_batch_size": 16, "train_subset": per_epoch, "threads": 1, "seed": 0})
+    torch.set_num_threads(1)  # 16 client threads share the CPUs: no intra-op threads on top
     train, _, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, 1, cfg.seed,
                                cfg.train_subset, 16, False, 16)
     batches = list(train)  # shared, read-only: the clients differ by their streams, not their data
@@ -130,7 +133,12 @@ def _report(out: Path, clients: int, minutes: float, profile: str, model: str, s
     from splitprune.bench.report import write_csv
 
     rss = [s["server_rss_mb"] for s in samples if s["server_rss_mb"] is not None]
-    warm = [s["server_rss_mb"] for s in samples if s["server_rss_mb"] is not None and s["seconds"] >= 60 * minutes / 4]
+    span = 60 * minutes
+
+    def quarter(q: int) -> float | None:  # median RSS over one quarter of the run (checkpoint spikes are brief)
+        values = sorted(s["server_rss_mb"] for s in samples
+                        if s["server_rss_mb"] is not None and q * span / 4 <= s["seconds"] < (q + 1) * span / 4)
+        return values[len(values) // 2] if values else None
     summary = {
         "clients": clients, "minutes": minutes, "profile": profile, "model": model,
         "steps": sum(s.steps for s in stats), "failed_requests": sum(s.failed for s in stats),
@@ -138,7 +146,8 @@ def _report(out: Path, clients: int, minutes: float, profile: str, model: str, s
         "steps_per_client": [s.steps for s in stats], "server_exit_code": exit_code,
         "server_rss_mb_start": rss[0] if rss else None, "server_rss_mb_max": max(rss) if rss else None,
         "server_rss_mb_end": rss[-1] if rss else None,
-        "server_rss_growth_after_first_quarter_mb": (max(warm) - warm[0]) if len(warm) > 1 else None,
+        "server_rss_mb_median_by_quarter": [quarter(q) for q in range(4)],
+        "server_rss_growth_mb": (quarter(3) - quarter(1)) if quarter(3) and quarter(1) else None,  # 2nd -> 4th
         "errors": [e for s in stats for e in s.errors][:50],
     }
     write_csv(out / "soak.csv", samples)
@@ -156,10 +165,12 @@ def _report(out: Path, clients: int, minutes: float, profile: str, model: str, s
         ax.grid(True, alpha=0.3)
     save(fig, out / "soak.png")
     table = markdown_table(
-        ["clients", "minutes", "steps", "failed", "checkpoints", "server RSS start / max / end (MB)"],
+        ["clients", "minutes", "steps", "failed", "checkpoints", "server RSS start / max / end (MB)",
+         "median RSS by quarter (MB)"],
         [[clients, minutes, summary["steps"], summary["failed_requests"], summary["checkpoints"],
           " / ".join(f"{v:.0f}" if v is not None else "n/a" for v in
-                     (summary["server_rss_mb_start"], summary["server_rss_mb_max"], summary["server_rss_mb_end"]))]])
+                     (summary["server_rss_mb_start"], summary["server_rss_mb_max"], summary["server_rss_mb_end"])),
+          ", ".join(f"{v:.0f}" if v is not None else "n/a" for v in summary["server_rss_mb_median_by_quarter"])]])
     command = f"splitprune bench soak --profile {profile} --clients {clients} --minutes {minutes:g} --out {out.parent}"
     (out / "soak.md").write_text(f"`{command}`\n\n{table}")
     (out / "command.txt").write_text(command + "\n")

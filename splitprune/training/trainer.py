@@ -79,8 +79,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _meta(self, server_half: ServerHalfRecord) -> dict:
         geometry = self.parts.geometry
-        progress = self.progress
-        progress.wall_seconds = self._wall_before + time.perf_counter() - self._clock
+        progress = self._clock_wall()
         return {
             "config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "num_classes": self.parts.num_classes,
             "in_channels": self.parts.in_channels, "cut_shape": list(geometry.cut_shape),
@@ -91,6 +90,11 @@ class Trainer:
                          "epoch": progress.epoch, "wall_seconds": progress.wall_seconds, "rows": progress.rows,
                          "last_eval": progress.last_eval, "transport": self.transport()},
         }
+
+    def _clock_wall(self) -> Progress:
+        """Bring progress.wall_seconds up to now: earlier processes' time plus this one's so far."""
+        self.progress.wall_seconds = self._wall_before + time.perf_counter() - self._clock
+        return self.progress
 
     def _model_and_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
         """Model weights (device.*, and server.* when the half is here), training state, meta."""
@@ -172,7 +176,7 @@ class Trainer:
                 self._start_phase(self.progress.phase, fresh=True)
                 phase_started = True
             self._save()
-        self.progress.wall_seconds = self._wall_before + time.perf_counter() - self._clock
+        self._clock_wall()
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -61,6 +61,7 @@ class RemoteServer:
     def _handshake(self, timeout: float) -> spb.Welcome:
         stream = Stream(self._train_method, self.conn.metadata)
         hello = frame(HELLO, self.hello.SerializeToString())
+        self.traffic.count("control", up=len(hello), messages_up=1)
         try:
             out = stream.exchange(hello, timeout)
         except StreamFailed:
@@ -70,7 +71,7 @@ class RemoteServer:
         if kind != WELCOME:
             stream.cancel()
             raise ProtocolError(f"server answered the Hello with a {KIND_NAMES.get(kind, kind)} message")
-        self.traffic.exchange("control", len(hello), len(out))
+        self.traffic.count("control", down=len(out), messages_down=1)
         welcome = spb.Welcome.FromString(payload)
         self._stream = stream
         return welcome
@@ -177,6 +178,7 @@ class RemoteServer:
                 try:
                     if self._stream is None:
                         self._connect(initial=False)
+                    self.traffic.count(PURPOSE[kind], up=len(envelope), messages_up=1)  # every attempt is sent
                     payload, received = self._exchange(envelope, kind)
                     break
                 except StreamFailed as exc:
@@ -196,7 +198,7 @@ class RemoteServer:
                     time.sleep(0.05)
         finally:
             self._pending = None
-        self.traffic.exchange(PURPOSE[kind], len(envelope), received)
+        self.traffic.count(PURPOSE[kind], down=received, messages_down=1)
         return payload
 
     # ---------------------------------------------------------------- Link

@@ -527,7 +527,9 @@ class SplitServer:
                             f"checkpoint at step {req.step_id}, but the last step applied is {last}")
             model, state, meta = half.snapshot()
         state = {k: v for k, v in state.items() if not k.startswith("reply.")}
-        sha = hashlib.sha256(state_to_bytes({**model, **state})).hexdigest()  # = FetchState's bytes right now
+        blob = state_to_bytes({**model, **state})  # = what FetchState sends right now
+        sha, size = hashlib.sha256(blob).hexdigest(), len(blob)
+        del blob
         meta.update(step_id=req.step_id, state_sha256=sha, clients=[])
         if self.checkpoint is not None:  # on disk, the latest per client; in memory, the last 4 per client
             write_checkpoint(self.checkpoint / "clients" / half.fingerprint / s.client_id, model, meta, state)
@@ -536,7 +538,6 @@ class SplitServer:
             for key in mine[:-3]:
                 del self.client_checkpoints[key]
             self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
-        size = len(state_to_bytes({**model, **state}))
         return frame(5, spb.CheckpointReply(step_id=req.step_id, version=meta["version"], state_sha256=sha,
                                             state_bytes=size).SerializeToString())
 
