@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from splitprune.cli.common import percent
+from splitprune.cli.train import add_remote_flags
 from splitprune.compression.codec import WIRE_DTYPES
 from splitprune.errors import UserError
 
@@ -14,7 +15,7 @@ from splitprune.errors import UserError
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="split inference against a server: accuracy and latency",
                               description=__doc__)
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="a `splitprune serve` server")
+    add_remote_flags(p, "a `splitprune serve` server hosting the model")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder) of the trained model; "
                                                        "the server must host the same model")
     p.add_argument("--budget", help="channels sent per request, up to the trained budget, or 'all' "
@@ -27,12 +28,6 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="requests sent first and left out of the latency figures (default: 3)")
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
-    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", help="client key for mutual TLS")
-    p.add_argument("--measure-socket", action="store_true",
-                   help="also count the bytes on the TCP socket (an in-process relay, which adds latency)")
     p.set_defaults(run=run)
 
 

@@ -10,21 +10,17 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from splitprune.cli.train import add_remote_flags
 from splitprune.errors import UserError
 
 
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="fetch a remote run's server half into a complete model folder",
                               description=__doc__)
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the `splitprune serve` server of the run")
+    add_remote_flags(p, "the `splitprune serve` server of the run")
     p.add_argument("--checkpoint", required=True,
                    help="the run folder (or a checkpoint folder of it, e.g. RUN/models/budget_4)")
     p.add_argument("--out", required=True, help="new folder for the complete model (must not exist or be empty)")
-    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
-    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", help="client key for mutual TLS")
-    p.add_argument("--measure-socket", action="store_true", help="also count the bytes on the TCP socket")
     p.set_defaults(run=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from splitprune.cli.common import add_config_flags, config_from_args, percent, print_table
+from splitprune.errors import UserError
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -16,14 +17,16 @@ def add_parser(subparsers, name: str) -> None:
     p.set_defaults(run=run)
 
 
-def add_remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="HOST:PORT of a `splitprune serve` server (default: train in-process)")
-    p.add_argument("--token", help="bearer token for the server")
+def add_remote_flags(p: argparse.ArgumentParser, server_help: str | None = None) -> None:
+    """--server and how to reach it; `server_help` given: --server is required (pull, infer)."""
+    p.add_argument("--server", required=server_help is not None, metavar="HOST:PORT",
+                   help=server_help or "a `splitprune serve` server (default: train in-process)")
+    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
     p.add_argument("--measure-socket", action="store_true",
-                   help="with --server: also count the bytes on the TCP socket (through an in-process relay); "
+                   help="also count the bytes on the TCP socket, through an in-process relay (it adds latency); "
                         "without it every message is counted, framing and connection setup are not")
 
 
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from splitprune.training.trainer import Trainer
 
     cfg = config_from_args(args)
+    if args.measure_socket and not args.server:
+        raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
     endpoint = None
     if args.server:
         from splitprune.transport.client import connect_for_training
