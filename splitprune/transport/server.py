@@ -534,16 +534,18 @@ class SplitServer:
         if self.checkpoint is not None:  # on disk, the latest per client; in memory, the last 4 per client
             write_checkpoint(self.checkpoint / "clients" / half.fingerprint / s.client_id, model, meta, state)
         else:
-            mine = [k for k in self.client_checkpoints if k[:2] == (half.fingerprint, s.client_id)]
-            for key in mine[:-3]:
-                del self.client_checkpoints[key]
-            self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
+            with self.registry:
+                mine = [k for k in self.client_checkpoints if k[:2] == (half.fingerprint, s.client_id)]
+                for key in mine[:-3]:
+                    del self.client_checkpoints[key]
+                self.client_checkpoints[(half.fingerprint, s.client_id, req.step_id, sha)] = (model, state, meta)
         return frame(5, spb.CheckpointReply(step_id=req.step_id, version=meta["version"], state_sha256=sha,
                                             state_bytes=size).SerializeToString())
 
     def _restore_for_client(self, half: HostedHalf, hello: spb.Hello) -> str:
         key = (half.fingerprint, hello.client_id, hello.resume_step_id, hello.resume_state_sha256)
-        found = self.client_checkpoints.get(key)
+        with self.registry:
+            found = self.client_checkpoints.get(key)
         folder = self.checkpoint / "clients" / half.fingerprint / hello.client_id if self.checkpoint else None
         if found is None and folder is not None and (folder / "meta.json").exists():
             meta = read_meta(folder)
