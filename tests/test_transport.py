@@ -17,10 +17,11 @@ from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.proto import service_pb2_grpc
 from splitprune.training.trainer import Trainer
-from splitprune.transport.client import InferenceClient, RemoteError, connect, make_hello
+from splitprune.transport.client import RemoteError, connect, make_hello
+from splitprune.transport.inference import InferenceClient
 from splitprune.transport.protocol import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
-                                           PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_to_bytes, unframe,
-                                           weights_digest)
+                                           PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_from_bytes,
+                                           state_to_bytes, unframe, weights_digest)
 from splitprune.transport.server import start_server
 from splitprune.transport.testing import make_certificates
 
@@ -85,10 +86,13 @@ def _strip(summary):
     return {k: v for k, v in summary.items() if k not in ("wall_seconds", "train_seconds", "transport")}
 
 
-def _train_locally_and_remotely(cfg, tmp_path, server) -> tuple[dict, dict]:
+SERVER_SIDE = ("server.", "opt.server.", "rng.server")
+
+
+def _train_locally_and_remotely(cfg, tmp_path, server, measure=False) -> tuple[dict, dict]:
     """The same run in-process (tmp_path/local) and against the server (tmp_path/remote): both summaries."""
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
+    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"), measure=measure)
     try:
         remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
     finally:
@@ -99,25 +103,26 @@ def _train_locally_and_remotely(cfg, tmp_path, server) -> tuple[dict, dict]:
 @pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
 def test_training_over_grpc_equals_in_process_training(tmp_path, server, lr_schedule):
     cfg = make_config({**SMALL, "method": "deprune", "schedule": "4:1,all:1", "lr_schedule": lr_schedule})
-    local, remote = _train_locally_and_remotely(cfg, tmp_path, server)
+    local, remote = _train_locally_and_remotely(cfg, tmp_path, server, measure=True)
     assert _strip(remote) == _strip(local)
-    for name in ("model.safetensors", "state.safetensors"):
+    for name in ("model.safetensors", "state.safetensors"):  # the device half; the server keeps its own
         a, b = (load_file(str(tmp_path / run / "checkpoint" / name)) for run in ("local", "remote"))
-        assert a.keys() == b.keys()
-        for key in a:
+        assert b.keys() == {k for k in a if not k.startswith(SERVER_SIDE)}
+        for key in b:
             assert torch.equal(a[key], b[key]), key
     rows = [json.loads(json.dumps(r)) for r in (local, remote)]
     assert rows[0]["final_test_accuracy"] == rows[1]["final_test_accuracy"]
-    # bytes: the device counts the same payload; the socket sees that plus framing
-    steps = remote["transport"]["steps"]
-    payload_up = remote["bytes_up"] + remote["eval_bytes_up"]
+    # bytes: each message counted as encoded (payload + its envelope); the socket sees that plus framing
+    purposes = remote["transport"]["purposes"]
+    training, evaluation = purposes["training"], purposes["evaluation"]
+    assert 2 * training["messages_up"] <= training["message_bytes_up"] - remote["bytes_up"] <= 4 * training["messages_up"]
+    assert training["message_bytes_down"] > remote["bytes_down"]
     single = 512 * 16 * 2 + 100  # evaluate() also sends one single-sample request per epoch, not in eval_bytes_up
-    assert payload_up < steps["payload_bytes_up"] < payload_up + 2 * single + 100  # + two PhaseRequests
-    assert steps["payload_bytes_down"] >= remote["bytes_down"] + remote["eval_bytes_down"]
-    assert steps["wire_bytes_up"] > steps["payload_bytes_up"] + steps["handshake_bytes_up"]
-    assert steps["wire_bytes_down"] > steps["payload_bytes_down"]
-    assert steps["framing_bytes_up"] == steps["wire_bytes_up"] - steps["payload_bytes_up"] - steps["handshake_bytes_up"]
-    assert steps["connections"] == 1 and remote["transport"]["reconnects"] == 0
+    assert remote["eval_bytes_up"] < evaluation["message_bytes_up"] < remote["eval_bytes_up"] + 2 * single
+    for p in purposes.values():
+        assert p["socket_bytes_up"] >= p["message_bytes_up"] and p["socket_bytes_down"] >= p["message_bytes_down"]
+    assert training["socket_bytes_up"] > training["message_bytes_up"]
+    assert remote["transport"]["connections"] == 1 and remote["transport"]["reconnects"] == 0
 
 
 def test_prune_over_grpc_starts_from_the_pretrained_server_half(tmp_path, server):
@@ -126,13 +131,17 @@ def test_prune_over_grpc_starts_from_the_pretrained_server_half(tmp_path, server
     cfg = make_config({**SMALL, "method": "prune", "schedule": "32:1,4:1", "train_subset": 32,
                        "from_checkpoint": str(tmp_path / "sl")})  # momentum 0.9: optimizer buffers travel too
     local, remote = _train_locally_and_remotely(cfg, tmp_path, server)
-    assert remote["transport"]["state"]["pushes"] == 1  # the pretrained server half went up first
+    assert remote["transport"]["state_pushes"] == 1  # the pretrained server half went up first
+    assert remote["transport"]["purposes"]["state"]["message_bytes_up"] > 0
     assert _strip(remote) == _strip(local)
-    for folder in ("checkpoint", "models/budget_32", "models/budget_4"):
+    for folder in ("checkpoint", "models/budget_32", "models/budget_4"):  # each pulled whole from the server
+        pulled = tmp_path / "pulled" / folder
+        assert main(["pull", "--server", server.address, "--checkpoint", str(tmp_path / "remote" / folder),
+                     "--out", str(pulled)]) == 0
         a = load_file(str(tmp_path / "local" / folder / "model.safetensors"))
-        b = load_file(str(tmp_path / "remote" / folder / "model.safetensors"))
+        b = load_file(str(pulled / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
-    state = load_file(str(tmp_path / "remote" / "checkpoint" / "state.safetensors"))
+    state = load_file(str(tmp_path / "pulled" / "checkpoint" / "state.safetensors"))
     assert any(k.startswith("opt.server.") for k in state)
 
 
@@ -140,10 +149,11 @@ def test_summary_is_identical_from_the_cli(tmp_path, server, capsys):
     args = ["--method", "ca", "--epochs", "1", "--train-subset", "32", "--test-subset", "16", "--threads", "1",
             "--quiet"]
     assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
-    assert main(["train", *args, "--out", str(tmp_path / "b"), "--server", server.address]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--server", server.address, "--measure-socket"]) == 0
+    assert "network (on the socket)" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a", "b"))
     assert _strip(a) == _strip(b)
-    assert b["transport"]["steps"]["wire_bytes_up"] > 0 and a["transport"] is None
+    assert b["transport"]["purposes"]["training"]["socket_bytes_up"] > 0 and a["transport"] is None
 
 
 # ---------------------------------------------------------------- authentication and TLS
@@ -179,11 +189,11 @@ def test_tls_and_mutual_tls(tmp_path):
     handle = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key, token="t")
     try:
         endpoint = connect(cfg, handle.address, token="t", tls=TlsFiles(ca=certs.ca), client_id="tls-1",
-                           fresh_start=True)
+                           fresh_start=True, measure=True)
         endpoint.start_phase(pb.PhaseRequest(phase=0, budget=4, lr=0.01, weight_decay=5e-4).SerializeToString())
         stats = endpoint.transport_stats()
         endpoint.close()
-        assert stats["tls"] and stats["steps"]["wire_bytes_up"] > 0
+        assert stats["tls"] and stats["purposes"]["control"]["socket_bytes_up"] > 1000  # TLS handshake included
         with pytest.raises(RemoteError):  # plaintext client against a TLS server
             connect(cfg, handle.address, token="t", client_id="tls-2", fresh_start=False, connect_timeout=2)
         with pytest.raises(RemoteError):  # the server's certificate is not signed by this CA
@@ -359,7 +369,7 @@ def test_pushed_state_is_validated(server):
     cfg = small_config(seed=7)
     endpoint = connect(cfg, server.address, client_id="pusher", fresh_start=True)
     try:
-        state = endpoint.server_state()
+        state = state_from_bytes(endpoint.fetch_state()[1])
         assert endpoint.push_state(state, 0).applied
         bad = dict(state)
         name = next(k for k in bad if k.endswith("weight"))
@@ -383,7 +393,7 @@ def test_pushed_state_is_validated(server):
             with pytest.raises(grpc.RpcError) as rpc:
                 ch.stream_unary(PUSH_STATE_METHOD)(iter([huge.SerializeToString()]), timeout=10)
             assert rpc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert state_to_bytes(endpoint.server_state()) == state_to_bytes(state)  # unchanged by the refusals
+        assert endpoint.fetch_state()[1] == state_to_bytes(state)  # unchanged by the refusals
     finally:
         endpoint.close()
 
@@ -402,7 +412,9 @@ def test_split_inference_concurrent_requests_and_budget_checks(tmp_path, server)
     client = InferenceClient(server.address, cfg.fingerprint())
     try:
         info = client.describe()
-        model = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+        assert main(["pull", "--server", server.address, "--checkpoint", str(tmp_path / "run"),
+                     "--out", str(tmp_path / "whole")]) == 0
+        model = load_file(str(tmp_path / "whole" / "model.safetensors"))
         assert info.weights_sha256 == weights_digest(model)  # the server half is the checkpoint's
         link = client.link(4)
         reference, _, _ = device.predict(x, link, 4)
@@ -457,14 +469,14 @@ def test_infer_command_prints_accuracy_and_latency(tmp_path, capsys):
     try:
         out = tmp_path / "infer.json"
         rc = main(["infer", "--server", handle.address, "--checkpoint", str(tmp_path / "run"), "--test-subset", "16",
-                   "--batch-size", "4", "--out", str(out)])
+                   "--batch-size", "4", "--out", str(out), "--measure-socket"])
         text = capsys.readouterr().out
         assert rc == 0 and "test accuracy" in text and "p99" in text
         result = json.loads(out.read_text())
         local = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert result["test_samples"] == 16 and result["requests"] == 4
         assert result["test_accuracy"] == pytest.approx(local["final_test_accuracy"], abs=0.5)
-        assert result["transport"]["wire_bytes_up"] > result["payload_bytes_up"]
+        assert result["transport"]["purposes"]["evaluation"]["socket_bytes_up"] > result["payload_bytes_up"]
         # a model hosted with --model is for inference only
         with pytest.raises(RemoteError) as info:
             connect(cfg, handle.address, client_id="x", fresh_start=True)

@@ -33,9 +33,15 @@ def _strip(summary):
     return {k: v for k, v in summary.items() if k not in ("wall_seconds", "train_seconds", "transport")}
 
 
-def assert_same_run(a_dir, b_dir):
+def assert_same_run(local_dir, remote_dir, server_address):
+    """The remote run's device checkpoint, completed with its server half pulled from the server, equals
+    the in-process run's checkpoint."""
+    from splitprune.cli import main
+
+    whole = remote_dir.parent / f"{remote_dir.name}-pulled"
+    assert main(["pull", "--server", server_address, "--checkpoint", str(remote_dir), "--out", str(whole)]) == 0
     for name in ("model.safetensors", "state.safetensors"):
-        a, b = load_file(str(a_dir / "checkpoint" / name)), load_file(str(b_dir / "checkpoint" / name))
+        a, b = load_file(str(local_dir / "checkpoint" / name)), load_file(str(whole / name))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
@@ -93,7 +99,7 @@ def test_eight_concurrent_training_clients_share_one_server_half(tmp_path):
         assert handle.service.counters["steps"] == 8 * 2  # 32 images / batch 16, each applied once
         assert len(half.clients) == 8 and all(r.last_step >= 2 for r in half.clients.values())
         assert all(bool(torch.isfinite(p).all()) for p in half.worker.half.parameters())
-        assert all(s["transport"]["steps"]["wire_bytes_up"] > 0 for s in summaries.values())
+        assert all(s["transport"]["purposes"]["training"]["message_bytes_up"] > 0 for s in summaries.values())
     finally:
         handle.stop(grace=0.5)
 
@@ -217,13 +223,14 @@ def test_server_restart_with_sigterm_resumes_the_session_exactly(tmp_path):
         thread.join(timeout=300)
         assert "error" not in result, result.get("error")
         remote = result["summary"]
+        endpoint.close()
+        assert_same_run(tmp_path / "local", tmp_path / "remote", server.address)
     finally:
         endpoint.close()
         server.stop()
     assert "resumed server half" in server.log()
     assert remote["transport"]["reconnects"] >= 1
     assert _strip(remote) == _strip(local)
-    assert_same_run(tmp_path / "local", tmp_path / "remote")
 
 
 def test_killed_server_is_detected_and_a_rerun_resumes_from_the_checkpoint(tmp_path):
@@ -245,15 +252,15 @@ def test_killed_server_is_detected_and_a_rerun_resumes_from_the_checkpoint(tmp_p
         assert "lost training steps" in str(result["error"])
     finally:
         endpoint.close()
-    try:  # the same command again: both halves resume from the client's last checkpoint
+    try:  # the same command again: both halves resume from their own checkpoints (the server's on its disk)
         endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"))
         remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
-        assert endpoint.transport_stats()["state"]["pushes"] == 1
+        assert endpoint.transport_stats()["state_pushes"] == 0  # no server weights travelled
         endpoint.close()
+        assert_same_run(tmp_path / "local", tmp_path / "remote", server.address)
     finally:
         server.stop()
     assert _strip(remote) == _strip(local)
-    assert_same_run(tmp_path / "local", tmp_path / "remote")
 
 
 def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path):

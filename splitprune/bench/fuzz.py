@@ -106,9 +106,9 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
     return result
 
 
-def run(profile: str, out: Path) -> dict:
-    """`splitprune bench fuzz`: the quick and paper profiles both send DEFAULT_MESSAGES cases on the CPU."""
-    return soak(DEFAULT_MESSAGES, Path(out))
+def run(profile: str, out: Path, messages: int = DEFAULT_MESSAGES) -> dict:
+    """`splitprune bench fuzz [--messages N]`: the quick and paper profiles both send N cases on the CPU."""
+    return soak(messages, Path(out))
 
 
 def main(argv: list[str] | None = None) -> int:

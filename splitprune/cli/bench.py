@@ -16,8 +16,11 @@ SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> d
     "rate": "rate",
     "link": "link_time",
     "fuzz": "fuzz",
+    "soak": "soak",
     "all": None,
 }
+STRESS = ("fuzz", "soak")  # long server stress runs: not part of 'all'
+SUITE_OPTIONS = {"soak": ("clients", "minutes"), "fuzz": ("messages",)}
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -26,21 +29,32 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--profile", choices=["quick", "paper"], default="quick",
                    help="quick: CPU, Fashion-MNIST subset, vgg11_bn_compact; paper: the paper's model (GPU)")
     p.add_argument("--out", default="bench_results", help="results folder (one subfolder per suite)")
+    p.add_argument("--clients", type=int, help="soak: concurrent training clients (default 16)")
+    p.add_argument("--minutes", type=float, help="soak: how long (default 10)")
+    p.add_argument("--messages", type=int, help="fuzz: structured fuzz cases (default 100000)")
     p.set_defaults(run=run)
 
 
-def run_suite(suite: str, profile: str, out: Path) -> dict:
+def run_suite(suite: str, profile: str, out: Path, **options) -> dict:
     try:
         module = importlib.import_module(f"splitprune.bench.{SUITES[suite]}")
     except ModuleNotFoundError as exc:
         raise UserError(f"benchmark suite {suite!r} is not available: {exc}") from None
-    return module.run(profile, out / suite)
+    return module.run(profile, out / suite, **options)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    suites = [s for s in SUITES if s not in ("all",)] if args.suite == "all" else [args.suite]
+    suites = [s for s in SUITES if s != "all" and s not in STRESS] if args.suite == "all" else [args.suite]
+    options = {k: getattr(args, k) for names in SUITE_OPTIONS.values() for k in names if getattr(args, k) is not None}
+    for suite, names in SUITE_OPTIONS.items():
+        given = [f"--{k}" for k in options if k in names]
+        if given and args.suite != suite:
+            raise UserError(f"{' and '.join(given)}: option(s) of the {suite} suite only")
+    for k, v in options.items():
+        if v <= 0:
+            raise UserError(f"--{k} must be positive, got {v:g}")
     for suite in suites:
         print(f"== bench {suite} ({args.profile}) ==")
-        run_suite(suite, args.profile, out)
+        run_suite(suite, args.profile, out, **options)
     return 0

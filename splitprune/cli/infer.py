@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from splitprune.cli.common import percent
+from splitprune.cli.train import add_remote_flags
 from splitprune.compression.codec import WIRE_DTYPES
 from splitprune.errors import UserError
 
@@ -14,7 +15,7 @@ from splitprune.errors import UserError
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="split inference against a server: accuracy and latency",
                               description=__doc__)
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="a `splitprune serve` server")
+    add_remote_flags(p, "a `splitprune serve` server hosting the model")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder) of the trained model; "
                                                        "the server must host the same model")
     p.add_argument("--budget", help="channels sent per request, up to the trained budget, or 'all' "
@@ -27,10 +28,6 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="requests sent first and left out of the latency figures (default: 3)")
     p.add_argument("--out", help="also write the results as JSON here")
-    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
-    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", help="client key for mutual TLS")
     p.set_defaults(run=run)
 
 
@@ -46,7 +43,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def run_inference(checkpoint: str, server: str, budget_text: str | None = None, dtype_up: str | None = None,
                   batch_size: int = 1, test_subset: int | None = None, data_dir: str | None = None,
-                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = True) -> dict:
+                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = False) -> dict:
     import torch
 
     from splitprune.cli.evaluate import parse_budget
@@ -54,8 +51,8 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
     from splitprune.config import make_config
     from splitprune.data import make_loaders
     from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-    from splitprune.training.setup import build_workers
-    from splitprune.transport.client import InferenceClient
+    from splitprune.training.setup import build_device_worker
+    from splitprune.transport.inference import InferenceClient
     from splitprune.transport.protocol import weights_digest
 
     if batch_size < 1:
@@ -63,6 +60,10 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
     meta = read_meta(checkpoint)
     if "config" not in meta or "num_classes" not in meta:
         raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
+    if meta.get("server_half"):  # without the server weights, nothing says the server's half is this run's
+        raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
+                        f"`splitprune pull --server {server} --checkpoint {checkpoint} --out DIR`, then infer "
+                        "with --checkpoint DIR")
     channels = int(meta["cut_shape"][0])
     budget = parse_budget(budget_text, int(meta["budget"]), channels)
     values = {**meta["config"], "test_subset": test_subset, "test_batch_size": batch_size}
@@ -87,7 +88,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
             raise UserError(f"--batch-size {batch_size} exceeds the server's limit of {info.max_batch} for this model")
         _, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
                                             meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
-        device, _, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
         load_module("device", device.half, tensors)
         device.codec = ChannelCodec(cfg.dtype_up)
         link = client.link(budget)
@@ -116,7 +117,7 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
             "rpc_latency_ms": {"p50": percentile(rpc, 50), "p99": percentile(rpc, 99)},
             "server_ms": {"p50": percentile(client.server_ms, 50), "p99": percentile(client.server_ms, 99)},
             "payload_bytes_up": up, "payload_bytes_down": down, "bytes_up_per_sample": up / max(samples, 1),
-            "transport": client.meter.report(), "threads": torch.get_num_threads(),
+            "transport": client.traffic.report(), "threads": torch.get_num_threads(),
         }
     finally:
         client.close()
@@ -133,16 +134,18 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     r = run_inference(args.checkpoint, args.server, args.budget, args.dtype_up, args.batch_size, args.test_subset,
-                      args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0))
+                      args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0),
+                      args.measure_socket)
     lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
     print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
           f"per request: test accuracy {percent(r['test_accuracy'])} on {r['test_samples']} images")
     print(f"latency per request: p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, mean {lat['mean']:.2f} ms "
           f"(network round trip p50 {rpc['p50']:.2f} ms, server {r['server_ms']['p50']:.2f} ms); "
           f"{r['samples_per_second']:.1f} samples/s")
-    t = r["transport"]
-    wire = f", {t['wire_bytes_up']} B measured on the socket" if "wire_bytes_up" in t else ""
-    print(f"uplink {r['bytes_up_per_sample']:.1f} B/sample of payload ({r['payload_bytes_up']} B{wire})")
+    t = r["transport"]["purposes"]["evaluation"]
+    wire = f", {t['socket_bytes_up']} B on the socket" if "socket_bytes_up" in t else ""
+    print(f"uplink {r['bytes_up_per_sample']:.1f} B/sample of payload ({r['payload_bytes_up']} B; "
+          f"{t['message_bytes_up']} B of Infer messages{wire}, warm-up included)")
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
         print(f"written to {args.out}")

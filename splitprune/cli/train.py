@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from splitprune.cli.common import add_config_flags, config_from_args, percent, print_table
+from splitprune.errors import UserError
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -16,18 +17,25 @@ def add_parser(subparsers, name: str) -> None:
     p.set_defaults(run=run)
 
 
-def add_remote_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", help="HOST:PORT of a `splitprune serve` server (default: train in-process)")
-    p.add_argument("--token", help="bearer token for the server")
+def add_remote_flags(p: argparse.ArgumentParser, server_help: str | None = None) -> None:
+    """--server and how to reach it; `server_help` given: --server is required (pull, infer)."""
+    p.add_argument("--server", required=server_help is not None, metavar="HOST:PORT",
+                   help=server_help or "a `splitprune serve` server (default: train in-process)")
+    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate for mutual TLS")
     p.add_argument("--tls-key", help="client key for mutual TLS")
+    p.add_argument("--measure-socket", action="store_true",
+                   help="also count the bytes on the TCP socket, through an in-process relay (it adds latency); "
+                        "without it every message is counted, framing and connection setup are not")
 
 
 def run(args: argparse.Namespace) -> int:
     from splitprune.training.trainer import Trainer
 
     cfg = config_from_args(args)
+    if args.measure_socket and not args.server:
+        raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
     endpoint = None
     if args.server:
         from splitprune.transport.client import connect_for_training
@@ -56,14 +64,18 @@ def print_summary(s: dict) -> None:
           f"({s['inference_bytes_single_sample']} B for a single-sample request); {s['wall_seconds']:.0f} s")
     transport = s.get("transport")
     if transport:
-        print(f"measured at the socket: {transport_line(transport)}")
+        print(traffic_lines(transport))
 
 
-def transport_line(t: dict) -> str:
-    steps, parts = t.get("steps", {}), []
-    for direction in ("up", "down"):
-        wire, payload = steps.get(f"wire_bytes_{direction}"), steps.get(f"payload_bytes_{direction}")
-        if wire is not None and payload:
-            parts.append(f"{direction} {wire / 1e6:.2f} MB on the wire for {payload / 1e6:.2f} MB of messages "
-                         f"({wire / payload:.3f}x)")
-    return "; ".join(parts) or str(t)
+def traffic_lines(t: dict) -> str:
+    """Network traffic of a remote run by purpose, as the summary's `transport` counted it."""
+    from splitprune.transport.accounting import PURPOSES, totals
+
+    key = "socket_bytes" if t["counted"] == "socket" else "message_bytes"
+    up, down = totals(t)
+    what = "on the socket" if t["counted"] == "socket" else "encoded messages; --measure-socket counts the socket"
+    runs = f", {t['processes']} processes" if t.get("processes", 1) > 1 else ""
+    parts = [f"{p} {t['purposes'][p][key + '_up'] / 1e6:.3f}/{t['purposes'][p][key + '_down'] / 1e6:.3f}"
+             for p in PURPOSES]
+    return (f"network ({what}{runs}): {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down\n"
+            f"  by purpose, MB up/down: " + ", ".join(parts))

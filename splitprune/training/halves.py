@@ -50,7 +50,11 @@ class ServerHalf(nn.Module):
 
 
 def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, ServerHalf, Geometry]:
-    """Build both halves with weights drawn from cfg.seed; refuses impossible shapes with a UserError."""
+    """Build both halves with weights drawn from cfg.seed; refuses impossible shapes with a UserError.
+
+    Both halves are always drawn, in one seeded stream: the encoder's initial weights come after the
+    server layers' in it, so a side that needs only one half builds both and drops the other.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         split = build_split_model(cfg.model, cfg.split, num_classes, in_channels, cfg.input_size)

@@ -1,7 +1,11 @@
-"""Assemble a run's parts from its config: data, both halves, the workers and the in-process server."""
+"""Assemble a run's parts from its config: data, the device side, and (in-process only) the server side.
+
+A remote run's device process builds only the device worker; the server half is built where it runs
+(the in-process server here, or `splitprune serve`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -12,18 +16,31 @@ from splitprune.data import DATASETS, BatchLoader, make_loaders
 from splitprune.errors import UserError
 from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
                                             read_meta, read_tensors)
-from splitprune.training.halves import Geometry, build_halves
+from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_halves
 from splitprune.training.step import DeviceWorker, Link, LocalLink, ServerWorker
 
 
+@dataclass
+class ServerHalfRecord:
+    """What a device checkpoint keeps of the server half at a step.
+
+    `tensors`: its weights ("server.*") and training state ("opt.server.*", "rng.server") when the half
+    lives in this process; empty when it lives on a server, which saves it there. `identity`: how to find
+    that server-side checkpoint again (server, step id, version, state digest); None in-process.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    identity: dict | None = None
+
+
 class ServerEndpoint(Protocol):
-    """Where the server half runs, as the trainer sees it: a link plus access to the server's state."""
+    """Where the server half runs, as the trainer sees it: a link, checkpoints of the half, and closing."""
 
     link: Link
 
-    def server_state(self) -> dict[str, torch.Tensor]: ...
+    def checkpoint(self, step_id: int) -> ServerHalfRecord: ...
 
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def restore(self, record: ServerHalfRecord, step_id: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -34,6 +51,16 @@ class InProcessServer:
     def __init__(self, worker: ServerWorker) -> None:
         self.worker = worker
         self.link = LocalLink(worker)
+
+    def checkpoint(self, step_id: int) -> ServerHalfRecord:
+        return ServerHalfRecord(self.server_state())
+
+    def restore(self, record: ServerHalfRecord, step_id: int) -> None:
+        if not any(k.startswith("server.") for k in record.tensors):
+            where = (record.identity or {}).get("server", "a server")
+            raise UserError(f"this run's server half was trained on {where} and is not in its checkpoint: resume "
+                            "it with --server, or fetch the whole model first with `splitprune pull`")
+        self.load_server_state(record.tensors)
 
     def server_state(self) -> dict[str, torch.Tensor]:
         tensors = module_tensors("server", self.worker.half)
@@ -57,7 +84,7 @@ class InProcessServer:
 class RunParts:
     cfg: RunConfig
     device: DeviceWorker
-    server_worker: ServerWorker        # this process's copy; the remote one when training over a network
+    server_worker: ServerWorker | None  # None when the server half runs elsewhere (a remote run)
     geometry: Geometry
     num_classes: int
     in_channels: int
@@ -71,31 +98,56 @@ def input_channels(cfg: RunConfig) -> int:
     return cfg.in_channels or DATASETS[cfg.dataset].in_channels
 
 
+def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int) -> DeviceWorker:
+    return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up), cfg.scaling, cfg.budget_eps,
+                        cfg.budget_delta, cfg.seed)
+
+
+def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int) -> ServerWorker:
+    return ServerWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
+                        max_batch=max(cfg.batch_size, cfg.test_batch_size))
+
+
+def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, Geometry]:
+    """The device side alone (a remote run); its weights are those build_workers gives."""
+    device_half, _, geometry = build_halves(cfg, num_classes, in_channels)  # the server half is dropped here
+    return _device_worker(cfg, device_half, geometry, num_classes), geometry
+
+
+def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[ServerWorker, Geometry]:
+    """The server side alone (what `splitprune serve` hosts)."""
+    _, server_half, geometry = build_halves(cfg, num_classes, in_channels)
+    return _server_worker(cfg, server_half, geometry, num_classes), geometry
+
+
 def build_workers(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, ServerWorker, Geometry]:
+    """Both sides in one process (in-process runs, evaluation, benchmarks)."""
     device_half, server_half, geometry = build_halves(cfg, num_classes, in_channels)
-    device = DeviceWorker(device_half, geometry, num_classes, ChannelCodec(cfg.dtype_up), cfg.scaling,
-                          cfg.budget_eps, cfg.budget_delta, cfg.seed)
-    server = ServerWorker(server_half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
-                          max_batch=max(cfg.batch_size, cfg.test_batch_size))
-    return device, server, geometry
+    return (_device_worker(cfg, device_half, geometry, num_classes),
+            _server_worker(cfg, server_half, geometry, num_classes), geometry)
 
 
-def build_run(cfg: RunConfig) -> RunParts:
+def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
+    """Data and the device side; with `server`, the in-process server side too (False: it runs remotely)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     in_channels = input_channels(cfg)
     train, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, in_channels,
                                             cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment,
                                             cfg.test_batch_size)
-    device, server, geometry = build_workers(cfg, num_classes, in_channels)
+    if server:
+        device, worker, geometry = build_workers(cfg, num_classes, in_channels)
+    else:
+        (device, geometry), worker = build_device_worker(cfg, num_classes, in_channels), None
     if cfg.from_checkpoint:
-        load_pretrained(cfg, device, server, num_classes)
+        load_pretrained(cfg, device, worker, num_classes)
     if cfg.accelerator == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--accelerator cuda: no CUDA device is available here")
         device.half.cuda()
-        server.half.cuda()
-    return RunParts(cfg, device, server, geometry, num_classes, in_channels, train, test)
+        if worker is not None:
+            worker.half.cuda()
+    return RunParts(cfg, device, worker, geometry, num_classes, in_channels, train, test)
 
 
 def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:
@@ -111,8 +163,9 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
     return read_tensors(meta["_folder"])
 
 
-def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker, num_classes: int) -> None:
-    """Start from a trained model (prune)."""
+def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker | None, num_classes: int) -> None:
+    """Start from a trained model (prune); a remote run's server half travels to the server instead."""
     tensors = read_pretrained(cfg, num_classes)
     load_module("device", device.half, tensors)
-    load_module("server", server.half, tensors)
+    if server is not None:
+        load_module("server", server.half, tensors)

@@ -18,7 +18,9 @@ from splitprune.proto import pb
 from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
                                             read_meta, read_tensors, write_checkpoint)
 from splitprune.models import cut_shape
-from splitprune.training.setup import InProcessServer, RunParts, ServerEndpoint, build_run, input_channels
+from splitprune.training.setup import (InProcessServer, RunParts, ServerEndpoint, ServerHalfRecord, build_run,
+                                       input_channels)
+from splitprune.transport.accounting import add_counts
 from splitprune.training.step import DeviceWorker, Link, OptimizerSettings
 
 METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up",
@@ -51,8 +53,9 @@ class Progress:
     epoch_in_phase: int = 0
     epoch: int = 0
     rows: list[dict] = field(default_factory=list)
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0      # the whole run, every process of it (setup, steps, evaluation, checkpoints)
     last_eval: dict = field(default_factory=dict)
+    transport: dict | None = None  # network traffic of the processes before this one (remote runs)
 
 
 class Trainer:
@@ -64,7 +67,9 @@ class Trainer:
         self.out = Path(out)
         channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
-        self.parts = parts or build_run(cfg)
+        self._clock = min(time.perf_counter(), getattr(endpoint, "opened_at", math.inf))  # connecting counts too
+        self._wall_before = 0.0  # wall seconds of earlier processes of this run
+        self.parts = parts or build_run(cfg, server=endpoint is None)  # a remote run builds the device side only
         self.endpoint = endpoint or InProcessServer(self.parts.server_worker)
         self.device = self.parts.device
         self.show_progress = show_progress
@@ -72,32 +77,39 @@ class Trainer:
         self._writer = None
 
     # ---------------------------------------------------------------- checkpoints
-    def _meta(self) -> dict:
+    def _meta(self, server_half: ServerHalfRecord) -> dict:
         geometry = self.parts.geometry
+        progress = self._clock_wall()
         return {
             "config": self.cfg.to_dict(), "fingerprint": self.cfg.fingerprint(), "num_classes": self.parts.num_classes,
             "in_channels": self.parts.in_channels, "cut_shape": list(geometry.cut_shape),
             "wire_shape": list(geometry.wire_shape), "budget": self.device.budget or geometry.channels,
             "phases": [{"budget": p.label(), "epochs": p.epochs} for p in self.phases],
-            "progress": {"phase": self.progress.phase, "epoch_in_phase": self.progress.epoch_in_phase,
-                         "epoch": self.progress.epoch, "wall_seconds": self.progress.wall_seconds,
-                         "rows": self.progress.rows, "last_eval": self.progress.last_eval},
+            "server_half": server_half.identity,
+            "progress": {"phase": progress.phase, "epoch_in_phase": progress.epoch_in_phase,
+                         "epoch": progress.epoch, "wall_seconds": progress.wall_seconds, "rows": progress.rows,
+                         "last_eval": progress.last_eval, "transport": self.transport()},
         }
 
-    def _model_and_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Model weights (device.*, server.*) and training state (optimizers, random streams, step id)."""
-        server = self.endpoint.server_state()
+    def _clock_wall(self) -> Progress:
+        """Bring progress.wall_seconds up to now: earlier processes' time plus this one's so far."""
+        self.progress.wall_seconds = self._wall_before + time.perf_counter() - self._clock
+        return self.progress
+
+    def _model_and_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """Model weights (device.*, and server.* when the half is here), training state, meta."""
+        server = self.endpoint.checkpoint(self.device.step_id)  # a remote server saves its half where it runs
         model = {**module_tensors("device", self.device.half),
-                 **{k: v for k, v in server.items() if k.startswith("server.")}}
-        state = {k: v for k, v in server.items() if not k.startswith("server.")}
+                 **{k: v for k, v in server.tensors.items() if k.startswith("server.")}}
+        state = {k: v for k, v in server.tensors.items() if not k.startswith("server.")}
         state.update(optimizer_tensors("opt.device", self.device.optimizer, self.device.half))
         state["rng.device"] = self.device.rng.state.clone()
         state["step_id"] = torch.tensor([self.device.step_id], dtype=torch.int64)
-        return model, state
+        return model, state, self._meta(server)
 
     def _save(self) -> None:
-        model, state = self._model_and_state()
-        write_checkpoint(self.out / "checkpoint", model, self._meta(), state)
+        model, state, meta = self._model_and_state()
+        write_checkpoint(self.out / "checkpoint", model, meta, state)
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():
@@ -108,17 +120,21 @@ class Trainer:
                             "pass another --out or remove that folder to start afresh")
         saved = meta["progress"]
         self.progress = Progress(saved["phase"], saved["epoch_in_phase"], saved["epoch"], saved["rows"],
-                                 saved["wall_seconds"], saved.get("last_eval", {}))
-        if self.progress.phase < len(self.phases):
-            self._start_phase(self.progress.phase, fresh=False)
+                                 saved["wall_seconds"], saved.get("last_eval", {}), saved.get("transport"))
+        self._wall_before = saved["wall_seconds"]
         model = read_tensors(meta["_folder"])
         state = read_tensors(meta["_folder"], "state.safetensors")
+        step_id = int(state["step_id"][0])
+        record = ServerHalfRecord({k: v for k, v in {**model, **state}.items()
+                                   if k.startswith(("server.", "opt.server.", "rng.server"))}, meta.get("server_half"))
+        if self.progress.phase < len(self.phases):
+            self._start_phase(self.progress.phase, fresh=False)
         load_module("device", self.device.half, model)
         if self.device.optimizer is not None:
             load_optimizer("opt.device", self.device.optimizer, self.device.half, state)
         self.device.rng.state = state["rng.device"].clone()
-        self.device.step_id = int(state["step_id"][0])
-        self.endpoint.load_server_state({**model, **state})
+        self.device.step_id = step_id
+        self.endpoint.restore(record, step_id)
         return True
 
     # ---------------------------------------------------------------- phases
@@ -160,6 +176,7 @@ class Trainer:
                 self._start_phase(self.progress.phase, fresh=True)
                 phase_started = True
             self._save()
+        self._clock_wall()
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -201,7 +218,6 @@ class Trainer:
         p.rows.append(row)
         p.last_eval = {"samples": result.samples, "bytes_up": result.bytes_up,
                        "single_sample_bytes_up": result.single_sample_bytes_up, "budget": phase.label()}
-        p.wall_seconds += seconds + eval_seconds
         p.epoch += 1
         p.epoch_in_phase += 1
         self._write_metrics()
@@ -214,8 +230,9 @@ class Trainer:
                 self._writer.add_scalar(key, row[key], row["epoch"])
 
     def _save_phase_model(self, phase: Phase) -> None:
-        meta = {**self._meta(), "budget": phase.budget or self.parts.geometry.channels}
-        write_checkpoint(self.out / "models" / f"budget_{phase.label()}", self._model_and_state()[0], meta)
+        model, _, meta = self._model_and_state()
+        meta["budget"] = phase.budget or self.parts.geometry.channels
+        write_checkpoint(self.out / "models" / f"budget_{phase.label()}", model, meta)
 
     def _write_metrics(self) -> None:
         with open(self.out / "metrics.csv", "w", newline="") as fh:
@@ -266,8 +283,15 @@ class Trainer:
             "wall_seconds": round(self.progress.wall_seconds, 3),
             "train_seconds": round(sum(r["seconds"] for r in rows), 3),
             "phases": phases, "config": cfg.to_dict(),
-            "transport": self.endpoint.transport_stats() if hasattr(self.endpoint, "transport_stats") else None,
+            "transport": self.transport(),
         }
+
+    def transport(self) -> dict | None:
+        """Network traffic of the whole run (this process's plus the earlier ones'); None in-process."""
+        stats = getattr(self.endpoint, "transport_stats", None)
+        if stats is None:
+            return self.progress.transport
+        return add_counts(self.progress.transport, stats())
 
 
 def lr_scale(schedule: str, step: int, steps: int) -> float:
