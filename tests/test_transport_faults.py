@@ -363,7 +363,7 @@ def test_server_side_checkpoint_resumes_exactly_after_a_client_and_a_server_cras
             stream.exchange(_step(i))
         saved = _checkpoint(stream, 2)
         assert saved.step_id == 2 and saved.state_bytes > 0 and len(saved.state_sha256) == 64
-        files = list((tmp_path / "srv" / "checkpoints" / cfg.fingerprint()).rglob("2.safetensors"))
+        files = list((tmp_path / "srv" / "checkpoints" / cfg.fingerprint()).rglob("2-*.safetensors"))
         assert len(files) == 1 and hashlib.sha256(files[0].read_bytes()).hexdigest() == saved.state_sha256
         expected = [stream.exchange(_step(i)) for i in (3, 4)]  # what the run does after its checkpoint
         stream.close()
@@ -575,3 +575,18 @@ def test_a_saved_phase_out_of_range_is_refused_at_start(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="phase 2147483648 does not exist"):
         start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
+
+
+def test_checkpoint_rotation_keeps_the_newest_and_every_kept_model(tmp_path):
+    """Two saves may share a step id (a phase start changes the half without a step); kept ones outlive the rotation."""
+    from splitprune.transport.store import KEEP_CHECKPOINTS, HalfStore
+
+    store = HalfStore(tmp_path)
+    saved = [store.save_checkpoint("0123456789abcdef", "dev", step, 1, f"state {step} {i}".encode(), None,
+                                   keep=(i == 1))
+             for step in (2, 4, 6) for i in range(2)]               # at each step: a kept model, then a rotating save
+    left = {p.stem for p in tmp_path.rglob("*.safetensors")}
+    rotating = [f"{s.step_id}-{s.sha256[:16]}" for i, s in enumerate(saved) if i % 2 == 0]
+    kept = [f"{s.step_id}-{s.sha256[:16]}" for i, s in enumerate(saved) if i % 2 == 1]
+    assert left == set(rotating[-KEEP_CHECKPOINTS:]) | set(kept)
+    assert len({s.sha256 for s in saved}) == 6

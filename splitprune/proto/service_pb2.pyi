@@ -136,10 +136,12 @@ class ServerMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseReply, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainReply, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointReply, _Mapping]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("step_id",)
+    __slots__ = ("step_id", "keep")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     step_id: int
-    def __init__(self, step_id: _Optional[int] = ...) -> None: ...
+    keep: bool
+    def __init__(self, step_id: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class CheckpointReply(_message.Message):
     __slots__ = ("step_id", "version", "state_sha256", "state_bytes")

@@ -38,7 +38,7 @@ class ServerEndpoint(Protocol):
 
     link: Link
 
-    def checkpoint(self, step_id: int) -> ServerHalfRecord: ...
+    def checkpoint(self, step_id: int, keep: bool = False) -> ServerHalfRecord: ...
 
     def restore(self, record: ServerHalfRecord, step_id: int) -> None: ...
 
@@ -52,7 +52,7 @@ class InProcessServer:
         self.worker = worker
         self.link = LocalLink(worker)
 
-    def checkpoint(self, step_id: int) -> ServerHalfRecord:
+    def checkpoint(self, step_id: int, keep: bool = False) -> ServerHalfRecord:
         return ServerHalfRecord(self.server_state())
 
     def restore(self, record: ServerHalfRecord, step_id: int) -> None:

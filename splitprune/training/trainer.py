@@ -96,9 +96,11 @@ class Trainer:
         self.progress.wall_seconds = self._wall_before + time.perf_counter() - self._clock
         return self.progress
 
-    def _model_and_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-        """Model weights (device.*, and server.* when the half is here), training state, meta."""
-        server = self.endpoint.checkpoint(self.device.step_id)  # a remote server saves its half where it runs
+    def _model_and_state(self, keep: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """Model weights (device.*, and server.* when the half is here), training state, meta.
+
+        A remote server saves its half where it runs; `keep` asks it to keep that save past its rotation."""
+        server = self.endpoint.checkpoint(self.device.step_id, keep)
         model = {**module_tensors("device", self.device.half),
                  **{k: v for k, v in server.tensors.items() if k.startswith("server.")}}
         state = {k: v for k, v in server.tensors.items() if not k.startswith("server.")}
@@ -230,7 +232,7 @@ class Trainer:
                 self._writer.add_scalar(key, row[key], row["epoch"])
 
     def _save_phase_model(self, phase: Phase) -> None:
-        model, _, meta = self._model_and_state()
+        model, _, meta = self._model_and_state(keep=True)
         meta["budget"] = phase.budget or self.parts.geometry.channels
         write_checkpoint(self.out / "models" / f"budget_{phase.label()}", model, meta)
 

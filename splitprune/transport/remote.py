@@ -217,10 +217,10 @@ class RemoteServer:
         return reply
 
     # ---------------------------------------------------------------- ServerEndpoint
-    def checkpoint(self, step_id: int) -> ServerHalfRecord:
+    def checkpoint(self, step_id: int, keep: bool = False) -> ServerHalfRecord:
         """The server saves its half where it runs; the device keeps only what identifies that save."""
         del step_id  # the device's counter also numbers evaluations; the server counts training steps
-        req = spb.CheckpointRequest(step_id=self.last_step).SerializeToString()
+        req = spb.CheckpointRequest(step_id=self.last_step, keep=keep).SerializeToString()
         reply = spb.CheckpointReply.FromString(self._request(CHECKPOINT, req))
         if reply.step_id != self.last_step or len(reply.state_sha256) != 64:
             raise RemoteError(f"the server saved its half at step {reply.step_id} with digest "

@@ -241,7 +241,8 @@ class SplitService:
                                      f"{record.last_step}")
             version, data = half.state_bytes()
             phase = half.phase_req
-        saved = self.store.save_checkpoint(half.fingerprint, s.client_id, req.step_id, version, data, phase)
+        saved = self.store.save_checkpoint(half.fingerprint, s.client_id, req.step_id, version, data, phase,
+                                           keep=req.keep)
         self.count("checkpoints")
         self.sessions.log("half %s: checkpoint of client %s at step %d (%d bytes)", half.fingerprint, s.client_id,
                           saved.step_id, saved.size)

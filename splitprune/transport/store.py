@@ -3,9 +3,11 @@
 - `DIR/halves/<fingerprint>/`: the whole hosted half (weights, optimizer, random state, the current
   phase, each client's last step id, digest and reply), saved periodically and on shutdown, loaded on
   start, so that clients reconnect and continue where they were.
-- `DIR/checkpoints/<fingerprint>/<sha256(client_id)>/<step_id>.safetensors` (+ `.json`): the half's state
-  (the very file FetchState streams) saved on a client's CheckpointRequest, named by its step id; the
-  newest KEEP_CHECKPOINTS per half and client are kept. A client resumes from one with
+- `DIR/checkpoints/<fingerprint>/<sha256(client_id)>/<step_id>-<digest>.safetensors` (+ `.json`): the
+  half's state (the very file FetchState streams) saved on a client's CheckpointRequest, named by its step
+  id and digest (a phase start changes the half without a step: two saves can share a step id). The
+  newest KEEP_CHECKPOINTS per half and client are kept, and besides them the newest KEEP_MODELS that the
+  client asked to keep (the models a run names, e.g. prune's per budget). A client resumes from one with
   Hello.resume_step_id and its digest.
 
 Every file is written aside and renamed into place, so a crash leaves the previous version intact.
@@ -19,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from splitprune.transport.validation import check_phase_number
 log = logging.getLogger("splitprune.serve")
 HALF_KIND = "splitprune-server-half/1"
 KEEP_CHECKPOINTS = 2          # per half and client
+KEEP_MODELS = 16              # checkpoints a client asked to keep, per half and client
 KEEP_CHECKPOINT_CLIENTS = 64  # per half: the clients whose checkpoints were written longest ago go first
 _FP_RE = re.compile(r"^[0-9a-f]{16}$")
 _PHASE_FIELDS = ("phase", "budget", "lr", "momentum", "weight_decay")
@@ -150,26 +154,47 @@ class HalfStore:
         return self.root / "checkpoints" / fingerprint / hashlib.sha256(client_id.encode()).hexdigest()[:32]
 
     def save_checkpoint(self, fingerprint: str, client_id: str, step_id: int, version: int, data: bytes,
-                        phase: pb.PhaseRequest | None) -> SavedCheckpoint:
+                        phase: pb.PhaseRequest | None, keep: bool = False) -> SavedCheckpoint:
         """A state file (taken under the half's mutex by the caller) written where the server runs."""
         digest = hashlib.sha256(data).hexdigest()
         folder = self._client_folder(fingerprint, client_id)
-        meta = {"client_id": client_id, "step_id": step_id, "version": version, "state_sha256": digest,
-                "state_bytes": len(data), "phase": _phase_dict(phase)}
+        stem = f"{step_id}-{digest[:16]}"
         with self._write_lock:
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(folder / f"{step_id}.safetensors", data)
-            _write_atomically(folder / f"{step_id}.json", json.dumps(meta, indent=2).encode())
+            keep = keep or self._read_meta(folder / f"{stem}.json").get("keep", False)  # saved twice: kept if once
+            meta = {"client_id": client_id, "step_id": step_id, "version": version, "state_sha256": digest,
+                    "state_bytes": len(data), "phase": _phase_dict(phase), "keep": keep, "saved_ns": time.time_ns()}
+            _write_atomically(folder / f"{stem}.safetensors", data)
+            _write_atomically(folder / f"{stem}.json", json.dumps(meta, indent=2).encode())
             self._prune(folder)
             self._prune_clients(folder.parent)
         return SavedCheckpoint(step_id, version, digest, len(data))
 
     @staticmethod
-    def _prune(folder: Path) -> None:
-        steps = sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit())
-        for old in steps[:-KEEP_CHECKPOINTS]:
+    def _read_meta(path: Path) -> dict:
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    @classmethod
+    def _saved(cls, folder: Path, pattern: str = "*.json") -> list[tuple[int, Path, dict]]:
+        """(save time, path without suffix, meta) of the checkpoints in a client's folder, oldest first."""
+        found = []
+        for path in folder.glob(pattern):
+            meta = cls._read_meta(path)
+            found.append((int(meta.get("saved_ns", 0)), path.with_suffix(""), meta))
+        return sorted(found, key=lambda item: item[0])
+
+    @classmethod
+    def _prune(cls, folder: Path) -> None:
+        saved = cls._saved(folder)
+        rotating = [stem for _, stem, meta in saved if not meta.get("keep")]
+        kept = [stem for _, stem, meta in saved if meta.get("keep")]
+        for old in rotating[:-KEEP_CHECKPOINTS] + kept[:-KEEP_MODELS]:
             for suffix in (".json", ".safetensors"):
-                (folder / f"{old}{suffix}").unlink(missing_ok=True)
+                old.with_suffix(suffix).unlink(missing_ok=True)
 
     @staticmethod
     def _prune_clients(folder: Path) -> None:
@@ -182,10 +207,14 @@ class HalfStore:
         """(state tensors, phase in force, digest) of the checkpoint saved at step_id, or None if there is
         none with that digest (an empty digest accepts the one saved at that step)."""
         folder = self._client_folder(half.fingerprint, client_id)
+        pattern = f"{step_id}-{sha256[:16]}.json" if sha256 else f"{step_id}-*.json"
+        saved = self._saved(folder, pattern)
+        if not saved:
+            return None
+        _, stem, meta = saved[-1]  # the newest saved at that step (with that digest)
         try:
-            meta = json.loads((folder / f"{step_id}.json").read_text())
-            data = (folder / f"{step_id}.safetensors").read_bytes()
-        except (OSError, ValueError):
+            data = stem.with_suffix(".safetensors").read_bytes()
+        except OSError:
             return None
         digest = hashlib.sha256(data).hexdigest()
         if digest != meta.get("state_sha256") or (sha256 and sha256 != digest):
