@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import add_config_flags, config_from_args, percent, print_table
+from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_folder, config_from_args, percent,
+                                   print_table)
 
 
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="train a split model (sl, ca, deprune, prune)",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(p)
-    p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/")
+                              description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/ "
+                                                "(a run started again with the same --out resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_remote_flags(p)
+    add_config_flags(p)
     p.set_defaults(run=run)
 
 
@@ -28,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from splitprune.training.trainer import Trainer
 
     cfg = config_from_args(args)
+    check_out_folder(args.out)
     endpoint = None
     if args.server:
         from splitprune.transport.client import connect_for_training
