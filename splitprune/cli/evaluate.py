@@ -43,10 +43,10 @@ def parse_budget(text: str | None, trained: int, channels: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    overrides = flag_values(args)  # bad flags are refused before torch is imported
     from splitprune.training.checkpoint import read_meta
     from splitprune.training.evaluation import evaluate_checkpoint
 
-    overrides = flag_values(args)
     meta = read_meta(args.checkpoint)
     budget = parse_budget(args.at_budget, int(meta["budget"]), int(meta["cut_shape"][0]))
     dtype = overrides.get("dtype_up") or meta["config"]["dtype_up"]

@@ -11,7 +11,7 @@ _HEADER = ["split", "cut C x H x W", "fp32 bytes/sample", "device params", "serv
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help="list models, split points and cut tensor sizes", description=__doc__)
     p.add_argument("--input-size", type=int, default=32, help="square input side in pixels (default 32)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels: 1 or 3 (default 3)")
+    p.add_argument("--in-channels", type=int, default=3, choices=(1, 3), help="input channels: 1 or 3 (default 3)")
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
     p.add_argument("--model", default=None, help="show only this model (default: all)")
     p.set_defaults(run=run)

@@ -88,7 +88,7 @@ def _all_channels_fp32(summary: dict) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    out = check_out_file(args.out or run_dir / "plot.png")
     rows, summary = read_run(run_dir)
+    out = check_out_file(args.out or run_dir / "plot.png")
     print(f"plot: {plot_run(rows, summary, out)}")
     return 0
