@@ -321,3 +321,23 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.reset_low > cfg.reset_high:
         raise UserError(f"reset_low ({cfg.reset_low:g}) must not exceed reset_high ({cfg.reset_high:g})")
     _check_schedule(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- advice
+SETTLED_STEPS = 1000  # below this many steps at a constant lr, BatchNorm running statistics lag (measured, README)
+
+
+def short_run_warning(cfg: RunConfig, steps: int) -> str | None:
+    """Why a short run's test accuracy reads far below its training accuracy, or None.
+
+    Every test evaluation uses BatchNorm running statistics (momentum 0.1 in the backbone and decoder), which
+    lag weights that still change fast at the end of a short run at a constant lr. Measured (ca B=4, Fashion-MNIST,
+    1 thread): 57 steps: 22% test, 66% with the statistics recomputed for the final weights; 189 steps: 57% vs
+    66%; with --lr-schedule cosine at 189 steps: 80.2% vs 80.7%.
+    """
+    if cfg.lr_schedule != "constant" or steps >= SETTLED_STEPS:
+        return None
+    return (f"only {steps} training steps at a constant lr: BatchNorm running statistics, which every test "
+            "evaluation uses, still lag the weights, so test accuracy reads far below what the model can do "
+            "(measured: 22% instead of 66% after 57 steps, 57% instead of 66% after 189). For short runs use "
+            "--lr-schedule cosine (each phase ends with small steps), or train for more steps.")

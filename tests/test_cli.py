@@ -130,3 +130,8 @@ def test_help_does_not_import_torch(command):
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_short_constant_lr_run_says_why_its_test_accuracy_lags(capsys, tmp_path):
+    assert main(["train", "--method", "ca", "--epochs", "1", *TINY_FLAGS, "--out", str(tmp_path / "run")]) == 0
+    assert "warning: only 4 training steps at a constant lr: BatchNorm running statistics" in capsys.readouterr().out

@@ -101,3 +101,11 @@ def test_name_lists_match_the_modules_that_use_them():
     assert MODEL_NAMES == tuple(list_models())
     assert DATASET_NAMES == tuple(DATASETS)
     assert WIRE_DTYPE_NAMES == tuple(WIRE_DTYPES)
+
+
+def test_a_short_run_at_a_constant_lr_is_told_why_test_accuracy_lags():
+    from splitprune.config import short_run_warning
+
+    assert "BatchNorm running statistics" in short_run_warning(make_config({}), 57)
+    assert short_run_warning(make_config({}), 5000) is None
+    assert short_run_warning(make_config({"lr_schedule": "cosine"}), 57) is None

@@ -48,10 +48,14 @@ def plot_run(rows: list[dict], summary: dict, out: Path) -> Path:
         lo, hi = own[0]["epoch"] - 0.5, own[-1]["epoch"] + 0.5
         for ax in (acc, traffic):
             ax.axvspan(lo, hi, color=COLORS[i % len(COLORS)], alpha=0.08, lw=0)
-        acc.text((lo + hi) / 2, 0.02, f"B={own[0]['budget']}", ha="center", va="bottom",
-                 transform=acc.get_xaxis_transform(), fontsize=9)
+        for ax in (acc, traffic):
+            ax.text((lo + hi) / 2, 0.02, f"B={own[0]['budget']}", ha="center", va="bottom",
+                    transform=ax.get_xaxis_transform(), fontsize=9)
     acc.plot(epochs, [100 * r["test_accuracy"] for r in rows], "o-", color=COLORS[0], label="test")
     acc.plot(epochs, [100 * r["train_accuracy"] for r in rows], "s--", color="#7f7f7f", label="training (running)")
+    last = 100 * rows[-1]["test_accuracy"]
+    acc.annotate(f"{last:.1f}%", (epochs[-1], last), textcoords="offset points", xytext=(0, 8), ha="center",
+                 fontsize=9, color=COLORS[0])
     acc.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="accuracy per epoch")
     acc.legend(loc="upper left", fontsize=8)
     up, down, total_up, total_down = [], [], 0.0, 0.0
@@ -65,9 +69,9 @@ def plot_run(rows: list[dict], summary: dict, out: Path) -> Path:
     if reference:
         traffic.plot(epochs, [e * reference / 1e6 for e in epochs], ":", color="black",
                      label="uplink sending every channel in fp32\n(computed: images x C x H x W x 4 B)")
-    traffic.set(xlabel="epoch", ylabel="cumulative training traffic (MB)", yscale="log",
-                title="cumulative bytes (log scale)")
-    traffic.legend(loc="lower right", fontsize=8)
+    traffic.set(xlabel="epoch", ylabel="MB since the start (log scale)", yscale="log",
+                title="cumulative training traffic")
+    traffic.legend(loc="center left", fontsize=8)
     for ax in (acc, traffic):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from splitprune.config import make_config, short_run_warning
+
 from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_folder, config_from_args, percent,
                                    print_table)
 
@@ -60,6 +62,9 @@ def print_summary(s: dict) -> None:
     transport = s.get("transport")
     if transport:
         print(f"measured at the socket: {transport_line(transport)}")
+    advice = short_run_warning(make_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
+    if advice:
+        print(f"warning: {advice}")
 
 
 def transport_line(t: dict) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from splitprune.config import Phase, RunConfig, resolve_schedule
+from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
@@ -148,6 +148,9 @@ class Trainer:
         if phase_started:
             self._log(f"resuming {self.out} after epoch {self.progress.epoch}")
         self._open_tensorboard()
+        advice = short_run_warning(self.cfg, len(self.parts.train_loader) * sum(p.epochs for p in self.phases))
+        if advice:
+            self._log(f"warning: {advice}")
         while self.progress.phase < len(self.phases):
             phase = self.phases[self.progress.phase]
             if not phase_started:
