@@ -166,7 +166,8 @@ def describe(name: str) -> str:
     spec, kind, _ = options()[name]
     if spec.choices:
         return "one of " + ", ".join(map(str, spec.choices))
-    text = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping"}[kind]
+    text = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping"}.get(
+        kind, f"a {kind.__name__}")
     bounds = [f"{op} {_show(v)}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le), ("<", spec.lt))
               if v is not None]
     return " ".join([text, " and ".join(bounds)]).strip()
