@@ -1,6 +1,6 @@
 """Run configuration: every method.md default is a field here; YAML files and CLI flags override them.
 
-Each field carries its help, choices and range (an `Option`); `make_config` checks every value against
+Each field carries its help, choices and range (an `options.Option`); `make_config` checks every value against
 them, for YAML files, flags and code alike, and `splitprune train` builds its flags from them. To add a
 setting, add one field:
 
@@ -9,18 +9,17 @@ setting, add one field:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from splitprune.errors import UserError
+from splitprune.options import Option, check_value, field_specs, option, show
 
 METHODS = ("sl", "ca", "deprune", "prune")
 LR_SCHEDULES = ("constant", "cosine")
@@ -39,34 +38,8 @@ METHOD_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class Option:
-    """How one RunConfig field is checked and offered as a flag."""
-
-    help: str
-    choices: tuple | None = None
-    ge: float | None = None           # value >= ge
-    gt: float | None = None           # value > gt
-    le: float | None = None           # value <= le
-    lt: float | None = None           # value < lt
-    default_text: str | None = None   # what the help says the default is, when not the field's default itself
-    flag: str | None = None           # the CLI flag; None: --field-name, "": no flag
-    metavar: str | None = None        # the flag's value in help; None: N (integers), X (numbers), TEXT
-    local: bool = False               # where/how a run executes, not what it computes: not in the fingerprint
-
-
-def option(default, help: str, **spec) -> typing.Any:
-    return field(default=default, metadata={"option": Option(help, **spec)})
-
-
 def _per_method(key: str) -> str:
-    return "per method: " + ", ".join(f"{m} {_show(d[key])}" for m, d in METHOD_DEFAULTS.items())
-
-
-def _show(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value).replace("{budget}", "B")
+    return "per method: " + ", ".join(f"{m} {show(d[key])}" for m, d in METHOD_DEFAULTS.items())
 
 
 @dataclass
@@ -141,69 +114,10 @@ class RunConfig:
         return hashlib.sha256(json.dumps(model_fields(self.to_dict()), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------- options
-@functools.cache
-def options() -> dict[str, tuple[Option, type, bool]]:
-    """Field name -> (its Option, its value type, whether None is allowed), in declaration order."""
-    hints = typing.get_type_hints(RunConfig)
-    out = {}
-    for f in dataclasses.fields(RunConfig):
-        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
-        kind = next(k for k in kinds if k is not type(None))
-        out[f.name] = (f.metadata.get("option") or Option(f.name), typing.get_origin(kind) or kind,
-                       type(None) in kinds)
-    return out
-
-
 def model_fields(values: dict) -> dict:
     """The values that decide what a run computes (the local ones, such as data_dir and threads, left out)."""
-    local = {name for name, (spec, _, _) in options().items() if spec.local}
+    local = {name for name, (spec, _, _) in field_specs(RunConfig).items() if spec.local}
     return {k: v for k, v in values.items() if k not in local}
-
-
-def describe(name: str) -> str:
-    """What a field accepts, in words: 'an integer >= 1', 'one of sl, ca, deprune, prune', ..."""
-    spec, kind, _ = options()[name]
-    if spec.choices:
-        return "one of " + ", ".join(map(str, spec.choices))
-    text = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping"}.get(
-        kind, f"a {kind.__name__}")
-    bounds = [f"{op} {_show(v)}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le), ("<", spec.lt))
-              if v is not None]
-    return " ".join([text, " and ".join(bounds)]).strip()
-
-
-def check_value(name: str, value):
-    """`value` for field `name`, type- and range-checked (ints widen to floats); UserError otherwise."""
-    spec, kind, optional = options()[name]
-    if value is None:
-        if optional:
-            return None
-        raise UserError(f"{name} must be {describe(name)}, not empty")
-    wrong = UserError(f"{name} must be {describe(name)}, got {value!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise wrong
-    if kind is float and not math.isfinite(value):
-        raise wrong
-    if spec.choices and value not in spec.choices:
-        raise wrong
-    for bound, ok in ((spec.ge, lambda b: value >= b), (spec.gt, lambda b: value > b),
-                      (spec.le, lambda b: value <= b), (spec.lt, lambda b: value < b)):
-        if bound is not None and not ok(bound):
-            raise wrong
-    return value
-
-
-def parse_text(name: str, text: str):
-    """A flag's text as field `name`'s type, then checked like any other value."""
-    _, kind, _ = options()[name]
-    try:
-        value = kind(text) if kind in (int, float) else text
-    except ValueError:
-        raise UserError(f"{name} must be {describe(name)}, got {text!r}") from None
-    return check_value(name, value)
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -306,11 +220,10 @@ def load_yaml(path: str) -> dict:
 
 def make_config(values: dict) -> RunConfig:
     """Build a RunConfig from a dict: unknown keys, wrong types and out-of-range values are one clear message."""
-    known = options()
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(field_specs(RunConfig)))
     if unknown:
         raise UserError(f"unknown config option(s): {', '.join(unknown)}")
-    cfg = RunConfig(**{name: check_value(name, value) for name, value in values.items()})
+    cfg = RunConfig(**{name: check_value(RunConfig, name, value) for name, value in values.items()})
     _validate(cfg)
     return cfg
 

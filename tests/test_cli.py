@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from splitprune.cli import main
-from splitprune.config import options
+from splitprune.config import RunConfig
+from splitprune.options import field_specs
 from splitprune.training.checkpoint import read_meta
 
 TINY_FLAGS = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "16", "--test-batch-size", "32",
@@ -43,8 +44,8 @@ def test_train_help_shows_the_real_defaults_once_each(capsys):
                   "per method: sl 0, ca 0, deprune 0, prune 0.9", "(default: 0.0005)", "(default: 0.03)"]:
         assert shown in text, shown
     assert "(default: None)" not in text
-    for name in options():
-        flag = options()[name][0].flag
+    for name in field_specs(RunConfig):
+        flag = field_specs(RunConfig)[name][0].flag
         flag = "--" + name.replace("_", "-") if flag is None else flag
         if flag:  # every field has its flag, listed exactly once among the options
             assert len(re.findall(rf" {re.escape(flag)}[ ,]", text.split("options:")[1])) == 1, flag

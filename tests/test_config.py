@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from splitprune.config import (DATASET_NAMES, MODEL_NAMES, WIRE_DTYPE_NAMES, Option, RunConfig, load_yaml, make_config,
-                               options, parse_text)
+from splitprune.config import DATASET_NAMES, MODEL_NAMES, WIRE_DTYPE_NAMES, RunConfig, load_yaml, make_config
 from splitprune.errors import UserError
+from splitprune.options import Option, field_specs, parse_text
 
 BAD_VALUES = [  # (field, value): each must be refused with a message naming the field
     ("weight_decay", "abc"), ("gate_init", "x"), ("epochs", "3"), ("test_batch_size", 0), ("momentum", -1.0),
@@ -32,7 +32,7 @@ def test_every_field_has_its_help_and_a_type_the_checks_know():
     for f in dataclasses.fields(RunConfig):
         spec = f.metadata.get("option")
         assert isinstance(spec, Option) and len(spec.help) > 10, f"{f.name}: declare it with option(...)"
-        assert options()[f.name][1] in (int, float, str, bool, dict), f.name
+        assert field_specs(RunConfig)[f.name][1] in (int, float, str, bool, dict), f.name
 
 
 def test_default_config_passes_its_own_checks_and_keeps_its_fingerprint():
@@ -51,12 +51,12 @@ def test_integers_widen_to_floats_but_not_the_reverse():
 
 
 def test_flag_text_is_parsed_then_checked_like_any_value():
-    assert parse_text("epochs", "3") == 3
-    assert parse_text("lr", "1e-3") == 1e-3
+    assert parse_text(RunConfig, "epochs", "3") == 3
+    assert parse_text(RunConfig, "lr", "1e-3") == 1e-3
     for name, text in [("epochs", "two"), ("epochs", "0"), ("momentum", "-1"), ("threads", "0"),
                        ("dtype_up", "fp8"), ("lr", "nan")]:
         with pytest.raises(UserError, match=f"^{name} must be "):
-            parse_text(name, text)
+            parse_text(RunConfig, name, text)
 
 
 def test_yaml_values_are_checked_and_1e_minus_2_is_a_number(tmp_path):

@@ -7,8 +7,9 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from splitprune.config import RunConfig, describe, load_yaml, make_config, options, parse_text
+from splitprune.config import RunConfig, load_yaml, make_config
 from splitprune.errors import UserError
+from splitprune.options import describe, field_specs, parse_text, show
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -23,22 +24,22 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def flag_name(name: str) -> str:
-    spec = options()[name][0]
+    spec = field_specs(RunConfig)[name][0]
     return spec.flag if spec.flag is not None else "--" + name.replace("_", "-")
 
 
 def flag_help(name: str, default_text: str | None = None) -> str:
-    spec, kind, _ = options()[name]
+    spec, kind, _ = field_specs(RunConfig)[name]
     default = RunConfig.__dataclass_fields__[name].default
     shown = default_text or spec.default_text or ("on" if default is True else "off" if default is False
-                                                  else f"{default:g}" if isinstance(default, float) else default)
-    accepts = "" if kind in (str, bool) or spec.choices else f"; {describe(name)}"
+                                                  else show(default))
+    accepts = "" if kind in (str, bool) or spec.choices else f"; {describe(RunConfig, name)}"
     return f"{spec.help}{accepts} (default: {shown})".replace("%", "%%")
 
 
 # Flags that take a value, flag -> (field, type, help); bench.runs writes `splitprune train` commands from it.
-CONFIG_FLAGS = {flag_name(name): (name, kind, spec.help) for name, (spec, kind, _) in options().items()
-                if flag_name(name) and kind in (int, float, str)}
+CONFIG_FLAGS = {flag_name(name): (name, kind, spec.help)
+                for name, (spec, kind, _) in field_specs(RunConfig).items() if flag_name(name) and kind in (int, float, str)}
 
 
 METAVARS = {int: "N", float: "X"}
@@ -48,11 +49,11 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | Non
                      default_text: dict[str, str] | None = None, yaml_file: bool = True,
                      title: str = "run configuration") -> None:
     """One flag per RunConfig field (or per field in `names`); their text is checked by config.parse_text."""
-    names = [n for n in (names or options()) if flag_name(n)]
+    names = [n for n in (names or field_specs(RunConfig)) if flag_name(n)]
     group = parser.add_argument_group(title, "any of these can also be set in a --config YAML file"
                                       if yaml_file else None)
     for name in names:
-        spec, kind, _ = options()[name]
+        spec, kind, _ = field_specs(RunConfig)[name]
         text = flag_help(name, (default_text or {}).get(name))
         if kind is bool:
             group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
@@ -71,7 +72,7 @@ def flag_values(args: argparse.Namespace) -> dict:
     for name in args.config_options:
         value = getattr(args, name)
         if value is not None:
-            values[name] = parse_text(name, value) if isinstance(value, str) else value
+            values[name] = parse_text(RunConfig, name, value) if isinstance(value, str) else value
     return values
 
 
