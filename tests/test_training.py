@@ -175,7 +175,7 @@ def _cli(capsys, *argv):
     (["--method", "prune"], "needs --from"),
     (["--method", "prune", "--from", "/nonexistent"], "no checkpoint at /nonexistent"),
     (["--model", "vgg99"], "vgg11_bn_compact"),
-    (["--dtype-up", "int3"], "unknown wire dtype"),
+    (["--dtype-up", "int3"], "dtype_up must be one of fp32, fp16, int8, int4"),
 ])
 def test_bad_input_gets_one_clear_message_and_exit_2(capsys, tmp_path, argv, message):
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--train-subset", "32",

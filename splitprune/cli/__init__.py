@@ -17,16 +17,20 @@ SUBCOMMANDS = {
     "link": "link",
     "bench": "bench",
     "pull": "pull",
+    "plot": "plot",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only`, just that subcommand (others' modules are not imported)."""
     parser = argparse.ArgumentParser(
         prog="splitprune",
         description="Compression-aware split learning and split inference (deprune / prune), "
                     "in-process or over gRPC, with every byte on the wire counted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(f"splitprune.cli.{module_name}")
         except ModuleNotFoundError as exc:  # a subcommand not written yet
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -5,18 +5,24 @@ import argparse
 import json
 from pathlib import Path
 
-from splitprune.cli.common import percent
+from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_file, flag_values, percent,
+                                   write_text_atomic)
 from splitprune.errors import UserError
+
+# run-config fields eval can change from the checkpoint's own (everything else is as trained)
+OVERRIDES = ("dtype_up", "data_dir", "test_subset", "test_batch_size", "threads")
+AS_TRAINED = {"dtype_up": "as trained", "data_dir": "as trained", "test_batch_size": "as trained"}
 
 
 def add_parser(subparsers, name: str) -> None:
-    p = subparsers.add_parser(name, help="evaluate a checkpoint at a budget and wire dtype", description=__doc__)
+    p = subparsers.add_parser(name, help="evaluate a checkpoint at a budget and wire dtype", description=__doc__,
+                              formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder holding checkpoint/")
-    p.add_argument("--budget", help="channels kept, up to the trained budget, or 'all' (default: the trained one)")
-    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8", "int4"], help="uplink dtype (default: as trained)")
-    p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
-    p.add_argument("--test-subset", type=int, help="evaluate on N test images (default: all)")
+    p.add_argument("--budget", dest="at_budget", metavar="BUDGET",
+                   help="channels kept, up to the trained budget, or 'all' (default: the trained one)")
     p.add_argument("--out", help="write the result JSON here (default: next to the checkpoint)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, OVERRIDES, AS_TRAINED, yaml_file=False, title="changes to the trained configuration")
     p.set_defaults(run=run)
 
 
@@ -37,14 +43,16 @@ def parse_budget(text: str | None, trained: int, channels: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    overrides = flag_values(args)  # bad flags are refused before torch is imported
     from splitprune.training.checkpoint import read_meta
     from splitprune.training.evaluation import evaluate_checkpoint
 
     meta = read_meta(args.checkpoint)
-    budget = parse_budget(args.budget, int(meta["budget"]), int(meta["cut_shape"][0]))
-    result = evaluate_checkpoint(meta, budget, args.dtype_up, args.data_dir, args.test_subset)
-    out = Path(args.out) if args.out else Path(meta["_folder"]) / f"eval_budget{budget}_{result['dtype_up']}.json"
-    out.write_text(json.dumps(result, indent=2))
+    budget = parse_budget(args.at_budget, int(meta["budget"]), int(meta["cut_shape"][0]))
+    dtype = overrides.get("dtype_up") or meta["config"]["dtype_up"]
+    out = check_out_file(args.out or Path(meta["_folder"]) / f"eval_budget{budget}_{dtype}.json")
+    result = evaluate_checkpoint(meta, budget, progress=not args.quiet, **overrides)
+    write_text_atomic(out, json.dumps(result, indent=2))
     print(f"budget {budget} of {meta['cut_shape'][0]} channels, uplink {result['dtype_up']}: "
           f"test accuracy {percent(result['test_accuracy'])} on {result['test_samples']} images; "
           f"uplink {result['bytes_per_sample']:.1f} B/sample (batch {result['batch_size']}), "

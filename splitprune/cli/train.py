@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import add_config_flags, config_from_args, percent, print_table
+from splitprune.config import make_config, short_run_warning
 from splitprune.errors import UserError
+
+from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_folder, config_from_args, percent,
+                                   print_table)
 
 
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="train a split model (sl, ca, deprune, prune)",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(p)
-    p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/")
+                              description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/ "
+                                                "(a run started again with the same --out resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_remote_flags(p)
+    add_config_flags(p)
     p.set_defaults(run=run)
 
 
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.measure_socket and not args.server:
         raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
+    check_out_folder(args.out)
     endpoint = None
     if args.server:
         from splitprune.transport.client import connect_for_training
@@ -65,6 +70,9 @@ def print_summary(s: dict) -> None:
     transport = s.get("transport")
     if transport:
         print(traffic_lines(transport))
+    advice = short_run_warning(make_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
+    if advice:
+        print(f"warning: {advice}")
 
 
 def traffic_lines(t: dict) -> str:

@@ -6,6 +6,7 @@ geometry, classes, budget) and, for resumable runs, state.safetensors + progress
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ def write_checkpoint(folder: str | Path, model: dict[str, torch.Tensor], meta: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(model, str(tmp / MODEL_FILE))
+    meta = {**meta, SEAL_KEY: seal(tmp / MODEL_FILE, meta)}
     if state is not None:
         save_file(state, str(tmp / STATE_FILE))
     (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
@@ -92,6 +94,7 @@ def read_meta(folder: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} is not a splitprune checkpoint (format {FORMAT})")
     meta["_folder"] = str(folder)
+    check_seal(meta)
     return meta
 
 
@@ -103,3 +106,46 @@ def read_tensors(folder: str | Path, name: str = MODEL_FILE) -> dict[str, torch.
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"checkpoint file {path} is damaged: {exc}") from None
+
+
+# ---------------------------------------------------------------- seal: meta.json bound to the weights it describes
+SEAL_KEY = "seal"
+SEALED_META = ("budget", "num_classes", "in_channels", "cut_shape", "wire_shape")
+
+
+def seal(model_file: Path, meta: dict) -> str:
+    """sha256 of the weights file together with what meta.json says about them: budget, shapes and the
+    training configuration (not where the data lives). An edited budget no longer matches."""
+    from splitprune.config import model_fields
+
+    digest = hashlib.sha256()
+    with open(model_file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    described = {key: meta.get(key) for key in SEALED_META}
+    described["config"] = model_fields(meta.get("config") or {})
+    digest.update(json.dumps(described, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_seal(meta: dict) -> None:
+    """Refuse a checkpoint whose meta.json was edited (or whose weights were swapped) since it was saved.
+    Checkpoints saved before seals existed carry none and are read as they are."""
+    if SEAL_KEY not in meta:
+        return
+    model_file = Path(meta["_folder"]) / MODEL_FILE
+    try:
+        matches = seal(model_file, meta) == meta[SEAL_KEY]
+    except OSError as exc:
+        raise UserError(f"checkpoint file {model_file} cannot be read: {exc.strerror or exc}") from None
+    if not matches:
+        raise UserError(f"checkpoint {meta['_folder']}: {META_FILE} does not describe {MODEL_FILE} (edited after "
+                        "saving, or files from two checkpoints); its budget and settings cannot be trusted")
+
+
+def check_start_budget(checkpoint: str | Path, budget: int) -> None:
+    """A run starting from `checkpoint` (prune) may keep at most the channels that model was trained to send."""
+    trained = int(read_meta(checkpoint)["budget"])
+    if budget > trained:
+        raise UserError(f"checkpoint {checkpoint} was trained for budget {trained}: a first phase at budget {budget} "
+                        f"would send channels it never learned to use; start at {trained} or fewer")

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from splitprune.config import Phase, RunConfig, resolve_schedule
+from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
-from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
-                                            read_meta, read_tensors, write_checkpoint)
+from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
+                                            optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.models import cut_shape
 from splitprune.training.setup import (InProcessServer, RunParts, ServerEndpoint, ServerHalfRecord, build_run,
                                        input_channels)
@@ -36,9 +36,10 @@ class EvalResult:
     single_sample_bytes_up: int    # one inference request holding one sample
 
 
-def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None) -> EvalResult:
+def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None,
+             progress: bool = False) -> EvalResult:
     correct = samples = up = down = 0
-    for x, y in loader:
+    for x, y in _bar(loader, "evaluating", progress):
         predictions, sent, received = device.predict(x, link, budget)
         correct += int((predictions == y).sum())
         samples, up, down = samples + len(y), up + sent, down + received
@@ -67,6 +68,8 @@ class Trainer:
         self.out = Path(out)
         channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
+        if cfg.method == "prune":
+            check_start_budget(cfg.from_checkpoint, self.phases[0].budget or channels)
         self._clock = min(time.perf_counter(), getattr(endpoint, "opened_at", math.inf))  # connecting counts too
         self._wall_before = 0.0  # wall seconds of earlier processes of this run
         self.parts = parts or build_run(cfg, server=endpoint is None)  # a remote run builds the device side only
@@ -163,6 +166,9 @@ class Trainer:
         if phase_started:
             self._log(f"resuming {self.out} after epoch {self.progress.epoch}")
         self._open_tensorboard()
+        advice = short_run_warning(self.cfg, len(self.parts.train_loader) * sum(p.epochs for p in self.phases))
+        if advice:
+            self._log(f"warning: {advice}")
         while self.progress.phase < len(self.phases):
             phase = self.phases[self.progress.phase]
             if not phase_started:
@@ -189,9 +195,7 @@ class Trainer:
         loader.set_epoch(p.epoch)
         totals = {"samples": 0, "loss": 0.0, "correct": 0, "up": 0, "down": 0}
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {p.epoch + 1} B={phase.label()}", leave=False, unit="batch",
-                   disable=not self.show_progress, dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
+        bar = _bar(loader, f"epoch {p.epoch + 1} B={phase.label()}", self.show_progress)
         done = p.epoch_in_phase * len(loader)
         for index, (x, y) in enumerate(bar):
             scale = lr_scale(self.cfg.lr_schedule, done + index, phase.epochs * len(loader))
@@ -209,7 +213,7 @@ class Trainer:
                             up=_megabytes(totals["up"]), down=_megabytes(totals["down"]),
                             refresh=False)  # the bar redraws at its own interval: logs stay short
         seconds = time.perf_counter() - start
-        result = evaluate(self.device, self.endpoint.link, self.parts.test_loader)
+        result = evaluate(self.device, self.endpoint.link, self.parts.test_loader, progress=self.show_progress)
         eval_seconds = time.perf_counter() - start - seconds
         n = max(totals["samples"], 1)
         row = {"epoch": p.epoch + 1, "phase": p.phase, "budget": phase.label(),
@@ -301,6 +305,11 @@ def lr_scale(schedule: str, step: int, steps: int) -> float:
     if schedule == "cosine":
         return max(0.5 * (1.0 + math.cos(math.pi * step / steps)), 1e-6)
     return 1.0
+
+
+def _bar(loader, desc: str, show: bool) -> tqdm:
+    return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not show, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
 
 
 def _megabytes(n: int) -> str:
