@@ -311,8 +311,8 @@ def test_handshake_and_ordering_errors(server):
         ([hello_bytes(cfg, "h6", wire_shape=[256, 4, 4])], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h7", max_budget=1000)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h8", num_classes=1)], grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
-        ([hello_bytes(small_config(input_size=100_000), "h13", fingerprint="")], grpc.StatusCode.INVALID_ARGUMENT,
-         "BAD_HANDSHAKE"),  # would need terabytes: refused before anything is allocated
+        ([hello_bytes(cfg, "h13", config_json=json.dumps({**cfg.to_dict(), "input_size": 100_000}), fingerprint="")],
+         grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),  # would need terabytes: refused before anything is built
         ([hello_bytes(cfg, "h14", config_json='{"model": "no-such-model"}', fingerprint="")],
          grpc.StatusCode.INVALID_ARGUMENT, "BAD_HANDSHAKE"),
         ([hello_bytes(cfg, "h9"), PHASE0, train_bytes(2), train_bytes(2, n=3)], grpc.StatusCode.FAILED_PRECONDITION,
