@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from splitprune.errors import UserError
 from splitprune.transport.fuzzing import Fuzzer
 
 # ---------------------------------------------------------------- the benchmark
@@ -108,6 +109,8 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
 
 def run(profile: str, out: Path, messages: int = DEFAULT_MESSAGES) -> dict:
     """`splitprune bench fuzz [--messages N]`: the quick and paper profiles both send N cases on the CPU."""
+    if messages < 1:
+        raise UserError(f"--messages >= 1, got {messages}")
     return soak(messages, Path(out))
 
 
