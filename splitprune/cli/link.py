@@ -9,6 +9,7 @@ import time
 from splitprune.errors import UserError
 from splitprune.transport.addresses import format_hostport, parse_hostport
 from splitprune.transport.link import LinkProfile, LinkProxy
+from splitprune.transport.trace import LinkTrace, builtin_traces
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -21,6 +22,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
             "Forward every TCP connection made to --listen to --upstream through an emulated link: "
             "each direction is serialized at --rate-mbit (one rate shared by all connections, like one "
             "Wi-Fi link), then delayed by --delay-ms (+- --jitter-ms, never reordering bytes). "
+            "With --trace, rate and delay follow a schedule over time instead (CSV: seconds,rate_mbit,delay_ms). "
             "Byte-transparent: put it between a `splitprune infer`/`train` client and `splitprune serve`. "
             "Runs until Ctrl-C or SIGTERM."
         ),
@@ -34,6 +36,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=float, default=0.0, metavar="D", help="one-way delay in ms (default 0)")
     p.add_argument("--jitter-ms", type=float, default=0.0, metavar="J",
                    help="uniform +-jitter on the delay in ms, at most --delay-ms (default 0)")
+    p.add_argument("--trace", default=None, metavar="FILE|NAME",
+                   help="replay a rate/delay schedule: a CSV file (seconds,rate_mbit,delay_ms) or a built-in "
+                        f"trace ({', '.join(builtin_traces())}); replaces --rate-mbit, --delay-ms and --jitter-ms")
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter generator (default 0)")
     p.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="seconds between status lines (default 5; 0 = no status lines)")
@@ -59,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
     upstream = parse_hostport(args.upstream, default_host=DEFAULT_HOST)
     if upstream[1] == 0:
         raise UserError("--upstream needs a port other than 0")
+    trace = LinkTrace.load(args.trace) if args.trace is not None else None
+    if trace is not None and (args.rate_mbit is not None or args.delay_ms or args.jitter_ms):
+        raise UserError("--trace replaces --rate-mbit, --delay-ms and --jitter-ms: give one or the other")
     profile = LinkProfile(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
 
-    proxy = LinkProxy(listen, upstream, profile, seed=args.seed).start()
+    proxy = LinkProxy(listen, upstream, profile, seed=args.seed, trace=trace).start()
     t_start = time.monotonic()
     stop = threading.Event()
     old_term = None
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             pass
         print(f"splitprune link: listening on {format_hostport(proxy.address)} -> {format_hostport(upstream)} "
-              f"({profile.describe()})", flush=True)
+              f"({proxy.describe()})", flush=True)
         last_t, last = t_start, proxy.counters()
         while not stop.wait(0.25):  # short waits keep Ctrl-C / SIGTERM responsive
             now = time.monotonic()
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             c = proxy.counters()
             dt = now - last_t
-            print(f"[{now - t_start:7.1f}s] up {_fmt_bytes(c.bytes_up)} ({_mbit(c.bytes_up - last.bytes_up, dt):.2f} Mbit/s)"
+            now_rate = f"  link {trace.mbit_at(proxy.elapsed()):g} Mbit/s" if trace is not None else ""
+            print(f"[{now - t_start:7.1f}s]{now_rate} up {_fmt_bytes(c.bytes_up)} ({_mbit(c.bytes_up - last.bytes_up, dt):.2f} Mbit/s)"
                   f"  down {_fmt_bytes(c.bytes_down)} ({_mbit(c.bytes_down - last.bytes_down, dt):.2f} Mbit/s)"
                   f"  connections {c.connections}", flush=True)
             last_t, last = now, c

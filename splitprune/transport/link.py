@@ -21,6 +21,10 @@ read ahead per connection; beyond that it stops reading from the sender, whose T
 pushes back (like a lossless link with a short queue). It does not emulate loss, reordering, the
 TCP handshake (connecting through the proxy costs no extra RTT) or MTU effects.
 
+With a ``LinkTrace`` (``splitprune link --trace``) the rate and the delay follow the trace's schedule:
+a chunk's serialization time integrates the rate as it changes, and its delay is the one in force when it
+finishes serializing (releases stay in order when the delay drops).
+
 Half-closes (FIN) are forwarded after the data before them (and after the delay); a reset or error
 on either socket aborts both sockets of that connection only. Counters count bytes delivered to the
 far side: ``bytes_up`` client -> upstream, ``bytes_down`` upstream -> client.
@@ -41,8 +45,9 @@ from dataclasses import dataclass
 
 from splitprune.errors import UserError
 from splitprune.transport.addresses import format_hostport, parse_hostport
+from splitprune.transport.trace import LinkTrace
 
-__all__ = ["LinkProfile", "LinkCounters", "LinkProxy", "parse_hostport", "format_hostport"]
+__all__ = ["LinkProfile", "LinkCounters", "LinkProxy", "LinkTrace", "parse_hostport", "format_hostport"]
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +116,34 @@ class LinkCounters:
     connections: int = 0
 
 
+class _Schedule:
+    """Rate and delay over loop time: constant (a LinkProfile) or following a LinkTrace from `t0`."""
+
+    def __init__(self, profile: LinkProfile, trace: LinkTrace | None, t0: float):
+        self.trace = trace
+        self.t0 = t0
+        self.rate = profile.rate_bytes_per_s
+        self.delay = profile.delay_ms / 1000.0
+        self.max_rate = max(trace.rates) if trace is not None else self.rate  # None = unlimited
+
+    def rate_at(self, now: float) -> float:
+        return self.trace.rate_at(now - self.t0) if self.trace is not None else self.rate
+
+    def delay_at(self, when: float) -> float:
+        return self.trace.delay_at(when - self.t0) if self.trace is not None else self.delay
+
+    def finish(self, start: float, nbytes: int) -> float:
+        if self.trace is None:
+            return start + nbytes / self.rate
+        return self.t0 + self.trace.finish(start - self.t0, nbytes)
+
+
 class _Serializer:
     """One direction of the link: a virtual-clock FIFO shared by all connections, round-robin."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, rate_bytes_per_s: float):
+    def __init__(self, loop: asyncio.AbstractEventLoop, schedule: _Schedule):
         self.loop = loop
-        self.inv_rate = 1.0 / rate_bytes_per_s
-        self.chunk = int(min(_MAX_CHUNK, max(_MIN_CHUNK, rate_bytes_per_s * _CHUNK_SECONDS)))
-        self.backlog = max(_BACKLOG_SECONDS, 2 * self.chunk * self.inv_rate)
+        self.schedule = schedule
         self.vt = -math.inf  # loop time at which everything scheduled so far has been serialized
         self.active: collections.deque[_Pipe] = collections.deque()
         self.timer: asyncio.TimerHandle | None = None
@@ -133,18 +158,21 @@ class _Serializer:
     def step(self) -> None:
         self.timer = None
         now = self.loop.time()
-        while self.active and self.vt - now < self.backlog:
+        rate = self.schedule.rate_at(now)
+        chunk = int(min(_MAX_CHUNK, max(_MIN_CHUNK, rate * _CHUNK_SECONDS)))
+        backlog = max(_BACKLOG_SECONDS, 2 * chunk / rate)
+        while self.active and self.vt - now < backlog:
             pipe = self.active.popleft()
             if pipe.dead or not pipe.pending:
                 pipe.in_active = False
                 continue
-            self.vt = pipe.take(self.chunk, self.vt, self.inv_rate)
+            self.vt = pipe.take(chunk, self.vt, self.schedule)
             if pipe.pending and not pipe.dead:
                 self.active.append(pipe)
             else:
                 pipe.in_active = False
         if self.active:
-            self.timer = self.loop.call_at(self.vt - self.backlog / 2, self.step)
+            self.timer = self.loop.call_at(self.vt - backlog / 2, self.step)
 
     def close(self) -> None:
         if self.timer is not None:
@@ -165,9 +193,9 @@ class _Pipe:
         self.dst = dst
         self.serializer = serializer
         self.up = up
-        self.delay = proxy.profile.delay_ms / 1000.0
+        self.schedule = proxy._schedule
         self.jitter = proxy.profile.jitter_ms / 1000.0
-        rate = proxy.profile.rate_bytes_per_s
+        rate = self.schedule.max_rate
         self.read_ahead = _UNLIMITED_LINE_CAP if rate is None else max(_MIN_READ_AHEAD, int(rate * _READ_AHEAD_SECONDS))
         self.pending: collections.deque[list] = collections.deque()  # [arrival, memoryview]
         self.pending_bytes = 0
@@ -208,7 +236,7 @@ class _Pipe:
             self.eof_queued = True
             self._enqueue(self.eof_at, None)
 
-    def take(self, chunk: int, vt: float, inv_rate: float) -> float:
+    def take(self, chunk: int, vt: float, schedule: _Schedule) -> float:
         """Serialize up to `chunk` pending bytes starting at virtual time `vt`; return the new vt."""
         parts = []
         n = 0
@@ -222,7 +250,7 @@ class _Pipe:
             else:
                 piece = view
                 self.pending.popleft()
-            vt = max(vt, arrival) + len(piece) * inv_rate
+            vt = schedule.finish(max(vt, arrival), len(piece))
             parts.append(piece)
             n += len(piece)
         self.pending_bytes -= n
@@ -234,7 +262,7 @@ class _Pipe:
 
     # -- delay line -------------------------------------------------------------------------------
     def _enqueue(self, serialized_at: float, data: bytes | None) -> None:
-        release = serialized_at + self.delay
+        release = serialized_at + self.schedule.delay_at(serialized_at)
         if self.jitter:
             release += self.proxy._rng.uniform(-self.jitter, self.jitter)
         if release < self.last_release:
@@ -437,9 +465,14 @@ def _check_addr(name: str, addr, allow_port_zero: bool) -> tuple[str, int]:
 class LinkProxy:
     """A TCP proxy emulating one link between clients and an upstream server (see module docstring)."""
 
-    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], profile: LinkProfile, seed: int = 0):
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], profile: LinkProfile, seed: int = 0,
+                 trace: LinkTrace | None = None):
         if not isinstance(profile, LinkProfile):
             raise UserError(f"profile must be a LinkProfile, got {type(profile).__name__}")
+        if trace is not None and profile != LinkProfile():
+            raise UserError("a link follows either a trace or a fixed rate, delay and jitter, not both")
+        self.trace = trace
+        self._schedule: _Schedule | None = None
         self._listen = _check_addr("listen", listen, allow_port_zero=True)
         self._upstream = _check_addr("upstream", upstream, allow_port_zero=False)
         self.profile = profile
@@ -507,19 +540,28 @@ class LinkProxy:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
+    def describe(self) -> str:
+        return self.profile.describe() if self.trace is None else self.trace.describe()
+
+    def elapsed(self) -> float:
+        """Seconds since the link started (the trace's clock)."""
+        if self._loop is None or self._schedule is None:
+            raise RuntimeError("LinkProxy is not started")
+        return self._loop.time() - self._schedule.t0
+
     def __repr__(self) -> str:
         where = format_hostport(self._address or self._listen)
-        return f"LinkProxy({where} -> {format_hostport(self._upstream)}, {self.profile.describe()})"
+        return f"LinkProxy({where} -> {format_hostport(self._upstream)}, {self.describe()})"
 
     # -- loop thread ------------------------------------------------------------------------------
     def _run(self, ready: threading.Event, error: list) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
-            rate = self.profile.rate_bytes_per_s
-            if rate is not None:
-                self._ser_up = _Serializer(loop, rate)
-                self._ser_down = _Serializer(loop, rate)
+            self._schedule = _Schedule(self.profile, self.trace, loop.time())
+            if self._schedule.max_rate is not None:
+                self._ser_up = _Serializer(loop, self._schedule)
+                self._ser_down = _Serializer(loop, self._schedule)
             host, port = self._listen
             try:
                 self._server = loop.run_until_complete(

@@ -1,0 +1,194 @@
+"""The device's budget controller: estimate the link from its own requests, pick what fits a deadline.
+
+Pure Python (no torch, no sockets, no clock): the caller feeds it what it already knows about each
+finished request (bytes up and down, the latency it measured, the compute time the server reported,
+when it finished) and asks which option to use next. Tests replay recorded sequences.
+
+The link model is that of a request over one serialized link:
+``latency - server = base + bytes * per_byte`` (``base`` the round trip, ``per_byte`` one over the rate).
+Both are fitted on the requests of the last ``window`` seconds (at least the last ``min_points``) with the
+Theil-Sen estimator: ``per_byte`` is the median slope over pairs of requests whose sizes differ by at
+least ``spread``, ``base`` the median of ``latency - server - bytes * per_byte``. Medians make one noisy
+request move nothing. Requests of one size cannot tell the round trip from the rate: while the window has
+no such pair the last fitted ``per_byte`` is kept (a prior of ``1 / prior_rate`` before any), and
+``base`` still follows the current requests, so a change in delay or rate shows at once in the
+prediction for the option in use.
+
+Choosing: the best option whose predicted latency is within ``safety * target`` wins, with two brakes so
+that a steady link does not make the choice oscillate: stepping up goes one option at a time and only
+after ``hold`` seconds without a step down, and it needs the prediction within ``up_margin * target``.
+Stepping down has no brake: a prediction over the target, or a request that missed it, moves down to
+the best option that fits right away (at least one option down after a miss). When even the smallest
+option cannot meet the target (a target below the round-trip time) the smallest is used and
+``Decision.impossible`` says so.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from splitprune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to send a request: a budget and an uplink dtype, and the bytes that puts on the wire."""
+
+    budget: int
+    dtype: str
+    bytes_up: int
+    bytes_down: int
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+    def label(self) -> str:
+        return f"B={self.budget} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A finished request as the device saw it."""
+
+    at: float              # when it finished, seconds on the caller's monotonic clock
+    bytes_up: int
+    bytes_down: int
+    seconds: float         # latency measured by the device, send to reply
+    server_seconds: float  # compute time the server reported for it
+
+
+@dataclass(frozen=True)
+class Decision:
+    option: Option
+    index: int
+    predicted_seconds: float
+    impossible: bool = False   # even the smallest option's prediction misses the target
+
+
+@dataclass
+class LinkEstimate:
+    rtt: float | None          # the fitted base: round trip plus fixed per-request costs
+    rate: float | None         # bytes per second; None = no request seen yet
+    server: float
+
+
+@dataclass
+class BudgetController:
+    """Options are ordered from the least to the most preferred (e.g. ascending budget)."""
+
+    options: list[Option]
+    target_seconds: float
+    safety: float = 0.8
+    up_margin: float = 0.6
+    hold: float = 1.0
+    window: float = 1.0
+    min_points: int = 8
+    spread: float = 1.5
+    prior_rate: float = 125_000.0      # bytes/s assumed before two sizes were seen (1 Mbit/s)
+    start_index: int = 0
+    _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
+    _per_byte: float = field(default=0.0, init=False)
+    _index: int = field(default=0, init=False)
+    _last_down: float = field(default=-math.inf, init=False)
+    _now: float = field(default=-math.inf, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.options:
+            raise UserError("the budget controller needs at least one option")
+        if not (isinstance(self.target_seconds, (int, float)) and math.isfinite(self.target_seconds)
+                and self.target_seconds > 0):
+            raise UserError(f"the latency target must be a positive number of seconds, got {self.target_seconds!r}")
+        if not 0 < self.up_margin <= self.safety <= 1:
+            raise UserError("need 0 < up_margin <= safety <= 1")
+        if not 0 <= self.start_index < len(self.options):
+            raise UserError(f"start_index must be in 0..{len(self.options) - 1}")
+        self._index = self.start_index
+        self._per_byte = 1.0 / self.prior_rate
+
+    # ---------------------------------------------------------------- estimation
+    def observe(self, obs: Observation) -> None:
+        if obs.seconds < 0 or obs.server_seconds < 0 or obs.bytes_up < 0 or obs.bytes_down < 0:
+            raise ValueError(f"an observation cannot be negative: {obs}")
+        self._now = max(self._now, obs.at)
+        size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.server_seconds, 0.0)
+        missed = obs.seconds > self.target_seconds
+        if missed and self._obs:
+            # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
+            # requests from before the change, which would otherwise hold the fit for a whole window.
+            base = self.estimate().rtt
+            self._per_byte = max(self._per_byte, (network - base) / max(size, 1))
+            self._obs.clear()
+        self._obs.append((obs.at, size, network, obs.server_seconds))
+        while len(self._obs) > self.min_points and self._obs[0][0] < self._now - self.window:
+            self._obs.popleft()
+        points = list(self._obs)
+        slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _) in enumerate(points)
+                  for _, s2, n2, _ in points[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
+        if slopes:
+            self._per_byte = max(statistics.median(slopes), 1e-12)
+        if missed and self._index > 0:
+            self._step_down(obs.at)
+
+    def estimate(self) -> LinkEstimate:
+        if not self._obs:
+            return LinkEstimate(None, None, 0.0)
+        base = statistics.median(n - size * self._per_byte for _, size, n, _ in self._obs)
+        server = statistics.median(srv for *_, srv in self._obs)
+        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, server)
+
+    def predict(self, option: Option) -> float:
+        est = self.estimate()
+        if est.rate is None:
+            return 0.0
+        return est.rtt + est.server + option.bytes / est.rate
+
+    # ---------------------------------------------------------------- choosing
+    def _best_fitting(self, limit: float) -> int | None:
+        fitting = [i for i, option in enumerate(self.options) if self.predict(option) <= limit]
+        return max(fitting) if fitting else None
+
+    def _step_down(self, now: float) -> None:
+        best = self._best_fitting(self.safety * self.target_seconds)
+        new = min(self._index - 1, best) if best is not None else 0
+        self._index = max(new, 0)
+        self._last_down = now
+
+    def decide(self) -> Decision:
+        """The option for the next request."""
+        target = self.target_seconds
+        if self._obs:
+            current = self.predict(self.options[self._index])
+            if current > self.safety * target:
+                best = self._best_fitting(self.safety * target)
+                self._index = best if best is not None else 0
+                self._last_down = self._now
+            elif self._index + 1 < len(self.options) and self._now - self._last_down >= self.hold \
+                    and self.predict(self.options[self._index + 1]) <= self.up_margin * target:
+                self._index += 1
+        option = self.options[self._index]
+        predicted = self.predict(option)
+        impossible = bool(self._obs) and self._index == 0 and predicted > target
+        return Decision(option, self._index, predicted, impossible)
+
+
+PRECISION_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+
+
+def option_ladder(budgets: list[int], dtypes: list[str], bytes_for, quality=None) -> list[Option]:
+    """The options worth using, least preferred first: each sends more bytes than the one before and is better.
+
+    `bytes_for(budget, dtype) -> (bytes_up, bytes_down)`. `quality(option)` orders options (e.g. validation
+    accuracy at that budget and dtype); by default more channels win, then more precision. An option that
+    costs more bytes than another without being better (e.g. B=2 fp32 against B=4 int8) is dropped."""
+    quality = quality or (lambda o: (o.budget, PRECISION_BITS.get(o.dtype, 0)))
+    options = sorted((Option(b, d, *bytes_for(b, d)) for b in budgets for d in dtypes),
+                     key=lambda o: (o.bytes, quality(o)))
+    kept: list[Option] = []
+    for option in options:
+        if kept and quality(option) <= quality(kept[-1]):
+            continue
+        kept.append(option)
+    return kept

@@ -1,0 +1,121 @@
+"""The budget controller on simulated request sequences: deterministic, no wall clock, no sockets."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from splitprune.adaptive import BudgetController, Observation, Option, option_ladder
+from splitprune.errors import UserError
+from splitprune.transport.trace import LinkTrace
+
+BUDGETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def wire_bytes(budget: int, dtype: str) -> tuple[int, int]:
+    """A 4x4 cut: 16 values per channel, plus ~100 B of message and framing; the reply is small."""
+    per_value = {"fp32": 4, "fp16": 2, "int8": 1}[dtype]
+    return 100 + 16 * per_value * budget, 40
+
+
+OPTIONS = option_ladder(BUDGETS, ["fp16"], wire_bytes)
+
+
+def simulate(trace: LinkTrace, controller: BudgetController, seconds: float, gap: float = 0.05,
+             server: float = 0.002, noise: float = 0.001, seed: int = 0) -> list[tuple[float, Option, float]]:
+    """Requests one after another (`gap` apart) over the trace's link; returns (start, option, latency)."""
+    rng = random.Random(seed)
+    t, log = 0.0, []
+    while t < seconds:
+        option = controller.decide().option
+        sent = trace.finish(t, option.bytes_up)                      # uplink serialization
+        arrive = sent + trace.delay_at(sent) + server
+        back = trace.finish(arrive, option.bytes_down)
+        latency = back + trace.delay_at(back) - t + abs(rng.gauss(0, noise))
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, server))
+        log.append((t, option, latency))
+        t += latency + gap
+    return log
+
+
+def test_ladder_drops_options_that_cost_more_and_carry_less():
+    ladder = option_ladder([2, 4], ["fp32", "int8"], wire_bytes)
+    assert [o.label() for o in ladder] == ["B=2 int8", "B=4 int8", "B=4 fp32"]   # B=2 fp32 (228 B) > B=4 int8 (164 B)
+    assert [o.bytes for o in ladder] == sorted(o.bytes for o in ladder)
+
+
+def fitting(rate_mbit: float, delay_ms: float, limit: float, server: float = 0.002) -> Option:
+    """The largest option whose latency on this link is within `limit` seconds."""
+    rtt = 2 * delay_ms / 1000
+    return [o for o in OPTIONS if rtt + server + o.bytes / (rate_mbit * 1e6 / 8) <= limit][-1]
+
+
+def test_steady_link_settles_and_does_not_oscillate():
+    trace = LinkTrace.from_rows([(0, 2, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    log = simulate(trace, controller, 30, noise=0.002)
+    settled = [(t, o, lat) for t, o, lat in log if t > 5]
+    assert len({o.budget for _, o, _ in settled}) == 1                 # one choice, held for 25 s
+    chosen = settled[0][1]
+    assert fitting(2, 20, 0.6 * 0.1).budget <= chosen.budget <= fitting(2, 20, 0.8 * 0.1).budget
+    assert all(lat <= 0.1 for _, _, lat in settled)
+
+
+def test_step_down_is_followed_within_one_second():
+    trace = LinkTrace.from_rows([(0, 20, 20), (20, 1, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    log = simulate(trace, controller, 40)
+    before = [o.budget for t, o, _ in log if 15 < t < 20]
+    after = [(t, o, lat) for t, o, lat in log if t >= 21]
+    assert min(before) == 512                                          # 20 Mbit/s carries everything in time
+    assert all(lat <= 0.1 for _, _, lat in after)                      # no miss a second after the drop
+    assert max(o.budget for _, o, _ in after) <= fitting(1, 20, 0.8 * 0.1).budget
+    misses = [t for t, _, lat in log if lat > 0.1]
+    assert misses and all(19.5 <= t < 21 for t in misses)              # only right at the change
+
+
+def test_a_fade_is_followed_down_and_back_up():
+    trace = LinkTrace.from_rows([(0, 10, 20), (10, 0.2, 40), (12, 10, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.15)
+    log = simulate(trace, controller, 25)
+    first_miss = min(t for t, _, lat in log if lat > 0.15)
+    settled_in_fade = [(o, lat) for t, o, lat in log if first_miss + 1.0 <= t < 12]
+    assert settled_in_fade and all(lat <= 0.15 for _, lat in settled_in_fade)
+    assert max(o.budget for o, _ in settled_in_fade) <= fitting(0.2, 40, 0.8 * 0.15).budget
+    recovered = [o.budget for t, o, _ in log if t > 13]
+    assert min(recovered) == 512                                       # back up within a second of the fade's end
+
+
+def test_impossible_target_uses_the_smallest_option_and_says_so():
+    trace = LinkTrace.from_rows([(0, 10, 40)])                         # 80 ms round trip
+    controller = BudgetController(OPTIONS, target_seconds=0.05)
+    simulate(trace, controller, 3)
+    decision = controller.decide()
+    assert decision.index == 0 and decision.option.budget == 1
+    assert decision.impossible
+
+
+def test_no_observation_means_the_start_option():
+    controller = BudgetController(OPTIONS, target_seconds=0.1, start_index=3)
+    decision = controller.decide()
+    assert decision.index == 3 and not decision.impossible
+
+
+def test_a_miss_steps_down_at_once():
+    controller = BudgetController(OPTIONS, target_seconds=0.1, start_index=5)
+    o = OPTIONS[5]
+    controller.observe(Observation(1.0, o.bytes_up, o.bytes_down, 0.3, 0.001))
+    assert controller.decide().index < 5
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_seconds=0), dict(target_seconds=-1),
+                                    dict(target_seconds=float("nan")), dict(target_seconds=0.1, start_index=99),
+                                    dict(target_seconds=0.1, up_margin=0.9, safety=0.8)])
+def test_bad_settings_are_user_errors(kwargs):
+    with pytest.raises(UserError):
+        BudgetController(OPTIONS, **kwargs)
+
+
+def test_no_options_is_a_user_error():
+    with pytest.raises(UserError):
+        BudgetController([], target_seconds=0.1)
