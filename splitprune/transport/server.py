@@ -67,12 +67,12 @@ class ServerHandle:
         self._stopped = True
         self.service.draining = True
         done = self.server.stop(grace)
+        self._stop.set()
+        self._thread.join(timeout=5)  # no periodic save races the final one
         try:
             self.service.save_all()
         finally:
-            self._stop.set()
             done.wait()
-            self._thread.join(timeout=5)
             self.service.discard_temporary()
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -79,6 +79,7 @@ class HalfStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._write_lock = threading.Lock()  # one checkpoint write at a time (never under a half's mutex)
+        self._save_lock = threading.Lock()   # one live save at a time: two would share a temporary folder
 
     # ---------------------------------------------------------------- live saves
     def save(self, half: HostedHalf) -> bool:
@@ -91,8 +92,11 @@ class HalfStore:
             version = half.version
         model = {k: v for k, v in state.items() if k.startswith("server.")}
         rest = {**{k: v for k, v in state.items() if not k.startswith("server.")}, **replies}
-        write_checkpoint(self.root / "halves" / half.fingerprint, model, meta, rest)
-        half.saved_version = version
+        with self._save_lock:
+            if version <= half.saved_version:  # a newer snapshot was written meanwhile
+                return False
+            write_checkpoint(self.root / "halves" / half.fingerprint, model, meta, rest)
+            half.saved_version = version
         return True
 
     @staticmethod
