@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "infer": "infer",
     "link": "link",
     "bench": "bench",
+    "export": "export",
 }
 
 
