@@ -27,7 +27,7 @@ from torch import nn
 
 from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
-from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file
+from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file, onnx_session
 from splitprune.training.halves import DeviceHalf
 
 TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output (values in [0, 1])
@@ -86,18 +86,6 @@ def to_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def ort_session(model: bytes | str, threads: int = 1):
-    """An onnxruntime CPU session limited to `threads` threads (1: the weak-device setting)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def export_budget(half: DeviceHalf, budget: int, scaling: str, dtype: int, images: torch.Tensor,
                   tolerance: float = TOLERANCE) -> ExportedBudget:
     """Export one budget and check it on `images` against the PyTorch device half (unfolded)."""
@@ -108,7 +96,7 @@ def export_budget(half: DeviceHalf, budget: int, scaling: str, dtype: int, image
     onnx_bytes = to_onnx(FoldedDeviceHalf(half, channels, scaling), images[:2])
     with torch.no_grad():
         reference = keep_channels(half(images), channels, channel_mask(half.gate_logits), scaling).numpy()
-    got = ort_session(onnx_bytes).run(None, {INPUT_NAME: images.numpy()})[0]
+    got = onnx_session(onnx_bytes).run(None, {INPUT_NAME: images.numpy()})[0]
     if got.shape != reference.shape:
         raise UserError(f"budget {budget}: the ONNX device half gives shape {list(got.shape)}, "
                         f"PyTorch {list(reference.shape)}; nothing written")

@@ -1,8 +1,9 @@
-"""The manifest of an exported device half (`splitprune export`), read and validated without torch.
+"""An exported device half (`splitprune export`) without torch: its manifest, and how its ONNX files are run.
 
 An export folder holds `manifest.json` and one ONNX file per budget. `splitprune.export` writes it;
 the device package `splitprune-device` reads it with `read_manifest`, which refuses anything
-inconsistent with one clear message (a UserError) before a model is loaded.
+inconsistent with one clear message (a UserError) before a model is loaded. Both run the ONNX files
+through `onnx_session`.
 """
 from __future__ import annotations
 
@@ -93,3 +94,15 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> dict:
                             "model's or export's file?): export again into an empty folder")
     manifest["_folder"] = str(folder)
     return manifest
+
+
+def onnx_session(model: bytes | str, threads: int = 1):
+    """An onnxruntime CPU session on `threads` threads, run sequentially (threads=1: the weak-device setting)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
