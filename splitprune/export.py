@@ -157,7 +157,7 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
     }
 
 
-def test_images(cfg, in_channels: int, count: int) -> tuple[torch.Tensor, dict]:
+def sample_inputs(cfg, in_channels: int, count: int) -> tuple[torch.Tensor, dict]:
     """`count` real test images as the model input, and the input description of the manifest."""
     from splitprune.data import CLASS_NAMES, DATASETS, load_dataset, subset
     from splitprune.data.transforms import BatchTransform, adapt_stats
@@ -191,7 +191,7 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
     tensors = read_tensors(meta["_folder"])
     load_module("device", device, tensors)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
-    images, spec = test_images(cfg, meta["in_channels"], check_images)
+    images, spec = sample_inputs(cfg, meta["in_channels"], check_images)
     dtype = check_dtype_name(cfg.dtype_up)
     exported = [export_budget(device, b, cfg.scaling, dtype, images, tolerance) for b in budgets]
     manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance)
