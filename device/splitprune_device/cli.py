@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="onnxruntime threads (default: 1, the weak-device setting)")
     p.add_argument("--cpu", type=int, help="pin this process to one CPU core (Linux), for steadier timings")
+    p.add_argument("--connect-timeout", type=float, default=20.0,
+                   help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")
     p.add_argument("--out", help="also write predictions and every timing as JSON here")
     p.set_defaults(run=run_infer)
@@ -121,7 +123,8 @@ def run_infer(args: argparse.Namespace) -> int:
     policy = make_policy(args.budget, model.budgets, int(model.manifest.get("trained_budget", 0)))
     names, images, y = load_inputs(args.inputs, args.labels, args.limit)
     model.prepare(images[:1])  # a wrong size or channel count is refused before connecting
-    client = ServerClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca)
+    client = ServerClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
+                          connect_timeout_s=args.connect_timeout)
     try:
         info = check_server(model, client)
         if args.batch_size > info.max_batch:

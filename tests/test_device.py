@@ -1,0 +1,173 @@
+"""splitprune-device: the PyTorch-free device package against a real `splitprune serve` on loopback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from splitprune.compression import ChannelCodec
+from splitprune.config import make_config
+from splitprune.export import kept_indices, sample_inputs
+from splitprune.training.checkpoint import load_module, read_meta, read_tensors
+from splitprune.training.setup import build_workers
+from splitprune.training.step import LocalLink
+from splitprune.transport.testing import ServerProcess, free_port
+from splitprune.wire import WIRE_DTYPES
+
+DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
+sys.path.insert(0, str(DEVICE_DIR))  # the device package, as its wheel would install it
+
+from splitprune_device.cli import main as device_main  # noqa: E402
+from splitprune_device.model import DeviceModel  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    run, _ = exported
+    proc = ServerProcess(free_port(), "--model", str(run),
+                         log_path=tmp_path_factory.mktemp("serve") / "serve.log").start()
+    yield proc
+    proc.stop()
+
+
+def workers(run):
+    """The PyTorch device and server halves of the run, in this process."""
+    meta = read_meta(run)
+    cfg = make_config(meta["config"])
+    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+    tensors = read_tensors(meta["_folder"])
+    load_module("device", device.half, tensors)
+    load_module("server", server.half, tensors)
+    return device, server, cfg
+
+
+def batch_file(tmp_path, count: int = 8) -> tuple[Path, np.ndarray]:
+    from splitprune.data import load_dataset
+
+    test = load_dataset("fashion-mnist", None, train=False)
+    path = tmp_path / "batch.npz"
+    np.savez(path, images=test.images[:count, :, :, 0], labels=test.labels[:count])
+    return path, test.images[:count]
+
+
+def test_device_model_sends_what_the_pytorch_device_sends(exported):
+    run, out = exported
+    device, _, cfg = workers(run)
+    model = DeviceModel(out)
+    x, _ = sample_inputs(cfg, 1, 4)
+    with torch.no_grad():
+        z = device.half.eval()(x)
+        for budget in model.budgets:
+            for dtype in WIRE_DTYPES:
+                device.codec, model.dtype = ChannelCodec(dtype), WIRE_DTYPES[dtype]
+                kept, message = device._encode(z, kept_indices(device.half, budget))
+                assert model.encode(kept.numpy(), budget).SerializeToString() == message.SerializeToString()
+
+
+def test_device_cli_predicts_like_pytorch_and_reports_stages(exported, server, tmp_path, capsys):
+    run, out = exported
+    path, images = batch_file(tmp_path)
+    report = tmp_path / "report.json"
+    rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "1", "--out", str(report),
+                      str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(report.read_text())
+    assert r["images"] == r["requests"] == 8 and r["budgets"] == [1] and r["threads"] == 1
+    assert set(r["latency_ms"]) == {"preprocess", "device", "encode", "round_trip", "server", "total"}
+    assert all(r["latency_ms"][s]["p50"] > 0 for s in r["latency_ms"])
+    assert r["latency_ms"]["round_trip"]["p50"] < r["latency_ms"]["total"]["p50"]
+    assert "device compute (onnx)" in text and "accuracy" in text
+    # the PyTorch device half through the same server half (in-process) predicts the same, for the same bytes
+    device, server_worker, _ = workers(run)
+    link, up = LocalLink(server_worker), 0
+    for i in range(8):
+        x = torch.from_numpy(DeviceModel(out).prepare(images[i:i + 1]))
+        predicted, sent, _ = device.predict(x, link, 1)
+        assert int(predicted[0]) == r["predictions"][i]
+        up += sent
+    assert r["payload_bytes_up"] == up
+
+
+def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, tmp_path, capsys):
+    run, out = exported
+    path, _ = batch_file(tmp_path, 2)
+
+    def refused(args, message):
+        assert device_main(["infer", "--server", server.address, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    big = tmp_path / "big.npy"
+    np.save(big, np.zeros((1, 40, 40), np.uint8))
+    refused(["--model", str(out), str(big)], "images are 40x40 pixels; this model takes 32x32")
+    refused(["--model", str(out), "--budget", "2", "--batch-size", "0", str(path)], "at least 1")
+    refused(["--model", str(out), "--budget", "3", str(path)], "budget 3 was not exported")
+    refused(["--model", str(out), "--budget", "auto", str(path)], "--budget auto needs")
+    refused(["--model", str(tmp_path), str(path)], "manifest.json is missing")
+    # a manifest that is not the one these files were exported with (another model's, or mixed up)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copy(out / "device_b2.onnx", mixed / "device_b1.onnx")
+    refused(["--model", str(mixed), str(path)], "is not the file this manifest was exported with")
+    # a model the server does not host
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0123456789abcdef"}))
+    refused(["--model", str(other), str(path)], "UNKNOWN_MODEL")
+
+
+def test_device_refuses_a_server_whose_half_differs_from_the_export(exported, tmp_path, capsys):
+    run, out = exported
+    changed = tmp_path / "changed" / "checkpoint"
+    shutil.copytree(Path(read_meta(run)["_folder"]), changed)
+    tensors = load_file(str(changed / "model.safetensors"))
+    name = sorted(k for k in tensors if k.startswith("server.") and tensors[k].is_floating_point())[0]
+    tensors[name] = tensors[name] + 0.01  # same config and fingerprint, other weights: "trained further"
+    save_file(tensors, str(changed / "model.safetensors"))
+    proc = ServerProcess(free_port(), "--model", str(changed.parent)).start()
+    try:
+        path, _ = batch_file(tmp_path, 1)
+        assert device_main(["infer", "--server", proc.address, "--model", str(out), str(path)]) == 2
+        assert "is not the one this device half was exported with" in capsys.readouterr().err
+    finally:
+        proc.stop()
+    assert device_main(["infer", "--server", proc.address, "--model", str(out), "--connect-timeout", "1",
+                        str(path)]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_device_package_installs_without_torch_and_infers(exported, server, tmp_path):
+    """A fresh virtualenv with only the device wheel (dependencies from the package registry): no torch in it,
+    and one inference end to end against the real server."""
+    _, out = exported
+    start = time.monotonic()
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(DEVICE_DIR)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              *map(str, wheels.glob("*.whl"))], capture_output=True, text=True)
+    if install.returncode and "onnxruntime" in install.stderr and "No matching distribution" in install.stderr:
+        pytest.skip(f"onnxruntime has no wheel for this platform/Python: {install.stderr.strip().splitlines()[-1]}")
+    assert install.returncode == 0, install.stderr
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0
+    path, _ = batch_file(tmp_path, 4)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the repository
+    res = subprocess.run([str(venv / "bin" / "splitprune-device"), "infer", "--server", server.address,
+                          "--model", str(out), str(path)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "accuracy" in res.stdout and "uplink + server + downlink" in res.stdout
+    assert time.monotonic() - start < 150
