@@ -157,8 +157,8 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
     }
 
 
-def sample_inputs(cfg, in_channels: int, count: int) -> tuple[torch.Tensor, dict]:
-    """`count` real test images as the model input, and the input description of the manifest."""
+def sample_inputs(cfg, in_channels: int, count: int | None) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """`count` real test images (None: all) as the model input, their labels, and the manifest's input spec."""
     from splitprune.data import CLASS_NAMES, DATASETS, load_dataset, subset
     from splitprune.data.transforms import BatchTransform, adapt_stats
 
@@ -170,30 +170,40 @@ def sample_inputs(cfg, in_channels: int, count: int) -> tuple[torch.Tensor, dict
     spec = {"size": cfg.input_size, "in_channels": in_channels, "mean": list(mean), "std": list(std),
             "layout": "NCHW float32 = (uint8 / 255 - mean) / std, images centre-padded to size",
             "classes": ds.classes or CLASS_NAMES.get(cfg.dataset)}
-    return images, spec
+    return images, ds.labels, spec
+
+
+def load_workers(checkpoint: str, data_dir: str | None = None):
+    """The PyTorch device and server workers of a trained checkpoint (eval mode), its config, meta and tensors."""
+    from splitprune.config import make_config
+    from splitprune.training.checkpoint import load_module, read_meta, read_tensors
+    from splitprune.training.setup import build_workers
+
+    meta = read_meta(checkpoint)
+    if "config" not in meta or "num_classes" not in meta:
+        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
+    cfg = make_config({**meta["config"], **({"data_dir": data_dir} if data_dir else {})})
+    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+    tensors = read_tensors(meta["_folder"])
+    load_module("device", device.half, tensors)
+    load_module("server", server.half, tensors)
+    device.half.eval()
+    server.half.eval()
+    return device, server, cfg, meta, tensors
 
 
 def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = None, data_dir: str | None = None,
                       check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
     """Export the device half of `checkpoint` at `budgets` (default: the trained budget) into `out`."""
-    from splitprune.config import make_config
-    from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-    from splitprune.training.halves import build_halves
     from splitprune.wire import check_dtype_name
 
     if check_images < 1:
         raise UserError(f"--check-images must be at least 1, got {check_images}")
-    meta = read_meta(checkpoint)
-    if "config" not in meta or "num_classes" not in meta:
-        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
-    cfg = make_config({**meta["config"], **({"data_dir": data_dir} if data_dir else {})})
-    device, _, geometry = build_halves(cfg, meta["num_classes"], meta["in_channels"])
-    tensors = read_tensors(meta["_folder"])
-    load_module("device", device, tensors)
+    device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
-    images, spec = sample_inputs(cfg, meta["in_channels"], check_images)
+    images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)
     dtype = check_dtype_name(cfg.dtype_up)
-    exported = [export_budget(device, b, cfg.scaling, dtype, images, tolerance) for b in budgets]
+    exported = [export_budget(device.half, b, cfg.scaling, dtype, images, tolerance) for b in budgets]
     manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance)
     write_export(out, manifest, exported)
     return manifest

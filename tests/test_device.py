@@ -13,10 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splitprune.compression import ChannelCodec
-from splitprune.config import make_config
-from splitprune.export import kept_indices, sample_inputs
-from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-from splitprune.training.setup import build_workers
+from splitprune.export import kept_indices, load_workers, sample_inputs
+from splitprune.training.checkpoint import read_meta
 from splitprune.training.step import LocalLink
 from splitprune.transport.testing import ServerProcess, free_port
 from splitprune.wire import WIRE_DTYPES
@@ -41,12 +39,7 @@ def server(exported, tmp_path_factory):
 
 def workers(run):
     """The PyTorch device and server halves of the run, in this process."""
-    meta = read_meta(run)
-    cfg = make_config(meta["config"])
-    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
-    tensors = read_tensors(meta["_folder"])
-    load_module("device", device.half, tensors)
-    load_module("server", server.half, tensors)
+    device, server, cfg, _, _ = load_workers(str(run))
     return device, server, cfg
 
 
@@ -63,7 +56,7 @@ def test_device_model_sends_what_the_pytorch_device_sends(exported):
     run, out = exported
     device, _, cfg = workers(run)
     model = DeviceModel(out)
-    x, _ = sample_inputs(cfg, 1, 4)
+    x, _, _ = sample_inputs(cfg, 1, 4)
     with torch.no_grad():
         z = device.half.eval()(x)
         for budget in model.budgets:

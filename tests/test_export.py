@@ -7,22 +7,16 @@ import torch
 
 from splitprune.cli import main
 from splitprune.compression import ChannelCodec
-from splitprune.config import make_config
 from splitprune.errors import UserError
-from splitprune.export import FoldedDeviceHalf, export_checkpoint, kept_indices, sample_inputs
+from splitprune.export import FoldedDeviceHalf, export_checkpoint, kept_indices, load_workers, sample_inputs
 from splitprune.manifest import INPUT_NAME, read_manifest, onnx_session
-from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-from splitprune.training.setup import build_workers
+from splitprune.training.checkpoint import read_meta, read_tensors
 from splitprune.transport.protocol import weights_digest
 from splitprune.wire import WIRE_DTYPES, encode_values
 
 
 def device_worker(run):
-    meta = read_meta(run)
-    cfg = make_config(meta["config"])
-    device, _, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
-    load_module("device", device.half, read_tensors(meta["_folder"]))
-    device.half.eval()
+    device, _, cfg, meta, _ = load_workers(str(run))
     return device, cfg, meta
 
 
@@ -36,7 +30,7 @@ def test_onnx_device_half_matches_pytorch_and_the_manifest_is_complete(exported)
     assert m["wire_shape"] == meta["wire_shape"] and m["codec"]["dtype_up"] == "fp16"
     assert sorted(m["budgets"]) == ["1", "2"] and m["trained_budget"] == 2
     device, cfg, _ = device_worker(run)
-    x, _ = sample_inputs(cfg, 1, 64)  # more images than the export checked
+    x, _, _ = sample_inputs(cfg, 1, 64)  # more images than the export checked
     for budget in (1, 2):
         channels = kept_indices(device.half, budget)
         assert m["budgets"][str(budget)]["channels"] == channels.tolist()
@@ -57,7 +51,7 @@ def test_numpy_codec_is_byte_identical_to_the_pytorch_device_at_every_budget(exp
     run, _ = exported
     device, cfg, _ = device_worker(run)
     device.codec = ChannelCodec(dtype)
-    x, _ = sample_inputs(cfg, 1, 8)
+    x, _, _ = sample_inputs(cfg, 1, 8)
     with torch.no_grad():
         z = device.half(x)
         channels = device.channels
