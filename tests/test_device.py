@@ -164,3 +164,23 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
     assert res.returncode == 0, res.stderr
     assert "accuracy" in res.stdout and "uplink + server + downlink" in res.stdout
     assert time.monotonic() - start < 150
+
+
+def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
+    from splitprune.transport.testing import make_certificates
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    run, out = exported
+    certs = make_certificates(tmp_path / "certs")
+    proc = ServerProcess(free_port(), "--model", str(run), "--tls-cert", certs.server_cert, "--tls-key",
+                         certs.server_key, "--token", "s3cret").start()
+    try:
+        path, _ = batch_file(tmp_path, 2)
+        base = ["infer", "--server", proc.address, "--model", str(out), "--tls-ca", certs.ca, str(path)]
+        assert device_main([*base, "--token", "s3cret"]) == 0
+        assert "accuracy" in capsys.readouterr().out
+        assert device_main([*base, "--token", "wrong"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        proc.stop()

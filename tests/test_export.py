@@ -116,3 +116,22 @@ def test_manifest_reader_refuses_a_manifest_that_does_not_fit_its_files(exported
         (bad / "manifest.json").write_text(json.dumps({**m, **change}))
         with pytest.raises(UserError, match=message):
             read_manifest(bad, verify_files=False)
+
+
+def test_export_at_resolution_factor_2_and_int4(tmp_path):
+    """The folded encoder keeps the strided geometry: a 512x3x3 wire tensor, int4 (odd value count) uplink."""
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["train", "--method", "ca", "--budget", "3", "--resolution", "2", "--dtype-up", "int4", "--epochs",
+                 "1", "--train-subset", "16", "--test-subset", "16", "--threads", "1", "--quiet",
+                 "--out", str(run)]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--check-images", "16"]) == 0
+    m = read_manifest(out)
+    assert m["wire_shape"] == [512, 3, 3] and m["codec"] == {"dtype_up": "int4", "resolution": 2, "scaling": "paper"}
+    device, cfg, _ = device_worker(run)
+    x, _, _ = sample_inputs(cfg, 1, 16)
+    channels = kept_indices(device.half, 3)
+    with torch.no_grad():
+        kept, message = device._encode(device.half(x), channels)
+    got = onnx_session(str(out / "device_b3.onnx")).run(None, {INPUT_NAME: x.numpy()})[0]
+    assert got.shape == (16, 3, 3, 3) and np.abs(got - kept.numpy()).max() <= m["check"]["tolerance"]
+    assert encode_values(kept.numpy(), np.asarray(m["budgets"]["3"]["channels"]), 512, WIRE_DTYPES["int4"]) == message
