@@ -142,6 +142,7 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "fingerprint": meta["fingerprint"],
         "server_weights_sha256": weights_digest(tensors, "server."),  # = DescribeReply.weights_sha256
         "device_weights_sha256": weights_digest(tensors, "device."),
+        "config": cfg,
         "model": cfg["model"], "split": cfg["split"], "dataset": cfg["dataset"],
         "num_classes": meta["num_classes"], "classes": input_spec.pop("classes"),
         "input": input_spec,
@@ -199,6 +200,8 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
 
     if check_images < 1:
         raise UserError(f"--check-images must be at least 1, got {check_images}")
+    if not tolerance >= 0:
+        raise UserError(f"--tolerance must be 0 or more, got {tolerance}")
     device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
     images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)

@@ -85,6 +85,7 @@ def test_export_cli_refuses_bad_input(exported, tmp_path, capsys):
         (["--budget", "3"], "trained for budget 2"),
         (["--budget", "1,,2"], "separated by commas"),
         (["--check-images", "0"], "at least 1"),
+        (["--tolerance", "-1"], "0 or more"),
     ]
     for extra, message in cases:
         assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "e"), *extra]) == 2
