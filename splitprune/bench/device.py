@@ -167,8 +167,10 @@ def footprint(run: Path, export: Path, images: int = 1000) -> dict:
         command = ["splitprune-device", "infer", "--server", server.address, "--model", str(export),
                    "--labels", str(FASHION / "t10k-labels-idx1-ubyte.gz"), "--limit", str(images), "--out",
                    str(report), str(FASHION / "t10k-images-idx3-ubyte.gz")]
-        subprocess.run([str(VENV_ROOT / "device" / "bin" / command[0]), *command[1:]], check=True,
-                       capture_output=True, env=env, cwd=VENV_ROOT)
+        done = subprocess.run([str(VENV_ROOT / "device" / "bin" / command[0]), *command[1:]], capture_output=True,
+                              text=True, env=env, cwd=VENV_ROOT)
+        if done.returncode:
+            raise RuntimeError(f"splitprune-device infer failed: {done.stderr.strip()}")
         e2e = json.loads(report.read_text())
     finally:
         server.stop()
@@ -184,17 +186,17 @@ def run(profile: str, out: Path) -> dict:
 
     torch.set_num_threads(1)  # the machine is shared; the latency figures are 1-thread figures anyway
     out.mkdir(parents=True, exist_ok=True)
-    model = train_model(out)
-    export = out / "export"
+    model = train_model(out).resolve()
+    export = (out / "export").resolve()
     export_checkpoint(str(model), str(export), BUDGETS)
     results = {"profile": profile, "model_run": str(model), "export": str(export),
                "commands": [(model / "command.txt").read_text().strip(),
                             f"splitprune export --checkpoint {model} --out {export} --budget "
-                            + ",".join(map(str, BUDGETS))],
-               "agreement": agreement(model, export),
-               "latency": latency(model, export, max(BUDGETS)),
-               "footprint": footprint(model, export)}
-    write_results(out, "device", results)
+                            + ",".join(map(str, BUDGETS))]}
+    for name, measure in [("agreement", agreement), ("latency", lambda m, e: latency(m, e, max(BUDGETS))),
+                          ("footprint", footprint)]:
+        results[name] = measure(model, export)
+        write_results(out, "device", results)  # what is measured so far survives a later failure
     table = report(results)
     (out / "device.md").write_text(table)
     print(table)
