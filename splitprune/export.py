@@ -111,11 +111,15 @@ def export_budget(half: DeviceHalf, budget: int, scaling: str, dtype: int, image
     return ExportedBudget(budget, None if channels is None else channels.tolist(), onnx_bytes, diff, same)
 
 
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
+        raise UserError(f"--out {out} exists and is not an export folder: choose a new or empty folder")
+
+
 def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]) -> Path:
     """Write the ONNX files and the manifest aside, then swap the folder in: nothing half-written."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
-        raise UserError(f"--out {out} exists and is not an export folder: choose a new or empty folder")
+    check_out(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -202,6 +206,7 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
         raise UserError(f"--check-images must be at least 1, got {check_images}")
     if not tolerance >= 0:
         raise UserError(f"--tolerance must be 0 or more, got {tolerance}")
+    check_out(Path(out))  # before the work, not after
     device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
     images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)
