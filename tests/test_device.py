@@ -184,3 +184,30 @@ def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
         assert "UNAUTHENTICATED" in capsys.readouterr().err
     finally:
         proc.stop()
+
+
+def test_input_files_are_read_as_uint8_batches(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from splitprune.errors import UserError
+    from splitprune_device.images import read_inputs
+
+    a = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
+    rgb = np.stack([a, a[::-1], a.T], -1)
+    (tmp_path / "a.pgm").write_bytes(b"P5\n# a comment\n28 28\n255\n" + a.tobytes())
+    (tmp_path / "a.ppm").write_bytes(b"P6 28 28 255\n" + rgb.tobytes())
+    Image.fromarray(a).save(tmp_path / "a.png")
+    np.savez(tmp_path / "a.npz", images=np.stack([a, a]), labels=np.array([3, 4]))
+    for name, expected in [("a.pgm", a[None, ..., None]), ("a.png", a[None, ..., None]), ("a.ppm", rgb[None])]:
+        images, labels = read_inputs(tmp_path / name)
+        assert np.array_equal(images, expected) and labels is None
+    images, labels = read_inputs(tmp_path / "a.npz")
+    assert images.shape == (2, 28, 28, 1) and labels.tolist() == [3, 4]
+    images, _ = read_inputs(FASHION / "t10k-images-idx3-ubyte.gz")
+    assert images.shape == (10000, 28, 28, 1)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # a device without Pillow
+    with pytest.raises(UserError, match=r"needs Pillow: pip install 'splitprune-device\[images\]'"):
+        read_inputs(tmp_path / "a.png")
+    (tmp_path / "bad.npy").write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot read"):
+        read_inputs(tmp_path / "bad.npy")
