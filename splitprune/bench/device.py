@@ -164,7 +164,7 @@ def footprint(run: Path, export: Path, images: int = 1000) -> dict:
     try:
         report = VENV_ROOT / "e2e.json"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        command = ["splitprune-device", "infer", "--server", server.address, "--model", str(export),
+        command = ["splitprune-device", "infer", "--server", server.address, "--model", str(export.resolve()),
                    "--labels", str(FASHION / "t10k-labels-idx1-ubyte.gz"), "--limit", str(images), "--out",
                    str(report), str(FASHION / "t10k-images-idx3-ubyte.gz")]
         done = subprocess.run([str(VENV_ROOT / "device" / "bin" / command[0]), *command[1:]], capture_output=True,
@@ -186,8 +186,8 @@ def run(profile: str, out: Path) -> dict:
 
     torch.set_num_threads(1)  # the machine is shared; the latency figures are 1-thread figures anyway
     out.mkdir(parents=True, exist_ok=True)
-    model = train_model(out).resolve()
-    export = (out / "export").resolve()
+    model = train_model(out)
+    export = out / "export"
     export_checkpoint(str(model), str(export), BUDGETS)
     results = {"profile": profile, "model_run": str(model), "export": str(export),
                "commands": [(model / "command.txt").read_text().strip(),
