@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": "bench",
     "pull": "pull",
     "plot": "plot",
+    "export": "export",
 }
 
 

@@ -15,6 +15,7 @@ SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> d
     "resolution": "resolution",
     "rate": "rate",
     "link": "link_time",
+    "device": "device",
     "fuzz": "fuzz",
     "soak": "soak",
     "all": None,

@@ -14,25 +14,12 @@ import torch
 
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
+from splitprune.wire import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES,  # noqa: F401
+                             check_dtype_name, decode_label_array, dtype_name, encode_label_array, encode_values,
+                             unpack_nibbles)
 
-WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4}
-_NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1"), pb.INT4: np.dtype("u1")}
-_LEVELS = {pb.INT8: 255, pb.INT4: 15}  # affine quantisation: q in 0..levels
-MAX_CHANNELS = 65535  # channel indices travel as uint16
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def dtype_name(dtype: int) -> str:
-    for name, value in WIRE_DTYPES.items():
-        if value == dtype:
-            return name
-    raise ProtocolError(f"unknown tensor dtype {dtype}")
-
-
-def check_dtype_name(name: str) -> int:
-    if name not in WIRE_DTYPES:
-        raise ProtocolError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
-    return WIRE_DTYPES[name]
+# WIRE_DTYPES, MAX_MESSAGE_BYTES and dtype_name are imported from here by the runtime; their home is
+# splitprune.wire, the torch-free core shared with the device package.
 
 
 @dataclass(frozen=True)
@@ -65,29 +52,6 @@ class Decoded:
         return out.index_copy_(1, self.channels, self.values)
 
 
-def _quantize(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Affine per channel (axis 1) over all samples and positions of that channel: q in 0..levels."""
-    per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
-    lo = per_channel.min(axis=1) if per_channel.size else np.zeros(values.shape[1], np.float32)
-    hi = per_channel.max(axis=1) if per_channel.size else lo
-    scale = ((hi - lo) / levels).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).reshape(1, -1, 1, 1)
-    q = np.rint((values - lo.reshape(1, -1, 1, 1)) / safe)
-    return np.clip(q, 0, levels).astype(np.uint8), scale, lo.astype(np.float32)
-
-
-def _pack_nibbles(q: np.ndarray) -> bytes:
-    flat = q.reshape(-1)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def _unpack_nibbles(data: bytes, count: int) -> np.ndarray:
-    packed = np.frombuffer(data, dtype=np.uint8)
-    return np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count]
-
-
 class ChannelCodec:
     """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16" or "int8")."""
 
@@ -100,24 +64,9 @@ class ChannelCodec:
 
     def encode(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> pb.EncodedTensor:
         """kept: [N, K, H, W] values of the channels `channels` (ascending; None = all C channels)."""
-        if kept.dim() != 4:
-            raise ProtocolError(f"cut tensors are 4-D [N, C, H, W], got shape {tuple(kept.shape)}")
         values = kept.detach().to(torch.float32).cpu().contiguous().numpy()
-        if not np.isfinite(values).all():
-            raise ProtocolError("refusing to encode non-finite values (NaN or Inf): the training has diverged")
-        n, k, h, w = values.shape
-        msg = pb.EncodedTensor(dtype=self.dtype, shape=[n, num_channels, h, w])
-        if channels is not None and k != num_channels:
-            msg.channels = channels.detach().cpu().numpy().astype("<u2").tobytes()
-        elif k != num_channels:
-            raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
-        if self.dtype in _LEVELS:
-            q, scale, offset = _quantize(values, _LEVELS[self.dtype])
-            msg.data = _pack_nibbles(q) if self.dtype == pb.INT4 else q.tobytes()
-            msg.scales, msg.offsets = scale.astype("<f4").tobytes(), offset.astype("<f4").tobytes()
-        else:
-            msg.data = values.astype(_NUMPY_DTYPES[self.dtype]).tobytes()
-        return msg
+        indices = None if channels is None else channels.detach().cpu().numpy()
+        return encode_values(values, indices, num_channels, self.dtype)
 
     def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> bytes:
         return self.encode(kept, channels, num_channels).SerializeToString()
@@ -174,21 +123,21 @@ def _check_shape(msg: pb.EncodedTensor, spec: TensorSpec | None) -> tuple[int, i
 
 def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Decoded:
     """Validate a tensor message completely and return its values as float32."""
-    if msg.dtype not in _NUMPY_DTYPES:
+    if msg.dtype not in NUMPY_DTYPES:
         raise ProtocolError(f"unknown tensor dtype {msg.dtype}")
     n, c, h, w = _check_shape(msg, spec)
     idx = _decode_channels(msg, c)
     k = idx.size
     if spec is not None and spec.max_kept is not None and k > spec.max_kept:
         raise ProtocolError(f"{k} channels sent but the budget is {spec.max_kept}")
-    np_dtype = _NUMPY_DTYPES[msg.dtype]
+    np_dtype = NUMPY_DTYPES[msg.dtype]
     count = n * k * h * w
     expected = (count + 1) // 2 if msg.dtype == pb.INT4 else count * np_dtype.itemsize
     if len(msg.data) != expected:
         raise ProtocolError(f"tensor data holds {len(msg.data)} bytes, shape and dtype need {expected}")
-    raw = _unpack_nibbles(msg.data, count) if msg.dtype == pb.INT4 else np.frombuffer(msg.data, dtype=np_dtype)
+    raw = unpack_nibbles(msg.data, count) if msg.dtype == pb.INT4 else np.frombuffer(msg.data, dtype=np_dtype)
     values = raw.reshape(n, k, h, w).astype(np.float32)
-    if msg.dtype in _LEVELS:
+    if msg.dtype in LEVELS:
         if len(msg.scales) != 4 * k or len(msg.offsets) != 4 * k:
             raise ProtocolError(f"quantised tensors need {k} float32 scales and offsets")
         scale = np.frombuffer(msg.scales, dtype="<f4").reshape(1, k, 1, 1)
@@ -202,17 +151,8 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
 
 
 def encode_labels(labels: torch.Tensor) -> pb.Labels:
-    y = labels.detach().cpu().numpy()
-    width = 1 if y.size == 0 or int(y.max()) < 256 else 2
-    return pb.Labels(width=width, data=y.astype("u1" if width == 1 else "<u2").tobytes())
+    return encode_label_array(labels.detach().cpu().numpy())
 
 
 def decode_labels(msg: pb.Labels, count: int, num_classes: int) -> torch.Tensor:
-    if msg.width not in (1, 2):
-        raise ProtocolError(f"label width must be 1 or 2 bytes, got {msg.width}")
-    if len(msg.data) != count * msg.width:
-        raise ProtocolError(f"expected {count} labels of {msg.width} byte(s), got {len(msg.data)} bytes")
-    y = np.frombuffer(msg.data, dtype="u1" if msg.width == 1 else "<u2").astype(np.int64)
-    if y.size and int(y.max()) >= num_classes:
-        raise ProtocolError(f"label {int(y.max())} out of range for {num_classes} classes")
-    return torch.from_numpy(y)
+    return torch.from_numpy(decode_label_array(msg, count, num_classes))

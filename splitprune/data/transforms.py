@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from splitprune.errors import UserError
+from splitprune.inputs import LUMA_WEIGHTS, pad_box
 
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-PAD_LIMIT = 8
 AUGMENT_PADDING = 4
 
 
@@ -32,8 +31,9 @@ def fit_to_size(x: torch.Tensor, size: int) -> torch.Tensor:
     height, width = x.shape[-2:]
     if height == width == size:
         return x
-    if size - PAD_LIMIT <= min(height, width) and max(height, width) <= size:
-        top, left = (size - height) // 2, (size - width) // 2
+    box = pad_box(height, width, size)
+    if box is not None:
+        top, left = box
         return F.pad(x, (left, size - width - left, top, size - height - top))
     return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 

@@ -1,0 +1,92 @@
+"""Describe and Infer against a `splitprune serve` server (docs/protocol.md §5), timed and byte-counted."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from splitprune.errors import UserError
+from splitprune.proto import pb
+from splitprune.proto import service_pb2 as spb
+from splitprune.wire import MAX_MESSAGE_BYTES
+
+_SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
+ERROR_KEY = "splitprune-error"  # trailing metadata holding the ErrorReason name (docs/protocol.md §8)
+MAX_MESSAGE = MAX_MESSAGE_BYTES + 64 * 1024  # the codec's largest tensor plus the envelope, as the server allows
+
+
+def method_path(name: str) -> str:
+    return f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name[name].name}"
+
+
+def explain(exc: grpc.RpcError, what: str) -> UserError:
+    """One clear message for a failed call: status, the server's reason name and its words."""
+    reason = next((v for k, v in (exc.trailing_metadata() or ()) if k == ERROR_KEY), None)
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UserError(f"{what}: the server is unreachable ({exc.details()})")
+    tag = f"{code.name}" + (f"/{reason}" if reason else "")
+    return UserError(f"{what}: {tag}: {exc.details()}")
+
+
+@dataclass
+class InferResult:
+    reply: spb.InferReply
+    round_trip_ms: float   # uplink + server + downlink, as measured around the call
+    bytes_up: int          # the serialized InferRequest
+    bytes_down: int        # the serialized InferReply
+
+
+class ServerClient:
+    """One channel to the server; the token travels as `authorization: Bearer T`, TLS when a CA is given."""
+
+    def __init__(self, server: str, token: str | None = None, tls_ca: str | None = None,
+                 timeout_s: float = 60.0, connect_timeout_s: float = 20.0) -> None:
+        if ":" not in server:
+            raise UserError(f"--server {server!r}: give HOST:PORT")
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.enable_http_proxy", 0)]
+        if tls_ca:
+            try:
+                ca = open(tls_ca, "rb").read()
+            except OSError as exc:
+                raise UserError(f"cannot read --tls-ca {tls_ca}: {exc.strerror or exc}") from None
+            self.channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(ca), options)
+        else:
+            self.channel = grpc.insecure_channel(server, options)
+        if token is not None and not token:
+            raise UserError("the token must not be empty")
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.server, self.timeout_s = server, timeout_s
+        self._describe = self.channel.unary_unary(method_path("Describe"))  # bytes in, bytes out
+        self._infer = self.channel.unary_unary(method_path("Infer"))
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise UserError(f"cannot reach the server at {server} within {connect_timeout_s:g} s") from None
+
+    def describe(self, fingerprint: str) -> spb.DescribeReply:
+        req = spb.DescribeRequest(fingerprint=fingerprint).SerializeToString()
+        try:
+            return spb.DescribeReply.FromString(self._describe(req, metadata=self.metadata, timeout=self.timeout_s))
+        except grpc.RpcError as exc:
+            raise explain(exc, f"cannot describe model {fingerprint} on {self.server}") from None
+
+    def infer(self, data: bytes) -> InferResult:
+        """Send one serialized InferRequest (see `infer_request`) and wait for its reply."""
+        start = time.perf_counter()
+        try:
+            out = self._infer(data, metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise explain(exc, "inference request failed") from None
+        elapsed = (time.perf_counter() - start) * 1e3
+        return InferResult(spb.InferReply.FromString(out), elapsed, len(data), len(out))
+
+    @staticmethod
+    def infer_request(fingerprint: str, budget: int, request: pb.EvalRequest) -> bytes:
+        return spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=request).SerializeToString()
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,93 @@
+"""The torch-free core of the wire codec: numpy arrays <-> EncodedTensor / Labels messages.
+
+Both the training runtime (`splitprune.compression.codec`, which wraps it for torch tensors) and the
+device package `splitprune-device` (ONNX Runtime, no PyTorch) encode with these functions, so the
+uplink messages of both are the same bytes for the same values. Imports only numpy and protobuf.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+
+WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4}
+NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1"), pb.INT4: np.dtype("u1")}
+LEVELS = {pb.INT8: 255, pb.INT4: 15}  # affine quantisation: q in 0..levels
+MAX_CHANNELS = 65535  # channel indices travel as uint16
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def dtype_name(dtype: int) -> str:
+    for name, value in WIRE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ProtocolError(f"unknown tensor dtype {dtype}")
+
+
+def check_dtype_name(name: str) -> int:
+    if name not in WIRE_DTYPES:
+        raise ProtocolError(f"unknown wire dtype {name!r}; choose one of {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[name]
+
+
+def quantize(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine per channel (axis 1) over all samples and positions of that channel: q in 0..levels."""
+    per_channel = values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
+    lo = per_channel.min(axis=1) if per_channel.size else np.zeros(values.shape[1], np.float32)
+    hi = per_channel.max(axis=1) if per_channel.size else lo
+    scale = ((hi - lo) / levels).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).reshape(1, -1, 1, 1)
+    q = np.rint((values - lo.reshape(1, -1, 1, 1)) / safe)
+    return np.clip(q, 0, levels).astype(np.uint8), scale, lo.astype(np.float32)
+
+
+def pack_nibbles(q: np.ndarray) -> bytes:
+    flat = q.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_nibbles(data: bytes, count: int) -> np.ndarray:
+    packed = np.frombuffer(data, dtype=np.uint8)
+    return np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count]
+
+
+def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels: int, dtype: int) -> pb.EncodedTensor:
+    """values: float32 [N, K, H, W] of the kept channels `channels` (ascending; None = all C channels)."""
+    if values.ndim != 4:
+        raise ProtocolError(f"cut tensors are 4-D [N, C, H, W], got shape {tuple(values.shape)}")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ProtocolError("refusing to encode non-finite values (NaN or Inf): the training has diverged")
+    n, k, h, w = values.shape
+    msg = pb.EncodedTensor(dtype=dtype, shape=[n, num_channels, h, w])
+    if channels is not None and k != num_channels:
+        msg.channels = np.asarray(channels).astype("<u2").tobytes()
+    elif k != num_channels:
+        raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
+    if dtype in LEVELS:
+        q, scale, offset = quantize(values, LEVELS[dtype])
+        msg.data = pack_nibbles(q) if dtype == pb.INT4 else q.tobytes()
+        msg.scales, msg.offsets = scale.astype("<f4").tobytes(), offset.astype("<f4").tobytes()
+    else:
+        msg.data = values.astype(NUMPY_DTYPES[dtype]).tobytes()
+    return msg
+
+
+def encode_label_array(labels: np.ndarray) -> pb.Labels:
+    width = 1 if labels.size == 0 or int(labels.max()) < 256 else 2
+    return pb.Labels(width=width, data=labels.astype("u1" if width == 1 else "<u2").tobytes())
+
+
+def decode_label_array(msg: pb.Labels, count: int, num_classes: int) -> np.ndarray:
+    """Validated class ids (int64) of a Labels message that must hold `count` of them."""
+    if msg.width not in (1, 2):
+        raise ProtocolError(f"label width must be 1 or 2 bytes, got {msg.width}")
+    if len(msg.data) != count * msg.width:
+        raise ProtocolError(f"expected {count} labels of {msg.width} byte(s), got {len(msg.data)} bytes")
+    y = np.frombuffer(msg.data, dtype="u1" if msg.width == 1 else "<u2").astype(np.int64)
+    if y.size and int(y.max()) >= num_classes:
+        raise ProtocolError(f"label {int(y.max())} out of range for {num_classes} classes")
+    return y

@@ -1,0 +1,213 @@
+"""splitprune-device: the PyTorch-free device package against a real `splitprune serve` on loopback."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from splitprune.compression import ChannelCodec
+from splitprune.export import kept_indices, load_workers, sample_inputs
+from splitprune.training.checkpoint import read_meta
+from splitprune.training.step import LocalLink
+from splitprune.transport.testing import ServerProcess, free_port
+from splitprune.wire import WIRE_DTYPES
+
+DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
+sys.path.insert(0, str(DEVICE_DIR))  # the device package, as its wheel would install it
+
+from splitprune_device.cli import main as device_main  # noqa: E402
+from splitprune_device.model import DeviceModel  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    run, _ = exported
+    proc = ServerProcess(free_port(), "--model", str(run),
+                         log_path=tmp_path_factory.mktemp("serve") / "serve.log").start()
+    yield proc
+    proc.stop()
+
+
+def workers(run):
+    """The PyTorch device and server halves of the run, in this process."""
+    device, server, cfg, _, _ = load_workers(str(run))
+    return device, server, cfg
+
+
+def batch_file(tmp_path, count: int = 8) -> tuple[Path, np.ndarray]:
+    from splitprune.data import load_dataset
+
+    test = load_dataset("fashion-mnist", None, train=False)
+    path = tmp_path / "batch.npz"
+    np.savez(path, images=test.images[:count, :, :, 0], labels=test.labels[:count])
+    return path, test.images[:count]
+
+
+def test_device_model_sends_what_the_pytorch_device_sends(exported):
+    run, out = exported
+    device, _, cfg = workers(run)
+    model = DeviceModel(out)
+    x, _, _ = sample_inputs(cfg, 1, 4)
+    with torch.no_grad():
+        z = device.half.eval()(x)
+        for budget in model.budgets:
+            for dtype in WIRE_DTYPES:
+                device.codec, model.dtype = ChannelCodec(dtype), WIRE_DTYPES[dtype]
+                kept, message = device._encode(z, kept_indices(device.half, budget))
+                assert model.encode(kept.numpy(), budget).SerializeToString() == message.SerializeToString()
+
+
+def test_device_cli_predicts_like_pytorch_and_reports_stages(exported, server, tmp_path, capsys):
+    run, out = exported
+    path, images = batch_file(tmp_path)
+    report = tmp_path / "report.json"
+    rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "1", "--out", str(report),
+                      str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    r = json.loads(report.read_text())
+    assert r["images"] == r["requests"] == 8 and r["budgets"] == [1] and r["threads"] == 1
+    assert set(r["latency_ms"]) == {"preprocess", "device", "encode", "round_trip", "server", "total"}
+    assert all(r["latency_ms"][s]["p50"] > 0 for s in r["latency_ms"])
+    assert r["latency_ms"]["round_trip"]["p50"] < r["latency_ms"]["total"]["p50"]
+    assert "device compute (onnx)" in text and "accuracy" in text
+    # the PyTorch device half through the same server half (in-process) predicts the same, for the same bytes
+    device, server_worker, _ = workers(run)
+    link, up = LocalLink(server_worker), 0
+    for i in range(8):
+        x = torch.from_numpy(DeviceModel(out).prepare(images[i:i + 1]))
+        predicted, sent, _ = device.predict(x, link, 1)
+        assert int(predicted[0]) == r["predictions"][i]
+        up += sent
+    assert r["payload_bytes_up"] == up
+
+
+def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, tmp_path, capsys):
+    run, out = exported
+    path, _ = batch_file(tmp_path, 2)
+
+    def refused(args, message):
+        assert device_main(["infer", "--server", server.address, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    big = tmp_path / "big.npy"
+    np.save(big, np.zeros((1, 40, 40), np.uint8))
+    refused(["--model", str(out), str(big)], "images are 40x40 pixels; this model takes 32x32")
+    refused(["--model", str(out), "--budget", "2", "--batch-size", "0", str(path)], "at least 1")
+    refused(["--model", str(out), "--budget", "3", str(path)], "budget 3 was not exported")
+    refused(["--model", str(out), "--budget", "auto", str(path)], "--budget auto needs")
+    refused(["--model", str(tmp_path), str(path)], "manifest.json is missing")
+    # a manifest that is not the one these files were exported with (another model's, or mixed up)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    shutil.copy(out / "device_b2.onnx", mixed / "device_b1.onnx")
+    refused(["--model", str(mixed), str(path)], "is not the file this manifest was exported with")
+    # a model the server does not host
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0123456789abcdef"}))
+    refused(["--model", str(other), str(path)], "UNKNOWN_MODEL")
+
+
+def test_device_refuses_a_server_whose_half_differs_from_the_export(exported, tmp_path, capsys):
+    run, out = exported
+    changed = tmp_path / "changed" / "checkpoint"
+    shutil.copytree(Path(read_meta(run)["_folder"]), changed)
+    tensors = load_file(str(changed / "model.safetensors"))
+    name = sorted(k for k in tensors if k.startswith("server.") and tensors[k].is_floating_point())[0]
+    tensors[name] = tensors[name] + 0.01  # same config and fingerprint, other weights: "trained further"
+    save_file(tensors, str(changed / "model.safetensors"))
+    proc = ServerProcess(free_port(), "--model", str(changed.parent)).start()
+    try:
+        path, _ = batch_file(tmp_path, 1)
+        assert device_main(["infer", "--server", proc.address, "--model", str(out), str(path)]) == 2
+        assert "is not the one this device half was exported with" in capsys.readouterr().err
+    finally:
+        proc.stop()
+    assert device_main(["infer", "--server", proc.address, "--model", str(out), "--connect-timeout", "1",
+                        str(path)]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
+def test_device_package_installs_without_torch_and_infers(exported, server, tmp_path):
+    """A fresh virtualenv with only the device wheel (dependencies from the package registry): no torch in it,
+    and one inference end to end against the real server."""
+    _, out = exported
+    start = time.monotonic()
+    wheels, venv = tmp_path / "wheels", tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(DEVICE_DIR)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                              *map(str, wheels.glob("*.whl"))], capture_output=True, text=True)
+    if install.returncode and "onnxruntime" in install.stderr and "No matching distribution" in install.stderr:
+        pytest.skip(f"onnxruntime has no wheel for this platform/Python: {install.stderr.strip().splitlines()[-1]}")
+    assert install.returncode == 0, install.stderr
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0
+    path, _ = batch_file(tmp_path, 4)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the repository
+    res = subprocess.run([str(venv / "bin" / "splitprune-device"), "infer", "--server", server.address,
+                          "--model", str(out), str(path)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "accuracy" in res.stdout and "uplink + server + downlink" in res.stdout
+    assert time.monotonic() - start < 150
+
+
+def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
+    from splitprune.transport.testing import make_certificates
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
+    run, out = exported
+    certs = make_certificates(tmp_path / "certs")
+    proc = ServerProcess(free_port(), "--model", str(run), "--tls-cert", certs.server_cert, "--tls-key",
+                         certs.server_key, "--token", "s3cret").start()
+    try:
+        path, _ = batch_file(tmp_path, 2)
+        base = ["infer", "--server", proc.address, "--model", str(out), "--tls-ca", certs.ca, str(path)]
+        assert device_main([*base, "--token", "s3cret"]) == 0
+        assert "accuracy" in capsys.readouterr().out
+        assert device_main([*base, "--token", "wrong"]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        proc.stop()
+
+
+def test_input_files_are_read_as_uint8_batches(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from splitprune.errors import UserError
+    from splitprune_device.images import read_inputs
+
+    a = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
+    rgb = np.stack([a, a[::-1], a.T], -1)
+    (tmp_path / "a.pgm").write_bytes(b"P5\n# a comment\n28 28\n255\n" + a.tobytes())
+    (tmp_path / "a.ppm").write_bytes(b"P6 28 28 255\n" + rgb.tobytes())
+    Image.fromarray(a).save(tmp_path / "a.png")
+    np.savez(tmp_path / "a.npz", images=np.stack([a, a]), labels=np.array([3, 4]))
+    for name, expected in [("a.pgm", a[None, ..., None]), ("a.png", a[None, ..., None]), ("a.ppm", rgb[None])]:
+        images, labels = read_inputs(tmp_path / name)
+        assert np.array_equal(images, expected) and labels is None
+    images, labels = read_inputs(tmp_path / "a.npz")
+    assert images.shape == (2, 28, 28, 1) and labels.tolist() == [3, 4]
+    images, _ = read_inputs(FASHION / "t10k-images-idx3-ubyte.gz")
+    assert images.shape == (10000, 28, 28, 1)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # a device without Pillow
+    with pytest.raises(UserError, match=r"needs Pillow: pip install 'splitprune-device\[images\]'"):
+        read_inputs(tmp_path / "a.png")
+    (tmp_path / "bad.npy").write_bytes(b"junk")
+    with pytest.raises(UserError, match="cannot read"):
+        read_inputs(tmp_path / "bad.npy")
