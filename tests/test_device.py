@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from splitprune.compression import ChannelCodec
 from splitprune.export import kept_indices, load_workers, sample_inputs
-from splitprune.training.checkpoint import read_meta
+from splitprune.training.checkpoint import read_meta, write_checkpoint
 from splitprune.training.step import LocalLink
 from splitprune.transport.testing import ServerProcess, free_port
 from splitprune.wire import WIRE_DTYPES
@@ -123,11 +123,11 @@ def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, t
 def test_device_refuses_a_server_whose_half_differs_from_the_export(exported, tmp_path, capsys):
     run, out = exported
     changed = tmp_path / "changed" / "checkpoint"
-    shutil.copytree(Path(read_meta(run)["_folder"]), changed)
-    tensors = load_file(str(changed / "model.safetensors"))
+    meta = read_meta(run)
+    tensors = load_file(str(Path(meta["_folder"]) / "model.safetensors"))
     name = sorted(k for k in tensors if k.startswith("server.") and tensors[k].is_floating_point())[0]
     tensors[name] = tensors[name] + 0.01  # same config and fingerprint, other weights: "trained further"
-    save_file(tensors, str(changed / "model.safetensors"))
+    write_checkpoint(changed, tensors, {k: v for k, v in meta.items() if k not in ("_folder", "format", "seal")})
     proc = ServerProcess(free_port(), "--model", str(changed.parent)).start()
     try:
         path, _ = batch_file(tmp_path, 1)
