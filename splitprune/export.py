@@ -14,8 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
 import warnings
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from torch import nn
 
 from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
+from splitprune.files import replace_folder
 from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file, onnx_session
 from splitprune.training.halves import DeviceHalf
 
@@ -120,19 +119,12 @@ def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]
     """Write the ONNX files and the manifest aside, then swap the folder in: nothing half-written."""
     out = Path(out)
     check_out(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for e in exported:
-        (tmp / onnx_file(e.budget)).write_bytes(e.onnx)
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    def fill(tmp: Path) -> None:
+        for e in exported:
+            (tmp / onnx_file(e.budget)).write_bytes(e.onnx)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+    return replace_folder(out, fill)
 
 
 def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dict, exported: list[ExportedBudget],

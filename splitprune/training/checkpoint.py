@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from splitprune.errors import UserError
+from splitprune.files import replace_folder
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "meta.json"
 FORMAT = "splitprune-checkpoint/1"
@@ -62,22 +61,14 @@ def load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, module: torch.
 
 def write_checkpoint(folder: str | Path, model: dict[str, torch.Tensor], meta: dict,
                      state: dict[str, torch.Tensor] | None = None) -> Path:
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model, str(tmp / MODEL_FILE))
-    meta = {**meta, SEAL_KEY: seal(tmp / MODEL_FILE, meta)}
-    if state is not None:
-        save_file(state, str(tmp / STATE_FILE))
-    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    def fill(tmp: Path) -> None:
+        save_file(model, str(tmp / MODEL_FILE))
+        if state is not None:
+            save_file(state, str(tmp / STATE_FILE))
+        sealed = {"format": FORMAT, **meta, SEAL_KEY: seal(tmp / MODEL_FILE, meta)}
+        (tmp / META_FILE).write_text(json.dumps(sealed, indent=2))
+
+    return replace_folder(folder, fill)
 
 
 def read_meta(folder: str | Path) -> dict:
