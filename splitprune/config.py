@@ -63,6 +63,10 @@ class RunConfig:
     accelerator: str = "cpu"              # where both halves compute: "cpu" or "cuda" (the wire is the same)
     tensorboard: bool = False
     extra: dict = field(default_factory=dict)
+    # --- issue 9 (bench helper): validation split. Training images held out (class-stratified, drawn with a
+    # fixed seed, the same for every run seed); the training subset is drawn from the rest. 0 = none (nothing
+    # changes). Benchmarks choose configurations on these images, never on the test set.
+    validation_size: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype_up is None and self.method in METHOD_DEFAULTS:

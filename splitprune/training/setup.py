@@ -86,7 +86,7 @@ def build_run(cfg: RunConfig) -> RunParts:
     in_channels = input_channels(cfg)
     train, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, in_channels,
                                             cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment,
-                                            cfg.test_batch_size)
+                                            cfg.test_batch_size, cfg.validation_size)
     device, server, geometry = build_workers(cfg, num_classes, in_channels)
     if cfg.from_checkpoint:
         load_pretrained(cfg, device, server, num_classes)
