@@ -7,14 +7,14 @@ from pathlib import Path
 
 from splitprune.errors import UserError
 
-SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> dict
-    "step": "step",
-    "transport": "transport",
-    "deprune": "deprune",
+SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> dict; `all` runs them in this order:
+    "deprune": "deprune",         # training suites first,
     "prune": "prune",
     "resolution": "resolution",
     "rate": "rate",
-    "link": "link_time",
+    "link": "link_time",          # the timing suites last (transport measures rate's chosen configurations)
+    "step": "step",
+    "transport": "transport",
     "all": None,
 }
 
