@@ -28,15 +28,16 @@ def run(profile: str, out: Path) -> dict:
     rows = [run_row(r, sl_of[r["summary"]["config"]["seed"]]) for r in records.values()]
     by = {r["run"]: r for r in rows}
 
-    # equal accuracy (curve subset, seed 0): training bytes until each run first reaches sl's final curve - 0.5 pt
-    sl = seeds["sl"][0]
-    sl_curve = final_curve_accuracy(sl, last=1)
-    target = sl_curve - 0.005 if sl_curve is not None else None
-    sl_to_target = first_reaching(curve(sl), target, "bytes") if target is not None else None
+    # equal accuracy (curve subset): bytes until a run first reaches its seed's sl final curve accuracy - 0.5 pt
     for r in rows:
+        sl = sl_of[r["seed"]]
+        sl_curve = final_curve_accuracy(sl, last=1)
+        target = sl_curve - 0.005 if sl_curve is not None else None
+        sl_to_target = first_reaching(curve(sl), target, "bytes") if target is not None else None
         reach = first_reaching(curve(records[r["run"]]), target, "bytes") if target is not None else None
         r["bytes_to_sl_minus_half_point"] = reach
         r["traffic_vs_sl_at_equal_accuracy"] = sl_to_target / reach if reach and sl_to_target else None
+    sl = seeds["sl"][0]
 
     table = markdown_table(
         ["run", "seed", "accuracy (final model, full test)", "vs sl (same seed)", "train MB up", "train MB down",

@@ -10,6 +10,7 @@ statistic, as in the transport suite) and the min of the per-repeat times.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ VARIANTS = {  # name -> (budget or None, budget loss)
 }
 
 
+@functools.lru_cache(maxsize=2)
 def _parts(model: str, batch: int, device_name: str):
+    """One model per batch size, shared by the variants (each starts its own phase: budget, optimizer)."""
     cfg = make_config({"model": model, "batch_size": batch, "dtype_up": DTYPE, "train_subset": batch * 4,
                        "test_subset": 16})
     parts = build_run(cfg)
