@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+WARMUP = 5  # single-sample inference requests sent before the measured ones
+
 SETTINGS = [
     # name, method, budget, dtype_up, dtype_down
     ("B=4 fp16", "ca", 4, "fp16", "fp32"),
@@ -68,14 +70,17 @@ def _train(cfg, out: Path, server: str | None) -> dict:
     return row
 
 
-def _steady_wire(remote: dict) -> dict:
-    """Socket bytes per request once the connection and the handshake are done (what every further request
-    costs on the wire), when the client measured its setup."""
-    t, n = remote["transport"], remote["requests"] + 5  # 5 warm-up requests
-    if "setup_wire_bytes_up" not in t:
-        return {}
-    return {"wire_bytes_up_per_request_after_setup": (t["wire_bytes_up"] - t["setup_wire_bytes_up"]) / n,
-            "wire_bytes_down_per_request_after_setup": (t["wire_bytes_down"] - t["setup_wire_bytes_down"]) / n}
+def _steady_wire(remote: dict, short: dict) -> dict:
+    """Socket bytes per request once the connection and handshake are paid: two sessions of different length
+    (same setup, same warm-up) differ by exactly their extra requests."""
+    def sent(run: dict) -> int:  # requests on the socket: the measured ones plus the warm-up (at most 5, replayed)
+        return run["requests"] + min(WARMUP, run["requests"])
+
+    extra = sent(remote) - sent(short)
+    a, b = remote["transport"], short["transport"]
+    return {"wire_bytes_up_per_request_after_setup": (a["wire_bytes_up"] - b["wire_bytes_up"]) / extra,
+            "wire_bytes_down_per_request_after_setup": (a["wire_bytes_down"] - b["wire_bytes_down"]) / extra,
+            "payload_bytes_up_per_request_after_setup": (a["payload_bytes_up"] - b["payload_bytes_up"]) / extra}
 
 
 def _local_latency(checkpoint: Path, budget: int, requests: int, warmup: int = 5) -> dict:
@@ -230,7 +235,9 @@ def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str,
 
     local = _local_latency(checkpoint, budget or 512, args.infer_requests)
     remote = run_inference(str(checkpoint), address, str(budget) if budget else "all",
-                           test_subset=args.infer_requests, batch_size=1, warmup=5)
+                           test_subset=args.infer_requests, batch_size=1, warmup=WARMUP)
+    short = run_inference(str(checkpoint), address, str(budget) if budget else "all",
+                          test_subset=max(args.infer_requests // 4, 1), batch_size=1, warmup=WARMUP)
     entry = {"setting": name, "budget": budget or "all", "dtype_up": dtype_up, "requests": remote["requests"],
              "in_process_ms": {k: round(local[k], 3) for k in ("p50_ms", "p99_ms", "mean_ms")},
              "grpc_ms": {"p50_ms": round(remote["latency_ms"]["p50"], 3),
@@ -240,9 +247,9 @@ def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str,
              "server_ms": {k + "_ms": round(v, 3) for k, v in remote["server_ms"].items()},
              "same_accuracy": local["accuracy"] == remote["test_accuracy"],
              "payload_bytes_up_per_request": remote["payload_bytes_up"] / remote["requests"],
-             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / (remote["requests"] + 5),
-             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / (remote["requests"] + 5),
-             **_steady_wire(remote)}
+             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / (remote["requests"] + min(WARMUP, remote["requests"])),
+             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / (remote["requests"] + min(WARMUP, remote["requests"])),
+             **_steady_wire(remote, short)}
     print(f"{name:9s} inference, 1 sample/request: in-process p50 {entry['in_process_ms']['p50_ms']:.2f} ms "
           f"p99 {entry['in_process_ms']['p99_ms']:.2f} ms; gRPC p50 {entry['grpc_ms']['p50_ms']:.2f} ms "
           f"p99 {entry['grpc_ms']['p99_ms']:.2f} ms", flush=True)
