@@ -260,3 +260,28 @@ def test_document_includes_are_refreshed_from_the_suite_files(tmp_path):
     (tmp_path / "r" / "t.md").unlink()
     with pytest.raises(SystemExit, match="does not exist"):
         update(doc)
+
+
+def test_validation_split_is_stratified_fixed_and_disjoint_from_every_training_subset():
+    import numpy as np
+
+    from splitprune.data import ImageDataset, hold_out, subset
+    from splitprune.errors import UserError
+
+    n = 1000
+    labels = np.repeat(np.arange(10), n // 10)
+    ids = np.arange(n)  # each image carries its index in its pixels
+    images = np.stack([ids % 256, ids // 256], axis=1).astype(np.uint8).reshape(n, 1, 2, 1)
+    ds = ImageDataset(images, labels, 10, [str(i) for i in range(10)])
+
+    def index(d):
+        return set((d.images[:, 0, 0, 0].astype(int) + 256 * d.images[:, 0, 1, 0].astype(int)).tolist())
+
+    rest, held = hold_out(ds, 200)
+    assert np.bincount(held.labels).tolist() == [20] * 10       # stratified
+    assert index(rest) | index(held) == set(range(n)) and not index(rest) & index(held)
+    assert index(hold_out(ds, 200)[1]) == index(held)            # fixed: no run seed enters the draw
+    for seed in (0, 1, 2):
+        assert not index(subset(rest, 300, seed)) & index(held)
+    with pytest.raises(UserError, match="validation split"):
+        hold_out(ds, n)

@@ -70,13 +70,15 @@ def _train(cfg, out: Path, server: str | None) -> dict:
     return row
 
 
+def _sent(run: dict) -> int:
+    """Requests an inference session put on the socket: the measured ones plus the warm-up (replayed from them)."""
+    return run["requests"] + min(WARMUP, run["requests"])
+
+
 def _steady_wire(remote: dict, short: dict) -> dict:
     """Socket bytes per request once the connection and handshake are paid: two sessions of different length
     (same setup, same warm-up) differ by exactly their extra requests."""
-    def sent(run: dict) -> int:  # requests on the socket: the measured ones plus the warm-up (at most 5, replayed)
-        return run["requests"] + min(WARMUP, run["requests"])
-
-    extra = sent(remote) - sent(short)
+    extra = _sent(remote) - _sent(short)
     a, b = remote["transport"], short["transport"]
     return {"wire_bytes_up_per_request_after_setup": (a["wire_bytes_up"] - b["wire_bytes_up"]) / extra,
             "wire_bytes_down_per_request_after_setup": (a["wire_bytes_down"] - b["wire_bytes_down"]) / extra,
@@ -247,8 +249,8 @@ def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str,
              "server_ms": {k + "_ms": round(v, 3) for k, v in remote["server_ms"].items()},
              "same_accuracy": local["accuracy"] == remote["test_accuracy"],
              "payload_bytes_up_per_request": remote["payload_bytes_up"] / remote["requests"],
-             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / (remote["requests"] + min(WARMUP, remote["requests"])),
-             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / (remote["requests"] + min(WARMUP, remote["requests"])),
+             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / _sent(remote),
+             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / _sent(remote),
              **_steady_wire(remote, short)}
     print(f"{name:9s} inference, 1 sample/request: in-process p50 {entry['in_process_ms']['p50_ms']:.2f} ms "
           f"p99 {entry['in_process_ms']['p99_ms']:.2f} ms; gRPC p50 {entry['grpc_ms']['p50_ms']:.2f} ms "
