@@ -208,8 +208,9 @@ def run(profile: str, out: Path) -> dict:
                                                        if speedups["sl_minus_1pt"][n] else "does not reach it")
                          for n in RUNS[1:]) + ".",
              f"- Extrapolation: per-step times measured on {prof.link_steps} steps of each phase; accuracy per "
-             f"epoch from the deprune suite's in-process runs ({n_train} training images per epoch, accuracy on "
-             f"the curve test subset); evaluation and checkpoint time excluded."]
+             f"epoch from the deprune suite's seed-0 in-process runs ({n_train} training images per epoch, accuracy "
+             f"on the curve test subset); evaluation and checkpoint time excluded. One seed and an extrapolation: "
+             f"a measurement of what the link costs, not a verdict."]
     markdown = (f"### time to accuracy over a 10 Mbit/s, 20 ms link ({prof.name} profile)\n\nMeasured per step:\n\n"
                 f"{steps_table}\nTime to accuracy (extrapolated from the measured per-step times):\n\n{tta_table}\n"
                 + "\n".join(lines) + "\n")
