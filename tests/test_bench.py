@@ -219,7 +219,9 @@ def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
         if not fits:
             assert choice["config"] is None
             continue
-        best = max(fits, key=lambda c: sum(p["accuracy"] for p in fits[c]) / len(fits[c]))
+        # best mean validation accuracy; ties go to the fewer bytes, then to the name
+        best = max(fits, key=lambda c: (sum(p["accuracy"] for p in fits[c]) / len(fits[c]),
+                                        -max(p["bytes_per_sample"] for p in fits[c]), c))
         assert choice["config"] == best
         assert len(choice["test_accuracy"]) == len(smoke.seeds)
         cached = [json.loads((root / "rate" / "evals" / f"{n}.test.json").read_text())["points"][0]

@@ -1,9 +1,11 @@
 """Simple baselines for the rate-accuracy suite, each measured with real encoded bytes.
 
-- random_channels: a fixed set of B channels drawn at random once (seeded), used instead of the gate's
-  top-B; no budget loss. Trained like any run (here: fine-tuned from the sl model with the prune recipe).
-- bottleneck: a narrow learned bottleneck without a gate: encoder Conv(C->W) + BN + sigmoid on the device,
-  decoder ConvTranspose(W->C) + BN + ReLU on the server, all W channels sent through the normal codec.
+A baseline run is built from a typed choice of parts (`Baseline`), never by patching the worker:
+- selector FixedRandomChannels(B): B channels drawn at random once (seeded) instead of the gate's top-B;
+  no budget loss. Trained like any run (here: fine-tuned from the sl model with the prune recipe).
+- bottleneck NarrowBottleneck(W): a narrow learned bottleneck without a gate: encoder Conv(C->W) + BN +
+  sigmoid on the device, decoder ConvTranspose(W->C) + BN + ReLU on the server, all W channels sent
+  through the normal codec.
 - top-k (TopKCodec): of the sl model's wire tensor, per sample the k values furthest from a reference
   mean (known to both sides), sent as uint16 flat indices + fp16 values; the receiver fills the rest
   with the reference. Evaluation only (no training).

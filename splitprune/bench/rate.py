@@ -65,6 +65,11 @@ def _cached_points(out: Path, name: str, folder: Path, prof, plan: tuple, points
     return results
 
 
+def _preference(points: list[dict]) -> tuple[float, float]:
+    """How configurations rank on validation: mean accuracy over the seeds, then fewer bytes (then the name)."""
+    return sum(p["accuracy"] for p in points) / len(points), -max(p["bytes_per_sample"] for p in points)
+
+
 def _point(result: dict) -> Point:
     return Point(None if result["budget"] == "all" else int(result["budget"]), result["dtype"])
 
@@ -135,7 +140,7 @@ def run(profile: str, out: Path) -> dict:
         if not fits:
             choices.append({"limit": limit, "need": need, "config": None, "verdict": "no configuration fits"})
             continue
-        best = max(fits, key=lambda c: sum(p["accuracy"] for p in fits[c]) / len(fits[c]))
+        best = max(fits, key=lambda c: _preference(fits[c]) + (c,))
         base = best.split(" ")[0]
         tested = []
         for rec, p in zip(seeded[base], sorted(fits[best], key=lambda p: p["seed"])):
@@ -179,7 +184,8 @@ def run(profile: str, out: Path) -> dict:
                if not r["complete"]]
     lines = [f"- Chosen on {prof.validation} validation images held out of the training set (the same for every "
              "seed, never trained on): per byte limit, the configuration (run, budget, uplink dtype) with the "
-             "best mean validation accuracy over its seeds, among those trained at every seed; then only that "
+             "best mean validation accuracy over its seeds (ties: fewer bytes), among those trained at every seed; "
+             "then only that "
              "configuration is evaluated on the full test set, at each seed.",
              f"- sl (fp32, all channels), final models on the full test set: "
              f"{sl_test.text(signed=False, unit=' %') if sl_test else 'n/a'} over seeds {list(prof.seeds)}."]
