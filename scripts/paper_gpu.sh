@@ -72,8 +72,9 @@ TRAIN_END=$(( START + TOTAL_S - ANALYSIS_S ))
 # Phase 1 holds sl and the runs it is compared with; phase 2 the runs that start from sl, plus three
 # independent runs moved there so that fewer processes share the GPU while sl trains (on an H200, 9
 # processes got ~360 samples/s each, ~3,300 samples/s together).
-PHASE1=(sl ca4 deprune ca_same_i8 deprune16_i8 ca32)
-PHASE2=(prune chain random2 bottleneck2 ca1_i8 ca4_r2 ca4_seed1)
+# Every headline run at seeds 0 and 1 (NAME, NAME_seed1); prune_seed1 starts from sl_seed1.
+PHASE1=(sl sl_seed1 ca4 ca4_seed1 deprune deprune_seed1)
+PHASE2=(prune prune_seed1 chain random2 bottleneck2 ca1_i8 ca1_i8_seed1 ca4_r2 ca4_r2_seed1)
 declare -A PIDS
 
 launch() {  # launch NAME: train one run in its own process until the training deadline
@@ -89,18 +90,20 @@ for name in "${PHASE1[@]}"; do launch "$name"; done
 
 # phase 2 starts when sl is done, or from sl's last finished epoch at PHASE2_AT of the training window
 PHASE2_DEADLINE=$(( START + $(awk -v a="$PHASE2_AT" -v t="$(( TRAIN_END - START ))" 'BEGIN{printf "%d", a*t}') ))
-while [ ! -f "$ROOT/deprune/runs/sl/summary.json" ] && [ "$(date +%s)" -lt "$PHASE2_DEADLINE" ]; do
-  if ! kill -0 "${PIDS[sl]:-0}" 2>/dev/null; then break; fi
-  sleep 2
-done
-if [ ! -f "$ROOT/deprune/runs/sl/summary.json" ]; then
-  log "sl not finished at the phase-2 start: stopping it, phase 2 starts from its last finished epoch"
-  if [ -n "${PIDS[sl]:-}" ]; then
-    kill -INT "${PIDS[sl]}" 2>/dev/null; wait "${PIDS[sl]}" 2>/dev/null
-    log "sl stopped (exit $?)"; unset 'PIDS[sl]'
+for sl in sl sl_seed1; do
+  while [ ! -f "$ROOT/deprune/runs/$sl/summary.json" ] && [ "$(date +%s)" -lt "$PHASE2_DEADLINE" ]; do
+    if ! kill -0 "${PIDS[$sl]:-0}" 2>/dev/null; then break; fi
+    sleep 2
+  done
+  if [ ! -f "$ROOT/deprune/runs/$sl/summary.json" ]; then
+    log "$sl not finished at the phase-2 start: stopping it, phase 2 starts from its last finished epoch"
+    if [ -n "${PIDS[$sl]:-}" ]; then
+      kill -INT "${PIDS[$sl]}" 2>/dev/null; wait "${PIDS[$sl]}" 2>/dev/null
+      log "$sl stopped (exit $?)"; unset "PIDS[$sl]"
+    fi
+    export SPLITPRUNE_BENCH_USE_PARTIAL=1
   fi
-  export SPLITPRUNE_BENCH_USE_PARTIAL=1
-fi
+done
 if [ -f "$ROOT/deprune/runs/sl/checkpoint/meta.json" ]; then
   for name in "${PHASE2[@]}"; do launch "$name"; done
 else

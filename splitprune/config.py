@@ -95,6 +95,9 @@ class RunConfig:
                               choices=("cpu", "cuda"), local=True)
     tensorboard: bool = option(False, "also log to OUT/tensorboard", local=True)
     extra: dict = field(default_factory=dict, metadata={"option": Option("settings of benchmark baselines", flag="")})
+    validation_size: int = option(0, "hold out N training images for validation (class-stratified, a fixed draw "
+                                  "for every seed; the training subset comes from the rest); 0: none", ge=0,
+                                  le=10_000_000, added=True)
 
     def __post_init__(self) -> None:
         if self.dtype_up is None and self.method in METHOD_DEFAULTS:
@@ -115,9 +118,12 @@ class RunConfig:
 
 
 def model_fields(values: dict) -> dict:
-    """The values that decide what a run computes (the local ones, such as data_dir and threads, left out)."""
-    local = {name for name, (spec, _, _) in field_specs(RunConfig).items() if spec.local}
-    return {k: v for k, v in values.items() if k not in local}
+    """The values that decide what a run computes: the local ones (data_dir, threads) left out, and fields
+    added later left out at their default, so that runs made before them keep their fingerprints."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    skip = {name for name, (spec, _, _) in field_specs(RunConfig).items()
+            if spec.local or (spec.added and values.get(name, defaults[name]) == defaults[name])}
+    return {k: v for k, v in values.items() if k not in skip}
 
 
 # ---------------------------------------------------------------------------------------------- schedules

@@ -25,6 +25,7 @@ class Option:
     flag: str | None = None           # the CLI flag; None: --field-name, "": no flag
     metavar: str | None = None        # the flag's value in help; None: N (integers), X (numbers), TEXT
     local: bool = False               # where/how a run executes, not what it computes: not in the fingerprint
+    added: bool = False               # added after fingerprints were published: in it only when not the default
 
 
 def option(default, help: str, **spec) -> typing.Any:

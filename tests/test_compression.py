@@ -70,14 +70,18 @@ def test_reset_rule_opens_kept_channels_and_reinitialises_closed_ones():
     assert ((flat[:2] >= 0) & (flat[:2] <= 3)).all()
 
 
-def test_encoder_output_is_gated_and_in_unit_range():
-    enc = GatedEncoder(8)
+def test_encoder_output_is_the_features_times_the_gate():
+    enc = GatedEncoder(8).eval()
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        enc.gate_logits.fill_(-30.0)
-        assert enc(torch.randn(2, 8, 4, 4)).abs().max() < 1e-6
-        enc.gate_logits.fill_(30.0)
-        z = enc(torch.randn(2, 8, 4, 4))
-    assert z.min() >= 0 and z.max() <= 1 and z.shape == (2, 8, 4, 4)
+        features = torch.sigmoid(enc.bn(enc.conv(x)))
+        logits = torch.tensor([-30.0, -2.0, 0.0, 0.5, 1.0, 2.0, 4.0, 30.0]).view(1, 8, 1, 1)
+        enc.gate_logits.copy_(logits)
+        z = enc(x)
+    assert torch.allclose(z, features * torch.sigmoid(logits))  # per channel: its own gate value, no other
+    assert z[:, 0].abs().max() < 1e-12                            # a closed gate sends nothing
+    assert torch.allclose(z[:, 2], 0.5 * features[:, 2])          # logit 0 halves the channel
+    assert torch.allclose(z[:, 7], features[:, 7])                # an open gate passes it through
 
 
 @pytest.mark.parametrize("r,size", [(1, 4), (2, 4), (1, 12), (2, 12), (3, 8)])

@@ -142,11 +142,22 @@ def test_deprune_resets_the_gate_when_the_budget_relaxes(tiny, tmp_path):
                       show_progress=False)
     seen = []
     original = trainer.device.reset_gate
-    trainer.device.reset_gate = lambda *a: seen.append(a) or original(*a)
+
+    def reset(*args):
+        before = trainer.device.half.gate_logits.detach().view(-1).clone()
+        opened = original(*args)
+        seen.append((args, before, trainer.device.half.gate_logits.detach().view(-1).clone(), opened))
+        return opened
+
+    trainer.device.reset_gate = reset
     trainer.run()
-    assert seen == [(0.9, 3.0, 15.0)]
-    logits = trainer.device.half.gate_logits.detach().view(-1)
-    assert (logits > 3.0).sum() >= 1
+    assert [s[0] for s in seen] == [(0.9, 3.0, 15.0)]
+    _, before, after, opened = seen[0]
+    kept = before >= 0.9
+    assert opened == int(kept.sum()) and 0 < opened < before.numel()  # the B=4 phase left some logits low
+    assert torch.equal(after[kept], torch.full_like(after[kept], 15.0))
+    assert ((after[~kept] >= 0) & (after[~kept] <= 3.0)).all()
+    assert not torch.equal(after[~kept], before[~kept])  # redrawn, not left as they were
 
 
 def test_schedules_resolve_with_paper_defaults_and_refuse_impossible_budgets():

@@ -2,7 +2,7 @@
 
 Measured: a `splitprune serve` process (gRPC) on loopback, a LinkProxy (LinkProfile(rate_mbit=10,
 delay_ms=20)) in front of it, and the device side training through the proxy (Trainer + the gRPC client)
-for `link_steps` steps of each phase of sl, deprune (B=4 then all) and deprune 4->16 (fp16/int8), with
+for `link_steps` steps of each phase of sl, deprune (B=4 then all) and ca B=1 (int8/int8), with
 the same configs as the deprune suite. Per-step wall time per phase is measured, and so are the bytes
 on the proxy's socket. The same steps are also measured straight to the server (no emulated link).
 
@@ -29,27 +29,9 @@ from splitprune.bench.runs import ensure, plan
 from splitprune.config import make_config
 from splitprune.errors import UserError
 
-RUNS = ["sl", "deprune", "deprune16_i8"]
+RUNS = ["sl", "deprune", "ca1_i8"]
 PROFILE = {"rate_mbit": 10.0, "delay_ms": 20.0}
 CONDITIONS = ("link", "direct")
-
-
-def _measure_trainer_class():
-    from splitprune.training.trainer import Trainer
-
-    class MeasureTrainer(Trainer):
-        """No checkpoints (a save would fetch the whole server half over the slow link): measurement only."""
-
-        def _save(self) -> None:
-            pass
-
-        def _save_phase_model(self, phase) -> None:
-            pass
-
-        def _log(self, message: str) -> None:
-            print(f"[link {self.out.name}] {message}", flush=True)
-
-    return MeasureTrainer
 
 
 class Server:
@@ -94,12 +76,13 @@ def _link_config(name: str, prof, condition: str):
     values = dict(spec.values)
     values.update({"train_subset": prof.link_steps * values["batch_size"], "test_subset": 16, "epochs": None,
                    "threads": 1, "extra": {"link_condition": condition}})
-    schedule = {"sl": "all:1", "deprune": "4:1,all:1", "deprune16_i8": "4:1,16:1"}[name]
+    schedule = {"sl": "all:1", "deprune": "4:1,all:1", "ca1_i8": "1:1"}[name]
     values["schedule"] = schedule
     return make_config(values)
 
 
 def measure(name: str, prof, condition: str, server: Server, out: Path) -> dict:
+    from splitprune.training.trainer import Trainer
     from splitprune.transport.client import connect
     from splitprune.transport.link import LinkProfile, LinkProxy
 
@@ -117,7 +100,9 @@ def measure(name: str, prof, condition: str, server: Server, out: Path) -> dict:
     endpoint = connect(cfg, target, out=None, fresh_start=True)
     try:
         start = time.perf_counter()
-        summary = _measure_trainer_class()(cfg, folder, endpoint=endpoint, show_progress=False).run()
+        # no checkpoints: a save would fetch the whole server half over the slow link (measurement only)
+        summary = Trainer(cfg, folder, endpoint=endpoint, show_progress=False, checkpoints=False,
+                          log=lambda message: print(f"[link {folder.name}] {message}", flush=True)).run()
         total = time.perf_counter() - start
     finally:
         endpoint.close()
@@ -223,8 +208,9 @@ def run(profile: str, out: Path) -> dict:
                                                        if speedups["sl_minus_1pt"][n] else "does not reach it")
                          for n in RUNS[1:]) + ".",
              f"- Extrapolation: per-step times measured on {prof.link_steps} steps of each phase; accuracy per "
-             f"epoch from the deprune suite's in-process runs ({n_train} training images per epoch, accuracy on "
-             f"the curve test subset); evaluation and checkpoint time excluded."]
+             f"epoch from the deprune suite's seed-0 in-process runs ({n_train} training images per epoch, accuracy "
+             f"on the curve test subset); evaluation and checkpoint time excluded. One seed and an extrapolation: "
+             f"a measurement of what the link costs, not a verdict."]
     markdown = (f"### time to accuracy over a 10 Mbit/s, 20 ms link ({prof.name} profile)\n\nMeasured per step:\n\n"
                 f"{steps_table}\nTime to accuracy (extrapolated from the measured per-step times):\n\n{tta_table}\n"
                 + "\n".join(lines) + "\n")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitprune.bench.baselines import TopKCodec, adapt_loaded
+from splitprune.bench.baselines import Baseline, TopKCodec, install
 from splitprune.compression import ChannelCodec, channel_mask, decode_labels, keep_channels
 from splitprune.config import make_config
 from splitprune.proto import pb
@@ -34,20 +34,19 @@ class LoadedModel:
         return self.device.channels
 
 
-def load_model(folder, accelerator: str = "cpu") -> LoadedModel:
-    """A checkpoint (a run's, a prune phase's models/budget_B, or a baseline's) ready to evaluate."""
+def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = None) -> LoadedModel:
+    """A checkpoint (a run's, a prune phase's models/budget_B, or a baseline's, given its parts) ready to evaluate."""
     meta = read_meta(folder)
     cfg = make_config({**meta["config"], "accelerator": accelerator})  # from_checkpoint is never loaded here
     device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
-    device = adapt_loaded(cfg, device, server, int(meta["budget"]))
+    if baseline is not None:
+        install(baseline, cfg, device, server, int(meta["budget"]))
     tensors = read_tensors(meta["_folder"])
     load_module("device", device.half, tensors)
     load_module("server", server.half, tensors)
     if accelerator != "cpu":
         device.half.to(accelerator)
         server.half.to(accelerator)
-        if hasattr(device, "fixed"):
-            device.fixed = device.fixed.to(accelerator)
     return LoadedModel(meta, cfg, device, server, int(meta["budget"]))
 
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 from splitprune.bench.common import markdown_table, write_results
-from splitprune.bench.runs import Profile, get_profile, headline_accuracy
+from splitprune.bench.runs import Profile, ensure, get_profile, headline_accuracy, seed_names
+from splitprune.bench.verdict import Interval, interval
 
-__all__ = ["partial_note", "pct", "pts", "megabytes", "ratio", "write_suite", "write_csv", "curve", "traffic", "markdown_table",
+__all__ = ["seeded_records", "accuracy_interval", "partial_note", "pct", "pts", "megabytes", "ratio", "write_suite", "write_csv", "curve", "traffic", "markdown_table",
            "final_curve_accuracy", "first_reaching", "run_row"]
 
 
@@ -98,8 +99,9 @@ def run_row(record: dict, sl: dict | None = None) -> dict:
            "accuracy": acc, "accuracy_measured_on": how,
            "accuracy_text": pct(acc) + ("" if full or record["summary"]["config"].get("test_subset") is None
                                         else f" ({record['summary']['config']['test_subset']} test images)"),
-           "accuracy_last_epoch": full[-1]["accuracy"] if full else (last3[-1] if last3 else None),
-           "curve_spread_last3": max(last3) - min(last3) if last3 else None,
+           "seed": s["config"].get("seed"),
+           "curve_last_epoch": last3[-1] if last3 else None,
+           "curve_change_last_2": abs(last3[-1] - last3[-2]) if len(last3) >= 2 else None,
            "train_bytes_up": t["bytes_up"], "train_bytes_down": t["bytes_down"], "train_bytes": t["bytes"],
            "train_bytes_per_sample": t["bytes_per_sample"],
            "inference_bytes_per_sample": full[-1]["bytes_per_sample"] if full else s.get("inference_bytes_per_sample"),
@@ -130,3 +132,15 @@ def partial_note(*records: dict) -> str | None:
     stopped = [f"{r['name']} ({len(r['rows'])} of {r.get('planned_epochs')} epochs)" for r in records
                if not r["complete"]]
     return f"not measured: run(s) stopped before the end of their schedule: {', '.join(stopped)}" if stopped else None
+
+
+def seeded_records(base: str, profile: Profile, root: Path) -> list[dict]:
+    """The run BASE at every seed of the profile (trained if missing)."""
+    return [ensure(name, profile, root) for name in seed_names(base, profile)]
+
+
+def accuracy_interval(records: list[dict]) -> Interval | None:
+    """[worst, best] final-model accuracy over a run's seeds; None if a seed stopped early or is missing."""
+    if any(not r["complete"] for r in records):
+        return None
+    return interval([headline_accuracy(r)[0] for r in records])

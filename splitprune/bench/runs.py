@@ -5,9 +5,12 @@ the suite that owns it (e.g. the sl run lives under deprune/ and is the baseline
 A run whose summary.json exists is not trained again; an interrupted run resumes from its checkpoint.
 
 On top of the trainer's per-epoch evaluation (on `curve_subset` test images, for the curves) the last
-`full_last` epochs of a run are also evaluated on the full test set (written to full_test.json); the
-headline accuracy of a run is the mean of those. This extra evaluation does not change training, so
-`splitprune train` with the run's recorded command reproduces the run itself.
+`full_last` epochs of a run (quick profile: the last one) are also evaluated on the full test set
+(full_test.json, by a Trainer callback); the headline accuracy of a run is that of the model it ends
+with. Headline runs are trained at each of the profile's seeds (NAME, NAME_seed1); verdicts take the
+worse of the seeds (splitprune.bench.verdict). The extra evaluation does not change training, so
+`splitprune train` with the run's recorded command reproduces the run itself. Every run holds out
+`validation` training images (the same ones for every seed) for choosing configurations.
 
 Profiles: `quick` (CPU, vgg11_bn_compact, a Fashion-MNIST subset, schedules of the paper's shape scaled
 to a few epochs) and `paper` (vgg11_bn and the paper's schedules, for a GPU). Environment overrides:
@@ -34,6 +37,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from splitprune.compression.bottleneck import FixedRandomChannels, NarrowBottleneck
+from splitprune.bench.baselines import Baseline
 from splitprune.config import make_config, resolve_schedule
 from splitprune.errors import UserError
 
@@ -47,7 +52,7 @@ class Profile:
     train_subset: int | None      # training images (stratified subset); None = all 60k
     curve_subset: int | None      # test images of the per-epoch evaluation (curves); None = all 10k
     full_subset: int | None       # test images of the headline evaluations; None = all 10k
-    full_last: int                # last epochs of a headline run also evaluated on the full test set
+    full_last: int                # last epochs of a headline run also evaluated on the full test set (1: the final model)
     epochs: int                   # from-scratch runs (sl, ca, deprune); paper: 22
     prune_epochs: int             # prune 32:x,4:x from the sl model; paper: 20
     chain_subset: int | None      # training images per phase of the rate suite's prune chain (1 epoch each)
@@ -59,6 +64,8 @@ class Profile:
     link_steps: int               # time-to-accuracy suite: training steps measured through the link
     lr_schedule: str = "constant" # the paper's constant lr, or "cosine" per phase (quick: short runs settle)
     chain_dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")  # dtypes the rate suite evaluates chain models at
+    validation: int = 2000        # training images held out for choosing configurations (never trained on)
+    seeds: tuple[int, ...] = (0, 1)  # every headline run at each seed
     smoke: bool = False
 
     def settings(self) -> dict:
@@ -82,12 +89,12 @@ def get_profile(name: str) -> Profile:
     except ImportError:  # pragma: no cover
         cuda = False
     if name == "quick":
-        p = Profile("quick", "vgg11_bn_compact", train_subset=2500, curve_subset=1000, full_subset=None, full_last=2,
+        p = Profile("quick", "vgg11_bn_compact", train_subset=2500, curve_subset=1000, full_subset=None, full_last=1,
                     epochs=4, prune_epochs=2, chain_subset=1000, finetune_epochs=2, threads=2, accelerator="cpu",
                     test_batch_size=256, topk=(8, 32, 512), link_steps=30, lr_schedule="cosine",
                     chain_dtypes=("int8", "int4"))
     elif name == "paper":
-        p = Profile("paper", "vgg11_bn", train_subset=4000, curve_subset=2000, full_subset=None, full_last=3,
+        p = Profile("paper", "vgg11_bn", train_subset=4000, curve_subset=2000, full_subset=None, full_last=1,
                     epochs=PAPER_EPOCHS, prune_epochs=20, chain_subset=2000, finetune_epochs=3, threads=2,
                     accelerator="cuda" if cuda else "cpu", test_batch_size=500, topk=(4, 8, 32, 128, 512),
                     link_steps=30)
@@ -96,7 +103,7 @@ def get_profile(name: str) -> Profile:
     if os.environ.get("SPLITPRUNE_BENCH_SMOKE"):
         p = replace(p, model="vgg11_bn_compact", train_subset=48, curve_subset=32, full_subset=64,
                     full_last=1, epochs=2, prune_epochs=2, chain_subset=16, finetune_epochs=1, threads=1,
-                    accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True,
+                    accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True, validation=48,
                     chain_dtypes=("int8", "int4"))
     n, e, t = (_env_int(f"SPLITPRUNE_BENCH_{k}") for k in ("TRAIN_SUBSET", "EPOCHS", "THREADS"))
     if n:
@@ -123,75 +130,74 @@ class RunSpec:
     suite: str                      # the suite whose folder holds it
     values: dict                    # RunConfig values
     label: str                      # how tables and plots name it
-    kind: str = "train"             # "train", or a baseline of splitprune.bench.baselines
+    kind: str = "train"             # "train", or "baseline" (built with `baseline`'s parts)
     needs: tuple[str, ...] = ()     # runs whose checkpoint it starts from
     full_last: int = 0
     note: str = ""
-    baseline: dict = field(default_factory=dict)
+    baseline: Baseline | None = None
+
+
+def seed_names(base: str, profile: Profile) -> list[str]:
+    """The plan's names of one run at each of the profile's seeds (seed 0 keeps the plain name)."""
+    return [base if seed == 0 else f"{base}_seed{seed}" for seed in profile.seeds]
 
 
 def plan(profile: Profile) -> dict[str, RunSpec]:
-    from splitprune.models import cut_shape
-
     p = profile
     E, K = p.epochs, p.full_last
     common = {"model": p.model, "dataset": "fashion-mnist", "train_subset": p.train_subset,
               "test_subset": p.curve_subset, "test_batch_size": p.test_batch_size, "batch_size": 16, "seed": 0,
               "threads": p.threads, "accelerator": p.accelerator, "lr_schedule": p.lr_schedule,
-              "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None}
+              "validation_size": p.validation, "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None}
 
     def scratch(method: str, schedule: str, up: str, down: str, **more) -> dict:
         return {**common, "method": method, "schedule": schedule, "epochs": E, "dtype_up": up, "dtype_down": down,
                 **more}
 
+    def seeded(name: str, values: dict, label: str, needs: tuple[str, ...] = (), **more) -> list[RunSpec]:
+        """The run at every seed of the profile: seed s > 0 is NAME_seedS and starts from its needs' seed-s run."""
+        out = []
+        for seed, own in zip(p.seeds, seed_names(name, p)):
+            suffix = "" if seed == 0 else f", seed {seed}"
+            need = tuple(seed_names(n, p)[p.seeds.index(seed)] for n in needs)
+            out.append(RunSpec(own, values=({**values, "seed": seed}), label=label + suffix, needs=need, **more))
+        return out
+
     chain = ",".join(f"{b}:1" for b in (64, 32, 16, 8, 4, 2, 1))
-    channels = cut_shape(p.model, "conv5", 1, 32)[0]
-    relax16 = resolve_schedule(make_config(scratch("deprune", "4:15,16:7", "fp16", "int8")), channels)
-    same = round(sum(ph.budget * ph.epochs for ph in relax16) / E)  # ca budget with deprune 4->16's traffic
     specs = [
-        # (a) deprune vs ca vs sl, paper Fig. 6 shapes, plus runs that push the traffic down
-        RunSpec("sl", "deprune", scratch("sl", "all:22", "fp32", "fp32"), "sl (all, fp32/fp32)", full_last=K,
+        # (a) deprune vs ca vs sl, paper Fig. 6 shapes, plus the run that pushes the traffic down
+        *seeded("sl", scratch("sl", "all:22", "fp32", "fp32"), "sl (all, fp32/fp32)", suite="deprune", full_last=K,
                 note="plain split learning: every channel, fp32 both ways"),
-        RunSpec("ca4", "deprune", scratch("ca", "4:22", "fp16", "fp32", budget=4), "ca B=4 (fp16/fp32)", full_last=K,
-                note="compression-aware SL at a fixed budget of 4 from scratch (the paper's baseline)"),
-        RunSpec("ca4_seed1", "deprune", {**scratch("ca", "4:22", "fp16", "fp32", budget=4), "seed": 1},
-                "ca B=4 (fp16/fp32), seed 1", full_last=K,
-                note="ca4 with another seed (initial weights, data order, subset): the seed-to-seed spread that "
-                     "accuracy differences are judged against"),
-        RunSpec("deprune", "deprune", scratch("deprune", "4:15,all:7", "fp16", "fp32"), "deprune 4->all (fp16/fp32)",
-                full_last=K, note="the paper's deprune: B=4 for 15/22 of the epochs, gate reset, then all channels"),
-        RunSpec("deprune16_i8", "deprune", scratch("deprune", "4:15,16:7", "fp16", "int8"),
-                "deprune 4->16 (fp16/int8)", full_last=K,
-                note="deprune whose last phase opens only 16 channels, int8 gradients down"),
-        RunSpec("ca_same_i8", "deprune", scratch("ca", f"{same}:22", "fp16", "int8", budget=same),
-                f"ca B={same} (fp16/int8)", full_last=K,
-                note=f"ca at the fixed budget ({same}) that sends what deprune 4->16 sends over the run: "
-                     "deprune against fixed-budget training at the same traffic"),
-        RunSpec("ca1_i8", "deprune", scratch("ca", "1:22", "int8", "int8", budget=1), "ca B=1 (int8/int8)",
-                full_last=K, note="the extreme: one channel, int8 both ways (where accuracy bends)"),
-        # (b) prune (transfer from the sl model) vs ca from scratch at B=32 and B=4
-        RunSpec("prune", "prune", {**common, "method": "prune", "schedule": "32:10,4:10", "epochs": p.prune_epochs,
-                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune 32->4 from sl",
-                needs=("sl",), full_last=1, note="the paper's prune: from the sl model, B=32 then B=4, lr 1e-3, "
-                                                  "momentum 0.9"),
-        RunSpec("ca32", "prune", scratch("ca", "32:22", "fp16", "fp32", budget=32), "ca B=32 (fp16/fp32)",
-                full_last=1, note="ca at B=32 from scratch"),
+        *seeded("ca4", scratch("ca", "4:22", "fp16", "fp32", budget=4), "ca B=4 (fp16/fp32)", suite="deprune",
+                full_last=K, note="compression-aware SL at a fixed budget of 4 from scratch (the paper's baseline)"),
+        *seeded("deprune", scratch("deprune", "4:15,all:7", "fp16", "fp32"), "deprune 4->all (fp16/fp32)",
+                suite="deprune", full_last=K,
+                note="the paper's deprune: B=4 for 15/22 of the epochs, gate reset, then all channels"),
+        *seeded("ca1_i8", scratch("ca", "1:22", "int8", "int8", budget=1), "ca B=1 (int8/int8)", suite="deprune",
+                full_last=K, note="the extreme: one channel, int8 both ways (the 1000x training target)"),
+        # (b) prune (transfer from the sl model) vs ca B=4 from scratch
+        *seeded("prune", {**common, "method": "prune", "schedule": "32:10,4:10", "epochs": p.prune_epochs,
+                          "dtype_up": "fp16", "dtype_down": "fp32"}, "prune 32->4 from sl", needs=("sl",),
+                suite="prune", full_last=1,
+                note="the paper's prune: from the sl model, B=32 then B=4, lr 1e-3, momentum 0.9"),
         # (c) resolution compression r=2 (the 4x4 cut travels as 3x3)
-        RunSpec("ca4_r2", "resolution", scratch("ca", "4:22", "fp16", "fp32", budget=4, resolution=2),
-                "ca B=4, r=2", full_last=K, note="ca B=4 with resolution factor 2"),
-        # (d) a trained model at every budget (prune chain from sl), and trained baselines
+        *seeded("ca4_r2", scratch("ca", "4:22", "fp16", "fp32", budget=4, resolution=2), "ca B=4, r=2",
+                suite="resolution", full_last=K, note="ca B=4 with resolution factor 2"),
+        # (d) a trained model at every budget (prune chain from sl), and trained baselines (seed 0 only)
         RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",
                 needs=("sl",), note="prune from the sl model through B=64,32,...,1, one epoch of chain_subset each"),
         RunSpec("random2", "rate", {**common, "method": "prune", "schedule": f"2:{p.finetune_epochs}",
                                     "dtype_up": "fp16", "dtype_down": "fp32", "budget": 2},
-                "random 2 channels (no gate)", kind="random_channels", needs=("sl",),
+                "random 2 channels (no gate)", kind="baseline", needs=("sl",),
+                baseline=Baseline(selector=FixedRandomChannels(2)),
                 note="2 channels chosen at random once (seeded), no top-B by the gate, no budget loss; "
                      "fine-tuned from the sl model with the prune recipe"),
         RunSpec("bottleneck2", "rate", {**common, "method": "sl", "schedule": f"all:{p.finetune_epochs}",
                                         "dtype_up": "fp16", "dtype_down": "fp32", "lr": 1e-3, "momentum": 0.9,
                                         "scaling": "binary"},
-                "narrow bottleneck 2 ch (no gate)", kind="bottleneck", needs=("sl",), baseline={"width": 2},
+                "narrow bottleneck 2 ch (no gate)", kind="baseline", needs=("sl",),
+                baseline=Baseline(bottleneck=NarrowBottleneck(2)),
                 note="encoder conv 512->2 + BN + sigmoid, decoder deconv 2->512 + BN + ReLU, no gate; backbone "
                      "from the sl model, all fine-tuned with the prune recipe"),
     ]
@@ -207,8 +213,6 @@ def run_config(spec: RunSpec, root: Path, specs: dict[str, RunSpec]):
     values = dict(spec.values)
     if spec.needs:
         values["from_checkpoint"] = str(run_dir(root, specs[spec.needs[0]]) / "checkpoint")
-    if spec.kind != "train":
-        values["extra"] = {"baseline": spec.kind, **spec.baseline}
     return make_config(values)
 
 
@@ -225,42 +229,44 @@ def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
         value = getattr(cfg, name)
         if name in ("model", "dataset", "schedule", "dtype_up", "dtype_down") or value != getattr(default, name):
             flags += [flag, str(value)]
+    if cfg.validation_size:  # appended field: its flag comes with the flags generated from RunConfig
+        flags += ["--validation-size", str(cfg.validation_size)]
     flags += ["--out", str(run_dir(root, spec))]
     return " ".join(shlex.quote(f) for f in flags)
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _bench_trainer_class():
-    from splitprune.training.trainer import Trainer, evaluate
+class FullTestEvaluation:
+    """Trainer callback: the last `last` epochs also evaluated on the full test set (full_test.json).
 
-    class BenchTrainer(Trainer):
-        """A Trainer that also evaluates the last `full_last` epochs on the full test set and prints plain lines."""
+    It only reads the model, so training is the same with or without it."""
 
-        def __init__(self, cfg, out, full_loader=None, full_last: int = 0, **kwargs) -> None:
-            super().__init__(cfg, out, show_progress=False, **kwargs)
-            self.full_loader, self.full_last = full_loader, full_last
-            self.total_epochs = sum(p.epochs for p in self.phases)
-            self.full_path = Path(out) / "full_test.json"
-            self.full_evals = json.loads(self.full_path.read_text()) if self.full_path.exists() else []
+    def __init__(self, out: Path, loader, total_epochs: int, last: int) -> None:
+        self.path, self.loader, self.total_epochs, self.last = Path(out) / "full_test.json", loader, total_epochs, last
+        self.records = json.loads(self.path.read_text()) if self.path.exists() else []
 
-        def _write_metrics(self) -> None:
-            epoch = self.progress.epoch  # epochs finished, this one included; the checkpoint is written next
-            if self.full_loader is not None and epoch > self.total_epochs - self.full_last:
-                start = time.perf_counter()
-                result = evaluate(self.device, self.endpoint.link, self.full_loader)
-                record = {"epoch": epoch, "budget": self.progress.rows[-1]["budget"], "accuracy": result.accuracy,
-                          "samples": result.samples, "bytes_per_sample": result.bytes_up / max(result.samples, 1),
-                          "single_sample_bytes": result.single_sample_bytes_up,
-                          "seconds": round(time.perf_counter() - start, 3)}
-                self.full_evals = [r for r in self.full_evals if r["epoch"] != epoch] + [record]
-                self.full_path.write_text(json.dumps(self.full_evals, indent=2))
-                self._log(f"epoch {epoch} on the full test set ({result.samples} images): {100 * result.accuracy:.2f}%")
-            super()._write_metrics()
+    def __call__(self, trainer, row: dict) -> None:
+        from splitprune.training.trainer import evaluate
 
-        def _log(self, message: str) -> None:
-            print(f"[{self.out.name}] {message}", flush=True)
+        if row["epoch"] <= self.total_epochs - self.last:
+            return
+        start = time.perf_counter()
+        result = evaluate(trainer.device, trainer.endpoint.link, self.loader)
+        record = {"epoch": row["epoch"], "budget": row["budget"], "accuracy": result.accuracy,
+                  "samples": result.samples, "bytes_per_sample": result.bytes_up / max(result.samples, 1),
+                  "single_sample_bytes": result.single_sample_bytes_up,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        self.records = [r for r in self.records if r["epoch"] != row["epoch"]] + [record]
+        self.path.write_text(json.dumps(self.records, indent=2))
+        print(f"[{self.path.parent.name}] epoch {row['epoch']} on the full test set ({result.samples} images): "
+              f"{100 * result.accuracy:.2f}%", flush=True)
 
-    return BenchTrainer
+
+def cut_channels(cfg) -> int:
+    from splitprune.models import cut_shape
+    from splitprune.training.setup import input_channels
+
+    return cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
 
 
 def full_test_loader(cfg, profile: Profile):
@@ -286,14 +292,21 @@ def train(spec: RunSpec, profile: Profile, root: Path, specs: dict[str, RunSpec]
     out.mkdir(parents=True, exist_ok=True)
     command = cli_command(spec, root, specs)
     (out / "command.txt").write_text(command + "\n")
-    parts = baselines.build_parts(cfg) if spec.kind != "train" else None
-    full = full_test_loader(cfg, profile) if spec.full_last and profile.full_subset != cfg.test_subset else None
-    trainer = _bench_trainer_class()(cfg, out, full_loader=full, full_last=spec.full_last, parts=parts)
+    parts = baselines.build_parts(cfg, spec.baseline) if spec.kind != "train" else None
+    from splitprune.training.trainer import Trainer
+
+    callbacks, full = [], None
+    if spec.full_last and profile.full_subset != cfg.test_subset:
+        total = sum(p.epochs for p in resolve_schedule(cfg, cut_channels(cfg)))
+        full = FullTestEvaluation(out, full_test_loader(cfg, profile), total, spec.full_last)
+        callbacks.append(full)
+    trainer = Trainer(cfg, out, parts=parts, show_progress=False, callbacks=callbacks,
+                      log=lambda message: print(f"[{out.name}] {message}", flush=True))
     (out / "run.json").write_text(json.dumps(run_info(cfg, trainer), indent=2))
     print(f"== run {spec.name}: {spec.label} -> {out}", flush=True)
     summary = trainer.run()
     summary["bench"] = {"name": spec.name, "label": spec.label, "kind": spec.kind, "note": spec.note,
-                        "full_test": trainer.full_evals, "command": command,
+                        "full_test": full.records if full else [], "command": command,
                         "profile": profile.settings()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -405,19 +418,19 @@ def _planned_info(spec: RunSpec, command: Path) -> dict:
         parser = argparse.ArgumentParser()
         add_config_flags(parser)
         parser.add_argument("--out")
-        cfg = config_from_args(parser.parse_args(shlex.split(text)[2:]))
+        parser.add_argument("--validation-size", dest="validation_size", type=int, default=None)
+        args = parser.parse_args(shlex.split(text)[2:])
+        cfg = replace(config_from_args(args), validation_size=args.validation_size or 0)
     if cfg is None:
         values = dict(spec.values)
         if spec.needs:
             values["from_checkpoint"] = f"(the {spec.needs[0]} run's checkpoint)"
-        if spec.kind != "train":
-            values["extra"] = {"baseline": spec.kind, **spec.baseline}
         cfg = make_config(values)
     cut = cut_shape(cfg.model, cfg.split, 1, cfg.input_size)
     phases = resolve_schedule(cfg, cut[0])
     wire = encoded_shape(cut, cfg.resolution)
-    if spec.kind == "bottleneck":
-        wire = (int(spec.baseline["width"]), *wire[1:])
+    if spec.baseline is not None and spec.baseline.bottleneck is not None:
+        wire = (spec.baseline.bottleneck.width, *wire[1:])
     return {"config": cfg.to_dict(), "phases": [{"budget": p.label(), "epochs": p.epochs} for p in phases],
             "wire_shape": list(wire)}
 
@@ -436,18 +449,19 @@ def _numbers(row: dict) -> dict:
 
 
 def headline_accuracy(record: dict) -> tuple[float | None, str]:
-    """Mean accuracy over the last epochs on the full test set, and how it was measured."""
+    """The accuracy of the model the run ends with (its last full-test evaluation), and how it was measured.
+
+    Without a full-test evaluation: its last epoch on the curve test subset, said so."""
     full = record["full_test"]
     if full:
-        accs = [r["accuracy"] for r in full]
-        return sum(accs) / len(accs), f"mean of last {len(accs)} epoch(s), {full[-1]['samples']} test images"
+        last = full[-1]
+        return last["accuracy"], f"final model (epoch {last['epoch']}), {last['samples']} test images"
     rows = record["rows"]
     if not rows:
         return None, "no epoch finished"
     subset = record["summary"]["config"].get("test_subset")
-    last = rows[-3:]
     where = "all test images" if subset is None else f"{subset} test images"
-    return sum(r["test_accuracy"] for r in last) / len(last), f"mean of last {len(last)} epoch(s), {where}"
+    return rows[-1]["test_accuracy"], f"final model (epoch {rows[-1]['epoch']}), {where}"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

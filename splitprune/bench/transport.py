@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+WARMUP = 5  # single-sample inference requests sent before the measured ones
+
 SETTINGS = [
     # name, method, budget, dtype_up, dtype_down
     ("B=4 fp16", "ca", 4, "fp16", "fp32"),
@@ -25,7 +27,7 @@ SETTINGS = [
 ]
 
 
-def _config(method, budget, dtype_up, dtype_down, batch, args):
+def _config(method, budget, dtype_up, dtype_down, batch, args, **more):
     from splitprune.config import make_config
 
     values = dict(method=method, dtype_up=dtype_up, dtype_down=dtype_down, batch_size=batch, epochs=1,
@@ -35,7 +37,7 @@ def _config(method, budget, dtype_up, dtype_down, batch, args):
         values["budget"] = budget
     if args.data_dir:
         values["data_dir"] = args.data_dir
-    return make_config(values)
+    return make_config({**values, **more})
 
 
 def _train(cfg, out: Path, server: str | None) -> dict:
@@ -66,6 +68,21 @@ def _train(cfg, out: Path, server: str | None) -> dict:
                    wire_over_payload_after_setup_up=st["wire_over_payload_after_setup_up"],
                    wire_over_payload_after_setup_down=st["wire_over_payload_after_setup_down"])
     return row
+
+
+def _sent(run: dict) -> int:
+    """Requests an inference session put on the socket: the measured ones plus the warm-up (replayed from them)."""
+    return run["requests"] + min(WARMUP, run["requests"])
+
+
+def _steady_wire(remote: dict, short: dict) -> dict:
+    """Socket bytes per request once the connection and handshake are paid: two sessions of different length
+    (same setup, same warm-up) differ by exactly their extra requests."""
+    extra = _sent(remote) - _sent(short)
+    a, b = remote["transport"], short["transport"]
+    return {"wire_bytes_up_per_request_after_setup": (a["wire_bytes_up"] - b["wire_bytes_up"]) / extra,
+            "wire_bytes_down_per_request_after_setup": (a["wire_bytes_down"] - b["wire_bytes_down"]) / extra,
+            "payload_bytes_up_per_request_after_setup": (a["payload_bytes_up"] - b["payload_bytes_up"]) / extra}
 
 
 def _local_latency(checkpoint: Path, budget: int, requests: int, warmup: int = 5) -> dict:
@@ -108,9 +125,15 @@ PROFILES = {  # `splitprune bench transport --profile P`
 
 
 def run(profile: str, out: Path) -> dict:
-    """Entry point of `splitprune bench transport`."""
-    return main(["--out", str(out), *(f"--{k.replace('_', '-')}={v}" for k, v in PROFILES[profile].items())],
-                return_results=True)
+    """Entry point of `splitprune bench transport`; also measures the rate suite's chosen configurations."""
+    import json
+
+    rate = Path(out).parent / "rate" / "rate.json"
+    chosen = json.loads(rate.read_text()).get("choices", []) if rate.exists() else []
+    configs = dict.fromkeys(f"{c['budget'] if c['budget'] != 'all' else 512}:{c['dtype']}:{c['resolution']}"
+                            for c in chosen if c.get("config"))
+    return main(["--out", str(out), *(f"--{k.replace('_', '-')}={v}" for k, v in PROFILES[profile].items()),
+                 *(f"--infer-config={c}" for c in configs)], return_results=True)
 
 
 def main(argv: list[str] | None = None, return_results: bool = False):
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None, return_results: bool = False):
     p.add_argument("--batches", default="16,64", help="training batch sizes")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode and setting (alternated); the best counts")
     p.add_argument("--infer-requests", type=int, default=200, help="single-sample inference requests per setting")
+    p.add_argument("--infer-config", action="append", metavar="B:DTYPE:R",
+                   help="also measure single-sample inference of this budget, uplink dtype and resolution")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the device process and of the server")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -131,7 +156,6 @@ def main(argv: list[str] | None = None, return_results: bool = False):
     import torch
 
     from splitprune.bench.common import write_results
-    from splitprune.cli.infer import run_inference
     from splitprune.transport.testing import ServerProcess, free_port
 
     torch.set_num_threads(args.threads)
@@ -142,6 +166,7 @@ def main(argv: list[str] | None = None, return_results: bool = False):
     batches = [int(b) for b in args.batches.split(",")]
     server = ServerProcess(free_port(), "--quiet", log_path=work / "serve.log", threads=args.threads).start()
     command = "python -m splitprune.bench.transport " + shlex.join(argv if argv is not None else sys.argv[1:])
+    chosen = [c for c in (args.infer_config or [])]
     results = {"transport_command": command,
                "setup": "CPU only; the server runs in a subprocess on 127.0.0.1 with the same torch threads as the "
                         "client; the client reaches it through an unshaped in-process TCP relay that counts socket bytes",
@@ -157,13 +182,18 @@ def main(argv: list[str] | None = None, return_results: bool = False):
                 for r in range(args.repeats):
                     runs["in-process"].append(_train(cfg, work / f"{tag}_local{r}", None))
                     runs["grpc"].append(_train(cfg, work / f"{tag}_grpc{r}", server.address))
+                # the median repeat is the headline (one statistic across suites); the best is kept next to it
                 best = {mode: max(rows, key=lambda row: row["samples_per_s"]) for mode, rows in runs.items()}
+                median = {mode: statistics.median(row["samples_per_s"] for row in rows) for mode, rows in runs.items()}
                 g, local = best["grpc"], best["in-process"]
                 entry = {"setting": name, "method": method, "budget": budget or "all", "dtype_up": up,
                          "dtype_down": down, "batch_size": batch, "steps": -(-args.train_subset // batch),
-                         "in_process_samples_per_s": round(local["samples_per_s"], 2),
-                         "grpc_samples_per_s": round(g["samples_per_s"], 2),
-                         "speed_ratio": round(g["samples_per_s"] / local["samples_per_s"], 4),
+                         "in_process_samples_per_s": round(median["in-process"], 2),
+                         "grpc_samples_per_s": round(median["grpc"], 2),
+                         "speed_ratio": round(median["grpc"] / median["in-process"], 4),
+                         "best_in_process_samples_per_s": round(local["samples_per_s"], 2),
+                         "best_grpc_samples_per_s": round(g["samples_per_s"], 2),
+                         "best_speed_ratio": round(g["samples_per_s"] / local["samples_per_s"], 4),
                          "same_accuracy": all(row["test_accuracy"] == local["test_accuracy"]
                                               for rows in runs.values() for row in rows),
                          "same_payload": local["bytes_up"] == g["bytes_up"] and local["bytes_down"] == g["bytes_down"],
@@ -183,25 +213,14 @@ def main(argv: list[str] | None = None, return_results: bool = False):
                       flush=True)
             # inference: the batch-16 model of this setting, one sample per request
             tag = f"{name.replace(' ', '_').replace('=', '')}_b{batches[0]}_grpc0"
-            checkpoint = work / tag
-            local = _local_latency(checkpoint, budget or 512, args.infer_requests)
-            remote = run_inference(str(checkpoint), server.address, str(budget) if budget else "all",
-                                   test_subset=args.infer_requests, batch_size=1, warmup=5)
-            entry = {"setting": name, "budget": budget or "all", "dtype_up": up, "requests": remote["requests"],
-                     "in_process_ms": {k: round(local[k], 3) for k in ("p50_ms", "p99_ms", "mean_ms")},
-                     "grpc_ms": {"p50_ms": round(remote["latency_ms"]["p50"], 3),
-                                 "p99_ms": round(remote["latency_ms"]["p99"], 3),
-                                 "mean_ms": round(remote["latency_ms"]["mean"], 3)},
-                     "grpc_rpc_ms": {k + "_ms": round(v, 3) for k, v in remote["rpc_latency_ms"].items()},
-                     "server_ms": {k + "_ms": round(v, 3) for k, v in remote["server_ms"].items()},
-                     "same_accuracy": local["accuracy"] == remote["test_accuracy"],
-                     "payload_bytes_up_per_request": remote["payload_bytes_up"] / remote["requests"],
-                     "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / (remote["requests"] + 5),
-                     "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / (remote["requests"] + 5)}
-            results["inference"].append(entry)
-            print(f"{name:9s} inference, 1 sample/request: in-process p50 {entry['in_process_ms']['p50_ms']:.2f} ms "
-                  f"p99 {entry['in_process_ms']['p99_ms']:.2f} ms; gRPC p50 {entry['grpc_ms']['p50_ms']:.2f} ms "
-                  f"p99 {entry['grpc_ms']['p99_ms']:.2f} ms", flush=True)
+            results["inference"].append(_inference(name, budget, up, work / tag, server.address, args))
+        for text in chosen:  # inference-only settings (the rate suite's choices): bytes do not depend on weights
+            budget, dtype, resolution = _parse_infer_config(text)
+            cfg = _config("ca", budget, dtype, "fp32", 16, args, resolution=resolution, train_subset=16)
+            tag = f"infer_B{budget}_{dtype}_r{resolution}"
+            _train(cfg, work / tag, server.address)
+            results["inference"].append(_inference(f"B={budget} {dtype} r={resolution}", budget, dtype, work / tag,
+                                                   server.address, args))
     finally:
         server.stop()
         scratch.cleanup()
@@ -212,12 +231,53 @@ def main(argv: list[str] | None = None, return_results: bool = False):
     return results if return_results else 0
 
 
+def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str, args) -> dict:
+    """Single-sample split inference of a checkpoint, in-process and through the gRPC server."""
+    from splitprune.cli.infer import run_inference
+
+    local = _local_latency(checkpoint, budget or 512, args.infer_requests)
+    remote = run_inference(str(checkpoint), address, str(budget) if budget else "all",
+                           test_subset=args.infer_requests, batch_size=1, warmup=WARMUP)
+    short = run_inference(str(checkpoint), address, str(budget) if budget else "all",
+                          test_subset=max(args.infer_requests // 4, 1), batch_size=1, warmup=WARMUP)
+    entry = {"setting": name, "budget": budget or "all", "dtype_up": dtype_up, "requests": remote["requests"],
+             "in_process_ms": {k: round(local[k], 3) for k in ("p50_ms", "p99_ms", "mean_ms")},
+             "grpc_ms": {"p50_ms": round(remote["latency_ms"]["p50"], 3),
+                         "p99_ms": round(remote["latency_ms"]["p99"], 3),
+                         "mean_ms": round(remote["latency_ms"]["mean"], 3)},
+             "grpc_rpc_ms": {k + "_ms": round(v, 3) for k, v in remote["rpc_latency_ms"].items()},
+             "server_ms": {k + "_ms": round(v, 3) for k, v in remote["server_ms"].items()},
+             "same_accuracy": local["accuracy"] == remote["test_accuracy"],
+             "payload_bytes_up_per_request": remote["payload_bytes_up"] / remote["requests"],
+             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / _sent(remote),
+             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / _sent(remote),
+             **_steady_wire(remote, short)}
+    print(f"{name:9s} inference, 1 sample/request: in-process p50 {entry['in_process_ms']['p50_ms']:.2f} ms "
+          f"p99 {entry['in_process_ms']['p99_ms']:.2f} ms; gRPC p50 {entry['grpc_ms']['p50_ms']:.2f} ms "
+          f"p99 {entry['grpc_ms']['p99_ms']:.2f} ms", flush=True)
+    return entry
+
+
+def _parse_infer_config(text: str) -> tuple[int, str, int]:
+    from splitprune.errors import UserError
+
+    try:
+        budget, dtype, resolution = text.split(":")
+        return int(budget), dtype, int(resolution)
+    except ValueError:
+        raise UserError(f"--infer-config {text!r}: give BUDGET:DTYPE:RESOLUTION, e.g. 4:int4:2") from None
+
+
+def _count(entry: dict, key: str) -> str:
+    return f"{entry[key]:.0f}" if key in entry else "n/a"
+
+
 def _markdown(r: dict) -> str:
     lines = [f"# Transport benchmark: in-process vs loopback gRPC", "",
              f"`{r['transport_command']}`", "",
              f"{r['model']} on {r['dataset']}, {r['train_subset']} training images (1 epoch), torch threads "
              f"{r['threads']} per process, CPU. Throughput over the training loop (evaluation "
-             "excluded), best of the repeats. Wire bytes are measured on the client's TCP socket (HTTP/2 + gRPC "
+             "excluded): median of the repeats (best in parentheses). Wire bytes are measured on the client's TCP socket (HTTP/2 + gRPC "
              "framing, headers, window updates, pings included); payload = the serialized step and evaluation "
              "messages the device counts. 'After setup' leaves out the connection setup and the session "
              "handshake (a fixed ~1.4 kB per run).", "",
@@ -225,19 +285,23 @@ def _markdown(r: dict) -> str:
              "wire/payload down | wire/payload both | up, after setup | down, after setup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["training"]:
-        lines.append(f"| {e['setting']} | {e['batch_size']} | {e['in_process_samples_per_s']} | "
-                     f"{e['grpc_samples_per_s']} | {e['speed_ratio']:.3f} | {e['wire_over_payload_up']:.4f} | "
+        lines.append(f"| {e['setting']} | {e['batch_size']} | {e['in_process_samples_per_s']} "
+                     f"({e.get('best_in_process_samples_per_s', '-')}) | {e['grpc_samples_per_s']} "
+                     f"({e.get('best_grpc_samples_per_s', '-')}) | {e['speed_ratio']:.3f} "
+                     f"({e.get('best_speed_ratio', 0):.3f}) | {e['wire_over_payload_up']:.4f} | "
                      f"{e['wire_over_payload_down']:.4f} | {e['wire_over_payload']:.4f} | "
                      f"{e['wire_over_payload_after_setup_up']:.4f} | {e['wire_over_payload_after_setup_down']:.4f} |")
     lines += ["", "Split inference, one sample per request (device half + network + server half):", "",
               "| setting | requests | in-process p50 ms | in-process p99 ms | gRPC p50 ms | gRPC p99 ms | "
-              "network round trip p50 ms | uplink payload B/request | uplink wire B/request (setup included) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "network round trip p50 ms | uplink payload B/request | uplink wire B/request (setup included) | "
+              "uplink wire B/request after setup | downlink wire B/request after setup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["inference"]:
         lines.append(f"| {e['setting']} | {e['requests']} | {e['in_process_ms']['p50_ms']} | "
                      f"{e['in_process_ms']['p99_ms']} | {e['grpc_ms']['p50_ms']} | {e['grpc_ms']['p99_ms']} | "
                      f"{e['grpc_rpc_ms']['p50_ms']} | {e['payload_bytes_up_per_request']:.0f} | "
-                     f"{e['wire_bytes_up_per_request']:.0f} |")
+                     f"{e['wire_bytes_up_per_request']:.0f} | {_count(e, 'wire_bytes_up_per_request_after_setup')} | "
+                     f"{_count(e, 'wire_bytes_down_per_request_after_setup')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from splitprune.errors import UserError
 
-SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> dict
-    "step": "step",
-    "transport": "transport",
-    "deprune": "deprune",
+SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> dict; `all` runs them in this order:
+    "deprune": "deprune",         # training suites first,
     "prune": "prune",
     "resolution": "resolution",
     "rate": "rate",
     "link": "link_time",
     "device": "device",
+    "step": "step",               # the timing suites last (transport measures rate's chosen configurations)
+    "transport": "transport",
     "fuzz": "fuzz",
     "soak": "soak",
     "all": None,

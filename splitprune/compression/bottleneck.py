@@ -1,9 +1,13 @@
 """The learned compression module at the cut: a gated encoder on the device, a decoder on the server."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 from torch import nn
 
+from splitprune.compression.budget import channel_mask, select_top_b
 from splitprune.errors import UserError
 
 
@@ -66,3 +70,78 @@ def encoded_shape(cut_shape: tuple[int, int, int], resolution: int) -> tuple[int
             f"the decoder restores {restored[0]}x{restored[1]} instead of {h}x{w}; "
             f"use another --resolution, --split or input size")
     return c, eh, ew
+
+
+# ---------------------------------------------------------------------------------------------- pluggable parts
+class ChannelSelector(Protocol):
+    """Which channels travel at a budget; the DeviceWorker asks it every step."""
+
+    uses_budget_loss: bool  # whether the gate's budget loss trains alongside (it steers the gate's top-B)
+
+    def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor: ...
+
+
+class TopBByGate:
+    """The method's choice: the B channels with the largest gate mask (exact, ties to the lower index)."""
+
+    uses_budget_loss = True
+
+    def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor:
+        return select_top_b(channel_mask(gate_logits), budget)
+
+
+class FixedChannels:
+    """Always the same channels, whatever the gate says; no budget loss (a baseline)."""
+
+    uses_budget_loss = False
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        self.indices = indices.sort().values
+
+    def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor:
+        if budget != self.indices.numel():
+            raise UserError(f"this model sends its {self.indices.numel()} fixed channels, not {budget}")
+        return self.indices.to(gate_logits.device)
+
+
+@dataclass(frozen=True)
+class FixedRandomChannels:
+    """Choice of selector: `count` channels drawn at random once from (run seed, channel count)."""
+
+    count: int
+    seed_offset: int = 4242
+
+    def build(self, channels: int, seed: int) -> FixedChannels:
+        gen = torch.Generator().manual_seed(seed + self.seed_offset)
+        return FixedChannels(torch.randperm(channels, generator=gen)[:self.count])
+
+
+class NarrowEncoder(nn.Module):
+    """Conv(C->W, the gated encoder's geometry) -> BN -> sigmoid, no gate. Its `gate_logits` are constant
+    (never trained, no part in "binary" scaling): the device code reads them like a gated encoder's."""
+
+    def __init__(self, channels: int, width: int, resolution: int = 1, bn_momentum: float = 0.03,
+                 bn_eps: float = 1e-4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, **_geometry(resolution))
+        self.bn = nn.BatchNorm2d(width, momentum=bn_momentum, eps=bn_eps)
+        self.gate_logits = nn.Parameter(torch.full((1, width, 1, 1), 15.0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.bn(self.conv(x)))
+
+
+@dataclass(frozen=True)
+class NarrowBottleneck:
+    """Choice of bottleneck: a learned `width`-channel encoder/decoder pair instead of the gated C-channel one."""
+
+    width: int
+    seed_offset: int = 99
+
+    def build(self, channels: int, resolution: int, bn_momentum: float, bn_eps: float,
+              seed: int) -> tuple[NarrowEncoder, Decoder]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + self.seed_offset)
+            encoder = NarrowEncoder(channels, self.width, resolution, bn_momentum, bn_eps)
+            decoder = Decoder(channels, resolution, in_channels=self.width)
+        return encoder, decoder

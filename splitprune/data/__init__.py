@@ -16,7 +16,10 @@ from splitprune.data.idx import load_idx_split, missing_idx_files
 from splitprune.data.transforms import BatchTransform, check_channels, fit_uint8_images
 from splitprune.errors import UserError
 
-__all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "load_dataset", "subset", "BatchLoader", "make_loaders"]
+__all__ = ["DATASETS", "DatasetInfo", "ImageDataset", "load_dataset", "subset", "hold_out", "BatchLoader", "make_loaders",
+           "validation_loader"]
+
+VALIDATION_SEED = 7919  # fixed, not the run's seed: every run holding out n images holds out the same ones
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,20 @@ def subset(ds: ImageDataset, n: int | None, seed: int) -> ImageDataset:
         return ds
     if n <= 0:
         raise UserError(f"a subset needs a positive number of samples, got {n}")
-    indices = np.sort(stratified_order(ds.labels, seed)[:n])
+    return _take(ds, np.sort(stratified_order(ds.labels, seed)[:n]))
+
+
+def _take(ds: ImageDataset, indices: np.ndarray) -> ImageDataset:
     return ImageDataset(ds.images[indices], ds.labels[indices], ds.num_classes, ds.classes)
+
+
+def hold_out(ds: ImageDataset, n: int) -> tuple[ImageDataset, ImageDataset]:
+    """(the rest, a validation split of n samples): class-stratified, drawn with VALIDATION_SEED whatever the
+    run's seed, so every training subset drawn from the rest is disjoint from it. n = 0: (ds, empty)."""
+    if n < 0 or n >= len(ds):
+        raise UserError(f"a validation split needs 0 to {len(ds) - 1} of the {len(ds)} training samples, got {n}")
+    order = stratified_order(ds.labels, VALIDATION_SEED)
+    return _take(ds, np.sort(order[n:])), _take(ds, np.sort(order[:n]))
 
 
 def derive_seed(seed: int, epoch: int, stream: int) -> int:
@@ -234,12 +249,17 @@ def make_loaders(
     test_subset: int | None = None,
     augment: bool | None = None,
     test_batch_size: int = 256,
+    validation_size: int = 0,
 ) -> tuple[BatchLoader, BatchLoader, int]:
-    """(train loader, test loader, number of classes); ``augment`` None uses the dataset's default."""
+    """(train loader, test loader, number of classes); ``augment`` None uses the dataset's default. The
+    training subset is drawn from what is left after holding out ``validation_size`` images (:func:`hold_out`)."""
     info = dataset_info(name)
     load_size = input_size if info.native_size is None else None
     load_channels = in_channels if info.name == "folder" else info.in_channels
-    train_set = subset(load_split(name, data_dir, True, load_size, load_channels), train_subset, seed)
+    train_all = load_split(name, data_dir, True, load_size, load_channels)
+    if validation_size:
+        train_all = hold_out(train_all, validation_size)[0]
+    train_set = subset(train_all, train_subset, seed)
     test_set = subset(load_split(name, data_dir, False, load_size, load_channels), test_subset, seed)
     augment = info.augment_by_default if augment is None else augment
     common = dict(input_size=input_size, in_channels=in_channels, mean=info.mean, std=info.std, seed=seed)
@@ -247,3 +267,16 @@ def make_loaders(
     train_loader = BatchLoader(train_set, batch_size, shuffle=True, augment=augment, drop_last=lone_last, **common)
     test_loader = BatchLoader(test_set, test_batch_size, shuffle=False, augment=False, **common)
     return train_loader, test_loader, train_set.num_classes
+
+
+def validation_loader(name: str, data_dir: str | None, input_size: int, in_channels: int, validation_size: int,
+                      batch_size: int = 256) -> BatchLoader:
+    """The held-out validation images (:func:`hold_out`), prepared like the test set (no augmentation)."""
+    if validation_size <= 0:
+        raise UserError("this run holds out no validation images (validation_size is 0)")
+    info = dataset_info(name)
+    load_size = input_size if info.native_size is None else None
+    load_channels = in_channels if info.name == "folder" else info.in_channels
+    held = hold_out(load_split(name, data_dir, True, load_size, load_channels), validation_size)[1]
+    return BatchLoader(held, batch_size, input_size=input_size, in_channels=in_channels, mean=info.mean,
+                       std=info.std, shuffle=False, augment=False, seed=0)

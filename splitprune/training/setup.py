@@ -134,7 +134,7 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
     in_channels = input_channels(cfg)
     train, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, in_channels,
                                             cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment,
-                                            cfg.test_batch_size)
+                                            cfg.test_batch_size, cfg.validation_size)
     if server:
         device, worker, geometry = build_workers(cfg, num_classes, in_channels)
     else:

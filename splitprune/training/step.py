@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from google.protobuf.message import Message
 
 from splitprune.compression import (ChannelCodec, TensorSpec, budget_loss, channel_mask, decode_labels,
-                                    decode_tensor, encode_labels, keep_channels, reset_gate, select_top_b)
+                                    decode_tensor, encode_labels, keep_channels, reset_gate)
+from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
 from splitprune.compression.codec import MAX_MESSAGE_BYTES, Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
@@ -197,8 +198,10 @@ class DeviceWorker:
     """The device part: backbone layers, the gated encoder, the budget and its loss, the codec uplink."""
 
     def __init__(self, half: DeviceHalf, geometry: Geometry, num_classes: int, codec_up: ChannelCodec,
-                 scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0) -> None:
+                 scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0,
+                 selector: ChannelSelector | None = None) -> None:
         self.half = half
+        self.selector: ChannelSelector = selector or TopBByGate()
         self.geometry = geometry
         self.num_classes = num_classes
         self.codec = codec_up
@@ -221,7 +224,7 @@ class DeviceWorker:
 
     def start_phase(self, link: Link, phase: int, budget: int | None, optimizer: OptimizerSettings,
                     use_budget_loss: bool) -> None:
-        self.budget, self.use_budget_loss = budget, use_budget_loss
+        self.budget, self.use_budget_loss = budget, use_budget_loss and self.selector.uses_budget_loss
         self.optimizer = optimizer.build(self.half)
         self.phase_lr = as_float32(optimizer.lr)
         req = pb.PhaseRequest(phase=phase, budget=budget or self.channels, lr=optimizer.lr,
@@ -238,7 +241,7 @@ class DeviceWorker:
         budget = self.budget if budget is None else budget
         if budget is None or budget >= self.channels:
             return None
-        return select_top_b(channel_mask(self.half.gate_logits), budget)
+        return self.selector.select(self.half.gate_logits, budget)
 
     def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -59,11 +60,22 @@ class Progress:
     transport: dict | None = None  # network traffic of the processes before this one (remote runs)
 
 
+EpochCallback = Callable[["Trainer", dict], None]
+
+
 class Trainer:
-    """Runs a method's schedule; `endpoint` is where the server half lives (in-process by default)."""
+    """Runs a method's schedule; `endpoint` is where the server half lives (in-process by default).
+
+    `callbacks` run after every epoch's evaluation, before its checkpoint, with the trainer and the epoch's
+    metrics row (e.g. an extra evaluation on more test data); they must not change training. With
+    `checkpoints=False` nothing is saved (measurement runs). `log` receives the trainer's messages
+    (default: shown with the progress bars, silent without them).
+    """
 
     def __init__(self, cfg: RunConfig, out: str | Path, endpoint: ServerEndpoint | None = None,
-                 parts: RunParts | None = None, show_progress: bool = True) -> None:
+                 parts: RunParts | None = None, show_progress: bool = True,
+                 callbacks: Sequence[EpochCallback] = (), checkpoints: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
         channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
@@ -77,6 +89,7 @@ class Trainer:
         self.device = self.parts.device
         self.show_progress = show_progress
         self.progress = Progress()
+        self.callbacks, self.checkpoints, self.log = tuple(callbacks), checkpoints, log
         self._writer = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -113,6 +126,8 @@ class Trainer:
         return model, state, self._meta(server)
 
     def _save(self) -> None:
+        if not self.checkpoints:
+            return
         model, state, meta = self._model_and_state()
         write_checkpoint(self.out / "checkpoint", model, meta, state)
 
@@ -227,6 +242,8 @@ class Trainer:
         p.epoch += 1
         p.epoch_in_phase += 1
         self._write_metrics()
+        for callback in self.callbacks:
+            callback(self, row)
         self._save()
         self._log(f"epoch {row['epoch']} B={row['budget']}: loss {row['train_loss']:.4f} "
                   f"test acc {row['test_accuracy']:.4f} up {_megabytes(row['bytes_up'])} "
@@ -236,6 +253,8 @@ class Trainer:
                 self._writer.add_scalar(key, row[key], row["epoch"])
 
     def _save_phase_model(self, phase: Phase) -> None:
+        if not self.checkpoints:
+            return
         model, _, meta = self._model_and_state(keep=True)
         meta["budget"] = phase.budget or self.parts.geometry.channels
         write_checkpoint(self.out / "models" / f"budget_{phase.label()}", model, meta)
@@ -256,7 +275,9 @@ class Trainer:
         self._writer = SummaryWriter(str(self.out / "tensorboard"))
 
     def _log(self, message: str) -> None:
-        if self.show_progress:
+        if self.log is not None:
+            self.log(message)
+        elif self.show_progress:
             tqdm.write(message)
 
     # ---------------------------------------------------------------- results
