@@ -47,7 +47,7 @@ def _train(cfg, out: Path, server: str | None) -> dict:
     from splitprune.transport.client import connect
 
     shutil.rmtree(out, ignore_errors=True)
-    endpoint = connect(cfg, server, out=str(out)) if server else None
+    endpoint = connect(cfg, server, out=str(out), measure=True) if server else None
     try:
         s = Trainer(cfg, out, endpoint=endpoint, show_progress=False).run()
     finally:
@@ -57,16 +57,18 @@ def _train(cfg, out: Path, server: str | None) -> dict:
     row = {"train_seconds": train_seconds, "samples_per_s": s["train_samples"] / train_seconds,
            "bytes_up": s["bytes_up"], "bytes_down": s["bytes_down"], "test_accuracy": s["final_test_accuracy"]}
     if server:
-        st = s["transport"]["steps"]
-        payload = st["payload_bytes_up"] + st["payload_bytes_down"]
-        wire = st["wire_bytes_up"] + st["wire_bytes_down"]
-        row.update(payload_bytes_up=st["payload_bytes_up"], payload_bytes_down=st["payload_bytes_down"],
-                   wire_bytes_up=st["wire_bytes_up"], wire_bytes_down=st["wire_bytes_down"],
-                   handshake_bytes=st["handshake_bytes_up"] + st["handshake_bytes_down"],
-                   wire_over_payload_up=st["wire_over_payload_up"], wire_over_payload_down=st["wire_over_payload_down"],
-                   wire_over_payload=round(wire / payload, 5),
-                   wire_over_payload_after_setup_up=st["wire_over_payload_after_setup_up"],
-                   wire_over_payload_after_setup_down=st["wire_over_payload_after_setup_down"])
+        # training steps' messages against the socket bytes of the steps plus connection set-up (control)
+        tr, ctl = (s["transport"]["purposes"][p] for p in ("training", "control"))
+        payload = {d: tr[f"message_bytes_{d}"] for d in ("up", "down")}
+        wire = {d: tr[f"socket_bytes_{d}"] + ctl[f"socket_bytes_{d}"] for d in ("up", "down")}
+        row.update(payload_bytes_up=payload["up"], payload_bytes_down=payload["down"],
+                   wire_bytes_up=wire["up"], wire_bytes_down=wire["down"],
+                   handshake_bytes=ctl["socket_bytes_up"] + ctl["socket_bytes_down"],
+                   wire_over_payload_up=round(wire["up"] / payload["up"], 5),
+                   wire_over_payload_down=round(wire["down"] / payload["down"], 5),
+                   wire_over_payload=round(sum(wire.values()) / sum(payload.values()), 5),
+                   wire_over_payload_after_setup_up=round(tr["socket_bytes_up"] / payload["up"], 5),
+                   wire_over_payload_after_setup_down=round(tr["socket_bytes_down"] / payload["down"], 5))
     return row
 
 
@@ -79,10 +81,16 @@ def _steady_wire(remote: dict, short: dict) -> dict:
     """Socket bytes per request once the connection and handshake are paid: two sessions of different length
     (same setup, same warm-up) differ by exactly their extra requests."""
     extra = _sent(remote) - _sent(short)
-    a, b = remote["transport"], short["transport"]
-    return {"wire_bytes_up_per_request_after_setup": (a["wire_bytes_up"] - b["wire_bytes_up"]) / extra,
-            "wire_bytes_down_per_request_after_setup": (a["wire_bytes_down"] - b["wire_bytes_down"]) / extra,
-            "payload_bytes_up_per_request_after_setup": (a["payload_bytes_up"] - b["payload_bytes_up"]) / extra}
+    a, b = _wire(remote), _wire(short)
+    return {"wire_bytes_up_per_request_after_setup": (a["socket_bytes_up"] - b["socket_bytes_up"]) / extra,
+            "wire_bytes_down_per_request_after_setup": (a["socket_bytes_down"] - b["socket_bytes_down"]) / extra,
+            "payload_bytes_up_per_request_after_setup": (a["message_bytes_up"] - b["message_bytes_up"]) / extra}
+
+
+def _wire(run: dict) -> dict:
+    """An inference session's bytes, all purposes (requests, Describe, connection set-up) added up."""
+    purposes = run["transport"]["purposes"].values()
+    return {k: sum(p[k] for p in purposes) for k in ("socket_bytes_up", "socket_bytes_down", "message_bytes_up")}
 
 
 def _local_latency(checkpoint: Path, budget: int, requests: int, warmup: int = 5) -> dict:
@@ -211,14 +219,16 @@ def main(argv: list[str] | None = None, return_results: bool = False):
                       f"gRPC {entry['grpc_samples_per_s']:8.1f} samples/s (x{entry['speed_ratio']:.3f}); "
                       f"wire/payload up {entry['wire_over_payload_up']:.4f} down {entry['wire_over_payload_down']:.4f}",
                       flush=True)
-            # inference: the batch-16 model of this setting, one sample per request
-            tag = f"{name.replace(' ', '_').replace('=', '')}_b{batches[0]}_grpc0"
+            # inference: the batch-16 model of this setting, one sample per request; the in-process run's folder
+            # holds both halves, the same bit for bit as the half its gRPC twin left on the server
+            tag = f"{name.replace(' ', '_').replace('=', '')}_b{batches[0]}_local0"
             results["inference"].append(_inference(name, budget, up, work / tag, server.address, args))
         for text in chosen:  # inference-only settings (the rate suite's choices): bytes do not depend on weights
             budget, dtype, resolution = _parse_infer_config(text)
             cfg = _config("ca", budget, dtype, "fp32", 16, args, resolution=resolution, train_subset=16)
             tag = f"infer_B{budget}_{dtype}_r{resolution}"
-            _train(cfg, work / tag, server.address)
+            _train(cfg, work / f"{tag}_grpc", server.address)  # hosts the half on the server
+            _train(cfg, work / tag, None)                       # the same model with both halves, for infer
             results["inference"].append(_inference(f"B={budget} {dtype} r={resolution}", budget, dtype, work / tag,
                                                    server.address, args))
     finally:
@@ -237,9 +247,9 @@ def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str,
 
     local = _local_latency(checkpoint, budget or 512, args.infer_requests)
     remote = run_inference(str(checkpoint), address, str(budget) if budget else "all",
-                           test_subset=args.infer_requests, batch_size=1, warmup=WARMUP)
+                           test_subset=args.infer_requests, batch_size=1, warmup=WARMUP, measure=True)
     short = run_inference(str(checkpoint), address, str(budget) if budget else "all",
-                          test_subset=max(args.infer_requests // 4, 1), batch_size=1, warmup=WARMUP)
+                          test_subset=max(args.infer_requests // 4, 1), batch_size=1, warmup=WARMUP, measure=True)
     entry = {"setting": name, "budget": budget or "all", "dtype_up": dtype_up, "requests": remote["requests"],
              "in_process_ms": {k: round(local[k], 3) for k in ("p50_ms", "p99_ms", "mean_ms")},
              "grpc_ms": {"p50_ms": round(remote["latency_ms"]["p50"], 3),
@@ -249,8 +259,8 @@ def _inference(name: str, budget, dtype_up: str, checkpoint: Path, address: str,
              "server_ms": {k + "_ms": round(v, 3) for k, v in remote["server_ms"].items()},
              "same_accuracy": local["accuracy"] == remote["test_accuracy"],
              "payload_bytes_up_per_request": remote["payload_bytes_up"] / remote["requests"],
-             "wire_bytes_up_per_request": remote["transport"]["wire_bytes_up"] / _sent(remote),
-             "wire_bytes_down_per_request": remote["transport"]["wire_bytes_down"] / _sent(remote),
+             "wire_bytes_up_per_request": _wire(remote)["socket_bytes_up"] / _sent(remote),
+             "wire_bytes_down_per_request": _wire(remote)["socket_bytes_down"] / _sent(remote),
              **_steady_wire(remote, short)}
     print(f"{name:9s} inference, 1 sample/request: in-process p50 {entry['in_process_ms']['p50_ms']:.2f} ms "
           f"p99 {entry['in_process_ms']['p99_ms']:.2f} ms; gRPC p50 {entry['grpc_ms']['p50_ms']:.2f} ms "
