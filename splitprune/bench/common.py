@@ -20,7 +20,7 @@ def machine() -> dict:
 
 def command_line() -> str:
     argv = sys.argv[:]
-    if argv and argv[0].endswith("splitprune"):
+    if argv and argv[0].endswith(("splitprune", "splitprune/__main__.py")):  # the console script or python -m
         argv[0] = "splitprune"
     return " ".join(shlex.quote(a) for a in argv)
 

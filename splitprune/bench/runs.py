@@ -229,8 +229,6 @@ def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
         value = getattr(cfg, name)
         if name in ("model", "dataset", "schedule", "dtype_up", "dtype_down") or value != getattr(default, name):
             flags += [flag, str(value)]
-    if cfg.validation_size:  # appended field: its flag comes with the flags generated from RunConfig
-        flags += ["--validation-size", str(cfg.validation_size)]
     flags += ["--out", str(run_dir(root, spec))]
     return " ".join(shlex.quote(f) for f in flags)
 
@@ -418,9 +416,7 @@ def _planned_info(spec: RunSpec, command: Path) -> dict:
         parser = argparse.ArgumentParser()
         add_config_flags(parser)
         parser.add_argument("--out")
-        parser.add_argument("--validation-size", dest="validation_size", type=int, default=None)
-        args = parser.parse_args(shlex.split(text)[2:])
-        cfg = replace(config_from_args(args), validation_size=args.validation_size or 0)
+        cfg = config_from_args(parser.parse_args(shlex.split(text)[2:]))
     if cfg is None:
         values = dict(spec.values)
         if spec.needs:
