@@ -11,7 +11,7 @@ from pathlib import Path
 
 from splitprune.bench import plots
 from splitprune.bench.report import (accuracy_interval, curve, final_curve_accuracy, first_reaching, load_profile,
-                                     markdown_table, megabytes, partial_note, pct, pts, ratio, run_row,
+                                     markdown_table, megabytes, partial_note, pts, ratio, run_row,
                                      seeded_records, write_csv, write_suite)
 from splitprune.bench.verdict import FAILS, difference, explain, verdict
 

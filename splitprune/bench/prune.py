@@ -23,11 +23,10 @@ BUDGET = 4  # prune's last phase and ca's from-scratch budget compared (B=32 was
 def _seed_row(prune: dict, ca: dict, sl: dict) -> dict:
     """One seed: how soon prune's B=4 phase and ca B=4 from scratch come within 1 pt of ca's final curve accuracy."""
     pc, cc = curve(prune), curve(ca)
-    start_s = start_e = 0
-    for p in pc:  # seconds and epochs spent before the B=4 phase began
+    start_e = 0
+    for p in pc:  # epochs spent before the B=4 phase began
         if str(p["budget"]) == str(BUDGET):
             start_e = p["epoch"] - 1
-            start_s = p["train_seconds"] - prune["rows"][start_e]["seconds"]
             break
     reference = final_curve_accuracy(ca, last=1)
     target = reference - 0.01 if reference is not None else None

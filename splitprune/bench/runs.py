@@ -34,7 +34,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from splitprune.compression.bottleneck import FixedRandomChannels, NarrowBottleneck

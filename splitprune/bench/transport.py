@@ -283,7 +283,7 @@ def _count(entry: dict, key: str) -> str:
 
 
 def _markdown(r: dict) -> str:
-    lines = [f"# Transport benchmark: in-process vs loopback gRPC", "",
+    lines = ["# Transport benchmark: in-process vs loopback gRPC", "",
              f"`{r['transport_command']}`", "",
              f"{r['model']} on {r['dataset']}, {r['train_subset']} training images (1 epoch), torch threads "
              f"{r['threads']} per process, CPU. Throughput over the training loop (evaluation "

@@ -15,10 +15,10 @@ import torch
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.wire import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES,  # noqa: F401
-                             check_dtype_name, decode_label_array, dtype_name, encode_label_array, encode_values,
+                             check_dtype_name, decode_label_array, encode_label_array, encode_values,
                              unpack_nibbles)
 
-# WIRE_DTYPES, MAX_MESSAGE_BYTES and dtype_name are imported from here by the runtime; their home is
+# WIRE_DTYPES and MAX_MESSAGE_BYTES are imported from here by the runtime; their home is
 # splitprune.wire, the torch-free core shared with the device package.
 
 

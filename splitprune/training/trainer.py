@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
-from splitprune.proto import pb
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
                                             optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.models import cut_shape

@@ -14,9 +14,9 @@ import grpc
 
 from splitprune.errors import UserError
 from splitprune.transport.accounting import SocketMeter, Traffic
-from splitprune.transport.addresses import format_hostport, parse_hostport
-from splitprune.transport.protocol import (AUTH_KEY, DEFAULT_HOST, DEFAULT_MAX_MESSAGE, ERROR_KEY, TlsFiles,
-                                           channel_credentials, client_options)
+from splitprune.transport.addresses import DEFAULT_HOST, format_hostport, parse_hostport
+from splitprune.transport.protocol import (AUTH_KEY, DEFAULT_MAX_MESSAGE, ERROR_KEY, TlsFiles, channel_credentials,
+                                           client_options)
 
 log = logging.getLogger("splitprune.client")
 

@@ -15,7 +15,8 @@ from splitprune.config import RunConfig, resolve_schedule
 from splitprune.errors import UserError
 from splitprune.proto import service_pb2 as spb
 from splitprune.transport.channel import Connection, RemoteError
-from splitprune.transport.protocol import PROTOCOL_VERSION, TOKEN_ENV, TlsFiles
+from splitprune.transport.addresses import TOKEN_ENV
+from splitprune.transport.protocol import PROTOCOL_VERSION, TlsFiles
 from splitprune.transport.remote import RemoteServer
 
 __all__ = ["RemoteServer", "RemoteError", "connect", "connect_for_training", "make_hello"]

@@ -20,7 +20,6 @@ from splitprune.compression.codec import MAX_MESSAGE_BYTES
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
-from splitprune.transport.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV  # noqa: F401 (re-exported)
 from splitprune.transport.errors import BadState, TooLarge
 
 PROTOCOL_VERSION = 1

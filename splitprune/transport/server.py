@@ -19,9 +19,9 @@ from concurrent import futures
 import grpc
 
 from splitprune.errors import UserError
-from splitprune.transport.addresses import format_hostport, parse_hostport
+from splitprune.transport.addresses import DEFAULT_HOST, format_hostport, parse_hostport
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY
-from splitprune.transport.protocol import DEFAULT_HOST, DEFAULT_MAX_MESSAGE, server_credentials, server_options
+from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE, server_credentials, server_options
 from splitprune.transport.service import ServeOptions, SplitService
 from splitprune.transport.ratelog import BoundedLog
 from splitprune.transport.servicer import Servicer, TokenInterceptor, log_refusal
