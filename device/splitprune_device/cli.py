@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitprune.errors import UserError
+from splitprune.errors import UserError, run_command
 
 TOKEN_ENV = "SPLITPRUNE_TOKEN"
 SHOWN = 20  # predictions printed; --out holds them all
@@ -141,15 +141,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except UserError as exc:
-        print(f"splitprune-device {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"splitprune-device {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command("splitprune-device", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

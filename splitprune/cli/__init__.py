@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from splitprune.errors import UserError
+from splitprune.errors import run_command
 
 # subcommand name -> module under splitprune.cli (each defines add_parser(subparsers) and run(args) -> int)
 SUBCOMMANDS = {
@@ -45,15 +45,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv and argv[0] in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except UserError as exc:
-        print(f"splitprune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"splitprune {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command("splitprune", parser.parse_args(argv))
 
 
 if __name__ == "__main__":
