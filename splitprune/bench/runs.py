@@ -183,6 +183,12 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
         # (c) resolution compression r=2 (the 4x4 cut travels as 3x3)
         *seeded("ca4_r2", scratch("ca", "4:22", "fp16", "fp32", budget=4, resolution=2), "ca B=4, r=2",
                 suite="resolution", full_last=K, note="ca B=4 with resolution factor 2"),
+        # (e) a dedicated ca model at every budget of the any-budget ladder (B=4 is the deprune suite's ca4)
+        *[spec for b in (1, 2, 8, 16, 32, 64)
+          for spec in seeded(f"ca{b}", scratch("ca", f"{b}:22", "fp16", "fp32", budget=b), f"ca B={b} (fp16/fp32)",
+                             suite="adaptive", full_last=K,
+                             note=f"compression-aware SL at a fixed budget of {b} from scratch (the any-budget "
+                                  f"model's dedicated rival at B={b})")],
         # (d) a trained model at every budget (prune chain from sl), and trained baselines (seed 0 only)
         RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",
