@@ -75,7 +75,8 @@ def test_container_args_parse_and_probes_and_scraping_use_their_ports(kind, comp
             assert container[probe]["grpc"]["port"] == int(port), probe
             assert container[probe]["grpc"].get("service", SERVICE) == SERVICE, probe
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == ports(container)["metrics"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == ports(container)["metrics"]
     assert env(container)["SPLITPRUNE_TOKEN"]["secretKeyRef"]["name"] == "splitprune-token"
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]
     assert {"cpu", "memory"} <= set(limits) and {"cpu", "memory"} <= set(requests)

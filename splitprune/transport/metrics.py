@@ -90,7 +90,8 @@ class ServiceCollector(Collector):
                                 value=self.service.attached())
         halves = GaugeMetricFamily("splitprune_halves_hosted", "Server halves hosted, trainable or read-only "
                                                                "(serve --model)", labels=("role",))
-        hosted = list(self.service.halves.values())
+        with self.service.halves_lock:
+            hosted = list(self.service.halves.values())
         read_only = sum(h.read_only for h in hosted)
         halves.add_metric(("trainable",), len(hosted) - read_only)
         halves.add_metric(("read_only",), read_only)
