@@ -72,19 +72,12 @@ def test_health_answers_serving_without_the_token_and_not_serving_once_draining(
         watcher = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE),
                                                             metadata=AUTH, timeout=30)
         assert next(watcher).status == SERVING
-        cfg = small_config()
-        stream = Stream(channel)
-        stream.send(hello_bytes(cfg, "drained", fresh=True))
-        server.drain()
+        assert scrape(server.metrics_address)[("splitprune_draining", ())] == 0
+        server.drain()  # what stop() and SIGTERM begin with
         assert check(channel) == NOT_SERVING and check(channel, SERVICE) == NOT_SERVING
         assert next(watcher).status == NOT_SERVING  # a watcher hears it at once
-        with pytest.raises(grpc.RpcError) as refused:
-            stream.send(PHASE0)
-        assert dict(refused.value.trailing_metadata())[ERROR_KEY] == "SHUTTING_DOWN"
         watcher.cancel()
-    samples = scrape(server.metrics_address)
-    assert samples[("splitprune_draining", ())] == 1
-    assert samples[("splitprune_requests_total", (("kind", "phase"), ("outcome", "SHUTTING_DOWN")))] == 1
+    assert scrape(server.metrics_address)[("splitprune_draining", ())] == 1
 
 
 def test_metrics_count_real_training_and_inference_requests(server):
@@ -107,6 +100,11 @@ def test_metrics_count_real_training_and_inference_requests(server):
         with pytest.raises(grpc.RpcError):  # a refused request: the same step id again, different content
             stream.send(train_bytes(1, n=3))
         stream.close()
+        server.drain()
+        with pytest.raises(grpc.RpcError) as refused:  # a draining server takes no new session
+            Stream(channel).send(hello)
+        assert dict(refused.value.trailing_metadata())[ERROR_KEY] == "SHUTTING_DOWN"
+        assert check(channel, SERVICE) == NOT_SERVING
     after = scrape(server.metrics_address)
 
     def requests(kind, outcome="ok"):
@@ -116,7 +114,7 @@ def test_metrics_count_real_training_and_inference_requests(server):
     assert during[("splitprune_halves_hosted", (("role", "trainable"),))] == 1
     assert after[("splitprune_steps_total", ())] == 1
     assert requests("hello") == requests("phase") == requests("train") == requests("infer") == 1
-    assert requests("train", "STEP_OUT_OF_ORDER") == 1
+    assert requests("train", "STEP_OUT_OF_ORDER") == 1 and requests("hello", "SHUTTING_DOWN") == 1
     assert after[("splitprune_request_seconds_count", (("kind", "train"),))] == 2
     assert after[("splitprune_request_seconds_bucket", (("kind", "train"), ("le", "10.0")))] == 2
     # message bytes exactly as sent and received, by purpose
@@ -127,7 +125,7 @@ def test_metrics_count_real_training_and_inference_requests(server):
     assert after[("splitprune_message_bytes_total", (("direction", "out"), ("purpose", "evaluation")))] == \
         len(answer)
     assert after[("splitprune_message_bytes_total", (("direction", "in"), ("purpose", "control")))] == \
-        len(hello) + len(PHASE0)
+        2 * len(hello) + len(PHASE0)
     assert after[("splitprune_message_bytes_total", (("direction", "out"), ("purpose", "control")))] == \
         len(welcome) + len(phase)
     # each server has its own registry: a second one in this process starts from zero
