@@ -52,6 +52,9 @@ def add_parser(subparsers, name: str) -> None:
                    help="drop training streams silent for this long (clients reconnect when they come back)")
     p.add_argument("--keepalive", type=float, default=30.0, metavar="S",
                    help="ping connections after S idle seconds; dead ones are dropped 10 s later")
+    p.add_argument("--metrics-port", default="0", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics over HTTP (GET /metrics) on this port, on the --listen host "
+                        "unless HOST is given; 0 = off. No authentication: expose it to your Prometheus only")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     p.set_defaults(run=run)
 
@@ -82,6 +85,7 @@ def _steady_allocator() -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from splitprune.transport.addresses import format_hostport, parse_hostport
     from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE
     from splitprune.transport.server import start_server
 
@@ -97,13 +101,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
+    metrics = parse_hostport(args.metrics_port, default_host=parse_hostport(args.listen, DEFAULT_HOST)[0])
     handle = start_server(args.listen, checkpoint=args.checkpoint, models=tuple(args.model), token=token,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           max_sessions=args.max_sessions, max_halves=args.max_models,
                           max_message=max_message, max_batch=args.max_batch,
                           request_memory=int(args.max_request_mb * 1024 * 1024), keepalive_s=args.keepalive,
                           idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
-                          accelerator=args.accelerator)
+                          accelerator=args.accelerator,
+                          metrics_listen=format_hostport(metrics) if metrics[1] else None)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     security = ("mutual TLS" if args.tls_client_ca else "TLS") if handle.tls else "plaintext"
@@ -111,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"splitprune serve: listening on {handle.address} ({security}, "
           f"{'token required' if token else 'no token'}; {hosted} model(s) hosted"
           f"{', state in ' + args.checkpoint if args.checkpoint else ', state kept while it runs'})", flush=True)
+    if handle.metrics_address:
+        print(f"splitprune serve: metrics on http://{handle.metrics_address}/metrics", flush=True)
     try:
         while not stop.wait(0.5):
             pass

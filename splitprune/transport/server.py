@@ -6,7 +6,8 @@
 - sessions.py: the session registry, limits, idle reaping, step ids and retries;
 - hosting.py: hosted halves and the per-request memory bound; store.py: saving and loading them;
 - validation.py + errors.py: the checks, and one exception class per ErrorReason;
-- ratelog.py: per-call log lines at a bounded rate.
+- ratelog.py: per-call log lines at a bounded rate;
+- health.py: the standard gRPC health service; metrics.py: Prometheus metrics on their own HTTP port.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import grpc
 
 from splitprune.errors import UserError
 from splitprune.transport.addresses import DEFAULT_HOST, format_hostport, parse_hostport
+from splitprune.transport.health import CHECK_METHOD, Health
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY
+from splitprune.transport.metrics import Metrics
 from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE, server_credentials, server_options
 from splitprune.transport.service import ServeOptions, SplitService
 from splitprune.transport.ratelog import BoundedLog
@@ -47,9 +50,11 @@ def background(service: SplitService, stop: threading.Event) -> None:
 class ServerHandle:
     """A running server: its address, and a stop() that drains, saves and shuts down."""
 
-    def __init__(self, service: SplitService, server: grpc.Server, address: tuple[str, int], tls: bool) -> None:
+    def __init__(self, service: SplitService, server: grpc.Server, address: tuple[str, int], tls: bool,
+                 health: Health, metrics: Metrics, metrics_address: tuple[str, int] | None = None) -> None:
         self.service, self.server, self.tls = service, server, tls
         self.host, self.port = address
+        self.health, self.metrics, self._metrics_address = health, metrics, metrics_address
         self._stop = threading.Event()
         self._thread = threading.Thread(target=background, args=(service, self._stop), name="splitprune-serve-bg",
                                         daemon=True)
@@ -60,12 +65,22 @@ class ServerHandle:
     def address(self) -> str:
         return format_hostport((self.host, self.port))
 
+    @property
+    def metrics_address(self) -> str | None:
+        """Where GET /metrics answers; None when metrics are not served over HTTP."""
+        return format_hostport(self._metrics_address) if self._metrics_address else None
+
+    def drain(self) -> None:
+        """Refuse new steps and sessions (SHUTTING_DOWN) and report NOT_SERVING to health checks, for good."""
+        self.service.draining = True
+        self.health.drain()
+
     def stop(self, grace: float = 2.0) -> None:
         """Stop taking steps, save every half, then end all calls (clients get UNAVAILABLE and may resume)."""
         if self._stopped:
             return
         self._stopped = True
-        self.service.draining = True
+        self.drain()
         done = self.server.stop(grace)
         self._stop.set()
         self._thread.join(timeout=5)  # no periodic save races the final one
@@ -73,6 +88,7 @@ class ServerHandle:
             self.service.save_all()
         finally:
             done.wait()
+            self.metrics.stop()
             self.service.discard_temporary()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -112,8 +128,10 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
                  tls_client_ca: str | None = None, max_sessions: int = 16, max_halves: int = 8,
                  max_message: int = DEFAULT_MAX_MESSAGE, max_batch: int | None = None,
                  request_memory: int = DEFAULT_REQUEST_MEMORY, keepalive_s: float = 30.0,
-                 idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu") -> ServerHandle:
-    """Start a server in this process (background threads) and return its handle."""
+                 idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu",
+                 metrics_listen: str | None = None) -> ServerHandle:
+    """Start a server in this process (background threads) and return its handle. With `metrics_listen`
+    (HOST:PORT, port 0 picks a free one), Prometheus metrics are served over HTTP there."""
     host, port = parse_hostport(listen, default_host=DEFAULT_HOST)
     if token is not None and not token:
         raise UserError("the token must not be empty")
@@ -135,10 +153,12 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
         log_refusal(refusals, what, peer, refusal)
 
     workers = max_sessions + 16
-    interceptors = (TokenInterceptor(token, refused),) if token else ()
+    interceptors = (TokenInterceptor(token, refused, frozenset({CHECK_METHOD})),) if token else ()
+    metrics = Metrics(service)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitprune-rpc"),
-                         handlers=(Servicer(service, refusals).handler(),), interceptors=interceptors,
+                         handlers=(Servicer(service, refusals, metrics).handler(),), interceptors=interceptors,
                          options=server_options(max_message, keepalive_s), maximum_concurrent_rpcs=4 * workers)
+    health = Health(server)
     target = format_hostport((host, port))
     bound = 0
     if not _port_taken(host, port):
@@ -149,7 +169,15 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
     if not bound:
         service.discard_temporary()
         raise UserError(f"cannot listen on {target}: the address is in use or not an address of this machine")
+    metrics_address = None
+    if metrics_listen is not None:
+        try:
+            metrics_address = metrics.serve(*parse_hostport(metrics_listen, default_host=host))
+        except UserError:
+            server.stop(None)
+            service.discard_temporary()
+            raise
     for warning in exposure_warnings(host, token, credentials is not None):
         log.warning(warning)
     server.start()
-    return ServerHandle(service, server, (host, bound), credentials is not None)
+    return ServerHandle(service, server, (host, bound), credentials is not None, health, metrics, metrics_address)

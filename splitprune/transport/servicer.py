@@ -16,6 +16,7 @@ from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.transport import transfer
 from splitprune.transport.errors import BadTensor, Refusal, SessionReplaced, Unauthenticated
+from splitprune.transport.metrics import Metrics
 from splitprune.transport.protocol import AUTH_KEY, ERROR_KEY, SERVICE
 from splitprune.transport.ratelog import BoundedLog
 from splitprune.transport.service import SplitService
@@ -37,13 +38,17 @@ def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses a call without the bearer token before any of its body is read."""
+    """Refuses a call without the bearer token before any of its body is read (`open_methods` excepted)."""
 
-    def __init__(self, token: str, on_refusal: Callable[[str, str, Refusal], None]) -> None:
+    def __init__(self, token: str, on_refusal: Callable[[str, str, Refusal], None],
+                 open_methods: frozenset[str] = frozenset()) -> None:
         self.expected = f"Bearer {token}".encode()
         self.on_refusal = on_refusal
+        self.open_methods = open_methods
 
     def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method in self.open_methods:
+            return continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get(AUTH_KEY)
         if given is not None and hmac.compare_digest(given.encode(), self.expected):
             return continuation(handler_call_details)
@@ -58,11 +63,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 class Servicer:
-    """The five methods of splitprune.v1.SplitPrune over a SplitService."""
+    """The five methods of splitprune.v1.SplitPrune over a SplitService; each request is timed and counted
+    by `metrics` (one per server: a fresh one when not given)."""
 
-    def __init__(self, service: SplitService, refusals: BoundedLog) -> None:
+    def __init__(self, service: SplitService, refusals: BoundedLog, metrics: Metrics | None = None) -> None:
         self.service = service
         self.refusals = refusals
+        self.metrics = metrics if metrics is not None else Metrics(service)
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {
@@ -96,13 +103,18 @@ class Servicer:
             first = next(requests, None)
             if first is None:
                 return
-            session, welcome = self.service.open(parse(spb.ClientMessage, first), context.peer(), context.cancel)
+            with self.metrics.call("hello", len(first)) as call:
+                session, welcome = self.service.open(parse(spb.ClientMessage, first), context.peer(), context.cancel)
+                call.reply(welcome)
             yield welcome
             for data in requests:
                 session.touch()
                 session.busy = True
                 try:
-                    out = self.service.handle(session, parse(spb.ClientMessage, data))
+                    with self.metrics.call("invalid", len(data)) as call:
+                        msg = parse(spb.ClientMessage, data)
+                        call.kind = msg.WhichOneof("body") or "invalid"
+                        out = call.reply(self.service.handle(session, msg))
                 finally:
                     session.busy = False
                 yield out
@@ -119,8 +131,9 @@ class Servicer:
 
     def FetchState(self, data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         try:
-            for chunk in transfer.fetch_state(self.service, parse(spb.FetchStateRequest, data)):
-                yield chunk.SerializeToString()
+            with self.metrics.call("fetch_state", len(data)) as call:
+                for chunk in transfer.fetch_state(self.service, parse(spb.FetchStateRequest, data)):
+                    yield call.reply(chunk.SerializeToString())
         except grpc.RpcError:
             pass
         except Exception as exc:  # noqa: BLE001
@@ -128,8 +141,9 @@ class Servicer:
 
     def PushState(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         try:
-            chunks = (parse(spb.StateChunk, c) for c in requests)
-            return transfer.push_state(self.service, chunks).SerializeToString()
+            with self.metrics.call("push_state", 0) as call:
+                chunks = (parse(spb.StateChunk, call.received(c)) for c in requests)
+                return call.reply(transfer.push_state(self.service, chunks).SerializeToString())
         except grpc.RpcError:
             return b""
         except Exception as exc:  # noqa: BLE001
@@ -137,12 +151,14 @@ class Servicer:
 
     def Describe(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return transfer.describe(self.service, parse(spb.DescribeRequest, data)).SerializeToString()
+            with self.metrics.call("describe", len(data)) as call:
+                return call.reply(transfer.describe(self.service, parse(spb.DescribeRequest, data)).SerializeToString())
         except Exception as exc:  # noqa: BLE001
             self._fail(context, exc, "Describe")
 
     def Infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return transfer.infer(self.service, parse(spb.InferRequest, data)).SerializeToString()
+            with self.metrics.call("infer", len(data)) as call:
+                return call.reply(transfer.infer(self.service, parse(spb.InferRequest, data)).SerializeToString())
         except Exception as exc:  # noqa: BLE001
             self._fail(context, exc, "Infer")
