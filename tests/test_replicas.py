@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from splitprune.bench.scale_replicas import SYNC_LINE, RecordingLink, bench_config, first_batch, start_tier
-from splitprune.cli import main
+from splitprune.cli import build_parser, main
 from splitprune.cli.replicas import EXIT_TIER_LOST, _serve_argv, replica_listen
 from splitprune.errors import UserError
 from splitprune.proto import service_pb2 as spb
@@ -62,7 +62,7 @@ def _train(cfg, batch, address: str, index: int, out: dict) -> None:
         device.start_phase(endpoint.link, 0, cfg.budget, OptimizerSettings(0.01, 0.9, 5e-4), True)
         for _ in range(STEPS):
             device.train_step(*batch, endpoint.link)
-        record = endpoint.checkpoint(device.step_id)
+        record = endpoint.checkpoint(device.step_id) if index == 1 else None  # the one that will resume
         out[index] = (device, endpoint, record, copy.deepcopy(device))
     except Exception as exc:  # noqa: BLE001 - reported by the test
         out[index] = exc
@@ -149,6 +149,10 @@ def test_tier_environment_and_command_line(capsys):
         TierEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert replica_listen("127.0.0.1:50051", 3) == "127.0.0.1:50054"
     assert replica_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
+    args = build_parser("serve").parse_args(["serve", "--replicas", "2", "--listen", "127.0.0.1:5000", "--model", "a",
+                                             "--model", "b", "--quiet", "--sync-every", "8"])
+    assert _serve_argv(args) == ["--distributed", "--listen", "127.0.0.1:5000", "--model", "a", "--model", "b",
+                                 "--quiet", "--sync-every", "8"]  # what each launched replica runs
     for argv, message in ((["serve", "--replicas", "2", "--listen", "127.0.0.1:0"], "explicit --listen port"),
                           (["serve", "--replicas", "0"], "at least 1")):
         assert main(argv) == 2

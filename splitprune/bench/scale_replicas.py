@@ -65,7 +65,8 @@ class RecordingLink:
         return self.link.start_phase(request)
 
 
-def start_tier(replicas: int, folder: Path, *extra: str, log_path: Path | None = None, port: int | None = None):
+def start_tier(replicas: int, folder: Path, *extra: str, log_path: Path | None = None, port: int | None = None,
+               threads: int = 1):
     """`splitprune serve` (replicas == 1) or `serve --replicas N` on free ports from `port` (None: found);
     (the process, the replicas' addresses)."""
     from splitprune.transport.testing import ServerProcess
@@ -73,7 +74,7 @@ def start_tier(replicas: int, folder: Path, *extra: str, log_path: Path | None =
     port = port or _free_ports(replicas)
     args = ("--replicas", str(replicas)) if replicas > 1 else ()
     server = ServerProcess(port, *args, "--checkpoint", str(folder), "--max-sessions", "64", *extra,
-                           log_path=log_path).start(timeout=180)
+                           log_path=log_path, threads=threads).start(timeout=180)
     addresses = [f"127.0.0.1:{port + r}" for r in range(replicas)]
     wait_listening(addresses, server)
     return server, addresses
@@ -171,28 +172,30 @@ def server_step_ms(cfg, batch, repeats: int = 20) -> float:
 
 
 def measure(replicas: int, clients: int = 4, steps: int = 60, sync_every: int = 64, batch_size: int = 16,
-            log_path: Path | None = None) -> dict:
-    """One row: `clients` clients, `steps` steps each, against 1 server or a tier of `replicas`."""
+            threads: int = 1, log_path: Path | None = None) -> dict:
+    """One row: `clients` clients, `steps` steps each, against 1 server or a tier of `replicas`, each
+    server process with `threads` torch threads."""
     cfg = bench_config(batch_size)
     batch = first_batch(cfg)
     with tempfile.TemporaryDirectory(prefix="splitprune-scale-replicas-") as folder:
         log_path = log_path or Path(folder) / "server.log"
+        log_path.unlink(missing_ok=True)
         extra = ("--sync-every", str(sync_every)) if replicas > 1 else ()
-        server, addresses = start_tier(replicas, Path(folder), *extra, log_path=log_path)
+        server, addresses = start_tier(replicas, Path(folder), *extra, log_path=log_path, threads=threads)
         try:
             out: dict = {}
             start = threading.Barrier(clients + 1)
-            threads = [threading.Thread(target=_client, args=(cfg, addresses[i % replicas], f"bench-{i}", steps,
+            workers = [threading.Thread(target=_client, args=(cfg, addresses[i % replicas], f"bench-{i}", steps,
                                                               batch, start, out), daemon=True)
                        for i in range(clients)]
-            for t in threads:
+            for t in workers:
                 t.start()
             start.wait()
             t0 = time.perf_counter()
-            for t in threads:
+            for t in workers:
                 t.join()
             wall = time.perf_counter() - t0
-            server.stop()
+            exit_code = server.stop()
         finally:
             server.kill()
         log = server.log()
@@ -201,12 +204,12 @@ def measure(replicas: int, clients: int = 4, steps: int = 60, sync_every: int = 
         raise RuntimeError(f"clients failed: {failures or 'missing'}; server log: {log[-2000:]}")
     latencies = sorted(x for v in out.values() for x in v)
     syncs = [float(m.group(5)) for m in SYNC_LINE.finditer(log)]
-    return {"replicas": replicas, "clients": clients, "steps_per_client": steps, "batch_size": batch_size,
+    return {"replicas": replicas, "threads_per_replica": threads, "clients": clients, "steps_per_client": steps, "batch_size": batch_size,
             "sync_every": sync_every if replicas > 1 else None, "wall_s": round(wall, 2),
             "samples_per_s": round(clients * steps * batch_size / wall, 1),
             "p50_ms": round(1e3 * _quantile(latencies, 0.5), 1), "p99_ms": round(1e3 * _quantile(latencies, 0.99), 1),
             "sync_rounds": len(syncs) // max(1, replicas),
-            "sync_ms_median": round(statistics.median(syncs), 1) if syncs else None}
+            "sync_ms_median": round(statistics.median(syncs), 1) if syncs else None, "server_exit_code": exit_code}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -216,19 +219,21 @@ def _quantile(values: list[float], q: float) -> float:
 def run(out: Path, clients: int = 4, steps: int = 60, sync_every: int = 64) -> list[dict]:
     """1 vs 2 replicas; rows are also written to OUT/replicas.json and replicas.csv."""
     torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = bench_config()
     step_ms = server_step_ms(cfg, first_batch(cfg))
-    rows = [measure(r, clients, steps, sync_every, log_path=out / f"replicas-{r}.log") for r in (1, 2)]
+    rows = [measure(r, clients, steps, sync_every, threads=t, log_path=out / f"replicas-{r}-threads-{t}.log")
+            for r, t in ((1, 1), (1, 2), (2, 1))]
     for row in rows:
         row["server_step_ms_inprocess"] = round(step_ms, 1)
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "replicas.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     write_results(out, "replicas", {"rows": rows, "note": (
-        "replicas share this machine's CPU cores with each other and with the client threads: on 2 cores a "
-        "second replica adds synchronisation, not compute")})
+        "replicas share this machine's CPU cores with each other, with the client threads and with other work "
+        "on the machine; one server applies steps one at a time, so with 1 torch thread it uses one core: the "
+        "row with 2 threads is the fair single-server baseline for 2 replicas of 1 thread each")})
     (out / "replicas.md").write_text(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
     return rows
 

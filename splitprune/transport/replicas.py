@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None
     if accelerator == "cuda":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                                world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+        # env:// reads MASTER_ADDR / MASTER_PORT, and under torchrun joins its agent's store
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
         raise UserError(f"replica {env.rank}: cannot join the tier at {env.master_addr}:{env.master_port} "
                         f"within {timeout_s:g} s: {str(exc).splitlines()[0]}") from None
@@ -94,6 +96,7 @@ class Tier:
         self.steps: dict[str, int] = {}      # per fingerprint, since the last synchronisation
         self.samples: dict[str, int] = {}
         self.rounds = self.mismatches = 0
+        self._count_lock = threading.Lock()
         self.failure: str | None = None      # why the tier broke, when it did
         self.peer_stopped = False
         self.down = threading.Event()        # the tier thread has ended (stopped or broke)
@@ -115,8 +118,9 @@ class Tier:
     def applied(self, half: HostedHalf, samples: int) -> None:
         """A training step was applied (half.mutex held)."""
         fp = half.fingerprint
-        self.steps[fp] = self.steps.get(fp, 0) + 1
-        self.samples[fp] = self.samples.get(fp, 0) + samples
+        with self._count_lock:
+            self.steps[fp] = self.steps.get(fp, 0) + 1
+            self.samples[fp] = self.samples.get(fp, 0) + samples
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, service) -> None:
@@ -151,12 +155,14 @@ class Tier:
         try:
             while True:
                 waiting = sum(1 for h in self._halves() if h.fingerprint not in self.joined)
-                steps = sum(self.steps.values())
-                flags = torch.tensor([steps, waiting, int(self._stopping.is_set())], dtype=torch.int64)
+                with self._count_lock:
+                    steps = sum(self.steps.values())
+                late = steps > 0 and time.monotonic() - last_sync >= self.max_delay_s
+                # every replica decides from the same reduced numbers: they all enter a round, or none does
+                flags = torch.tensor([steps, waiting, int(self._stopping.is_set()), int(late)], dtype=torch.int64)
                 dist.all_reduce(flags)
-                total, joining, stopping = (int(v) for v in flags)
-                due = total >= self.sync_every or (total and time.monotonic() - last_sync >= self.max_delay_s)
-                if first or joining or stopping or due:
+                total, joining, stopping, late_somewhere = (int(v) for v in flags)
+                if first or joining or stopping or late_somewhere or total >= self.sync_every:
                     self._round()
                     last_sync, first = time.monotonic(), False
                 if stopping:
@@ -164,7 +170,9 @@ class Tier:
                     return
                 self._stopping.wait(self.poll_s)
         except Exception as exc:  # noqa: BLE001 - a broken collective: say it in one line and stop
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", str(exc).splitlines()[0] if str(exc) else "")
+            text = text.split(". ")[0]  # gloo goes on with generic advice
+            self.failure = f"a collective failed, a replica is gone or silent ({type(exc).__name__}: {text})"[:300]
             log.error("replica %d: lost the tier: %s", self.rank, self.failure)
         finally:
             self.down.set()
@@ -179,10 +187,14 @@ class Tier:
                 halves.append({
                     "fingerprint": h.fingerprint, "config": h.cfg.to_dict(), "num_classes": h.num_classes,
                     "in_channels": h.in_channels, "joined": h.fingerprint in self.joined,
-                    "samples": self.samples.get(h.fingerprint, 0),
+                    "samples": self._samples(h.fingerprint),
                     "saved_ns": saved.stat().st_mtime_ns if saved is not None and saved.exists() else 0,
                     "phase": _phase_dict(h.phase_req), "optimizer": h.worker.optimizer is not None})
         return {"halves": halves}
+
+    def _samples(self, fingerprint: str) -> int:
+        with self._count_lock:
+            return self.samples.get(fingerprint, 0)
 
     def _gather_headers(self) -> list[dict]:
         data = json.dumps(self._header()).encode()
@@ -213,27 +225,35 @@ class Tier:
             for e in header["halves"]:
                 entries.setdefault(e["fingerprint"], [None] * self.world_size)[rank] = e
         self.rounds += 1
+        for fp, per_rank in entries.items():  # first build what others host (no mutex held while the others wait)
+            if fp not in self.service.halves:
+                self._build(next(e for e in per_rank if e is not None))
+        dist.barrier()
         for fp in sorted(entries):
-            per_rank = entries[fp]
-            known = next(e for e in per_rank if e is not None)
+            known = next(e for e in entries[fp] if e is not None)
             filled = [e or {**known, "joined": False, "samples": 0, "saved_ns": 0, "phase": None, "optimizer": False}
-                      for e in per_rank]
-            half = self.service.halves.get(fp) or self._build(known)
-            weights, needed = plan_weights(filled)
-            phases = {json.dumps(e["phase"], sort_keys=True) for e in filled}
-            momentum = len(phases) == 1 and all(e["optimizer"] for e in filled)
-            with half.mutex:
-                if half.phase_req is None and filled[weights.index(max(weights))]["phase"]:
-                    half.start_phase(_phase_req(filled[weights.index(max(weights))]["phase"], half.cfg, half.channels))
-                if needed:
-                    start = time.perf_counter()
-                    synced = average_half(half, weights[self.rank], sum(weights), momentum)
-                    self.mismatches += synced.mismatches
-                    log.info("replica %d sync round %d: half %s, weights %s, momentum %s, %d values in %.1f ms, "
-                             "state sha256 %s%s", self.rank, self.rounds, fp, [round(w) for w in weights], momentum,
-                             synced.elements, 1e3 * (time.perf_counter() - start), synced.digest,
-                             " (results differed: rank 0's broadcast)" if synced.mismatches else "")
-                self.steps[fp] = self.samples[fp] = 0
+                      for e in entries[fp]]
+            self._sync(self.service.halves[fp], filled)
             with self._changed:
                 self.joined.add(fp)
                 self._changed.notify_all()
+
+    def _sync(self, half: HostedHalf, filled: list[dict]) -> None:
+        """Average one half (every replica decides the same from the same headers)."""
+        weights, needed = plan_weights(filled)
+        donor = filled[weights.index(max(weights))]
+        momentum = len({json.dumps(e["phase"], sort_keys=True) for e in filled}) == 1 and all(
+            e["optimizer"] for e in filled)
+        with half.mutex:
+            if half.phase_req is None and donor["phase"]:  # a replica new to the half takes the tier's phase
+                half.start_phase(_phase_req(donor["phase"], half.cfg, half.channels))
+            if needed:
+                start = time.perf_counter()
+                synced = average_half(half, weights[self.rank], sum(weights), momentum)
+                self.mismatches += synced.mismatches
+                log.info("replica %d sync round %d: half %s, weights %s, momentum %s, %d values in %.1f ms, "
+                         "state sha256 %s%s", self.rank, self.rounds, half.fingerprint, [round(w) for w in weights],
+                         momentum, synced.elements, 1e3 * (time.perf_counter() - start), synced.digest,
+                         " (results differed: rank 0's broadcast)" if synced.mismatches else "")
+            with self._count_lock:
+                self.steps[half.fingerprint] = self.samples[half.fingerprint] = 0

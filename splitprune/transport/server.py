@@ -114,7 +114,8 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
                  request_memory: int = DEFAULT_REQUEST_MEMORY, keepalive_s: float = 30.0,
                  idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu",
                  tier=None) -> ServerHandle:
-    """Start a server in this process (background threads) and return its handle."""
+    """Start a server in this process (background threads) and return its handle. `tier`: a replicas.Tier
+    when this server is one replica of a tier (serve --distributed; docs/replicas.md)."""
     host, port = parse_hostport(listen, default_host=DEFAULT_HOST)
     if token is not None and not token:
         raise UserError("the token must not be empty")
