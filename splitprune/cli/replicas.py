@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="launch N local replicas (ports --listen's port .. + N-1) and stop them all on Ctrl-C")
     g.add_argument("--sync-every", type=int, default=64, metavar="K",
                    help="average the replicas' halves once the tier applied K training steps since the last time")
-    g.add_argument("--sync-max-delay", type=float, default=2.0, metavar="S",
+    g.add_argument("--sync-max-delay", type=float, default=10.0, metavar="S",
                    help="...or once a step has waited S seconds for it")
     g.add_argument("--sync-timeout", type=float, default=60.0, metavar="S",
                    help="a replica that does not answer a collective within S seconds is taken as gone: the tier "

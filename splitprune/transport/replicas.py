@@ -87,7 +87,7 @@ def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None
 class Tier:
     """This replica's part in the tier: hooks for SplitService and the tier thread."""
 
-    def __init__(self, rank: int, world_size: int, *, sync_every: int = 64, max_delay_s: float = 2.0,
+    def __init__(self, rank: int, world_size: int, *, sync_every: int = 64, max_delay_s: float = 10.0,
                  poll_s: float = 0.05, timeout_s: float = 60.0) -> None:
         self.rank, self.world_size = rank, world_size
         self.sync_every, self.max_delay_s, self.poll_s, self.timeout_s = sync_every, max_delay_s, poll_s, timeout_s
