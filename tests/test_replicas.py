@@ -90,6 +90,8 @@ def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
             assert len(by_rank) == 2 and len(set(by_rank.values())) == 1, (key, by_rank)
         assert len({d for r in rounds.values() for d in r.values()}) >= 2  # the half did change on the way
         assert "momentum True" in tier.log()
+        both = [w for w in re.findall(r"weights \[(\d+), (\d+)\]", tier.log()) if int(w[0]) and int(w[1])]
+        assert both, "no round averaged the steps of both replicas"
 
         # replica 1 dies: replica 0 notices at once and stops; client 1's next step gets one clear line
         pid = int(re.search(r"replica 1 of 2 at \S+ \(pid (\d+)\)", tier.log()).group(1))
@@ -97,8 +99,9 @@ def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
         assert tier.proc.wait(60) != 0
         assert "lost the tier" in tier.log() and f"exit codes [{EXIT_TIER_LOST}, -9]" in tier.log()
         device, endpoint, record, saved_device = out[1]
-        with pytest.raises(RemoteError, match=rf"the server at {addresses[1]} is gone .*rerun the same command"):
+        with pytest.raises(RemoteError, match=rf"the server at {addresses[1]} is gone .*rerun the same command") as err:
             device.train_step(*batch, endpoint.link)
+        assert "\n" not in str(err.value)
         for _, ep, _, _ in out.values():
             ep.close()
     finally:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import shlex
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -216,8 +218,9 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run(out: Path, clients: int = 4, steps: int = 60, sync_every: int = 64) -> list[dict]:
-    """1 vs 2 replicas; rows are also written to OUT/replicas.json and replicas.csv."""
+def run(out: Path, clients: int = 4, steps: int = 60, sync_every: int = 64, command: str | None = None) -> list[dict]:
+    """1 server (1 and 2 torch threads) vs 2 replicas (1 thread each); the rows, also written to
+    OUT/replicas.json, .csv and .md. `command`: what to record as the command (default: this process's)."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     cfg = bench_config()
@@ -230,7 +233,7 @@ def run(out: Path, clients: int = 4, steps: int = 60, sync_every: int = 64) -> l
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_results(out, "replicas", {"rows": rows, "note": (
+    write_results(out, "replicas", {**({"command": command} if command else {}), "rows": rows, "note": (
         "replicas share this machine's CPU cores with each other, with the client threads and with other work "
         "on the machine; one server applies steps one at a time, so with 1 torch thread it uses one core: the "
         "row with 2 threads is the fair single-server baseline for 2 replicas of 1 thread each")})
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="training steps per client")
     p.add_argument("--sync-every", type=int, default=64)
     args = p.parse_args(argv)
-    for row in run(args.out, args.clients, args.steps, args.sync_every):
+    command = "python -m splitprune.bench.scale_replicas " + shlex.join(sys.argv[1:] if argv is None else argv)
+    for row in run(args.out, args.clients, args.steps, args.sync_every, command=command):
         print(row)
     return 0
 

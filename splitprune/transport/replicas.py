@@ -228,6 +228,8 @@ class Tier:
         for fp, per_rank in entries.items():  # first build what others host (no mutex held while the others wait)
             if fp not in self.service.halves:
                 self._build(next(e for e in per_rank if e is not None))
+            elif self.service.halves[fp].read_only:
+                raise RuntimeError(f"half {fp} is trained on another replica and hosted read-only (--model) here")
         dist.barrier()
         for fp in sorted(entries):
             known = next(e for e in entries[fp] if e is not None)
