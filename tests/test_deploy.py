@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = "1.30.0"  # the oldest version the manifests target (pod-index label: 1.28; gRPC probes: 1.27)
 SERVICE = "splitprune.v1.SplitPrune"
-# Flags the manifests use that another branch adds to `serve` (the lead removes them here at its merge).
-PENDING_FLAGS = {"--distributed"}  # issue 12 item 2: torch.distributed replicas
 
 
 def documents() -> list[dict]:
@@ -40,7 +38,7 @@ def serve_args(workload: dict):
     args = list(container["args"])
     assert args[0] == "serve"
     parsed, unknown = build_parser("serve").parse_known_args(args)
-    assert set(unknown) <= PENDING_FLAGS, f"arguments `splitprune serve` does not take: {unknown}"
+    assert not unknown, f"arguments `splitprune serve` does not take: {unknown}"
     return container, parsed
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from splitprune.cli import replicas
 from splitprune.errors import UserError
 from splitprune.transport.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 
@@ -56,6 +57,7 @@ def add_parser(subparsers, name: str) -> None:
                    help="serve Prometheus metrics over HTTP (GET /metrics) on this port, on the --listen host "
                         "unless HOST is given; 0 = off. No authentication: expose it to your Prometheus only")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
+    replicas.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -83,6 +85,8 @@ def _steady_allocator() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        return replicas.launch(args)
     import torch
 
     from splitprune.transport.addresses import format_hostport, parse_hostport
@@ -102,28 +106,34 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     metrics = parse_hostport(args.metrics_port, default_host=parse_hostport(args.listen, DEFAULT_HOST)[0])
-    handle = start_server(args.listen, checkpoint=args.checkpoint, models=tuple(args.model), token=token,
+    listen, checkpoint, tier = replicas.join(args) if args.distributed else (args.listen, args.checkpoint, None)
+    handle = start_server(listen, checkpoint=checkpoint, models=tuple(args.model), token=token,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           max_sessions=args.max_sessions, max_halves=args.max_models,
                           max_message=max_message, max_batch=args.max_batch,
                           request_memory=int(args.max_request_mb * 1024 * 1024), keepalive_s=args.keepalive,
                           idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
-                          accelerator=args.accelerator,
+                          accelerator=args.accelerator, tier=tier,
                           metrics_listen=format_hostport(metrics) if metrics[1] else None)
+    if tier is not None:
+        tier.start(handle.service)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     security = ("mutual TLS" if args.tls_client_ca else "TLS") if handle.tls else "plaintext"
     hosted = len(handle.service.halves)
     print(f"splitprune serve: listening on {handle.address} ({security}, "
           f"{'token required' if token else 'no token'}; {hosted} model(s) hosted"
-          f"{', state in ' + args.checkpoint if args.checkpoint else ', state kept while it runs'})", flush=True)
+          f"{', state in ' + checkpoint if checkpoint else ', state kept while it runs'}"
+          f"{f'; replica {tier.rank} of {tier.world_size}' if tier else ''})", flush=True)
     if handle.metrics_address:
         print(f"splitprune serve: metrics on http://{handle.metrics_address}/metrics", flush=True)
     try:
-        while not stop.wait(0.5):
+        while not stop.wait(0.5) and not (tier and tier.down.is_set()):
             pass
     finally:
         print("splitprune serve: stopping: saving state", flush=True)
+        if tier is not None:
+            tier.leave()
         handle.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -132,4 +142,7 @@ def run(args: argparse.Namespace) -> int:
           f"from memory), {c['checkpoints']} checkpoints, {c['infer']} inference requests, {c['sessions']} sessions, "
           f"{c['errors']} refused calls",
           flush=True)
-    return 0
+    message = tier.exit_message() if tier else None
+    if message:
+        print(f"splitprune serve: {message}", file=sys.stderr, flush=True)
+    return replicas.EXIT_TIER_LOST if tier and tier.failure else 0

@@ -102,6 +102,8 @@ class RemoteServer:
                         raise RemoteError(f"cannot reach the server: {hint}", exc.code) from None
                 if exc.reason == "NO_CHECKPOINT":
                     raise RemoteError(self._no_checkpoint(exc.details), exc.code, exc.reason) from None
+                if exc.retriable and not initial and time.monotonic() + delay > deadline:
+                    raise self._gone(exc) from None
                 if not exc.retriable or time.monotonic() + delay > deadline:
                     what = (f"cannot reach the server at {self.conn.target}" if exc.retriable
                             else "server refused the session")
@@ -116,6 +118,13 @@ class RemoteServer:
             except RemoteError:
                 self._drop_stream()
                 raise
+
+    def _gone(self, exc: StreamFailed) -> RemoteError:
+        """The server (or the replica of a tier this client trains on) did not come back in time."""
+        details = " ".join(exc.details.split())[:200]
+        return RemoteError(f"the server at {self.conn.target} is gone (no answer for {self.reconnect_s:g} s: "
+                           f"{exc.code.name}: {details}); once it (or its restarted replica tier) is back, rerun the "
+                           "same command: the run resumes from its last checkpoint", exc.code, exc.reason)
 
     def _no_checkpoint(self, details: str) -> str:
         return (f"the server at {self.conn.target} no longer has this run's server half as checkpointed at step "
@@ -190,8 +199,7 @@ class RemoteServer:
                     now = time.monotonic()
                     first_failure = first_failure or now
                     if now - first_failure > self.reconnect_s:
-                        raise RemoteError(f"lost the server at {self.conn.target} for more than {self.reconnect_s:g} s: "
-                                          f"{exc.code.name}: {exc.details}", exc.code) from None
+                        raise self._gone(exc) from None
                     self.retried_requests += 1
                     log.warning("stream to %s broke (%s: %s); reconnecting", self.conn.target, exc.code.name,
                                 exc.details)

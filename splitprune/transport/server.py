@@ -129,9 +129,10 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
                  max_message: int = DEFAULT_MAX_MESSAGE, max_batch: int | None = None,
                  request_memory: int = DEFAULT_REQUEST_MEMORY, keepalive_s: float = 30.0,
                  idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu",
-                 metrics_listen: str | None = None) -> ServerHandle:
+                 metrics_listen: str | None = None, tier=None) -> ServerHandle:
     """Start a server in this process (background threads) and return its handle. With `metrics_listen`
-    (HOST:PORT, port 0 picks a free one), Prometheus metrics are served over HTTP there."""
+    (HOST:PORT, port 0 picks a free one), Prometheus metrics are served over HTTP there. `tier`: a
+    replicas.Tier when this server is one replica of a tier (serve --distributed; docs/replicas.md)."""
     host, port = parse_hostport(listen, default_host=DEFAULT_HOST)
     if token is not None and not token:
         raise UserError("the token must not be empty")
@@ -146,6 +147,7 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
     options = ServeOptions(checkpoint, tuple(models), max_sessions, max_halves, max_message, max_batch,
                            request_memory, idle_timeout_s, save_every_s, accelerator)
     service = SplitService(options)
+    service.tier = tier  # replicas.Tier: set before the first call can arrive
     refusals = BoundedLog(log, "refused calls")
 
     def refused(what: str, peer: str, refusal) -> None:

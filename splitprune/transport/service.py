@@ -57,6 +57,7 @@ class SplitService:
         self.draining = False
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0, "checkpoints": 0}
         self._count_lock = threading.Lock()
+        self.tier = None  # replicas.Tier when this server is one replica of a tier (serve --distributed)
         for path in options.models:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
@@ -125,6 +126,8 @@ class SplitService:
         cfg = check_hello(hello, self.options.max_message)
         half = self._get_or_build(cfg, hello)
         check_session(hello, half)
+        if self.tier is not None:
+            self.tier.admit(half)  # a half new to this replica first takes the tier's state
         session = Session(hello.client_id, half, cancel, hello.dtype_up, hello.max_budget or half.channels, peer)
         restored = ""
         with half.mutex:
@@ -216,6 +219,8 @@ class SplitService:
             out = frame(TRAIN, reply.SerializeToString())
             record.last_step, record.digest, record.reply = req.step_id, digest, out
             half.bump()
+            if self.tier is not None:
+                self.tier.applied(half, req.activations.shape[0])
         s.steps += 1
         self.count("steps")
         return out

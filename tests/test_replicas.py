@@ -1,0 +1,168 @@
+"""A tier of two server replicas on torch.distributed (gloo on loopback), real processes and real gRPC
+clients: halves bit-identical after every synchronisation; a killed replica stops the tier, its client
+gets one clear error and resumes on the restarted tier without losing or doubling a step."""
+import copy
+import os
+import re
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from splitprune.bench.scale_replicas import SYNC_LINE, RecordingLink, bench_config, first_batch, start_tier
+from splitprune.cli import build_parser, main
+from splitprune.cli.replicas import EXIT_TIER_LOST, _serve_argv, replica_listen
+from splitprune.errors import UserError
+from splitprune.proto import service_pb2 as spb
+from splitprune.training.setup import build_device_worker
+from splitprune.training.step import OptimizerSettings
+from splitprune.transport.averaging import plan_weights
+from splitprune.transport.channel import Connection
+from splitprune.transport.client import RemoteError, connect, make_hello
+from splitprune.transport.protocol import DESCRIBE_METHOD
+from splitprune.transport.remote import RemoteServer
+from splitprune.transport.replicas import TierEnv
+
+STEPS = 3  # per client before the checkpoint
+
+
+def _describe(address: str, fingerprint: str) -> spb.DescribeReply:
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(DESCRIBE_METHOD)
+        return spb.DescribeReply.FromString(call(spb.DescribeRequest(fingerprint=fingerprint).SerializeToString(),
+                                                 timeout=30))
+
+
+def _rounds(log: str) -> dict[tuple[int, int], dict[int, str]]:
+    """(tier start, round) -> {rank: state digest} from the replicas' log lines."""
+    out: dict[tuple[int, int], dict[int, str]] = {}
+    for m in SYNC_LINE.finditer(log):
+        starts = log.count("replicas stopped", 0, m.start())
+        out.setdefault((starts, int(m.group(2))), {})[int(m.group(1))] = m.group(6)
+    return out
+
+
+def _identical(addresses: list[str], fingerprint: str, timeout: float = 60.0) -> str:
+    """Wait for the tier's periodic synchronisation; the one digest every replica then reports."""
+    deadline = time.monotonic() + timeout
+    while True:
+        digests = {_describe(a, fingerprint).weights_sha256 for a in addresses}
+        if len(digests) == 1:
+            return digests.pop()
+        assert time.monotonic() < deadline, f"replicas still differ after {timeout} s: {digests}"
+        time.sleep(0.2)
+
+
+def _train(cfg, batch, address: str, index: int, out: dict) -> None:
+    try:
+        device, _ = build_device_worker(cfg, 10, 1)
+        endpoint = connect(cfg, address, client_id=f"client-{index}", fresh_start=False, reconnect_s=2.0)
+        device.start_phase(endpoint.link, 0, cfg.budget, OptimizerSettings(0.01, 0.9, 5e-4), True)
+        for _ in range(STEPS):
+            device.train_step(*batch, endpoint.link)
+        record = endpoint.checkpoint(device.step_id) if index == 1 else None  # the one that will resume
+        out[index] = (device, endpoint, record, copy.deepcopy(device))
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        out[index] = exc
+
+
+def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
+    cfg = bench_config()
+    batch = first_batch(cfg)
+    fingerprint = cfg.fingerprint()
+    sync = ("--sync-every", "4", "--sync-max-delay", "0.3", "--sync-timeout", "20")
+    log_path = tmp_path / "tier.log"
+    tier, addresses = start_tier(2, tmp_path / "state", *sync, log_path=log_path)
+    try:
+        out: dict = {}
+        threads = [threading.Thread(target=_train, args=(cfg, batch, addresses[i % 2], i, out)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(not isinstance(v, Exception) for v in out.values()), out
+        _identical(addresses, fingerprint)
+        rounds = _rounds(tier.log())
+        assert len(rounds) >= 3, tier.log()[-3000:]
+        for key, by_rank in rounds.items():  # after every synchronisation, both replicas hold the same bits
+            assert len(by_rank) == 2 and len(set(by_rank.values())) == 1, (key, by_rank)
+        assert len({d for r in rounds.values() for d in r.values()}) >= 2  # the half did change on the way
+        assert "momentum True" in tier.log()
+        both = [w for w in re.findall(r"weights \[(\d+), (\d+)\]", tier.log()) if int(w[0]) and int(w[1])]
+        assert both, "no round averaged the steps of both replicas"
+
+        # replica 1 dies: replica 0 notices at once and stops; client 1's next step gets one clear line
+        pid = int(re.search(r"replica 1 of 2 at \S+ \(pid (\d+)\)", tier.log()).group(1))
+        os.kill(pid, signal.SIGKILL)
+        assert tier.proc.wait(60) != 0
+        assert "lost the tier" in tier.log() and f"exit codes [{EXIT_TIER_LOST}, -9]" in tier.log()
+        device, endpoint, record, saved_device = out[1]
+        with pytest.raises(RemoteError, match=rf"the server at {addresses[1]} is gone .*rerun the same command") as err:
+            device.train_step(*batch, endpoint.link)
+        assert "\n" not in str(err.value)
+        for _, ep, _, _ in out.values():
+            ep.close()
+    finally:
+        tier.kill()
+
+    # the tier restarts on the same ports and folder; client 1 resumes from its server-side checkpoint
+    port = int(addresses[0].rsplit(":", 1)[1])
+    tier, _ = start_tier(2, tmp_path / "state", *sync, log_path=log_path, port=port)
+    try:
+        step = record.identity["step_id"]
+        hello = make_hello(cfg, "client-1", fresh_start=False)
+        hello.resume_step_id, hello.resume_state_sha256 = step, record.identity["state_sha256"]
+        endpoint = RemoteServer(Connection(addresses[1]), hello, reconnect_s=5.0)
+        assert endpoint.welcome.state_sha256 == record.identity["state_sha256"]  # its checkpoint, restored
+        assert endpoint.welcome.last_step_id == step                            # no step lost
+        link = RecordingLink(endpoint.link)
+        saved_device.train_step(*batch, link)                                   # step + 1 is accepted
+        assert endpoint.last_step == step + 1
+        assert endpoint.train(link.request) == link.reply  # sent twice: answered from memory, not applied twice
+        _identical(addresses, fingerprint)
+        endpoint.close()
+    finally:
+        tier.stop()
+        tier.kill()
+    assert "replicas stopped (exit codes [0, 0])" in tier.log()
+
+
+def test_weights_of_a_synchronisation():
+    fresh = {"joined": False, "samples": 0, "saved_ns": 0}
+    joined = {"joined": True, "samples": 0, "saved_ns": 0}
+    # samples since the last synchronisation weigh; an idle replica does not dilute the others
+    assert plan_weights([{**joined, "samples": 32}, {**joined, "samples": 16}]) == ([32.0, 16.0], True)
+    assert plan_weights([{**joined, "samples": 0}, {**joined, "samples": 16}]) == ([0.0, 16.0], True)
+    assert plan_weights([joined, joined]) == ([1.0, 0.0], False)  # nothing changed: nothing travels
+    # a replica new to the half adopts the tier's state
+    assert plan_weights([{**fresh, "samples": 8}, {**joined, "samples": 0}]) == ([0.0, 1.0], True)
+    # a restarted tier: the newest save wins, else the lowest replica
+    assert plan_weights([{**fresh, "saved_ns": 5}, {**fresh, "saved_ns": 9}]) == ([0.0, 1.0], True)
+    assert plan_weights([fresh, fresh]) == ([1.0, 0.0], True)
+
+
+def test_tier_environment_and_command_line(capsys):
+    assert TierEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
+                                 "LOCAL_RANK": "1"}) == TierEnv(1, 2, 1, "h", 29500)
+    with pytest.raises(UserError, match="MASTER_ADDR, MASTER_PORT"):
+        TierEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="RANK must be in"):
+        TierEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert replica_listen("127.0.0.1:50051", 3) == "127.0.0.1:50054"
+    assert replica_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
+    args = build_parser("serve").parse_args(["serve", "--replicas", "2", "--listen", "127.0.0.1:5000", "--model", "a",
+                                             "--model", "b", "--quiet", "--sync-every", "8"])
+    assert _serve_argv(args) == ["--distributed", "--listen", "127.0.0.1:5000", "--model", "a", "--model", "b",
+                                 "--quiet", "--sync-every", "8"]  # what each launched replica runs
+    for argv, message in ((["serve", "--replicas", "2", "--listen", "127.0.0.1:0"], "explicit --listen port"),
+                          (["serve", "--replicas", "0"], "at least 1")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        assert main(["serve", "--distributed", "--listen", "127.0.0.1:0"]) == 2
+        assert "serve --distributed needs the variables RANK" in capsys.readouterr().err
+    finally:
+        os.environ.update(env)
