@@ -47,6 +47,14 @@ def add_parser(subparsers, name: str) -> None:
                    help="largest batch one request may carry; None = what fits --max-request-mb, at most 4096")
     p.add_argument("--max-request-mb", type=float, default=256.0,
                    help="memory one request may make the server allocate, in MiB (sizes the default --max-batch)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0, metavar="MS",
+                   help="stack requests to one model that arrive within MS milliseconds into one server forward "
+                        "(inference; training too with --batch-train); 0 = each request alone")
+    p.add_argument("--batch-max-samples", type=int, default=None, metavar="N",
+                   help="samples in one stacked batch; None = the largest batch of one request (--max-batch)")
+    p.add_argument("--batch-train", action="store_true",
+                   help="stack training steps too: one optimizer step over the union of the clients' batches "
+                        "(docs/protocol.md 3.6); needs --batch-window-ms")
     p.add_argument("--save-every", type=float, default=60.0, metavar="S", help="seconds between periodic saves")
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
                    help="drop training streams silent for this long (clients reconnect when they come back)")
@@ -82,6 +90,7 @@ def _steady_allocator() -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from splitprune.transport.batching import BatchOptions
     from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE
     from splitprune.transport.server import start_server
 
@@ -103,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                           max_message=max_message, max_batch=args.max_batch,
                           request_memory=int(args.max_request_mb * 1024 * 1024), keepalive_s=args.keepalive,
                           idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
-                          accelerator=args.accelerator)
+                          accelerator=args.accelerator,
+                          batch=BatchOptions(args.batch_window_ms, args.batch_max_samples, args.batch_train))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     security = ("mutual TLS" if args.tls_client_ca else "TLS") if handle.tls else "plaintext"

@@ -20,6 +20,7 @@ import grpc
 
 from splitprune.errors import UserError
 from splitprune.transport.addresses import DEFAULT_HOST, format_hostport, parse_hostport
+from splitprune.transport.batching import BatchOptions
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY
 from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE, server_credentials, server_options
 from splitprune.transport.service import ServeOptions, SplitService
@@ -112,7 +113,8 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
                  tls_client_ca: str | None = None, max_sessions: int = 16, max_halves: int = 8,
                  max_message: int = DEFAULT_MAX_MESSAGE, max_batch: int | None = None,
                  request_memory: int = DEFAULT_REQUEST_MEMORY, keepalive_s: float = 30.0,
-                 idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu") -> ServerHandle:
+                 idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu",
+                 batch: BatchOptions = BatchOptions()) -> ServerHandle:
     """Start a server in this process (background threads) and return its handle."""
     host, port = parse_hostport(listen, default_host=DEFAULT_HOST)
     if token is not None and not token:
@@ -126,7 +128,7 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
             raise UserError("--accelerator cuda: no CUDA device is available here")
     credentials = server_credentials(tls_cert, tls_key, tls_client_ca)
     options = ServeOptions(checkpoint, tuple(models), max_sessions, max_halves, max_message, max_batch,
-                           request_memory, idle_timeout_s, save_every_s, accelerator)
+                           request_memory, idle_timeout_s, save_every_s, accelerator, batch)
     service = SplitService(options)
     refusals = BoundedLog(log, "refused calls")
 

@@ -18,6 +18,7 @@ from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.transport.batching import BatchOptions, Batching
 from splitprune.transport.errors import (BadHandshake, BadMessage, NoCheckpoint, ReadOnlyModel, ShuttingDown,
                                          StepOutOfOrder, TooManySessions, UnknownModel)
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY, ClientRecord, HostedHalf
@@ -43,6 +44,7 @@ class ServeOptions:
     idle_timeout_s: float = 600.0
     save_every_s: float = 60.0
     accelerator: str = "cpu"
+    batch: BatchOptions = BatchOptions()  # stacking of concurrent requests (transport/batching.py)
 
 
 class SplitService:
@@ -57,6 +59,7 @@ class SplitService:
         self.draining = False
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0, "checkpoints": 0}
         self._count_lock = threading.Lock()
+        self.batching = Batching(options.batch, self.check_draining)
         for path in options.models:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
@@ -189,8 +192,11 @@ class SplitService:
         if kind == "train":
             return self._train(s, msg.train)
         if kind == "eval":
-            with s.half.mutex:
-                out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
+            if self.batching.evaluates:
+                out = self.batching.evaluate(s.half, msg.eval, s.dtype_up, s.kept_limit)
+            else:
+                with s.half.mutex:
+                    out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
             return frame(EVAL, out.SerializeToString())
         if kind == "phase":
             return self._phase(s, msg.phase)
@@ -204,6 +210,11 @@ class SplitService:
         half = s.half
         check_step_id(req.step_id)
         digest = request_digest(req)
+        if self.batching.trains:
+            out, applied = self.batching.train(s, req, digest)  # a retry comes back not applied
+            self.count("steps" if applied else "retried_steps")
+            s.steps += applied
+            return out
         with half.mutex:
             self.check_draining()
             s.check_current()
