@@ -1,11 +1,13 @@
 """Batched server steps (serve --batch-window-ms, --batch-max-samples, --batch-train; docs/protocol.md 3.6).
 
 Requests to one hosted half that arrive within a window are stacked into one server forward (and
-backward, for training steps) by training/stacked.py. A Batcher is a queue and a worker thread: the
-first request of a batch opens the window; the batch closes when the window ends or its samples reach
-the cap, the worker takes the half's lock, runs the stack and hands every waiting request its own
-result or its own refusal. Under load the queue fills while the worker computes, so a batch waits for
-no window: it is whatever arrived meanwhile. Window 0 (the default) keeps no batcher at all.
+backward, for training steps) by training/stacked.py. A Batcher is a queue and a worker thread. The
+window opens when a request is waiting and the worker is free (the later of the two): the batch closes
+when the window ends or its samples reach the cap; the worker takes the half's lock, runs the stack and
+hands every waiting request its own result or its own refusal. Opening the window only once the worker
+is free lets the clients just answered rejoin the next batch: with a window counted from the first
+arrival, closed-loop clients split into two alternating half-size batches. Window 0 (the default)
+keeps no batcher at all: every request runs alone under the half's lock, as without this module.
 """
 from __future__ import annotations
 
@@ -96,13 +98,14 @@ class Batcher:
         return batch, full
 
     def _next_batch(self) -> list[Pending] | None:
+        free = time.monotonic()
         with self._cond:
             if not self._queue and not self._cond.wait_for(lambda: self._queue, LINGER_S):
                 self._worker = None
                 return None
             while True:
                 batch, full = self._select()
-                left = batch[0].arrived + self.window_s - time.monotonic()
+                left = max(batch[0].arrived, free) + self.window_s - time.monotonic()
                 if full or left <= 0:
                     break
                 self._cond.wait(left)

@@ -1,0 +1,316 @@
+"""Scale: server samples/s and request latency for 1, 4, 8, 16 concurrent clients, one request at a time
+against request batching (serve --batch-window-ms W --batch-train).
+
+Two real `splitprune serve` processes run side by side on loopback (one without batching, one with it,
+each with one torch thread); the clients are threads of this process, each with its own gRPC channel and
+its own Train stream or Infer calls, sending back to back (a closed loop). Threads rather than processes:
+on a 2-core machine the server takes one core and the clients the other, and a client thread spends its
+time in gRPC's C core, outside the GIL; the client process's CPU use is recorded to show whether it kept
+up. Cells of the two servers alternate, so a change in machine load falls on both. Workloads, all with
+the `ca` method's B=4 fp16 uplink and a fp32 downlink (vgg11_bn_compact, Fashion-MNIST activations from the
+device half): Infer requests of 1 and of 4 samples, and training steps of 8 samples.
+
+    splitprune bench scale [--accelerator cuda]     -> bench_results/scale/scale.{json,csv,md,png}
+
+Rows of other server layouts (e.g. 1 vs 2 replicas) join the same table and plot with merge_rows().
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from splitprune.bench.common import markdown_table, write_results
+from splitprune.errors import UserError
+
+CLIENTS = (1, 4, 8, 16)
+WORKLOADS = {  # name -> (kind, samples per request)
+    "infer-1": ("infer", 1),
+    "infer-4": ("infer", 4),
+    "train-8": ("train", 8),
+}
+PROFILES = {  # profile -> (model, dataset, warm-up s, measured s per cell, repeats)
+    "quick": ("vgg11_bn_compact", "fashion-mnist", 0.5, 3.0, 2),
+    "paper": ("vgg11_bn", "cifar10", 1.0, 5.0, 3),
+}
+WINDOW_MS = 2.0
+TARGET = 1.5  # batching's samples/s over one-at-a-time at 8 clients, for the infer-1 workload
+MODES = {"alone": (), "batched": ("--batch-window-ms", str(WINDOW_MS), "--batch-train")}
+
+
+@dataclass
+class Cell:
+    """One measurement: a workload, a number of clients, a server (mode), one repeat."""
+
+    workload: str
+    clients: int
+    mode: str
+    repeat: int
+    samples_per_s: float
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
+    client_cpu: float   # CPU seconds of this (client) process per wall second
+    server_cpu: float   # the same for the server process
+    replicas: int = 1
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class Workload:
+    """Pre-encoded requests for one workload and the client loop that sends them."""
+
+    def __init__(self, cfg, address: str, kind: str, samples: int, activations, labels) -> None:
+        self.cfg, self.address, self.kind, self.samples = cfg, address, kind, samples
+        self.activations, self.labels = activations, labels
+        self.closers: list[Callable[[], None]] = []
+
+    def client(self, index: int) -> Callable[[], float]:
+        """Open one client; a function sending one request and returning its latency in seconds."""
+        from splitprune.proto import pb
+        from splitprune.transport.client import connect
+        from splitprune.transport.inference import InferenceClient
+
+        if self.kind == "infer":
+            conn = InferenceClient(self.address, self.cfg.fingerprint())
+            data = pb.EvalRequest(request_id=1, activations=self.activations).SerializeToString()
+            self.closers.append(conn.close)
+
+            def infer() -> float:
+                start = time.perf_counter()
+                conn.infer(data, self.cfg.budget)
+                return time.perf_counter() - start
+            return infer
+        endpoint = connect(self.cfg, self.address, client_id=f"scale-{index}", fresh_start=True)
+        endpoint.start_phase(phase_request())
+        self.closers.append(endpoint.close)
+        step = pb.TrainRequest(activations=self.activations, labels=self.labels)
+
+        def train() -> float:
+            step.step_id += 1
+            data = step.SerializeToString()
+            start = time.perf_counter()
+            endpoint.train(data)
+            return time.perf_counter() - start
+        return train
+
+
+def phase_request() -> bytes:
+    from splitprune.proto import pb
+
+    return pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.9, weight_decay=5e-4).SerializeToString()
+
+
+def measure_cell(work: Workload, clients: int, warmup_s: float, measure_s: float, server_pid: int) -> dict:
+    """`clients` threads send back to back for warmup_s + measure_s; what completed in the measured span."""
+    senders = [work.client(1000 * clients + i) for i in range(clients)]
+    done: list[list[tuple[float, float]]] = [[] for _ in range(clients)]
+    failures = [0] * clients
+    start_barrier = threading.Barrier(clients + 1)
+    t0 = 0.0
+
+    def loop(i: int) -> None:
+        start_barrier.wait()
+        while time.perf_counter() < t0 + warmup_s + measure_s:
+            try:
+                latency = senders[i]()
+                done[i].append((time.perf_counter(), latency))
+            except Exception:  # noqa: BLE001 - counted; the table shows failed requests
+                failures[i] += 1
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    start_barrier.wait()
+    time.sleep(warmup_s)
+    cpu0, server0, wall0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    for t in threads:
+        t.join(warmup_s + measure_s + 120)
+    cpu1, server1, wall1 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    for close in work.closers:
+        close()
+    lo, hi = t0 + warmup_s, t0 + warmup_s + measure_s
+    latencies = [lat for per in done for end, lat in per if lo <= end <= hi]
+    return {"samples_per_s": len(latencies) * work.samples / measure_s, "requests_per_s": len(latencies) / measure_s,
+            "p50_ms": 1e3 * percentile(latencies, 0.5), "p99_ms": 1e3 * percentile(latencies, 0.99),
+            "failed": sum(failures), "client_cpu": (cpu1 - cpu0) / (wall1 - wall0),
+            "server_cpu": (server1 - server0) / (wall1 - wall0)}
+
+
+def _inputs(cfg, samples: int):
+    """Real Fashion-MNIST test images through the device half: the kept channels, encoded; the labels."""
+    from splitprune.compression import ChannelCodec, encode_labels
+    from splitprune.data import make_loaders
+    from splitprune.training.setup import build_device_worker
+
+    _, test, classes = make_loaders(cfg.dataset, cfg.data_dir, 8, cfg.input_size, 1, cfg.seed, 8, 16, False, 16)
+    x, y = next(iter(test))
+    device, _ = build_device_worker(cfg, classes, 1)
+    with torch.no_grad():
+        z = device.half.eval()(x[:samples])
+    channels = device.kept_channels(cfg.budget)
+    kept = z[:, channels]
+    return ChannelCodec(cfg.dtype_up).encode(kept, channels, z.shape[1]), encode_labels(y[:samples])
+
+
+def scale(out: Path, profile: str = "quick", accelerator: str = "cpu") -> list[Cell]:
+    from splitprune.config import make_config
+    from splitprune.transport.client import connect
+    from splitprune.transport.testing import ServerProcess, free_port
+
+    model, dataset, warmup_s, measure_s, repeats = PROFILES[profile]
+    cfg = make_config({"method": "ca", "budget": 4, "model": model, "dataset": dataset, "epochs": 1,
+                       "batch_size": 8, "test_batch_size": 8, "threads": 1, "seed": 0})
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    servers = {}
+    cells: list[Cell] = []
+    try:
+        for mode, flags in MODES.items():
+            servers[mode] = ServerProcess(free_port(), "--max-sessions", str(2 * max(CLIENTS) + 2), "--quiet",
+                                          "--accelerator", accelerator, *flags,
+                                          log_path=out / f"server-{mode}.log").start()
+            owner = connect(cfg, servers[mode].address, client_id="scale-owner", fresh_start=True)
+            owner.start_phase(phase_request())  # the half exists from here on
+            owner.close()
+        for name, (kind, samples) in WORKLOADS.items():
+            activations, labels = _inputs(cfg, samples)
+            for clients in CLIENTS:
+                for repeat in range(repeats):
+                    for mode, server in servers.items():
+                        work = Workload(cfg, server.address, kind, samples, activations, labels)
+                        row = measure_cell(work, clients, warmup_s, measure_s, server.proc.pid)
+                        cells.append(Cell(name, clients, mode, repeat, **row))
+                        print(f"{name:8s} {clients:2d} clients {mode:8s} #{repeat}: "
+                              f"{row['samples_per_s']:8.1f} samples/s, p50 {row['p50_ms']:6.1f} ms, "
+                              f"p99 {row['p99_ms']:6.1f} ms, failed {row['failed']}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+            server.kill()
+    return cells
+
+
+# ---------------------------------------------------------------- report (merge_rows: rows of other layouts)
+def summarize(rows: list[dict]) -> list[dict]:
+    """Median over repeats per (workload, clients, mode, replicas)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["clients"], r["mode"], r.get("replicas", 1)), []).append(r)
+    summary = []
+    for (workload, clients, mode, replicas), group in sorted(groups.items()):
+        summary.append({"workload": workload, "clients": clients, "mode": mode, "replicas": replicas,
+                        "repeats": len(group),
+                        **{k: statistics.median(g[k] for g in group)
+                           for k in ("samples_per_s", "p50_ms", "p99_ms", "client_cpu", "server_cpu")},
+                        "samples_per_s_min": min(g["samples_per_s"] for g in group),
+                        "samples_per_s_max": max(g["samples_per_s"] for g in group),
+                        "failed": sum(g["failed"] for g in group)})
+    return summary
+
+
+def speedups(summary: list[dict]) -> list[dict]:
+    """Batched over alone per workload and client count (one replica): median ratio and the conservative
+    one (slowest batched repeat over fastest alone repeat)."""
+    by = {(s["workload"], s["clients"], s["mode"]): s for s in summary if s["replicas"] == 1}
+    out = []
+    for (workload, clients, mode), s in sorted(by.items()):
+        base = by.get((workload, clients, "alone"))
+        if mode == "batched" and base:
+            out.append({"workload": workload, "clients": clients,
+                        "speedup": s["samples_per_s"] / base["samples_per_s"],
+                        "speedup_conservative": s["samples_per_s_min"] / base["samples_per_s_max"]})
+    return out
+
+
+def report(out: Path, rows: list[dict], meta: dict) -> dict:
+    from splitprune.bench.plots import COLORS, figure, save
+    from splitprune.bench.report import write_csv
+
+    summary = summarize(rows)
+    ratios = speedups(summary)
+    at8 = next((r for r in ratios if r["workload"] == "infer-1" and r["clients"] == 8), None)
+    verdict = ("n/a" if at8 is None else
+               f"{'holds' if at8['speedup_conservative'] >= TARGET else 'does not hold'}: batching gives "
+               f"{at8['speedup']:.2f}x (conservative {at8['speedup_conservative']:.2f}x) the samples/s of one "
+               f"request at a time with 8 infer-1 clients; target >= {TARGET}x")
+    write_csv(out / "scale.csv", summary)
+    series = sorted({(s["workload"], s["mode"], s["replicas"]) for s in summary})
+    fig, (ax_rate, ax_lat) = figure(ncols=2)
+    for i, (workload, mode, replicas) in enumerate(series):
+        pts = [s for s in summary if (s["workload"], s["mode"], s["replicas"]) == (workload, mode, replicas)]
+        label = f"{workload} {mode}" + (f" x{replicas}" if replicas != 1 else "")
+        style = dict(color=COLORS[list(WORKLOADS).index(workload) % len(COLORS)] if workload in WORKLOADS
+                     else COLORS[(i + 3) % len(COLORS)], linestyle="-" if mode == "batched" else "--", marker="o")
+        ax_rate.plot([p["clients"] for p in pts], [p["samples_per_s"] for p in pts], label=label, **style)
+        ax_lat.plot([p["clients"] for p in pts], [p["p99_ms"] for p in pts], label=label, **style)
+    for ax, ylabel in ((ax_rate, "server samples/s (median)"), (ax_lat, "p99 request latency (ms)")):
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_lat.set_yscale("log")
+    ax_rate.legend(fontsize=7)
+    save(fig, out / "scale.png")
+    table = markdown_table(
+        ["workload", "clients", "server", "replicas", "samples/s (median; min-max)", "p50 ms", "p99 ms",
+         "client / server CPU", "failed"],
+        [[s["workload"], s["clients"], s["mode"], s["replicas"],
+          f"{s['samples_per_s']:.0f} ({s['samples_per_s_min']:.0f}-{s['samples_per_s_max']:.0f})",
+          f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['client_cpu']:.2f} / {s['server_cpu']:.2f}", s["failed"]]
+         for s in summary])
+    ratio_table = markdown_table(["workload", "clients", "batched / alone (median)", "conservative"],
+                                 [[r["workload"], r["clients"], f"{r['speedup']:.2f}x",
+                                   f"{r['speedup_conservative']:.2f}x"] for r in ratios])
+    (out / "scale.md").write_text(f"`{meta['scale_command']}`\n\nLoad before / after: {meta['uptime_before']} / "
+                                  f"{meta['uptime_after']}\n\n{table}\n{ratio_table}\n{verdict}\n")
+    (out / "command.txt").write_text(meta["scale_command"] + "\n")
+    print(table + "\n" + ratio_table + "\n" + verdict)
+    write_results(out, "scale", {**meta, "verdict": verdict, "speedups": ratios, "summary": summary, "rows": rows})
+    return {"summary": summary, "speedups": ratios, "verdict": verdict}
+
+
+def merge_rows(out: Path, extra: list[dict]) -> dict:
+    """Add rows measured elsewhere (same keys as Cell: workload, clients, mode, repeat, samples_per_s,
+    p50_ms, p99_ms, failed, client_cpu, server_cpu, replicas) to bench_results/scale and rewrite it."""
+    import json
+
+    saved = json.loads((out / "scale.json").read_text())
+    meta = {k: saved[k] for k in ("scale_command", "uptime_before", "uptime_after", "profile", "window_ms",
+                                  "clients_are", "accelerator")}
+    return report(out, saved["rows"] + list(extra), meta)
+
+
+def uptime() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run(profile: str, out: Path, accelerator: str = "cpu") -> dict:
+    """Entry point of `splitprune bench scale [--accelerator cuda]`."""
+    if profile not in PROFILES:
+        raise UserError(f"scale has profiles {', '.join(PROFILES)}, not {profile!r}")
+    before = uptime()
+    cells = scale(out, profile, accelerator)
+    command = f"splitprune bench scale --profile {profile}" + (
+        f" --accelerator {accelerator}" if accelerator != "cpu" else "") + f" --out {out.parent}"
+    meta = {"scale_command": command, "uptime_before": before, "uptime_after": uptime(), "profile": profile,
+            "window_ms": WINDOW_MS, "accelerator": accelerator,
+            "clients_are": "threads of one process, one gRPC channel each (see the module docstring)"}
+    return report(out, [vars(c) for c in cells], meta)
