@@ -59,6 +59,7 @@ class Cell:
     failed: int
     client_cpu: float   # CPU seconds of this (client) process per wall second
     server_cpu: float   # the same for the server process
+    samples_per_cpu_s: float  # samples per CPU second of the server: what it does with the CPU it gets
     replicas: int = 1
 
 
@@ -148,10 +149,12 @@ def measure_cell(work: Workload, clients: int, warmup_s: float, measure_s: float
         close()
     lo, hi = t0 + warmup_s, t0 + warmup_s + measure_s
     latencies = [lat for per in done for end, lat in per if lo <= end <= hi]
-    return {"samples_per_s": len(latencies) * work.samples / measure_s, "requests_per_s": len(latencies) / measure_s,
+    server_cpu = (server1 - server0) / (wall1 - wall0)
+    samples_per_s = len(latencies) * work.samples / measure_s
+    return {"samples_per_s": samples_per_s, "requests_per_s": len(latencies) / measure_s,
             "p50_ms": 1e3 * percentile(latencies, 0.5), "p99_ms": 1e3 * percentile(latencies, 0.99),
-            "failed": sum(failures), "client_cpu": (cpu1 - cpu0) / (wall1 - wall0),
-            "server_cpu": (server1 - server0) / (wall1 - wall0)}
+            "failed": sum(failures), "client_cpu": (cpu1 - cpu0) / (wall1 - wall0), "server_cpu": server_cpu,
+            "samples_per_cpu_s": samples_per_s / server_cpu if server_cpu > 0 else float("nan")}
 
 
 def _inputs(cfg, samples: int):
@@ -219,7 +222,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         summary.append({"workload": workload, "clients": clients, "mode": mode, "replicas": replicas,
                         "repeats": len(group),
                         **{k: statistics.median(g[k] for g in group)
-                           for k in ("samples_per_s", "p50_ms", "p99_ms", "client_cpu", "server_cpu")},
+                           for k in ("samples_per_s", "p50_ms", "p99_ms", "client_cpu", "server_cpu",
+                                     "samples_per_cpu_s")},
                         "samples_per_s_min": min(g["samples_per_s"] for g in group),
                         "samples_per_s_max": max(g["samples_per_s"] for g in group),
                         "failed": sum(g["failed"] for g in group)})
@@ -236,7 +240,8 @@ def speedups(summary: list[dict]) -> list[dict]:
         if mode == "batched" and base:
             out.append({"workload": workload, "clients": clients,
                         "speedup": s["samples_per_s"] / base["samples_per_s"],
-                        "speedup_conservative": s["samples_per_s_min"] / base["samples_per_s_max"]})
+                        "speedup_conservative": s["samples_per_s_min"] / base["samples_per_s_max"],
+                        "cpu_efficiency": s["samples_per_cpu_s"] / base["samples_per_cpu_s"]})
     return out
 
 
@@ -250,7 +255,8 @@ def report(out: Path, rows: list[dict], meta: dict) -> dict:
     verdict = ("n/a" if at8 is None else
                f"{'holds' if at8['speedup_conservative'] >= TARGET else 'does not hold'}: batching gives "
                f"{at8['speedup']:.2f}x (conservative {at8['speedup_conservative']:.2f}x) the samples/s of one "
-               f"request at a time with 8 infer-1 clients; target >= {TARGET}x")
+               f"request at a time with 8 infer-1 clients; target >= {TARGET}x (per server CPU second: "
+               f"{at8['cpu_efficiency']:.2f}x)")
     write_csv(out / "scale.csv", summary)
     series = sorted({(s["workload"], s["mode"], s["replicas"]) for s in summary})
     fig, (ax_rate, ax_lat) = figure(ncols=2)
@@ -271,14 +277,16 @@ def report(out: Path, rows: list[dict], meta: dict) -> dict:
     save(fig, out / "scale.png")
     table = markdown_table(
         ["workload", "clients", "server", "replicas", "samples/s (median; min-max)", "p50 ms", "p99 ms",
-         "client / server CPU", "failed"],
+         "client / server CPU", "samples per server CPU-s", "failed"],
         [[s["workload"], s["clients"], s["mode"], s["replicas"],
           f"{s['samples_per_s']:.0f} ({s['samples_per_s_min']:.0f}-{s['samples_per_s_max']:.0f})",
-          f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['client_cpu']:.2f} / {s['server_cpu']:.2f}", s["failed"]]
-         for s in summary])
-    ratio_table = markdown_table(["workload", "clients", "batched / alone (median)", "conservative"],
+          f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['client_cpu']:.2f} / {s['server_cpu']:.2f}",
+          f"{s['samples_per_cpu_s']:.0f}", s["failed"]] for s in summary])
+    ratio_table = markdown_table(["workload", "clients", "samples/s batched / alone (median)", "conservative",
+                                  "samples per server CPU-s, batched / alone"],
                                  [[r["workload"], r["clients"], f"{r['speedup']:.2f}x",
-                                   f"{r['speedup_conservative']:.2f}x"] for r in ratios])
+                                   f"{r['speedup_conservative']:.2f}x", f"{r['cpu_efficiency']:.2f}x"]
+                                  for r in ratios])
     (out / "scale.md").write_text(f"`{meta['scale_command']}`\n\nLoad before / after: {meta['uptime_before']} / "
                                   f"{meta['uptime_after']}\n\n{table}\n{ratio_table}\n{verdict}\n")
     (out / "command.txt").write_text(meta["scale_command"] + "\n")
