@@ -250,3 +250,22 @@ def test_a_diverging_step_undoes_the_stack_and_the_others_run_alone(images):
         valid_only.train(r)
     theirs = valid_only.half.state_dict()
     assert all(torch.equal(t, theirs[name]) for name, t in stacked.half.state_dict().items())
+
+
+def test_scale_report_merges_rows_of_other_layouts(tmp_path):
+    """The hook for other layouts (e.g. 2 replicas): their rows join the saved ones in every output."""
+    from splitprune.bench import scale
+
+    def row(mode, samples_per_s, replicas=1, repeat=0):
+        return {"workload": "infer-1", "clients": 8, "mode": mode, "repeat": repeat, "samples_per_s": samples_per_s,
+                "requests_per_s": samples_per_s, "p50_ms": 10.0, "p99_ms": 20.0, "failed": 0, "client_cpu": 0.1,
+                "server_cpu": 0.5, "samples_per_cpu_s": 2 * samples_per_s, "replicas": replicas}
+
+    meta = {"scale_command": "splitprune bench scale", "uptime_before": "", "uptime_after": "", "profile": "quick",
+            "window_ms": 2.0, "clients_are": "threads", "accelerator": "cpu"}
+    first = scale.report(tmp_path, [row("alone", 100), row("alone", 110, repeat=1), row("batched", 170),
+                                    row("batched", 180, repeat=1)], meta)
+    assert first["verdict"].startswith("holds")  # slowest batched 170 / fastest alone 110 = 1.55x
+    merged = scale.merge_rows(tmp_path, [row("alone", 190, replicas=2)])
+    assert [(s["mode"], s["replicas"]) for s in merged["summary"]] == [("alone", 1), ("alone", 2), ("batched", 1)]
+    assert "| 2 |" in (tmp_path / "scale.md").read_text() and (tmp_path / "scale.png").exists()

@@ -180,7 +180,8 @@ def scale(out: Path, profile: str = "quick", accelerator: str = "cpu") -> list[C
 
     model, dataset, warmup_s, measure_s, repeats = PROFILES[profile]
     cfg = make_config({"method": "ca", "budget": 4, "model": model, "dataset": dataset, "epochs": 1,
-                       "batch_size": 8, "test_batch_size": 8, "threads": 1, "seed": 0})
+                       "batch_size": 8, "test_batch_size": 8, "threads": 1, "seed": 0,
+                       "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None})
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     servers = {}
