@@ -254,7 +254,7 @@ def test_a_diverging_step_undoes_the_stack_and_the_others_run_alone(images):
 
 def test_scale_report_merges_rows_of_other_layouts(tmp_path):
     """The hook for other layouts (e.g. 2 replicas): their rows join the saved ones in every output."""
-    from splitprune.bench import scale
+    from splitprune.bench import scale_report as scale
 
     def row(mode, samples_per_s, replicas=1, repeat=0):
         return {"workload": "infer-1", "clients": 8, "mode": mode, "repeat": repeat, "samples_per_s": samples_per_s,

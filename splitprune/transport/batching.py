@@ -171,6 +171,8 @@ class Batching:
         """A training step, stacked with those that reach the session's half within the window: the framed
         reply, and whether it was applied now (False: a retry answered from the stored reply)."""
         with s.half.mutex:  # a retry of the step already applied is answered at once, without a window
+            self.check_draining()
+            s.check_current()
             retry = stored_reply(s.half.record(s.client_id), req.step_id, digest)
         if retry is not None:
             return retry, False
