@@ -36,7 +36,7 @@ WORKLOADS = {  # name -> (kind, samples per request)
     "train-8": ("train", 8),
 }
 PROFILES = {  # profile -> (model, dataset, warm-up s, measured s per cell, repeats)
-    "quick": ("vgg11_bn_compact", "fashion-mnist", 0.5, 3.0, 2),
+    "quick": ("vgg11_bn_compact", "fashion-mnist", 0.5, 3.0, 3),
     "paper": ("vgg11_bn", "cifar10", 1.0, 5.0, 3),
 }
 WINDOW_MS = 2.0
@@ -59,6 +59,7 @@ class Cell:
     client_cpu: float   # CPU seconds of this (client) process per wall second
     server_cpu: float   # the same for the server process
     samples_per_cpu_s: float  # samples per CPU second of the server: what it does with the CPU it gets
+    load1: float        # the machine's 1-minute load average after the cell
     replicas: int = 1
 
 
@@ -153,7 +154,8 @@ def measure_cell(work: Workload, clients: int, warmup_s: float, measure_s: float
     return {"samples_per_s": samples_per_s, "requests_per_s": len(latencies) / measure_s,
             "p50_ms": 1e3 * percentile(latencies, 0.5), "p99_ms": 1e3 * percentile(latencies, 0.99),
             "failed": sum(failures), "client_cpu": (cpu1 - cpu0) / (wall1 - wall0), "server_cpu": server_cpu,
-            "samples_per_cpu_s": samples_per_s / server_cpu if server_cpu > 0 else float("nan")}
+            "samples_per_cpu_s": samples_per_s / server_cpu if server_cpu > 0 else float("nan"),
+            "load1": os.getloadavg()[0]}
 
 
 def _inputs(cfg, samples: int):
