@@ -111,8 +111,7 @@ def test_stacked_inference_equals_one_at_a_time_and_a_bad_request_fails_alone(im
         assert isinstance(got[-1], RemoteError) and got[-1].code == grpc.StatusCode.INVALID_ARGUMENT
         for want, reply in zip(expected, got[:-1]):
             assert pb.EvalReply.FromString(reply) == want  # same request id, same predictions
-        (batcher,) = stacked.service.batching._batchers.values()
-        assert (batcher.batches, batcher.requests) == (1, 5)  # the 16-sample cap closed one batch of all five
+        assert stacked.service.batching.counts() == {"eval": (1, 5)}  # the 16-sample cap closed one batch of all 5
     finally:
         alone.stop(grace=0.5)
         stacked.stop(grace=0.5)
@@ -198,8 +197,7 @@ def test_a_bad_step_in_a_stack_fails_alone(images):
         finally:
             for e in endpoints:
                 e.close()
-        (batcher,) = handle.service.batching._batchers.values()
-        assert (batcher.batches, batcher.requests) == (1, 3)
+        assert handle.service.batching.counts() == {"train": (1, 3)}
         assert handle.service.counters["steps"] == 2
     finally:
         handle.stop(grace=0.5)

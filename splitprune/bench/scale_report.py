@@ -78,6 +78,8 @@ def report(out: Path, rows: list[dict], meta: dict) -> dict:
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        ticks = sorted({s["clients"] for s in summary})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.grid(True, which="both", alpha=0.3)
     ax_lat.set_yscale("log")
     ax_rate.legend(fontsize=7)

@@ -162,10 +162,21 @@ class Batching:
                 self._batchers[(half, kind)] = batcher
             return batcher
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(batches run, requests in them) per kind ("eval", "train"), over every half."""
+        with self._lock:
+            batchers = list(self._batchers.items())
+        out: dict[str, tuple[int, int]] = {}
+        for (_, kind), b in batchers:
+            batches, requests = out.get(kind, (0, 0))
+            out[kind] = (batches + b.batches, requests + b.requests)
+        return out
+
     def evaluate(self, half: HostedHalf, req: pb.EvalRequest, dtype: int | None, max_kept: int | None) -> pb.EvalReply:
         """An evaluation, stacked with those that reach `half` within the window."""
         batcher = self._batcher(half, "eval", _run_eval)
-        return batcher.submit(Pending(Request(req, dtype, max_kept), sample_count(req.activations, batcher.max_samples)))
+        item = Pending(Request(req, dtype, max_kept), sample_count(req.activations, batcher.max_samples))
+        return batcher.submit(item)
 
     def train(self, s: Session, req: pb.TrainRequest, digest: bytes) -> tuple[bytes, bool]:
         """A training step, stacked with those that reach the session's half within the window: the framed
@@ -200,8 +211,8 @@ class Batching:
                     item.result = (retry, False)  # a retry of the step already applied: not applied twice
                 else:
                     live.append((item, record))
-            outcomes = train_stacked(half.worker, [Request(i.payload[1], i.payload[0].dtype_up, i.payload[0].max_budget)
-                                                   for i, _ in live]) if live else []
+            steps = [Request(req, s.dtype_up, s.max_budget) for (s, req, _) in (i.payload for i, _ in live)]
+            outcomes = train_stacked(half.worker, steps) if steps else []
             applied = False
             for (item, record), reply in zip(live, outcomes):
                 if isinstance(reply, BaseException):
