@@ -71,11 +71,12 @@ def _positive(name: str, value: float) -> None:
 
 def _steady_allocator() -> None:
     """glibc only: buffers of 32 MiB or more (state transfers) always come from (and go back to) the OS,
-    at most 64 MiB of free heap is kept, in few arenas. By default glibc raises these thresholds after
+    at most 16 MiB of free heap top is kept, in one arena. By default glibc raises these thresholds after
     large frees and keeps one arena per thread, so a server handling state transfers and varying batches
-    on many threads keeps hundreds of MiB it no longer uses. The threshold is not lower: the convolution
-    workspaces of a multi-sample forward (1-10 MiB each) would then be mapped and zeroed afresh on every
-    call, which made a forward of 2-8 samples 2-3x slower (bench_results/scale/README.md)."""
+    on many threads keeps hundreds of MiB it no longer uses. The mmap threshold was 1 MiB (with 4 arenas):
+    then the 1-10 MiB convolution workspaces of every multi-sample forward were mapped and zeroed afresh
+    on each call, a forward of 2-8 samples 2-3x slower; this costs ~190 MB more resident memory, flat, in
+    an 8-client soak (bench_results/scale/README.md). One arena: the steps of a half run one at a time."""
     import ctypes
     import ctypes.util
 
@@ -87,8 +88,8 @@ def _steady_allocator() -> None:
         return
     if mallopt is not None:
         mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-        mallopt(-8, 4)         # M_ARENA_MAX
+        mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD
+        mallopt(-8, 1)         # M_ARENA_MAX
 
 
 def run(args: argparse.Namespace) -> int:
