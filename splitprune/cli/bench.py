@@ -18,10 +18,11 @@ SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> d
     "transport": "transport",
     "fuzz": "fuzz",
     "soak": "soak",
+    "scale": "scale",             # server samples/s and latency vs concurrent clients, with and without batching
     "all": None,
 }
-STRESS = ("fuzz", "soak")  # long server stress runs: not part of 'all'
-SUITE_OPTIONS = {"soak": ("clients", "minutes"), "fuzz": ("messages",)}
+STRESS = ("fuzz", "soak", "scale")  # long server stress runs: not part of 'all'
+SUITE_OPTIONS = {"soak": ("clients", "minutes"), "fuzz": ("messages",), "scale": ("accelerator",)}
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -33,6 +34,7 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--clients", type=int, help="soak: concurrent training clients (default 16)")
     p.add_argument("--minutes", type=float, help="soak: how long (default 10)")
     p.add_argument("--messages", type=int, help="fuzz: structured fuzz cases (default 100000)")
+    p.add_argument("--accelerator", choices=["cpu", "cuda"], help="scale: where the servers compute (default cpu)")
     p.set_defaults(run=run)
 
 

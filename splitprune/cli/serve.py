@@ -48,6 +48,14 @@ def add_parser(subparsers, name: str) -> None:
                    help="largest batch one request may carry; None = what fits --max-request-mb, at most 4096")
     p.add_argument("--max-request-mb", type=float, default=256.0,
                    help="memory one request may make the server allocate, in MiB (sizes the default --max-batch)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0, metavar="MS",
+                   help="stack requests to one model that arrive within MS milliseconds into one server forward "
+                        "(inference; training too with --batch-train); 0 = each request alone")
+    p.add_argument("--batch-max-samples", type=int, default=None, metavar="N",
+                   help="samples in one stacked batch; None = the largest batch of one request (--max-batch)")
+    p.add_argument("--batch-train", action="store_true",
+                   help="stack training steps too: one optimizer step over the union of the clients' batches "
+                        "(docs/protocol.md 3.6); needs --batch-window-ms")
     p.add_argument("--save-every", type=float, default=60.0, metavar="S", help="seconds between periodic saves")
     p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
                    help="drop training streams silent for this long (clients reconnect when they come back)")
@@ -67,9 +75,13 @@ def _positive(name: str, value: float) -> None:
 
 
 def _steady_allocator() -> None:
-    """glibc only: buffers of 1 MiB or more always come from (and go back to) the OS, in few arenas. By
-    default glibc raises that threshold after large frees and keeps one arena per thread, so a server
-    handling state transfers and varying batches on many threads keeps hundreds of MiB it no longer uses."""
+    """glibc only: buffers of 32 MiB or more (state transfers) always come from (and go back to) the OS,
+    at most 16 MiB of free heap top is kept, in one arena. By default glibc raises these thresholds after
+    large frees and keeps one arena per thread, so a server handling state transfers and varying batches
+    on many threads keeps hundreds of MiB it no longer uses. The mmap threshold was 1 MiB (with 4 arenas):
+    then the 1-10 MiB convolution workspaces of every multi-sample forward were mapped and zeroed afresh
+    on each call, a forward of 2-8 samples 2-3x slower; this costs ~190 MB more resident memory, flat, in
+    an 8-client soak (bench_results/scale/README.md). One arena: the steps of a half run one at a time."""
     import ctypes
     import ctypes.util
 
@@ -80,8 +92,9 @@ def _steady_allocator() -> None:
     except (OSError, AttributeError):
         return
     if mallopt is not None:
-        mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        mallopt(-8, 4)        # M_ARENA_MAX
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD
+        mallopt(-8, 1)         # M_ARENA_MAX
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from splitprune.transport.addresses import format_hostport, parse_hostport
+    from splitprune.transport.batching import BatchOptions
     from splitprune.transport.protocol import DEFAULT_MAX_MESSAGE
     from splitprune.transport.server import start_server
 
@@ -114,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
                           request_memory=int(args.max_request_mb * 1024 * 1024), keepalive_s=args.keepalive,
                           idle_timeout_s=args.idle_timeout, save_every_s=args.save_every,
                           accelerator=args.accelerator, tier=tier,
+                          batch=BatchOptions(args.batch_window_ms, args.batch_max_samples, args.batch_train),
                           metrics_listen=format_hostport(metrics) if metrics[1] else None)
     if tier is not None:
         tier.start(handle.service)

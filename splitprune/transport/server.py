@@ -21,6 +21,7 @@ import grpc
 
 from splitprune.errors import UserError
 from splitprune.transport.addresses import DEFAULT_HOST, format_hostport, parse_hostport
+from splitprune.transport.batching import BatchOptions
 from splitprune.transport.health import CHECK_METHOD, Health
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY
 from splitprune.transport.metrics import Metrics
@@ -129,10 +130,11 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
                  max_message: int = DEFAULT_MAX_MESSAGE, max_batch: int | None = None,
                  request_memory: int = DEFAULT_REQUEST_MEMORY, keepalive_s: float = 30.0,
                  idle_timeout_s: float = 600.0, save_every_s: float = 60.0, accelerator: str = "cpu",
-                 metrics_listen: str | None = None, tier=None) -> ServerHandle:
+                 metrics_listen: str | None = None, tier=None, batch: BatchOptions = BatchOptions()) -> ServerHandle:
     """Start a server in this process (background threads) and return its handle. With `metrics_listen`
     (HOST:PORT, port 0 picks a free one), Prometheus metrics are served over HTTP there. `tier`: a
-    replicas.Tier when this server is one replica of a tier (serve --distributed; docs/replicas.md)."""
+    replicas.Tier when this server is one replica of a tier (serve --distributed; docs/replicas.md).
+    `batch`: how concurrent requests to one half are stacked (docs/protocol.md 3.6)."""
     host, port = parse_hostport(listen, default_host=DEFAULT_HOST)
     if token is not None and not token:
         raise UserError("the token must not be empty")
@@ -145,7 +147,7 @@ def start_server(listen: str = f"{DEFAULT_HOST}:0", *, checkpoint: str | None = 
             raise UserError("--accelerator cuda: no CUDA device is available here")
     credentials = server_credentials(tls_cert, tls_key, tls_client_ca)
     options = ServeOptions(checkpoint, tuple(models), max_sessions, max_halves, max_message, max_batch,
-                           request_memory, idle_timeout_s, save_every_s, accelerator)
+                           request_memory, idle_timeout_s, save_every_s, accelerator, batch)
     service = SplitService(options)
     service.tier = tier  # replicas.Tier: set before the first call can arrive
     refusals = BoundedLog(log, "refused calls")

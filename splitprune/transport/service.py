@@ -18,6 +18,7 @@ from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.transport.batching import BatchOptions, Batching
 from splitprune.transport.errors import (BadHandshake, BadMessage, NoCheckpoint, ReadOnlyModel, ShuttingDown,
                                          StepOutOfOrder, TooManySessions, UnknownModel)
 from splitprune.transport.hosting import DEFAULT_REQUEST_MEMORY, ClientRecord, HostedHalf
@@ -43,6 +44,7 @@ class ServeOptions:
     idle_timeout_s: float = 600.0
     save_every_s: float = 60.0
     accelerator: str = "cpu"
+    batch: BatchOptions = BatchOptions()  # stacking of concurrent requests (transport/batching.py)
 
 
 class SplitService:
@@ -58,6 +60,7 @@ class SplitService:
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0, "checkpoints": 0}
         self._count_lock = threading.Lock()
         self.tier = None  # replicas.Tier when this server is one replica of a tier (serve --distributed)
+        self.batching = Batching(options.batch, self.check_draining, self._applied)
         for path in options.models:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
@@ -192,8 +195,11 @@ class SplitService:
         if kind == "train":
             return self._train(s, msg.train)
         if kind == "eval":
-            with s.half.mutex:
-                out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
+            if self.batching.evaluates:
+                out = self.batching.evaluate(s.half, msg.eval, s.dtype_up, s.kept_limit)
+            else:
+                with s.half.mutex:
+                    out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
             return frame(EVAL, out.SerializeToString())
         if kind == "phase":
             return self._phase(s, msg.phase)
@@ -207,6 +213,11 @@ class SplitService:
         half = s.half
         check_step_id(req.step_id)
         digest = request_digest(req)
+        if self.batching.trains:
+            out, applied = self.batching.train(s, req, digest)  # a retry comes back not applied
+            self.count("steps" if applied else "retried_steps")
+            s.steps += applied
+            return out
         with half.mutex:
             self.check_draining()
             s.check_current()
@@ -219,11 +230,14 @@ class SplitService:
             out = frame(TRAIN, reply.SerializeToString())
             record.last_step, record.digest, record.reply = req.step_id, digest, out
             half.bump()
-            if self.tier is not None:
-                self.tier.applied(half, req.activations.shape[0])
+            self._applied(half, req.activations.shape[0])
         s.steps += 1
         self.count("steps")
         return out
+
+    def _applied(self, half: HostedHalf, samples: int) -> None:
+        if self.tier is not None:
+            self.tier.applied(half, samples)  # the tier weighs each replica by the samples it trained
 
     def _phase(self, s: Session, req: pb.PhaseRequest) -> bytes:
         half = s.half

@@ -77,7 +77,10 @@ def infer(service: SplitService, req: spb.InferRequest) -> spb.InferReply:
     start = time.perf_counter()
     half = service.half(req.fingerprint)
     check_infer_budget(req.budget, half.channels)
-    with half.mutex:
-        reply = half.worker.evaluate(req.eval, max_kept=req.budget)
+    if service.batching.evaluates:
+        reply = service.batching.evaluate(half, req.eval, None, req.budget)
+    else:
+        with half.mutex:
+            reply = half.worker.evaluate(req.eval, max_kept=req.budget)
     service.count("infer")
     return spb.InferReply(eval=reply, server_ms=(time.perf_counter() - start) * 1e3)
