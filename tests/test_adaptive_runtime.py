@@ -74,6 +74,8 @@ def test_infer_auto_steps_down_when_the_link_does(model, tmp_path, capsys):
     assert summary["requests"] == len(rows) == sum(summary["options_used"].values())
     assert summary["within_target"] == sum(r["within"] for r in rows)
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    sized = {(o["budget"], o["dtype"]): o["bytes_up"] for o in doc["options"]}
+    assert all(abs(r["bytes_up"] - sized[r["budget"], r["dtype"]]) <= 2 for r in rows)   # request ids grow
     assert f"{summary['requests']} requests" in text and "warning" not in text
 
 

@@ -45,6 +45,7 @@ class Row:
     correct: int | None
     within: bool
     impossible: bool
+    estimated_mbit: float | None   # the controller's rate estimate when it chose (None before any request)
 
 
 @dataclass
@@ -136,6 +137,7 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
     index = 0
     while (requests is None or index < requests) and (duration is None or clock() - start < duration):
         decision = auto.choose()
+        rate = auto.controller.estimate().rate
         if decision.impossible and result.warning is None:
             result.warning = impossible_warning(auto, decision.predicted_seconds)
             if show:
@@ -146,7 +148,8 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
         row = Row(index, round(sent_at, 6), sent_unix, decision.option.budget, decision.option.dtype,
                   round(1e3 * decision.predicted_seconds, 3), round(1e3 * out.seconds, 3),
                   round(1e3 * out.server_seconds, 3), out.bytes_up, out.bytes_down, out.correct,
-                  out.seconds <= auto.target_seconds, decision.impossible)
+                  out.seconds <= auto.target_seconds, decision.impossible,
+                  None if rate is None else round(rate * 8 / 1e6, 4))
         result.rows.append(row)
         if show and every and index % every == 0:
             show(row_line(row))
