@@ -119,3 +119,30 @@ def test_bad_settings_are_user_errors(kwargs):
 def test_no_options_is_a_user_error():
     with pytest.raises(UserError):
         BudgetController([], target_seconds=0.1)
+
+
+def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
+    """A single request 300 ms late (a busy CPU) steps down, then the choice returns within ~2 s; the same
+    controller after a real rate drop stays down (a window of one size keeps the fitted round trip)."""
+    trace = LinkTrace.from_rows([(0, 2, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    t, log, stalled = 0.0, [], False
+    while t < 12:
+        option = controller.decide().option
+        latency = 0.04 + 0.002 + option.bytes / trace.rate_at(t)
+        if t >= 6 and not stalled:      # the first request from 6 s on
+            latency, stalled = latency + 0.3, True
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, 0.002))
+        log.append((t, option.budget, latency))
+        t += latency + 0.05
+    settled = {b for s, b, _ in log if 4 < s < 6}
+    assert len(settled) == 1
+    assert [b for s, b, _ in log if 6 < s < 6.6][-1] < min(settled)                # stepped down after the stall
+    assert {b for s, b, _ in log if s > 9} == settled                              # and came back
+    assert sum(lat > 0.1 for *_, lat in log) == 1
+
+    slow = LinkTrace.from_rows([(0, 2, 20), (6, 0.2, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    log = simulate(slow, controller, 12)
+    assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, 0.8 * 0.1).budget
+

@@ -107,6 +107,6 @@ def make_send(model: DeviceModel, client: ServerClient, images: np.ndarray, labe
         predictions, ms, (_, up, down) = infer_one(model, client, images[i:i + 1], option.budget, index + 1,
                                                    num_classes, option.dtype)
         correct = None if labels is None else int(predictions[0] == labels[i])
-        return Outcome(1, correct, up, down, ms["total"] / 1e3, ms["server"] / 1e3)
+        return Outcome(1, correct, up, down, ms["total"] / 1e3, ms["round_trip"] / 1e3, ms["server"] / 1e3)
 
     return send

@@ -1,18 +1,23 @@
 """The device's budget controller: estimate the link from its own requests, pick what fits a deadline.
 
 Pure Python (no torch, no sockets, no clock): the caller feeds it what it already knows about each
-finished request (bytes up and down, the latency it measured, the compute time the server reported,
-when it finished) and asks which option to use next. Tests replay recorded sequences.
+finished request (bytes up and down, the latency it measured, the part of it spent computing rather
+than on the link, when it finished) and asks which option to use next. Tests replay recorded sequences.
 
 The link model is that of a request over one serialized link:
-``latency - server = base + bytes * per_byte`` (``base`` the round trip, ``per_byte`` one over the rate).
+``latency - compute = base + bytes * per_byte`` (``base`` the round trip, ``per_byte`` one over the rate).
+``compute`` is what the caller can tell apart: the server's reported compute time, plus the device's
+own when it timed the call separately (`splitprune infer` and `splitprune-device infer` do: device
+compute varies by tens of ms on a busy CPU, and left in it would swamp the rate fit of small messages).
 Both are fitted on the requests of the last ``window`` seconds (at least the last ``min_points``) with the
 Theil-Sen estimator: ``per_byte`` is the median slope over pairs of requests whose sizes differ by at
-least ``spread``, ``base`` the median of ``latency - server - bytes * per_byte``. Medians make one noisy
+least ``spread``, ``base`` the median of ``latency - compute - bytes * per_byte``. Medians make one noisy
 request move nothing. Requests of one size cannot tell the round trip from the rate: while the window has
-no such pair the last fitted ``per_byte`` is kept (a prior of ``1 / prior_rate`` before any), and
-``base`` still follows the current requests, so a change in delay or rate shows at once in the
-prediction for the option in use.
+no such pair, ``base`` is the last fitted one and ``per_byte`` follows the current requests
+(``(latency - compute - base) / bytes``; before any fit, a prior of ``1 / prior_rate``), so a change
+shows at once in the prediction for the option in use, a lasting slowdown keeps the choice down, and a
+one-off stall (a busy CPU, a retransmission) is forgotten as soon as the requests after it are quick
+again, instead of pinning a pessimistic rate for as long as the choice stays put.
 
 Choosing: the best option whose predicted latency is within ``safety * target`` wins, with two brakes so
 that a steady link does not make the choice oscillate: stepping up goes one option at a time and only
@@ -56,8 +61,8 @@ class Observation:
     at: float              # when it finished, seconds on the caller's monotonic clock
     bytes_up: int
     bytes_down: int
-    seconds: float         # latency measured by the device, send to reply
-    server_seconds: float  # compute time the server reported for it
+    seconds: float          # latency measured by the device, the whole request
+    compute_seconds: float  # the part of it not on the link (server-reported compute, device compute if known)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,7 @@ class Decision:
 class LinkEstimate:
     rtt: float | None          # the fitted base: round trip plus fixed per-request costs
     rate: float | None         # bytes per second; None = no request seen yet
-    server: float
+    compute: float
 
 
 @dataclass
@@ -89,8 +94,10 @@ class BudgetController:
     spread: float = 1.5
     prior_rate: float = 125_000.0      # bytes/s assumed before two sizes were seen (1 Mbit/s)
     start_index: int = 0
+    # (finished at, bytes, seconds on the link, compute seconds, missed the target) of recent requests
     _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _per_byte: float = field(default=0.0, init=False)
+    _base: float | None = field(default=None, init=False)   # the base of the last fit over two sizes
     _index: int = field(default=0, init=False)
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
@@ -110,40 +117,46 @@ class BudgetController:
 
     # ---------------------------------------------------------------- estimation
     def observe(self, obs: Observation) -> None:
-        if obs.seconds < 0 or obs.server_seconds < 0 or obs.bytes_up < 0 or obs.bytes_down < 0:
+        if obs.seconds < 0 or obs.compute_seconds < 0 or obs.bytes_up < 0 or obs.bytes_down < 0:
             raise ValueError(f"an observation cannot be negative: {obs}")
         self._now = max(self._now, obs.at)
-        size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.server_seconds, 0.0)
+        size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.compute_seconds, 0.0)
         missed = obs.seconds > self.target_seconds
         if missed and self._obs:
             # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
             # requests from before the change, which would otherwise hold the fit for a whole window.
-            base = self.estimate().rtt
+            base = self._base if self._base is not None else self.estimate().rtt
             self._per_byte = max(self._per_byte, (network - base) / max(size, 1))
             self._obs.clear()
-        self._obs.append((obs.at, size, network, obs.server_seconds))
+        # a missed request is kept out of the slopes: one stall paired with quick requests would be the
+        # slope of every pair (and the fitted base) until it leaves the window
+        self._obs.append((obs.at, size, network, obs.compute_seconds, missed))
         while len(self._obs) > self.min_points and self._obs[0][0] < self._now - self.window:
             self._obs.popleft()
         points = list(self._obs)
-        slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _) in enumerate(points)
-                  for _, s2, n2, _ in points[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
+        clean = [p for p in points if not p[4]]
+        slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _, _) in enumerate(clean)
+                  for _, s2, n2, _, _ in clean[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
         if slopes:
             self._per_byte = max(statistics.median(slopes), 1e-12)
+            self._base = statistics.median(p[2] - p[1] * self._per_byte for p in clean)
+        elif self._base is not None:
+            self._per_byte = max(statistics.median((p[2] - self._base) / max(p[1], 1) for p in points), 1e-12)
         if missed and self._index > 0:
             self._step_down(obs.at)
 
     def estimate(self) -> LinkEstimate:
         if not self._obs:
             return LinkEstimate(None, None, 0.0)
-        base = statistics.median(n - size * self._per_byte for _, size, n, _ in self._obs)
-        server = statistics.median(srv for *_, srv in self._obs)
-        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, server)
+        base = statistics.median(p[2] - p[1] * self._per_byte for p in self._obs)
+        compute = statistics.median(p[3] for p in self._obs)
+        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, compute)
 
     def predict(self, option: Option) -> float:
         est = self.estimate()
         if est.rate is None:
             return 0.0
-        return est.rtt + est.server + option.bytes / est.rate
+        return est.rtt + est.compute + option.bytes / est.rate
 
     # ---------------------------------------------------------------- choosing
     def _best_fitting(self, limit: float) -> int | None:

@@ -33,8 +33,8 @@ class AutoBudget:
     def choose(self) -> Decision:
         return self.controller.decide()
 
-    def observe(self, bytes_up: int, bytes_down: int, seconds: float, server_seconds: float = 0.0) -> None:
-        self.controller.observe(Observation(self.clock(), bytes_up, bytes_down, seconds, server_seconds))
+    def observe(self, bytes_up: int, bytes_down: int, seconds: float, compute_seconds: float = 0.0) -> None:
+        self.controller.observe(Observation(self.clock(), bytes_up, bytes_down, seconds, compute_seconds))
 
 
 class StepBudget(Protocol):
@@ -52,7 +52,8 @@ class AutoStepBudget:
 
     The step time is measured from `next_budget` to `observe` on `clock` (the whole step: device compute,
     the round trip, the server's compute, the backward pass). The server reports no compute time for a
-    training step, so it is part of the fitted base (server_seconds = 0). `bytes_for(budget)` gives the
+    training step, so all compute is part of the fitted base (compute_seconds = 0); a step's messages are
+    large enough (kB per channel of a batch) that the rate still shows. `bytes_for(budget)` gives the
     (TrainRequest, TrainReply) sizes of a step at that budget; only the budgets of the ladder up to the
     phase's budget are used, and the controller starts afresh when the phase's budget changes. The uplink
     dtype of a training session is fixed by its handshake: only the budget varies."""

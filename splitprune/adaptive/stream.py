@@ -4,7 +4,8 @@ Torch-free: the caller passes `send(index, option) -> Outcome`, which runs one r
 the encoding, the call) and reports what it saw; `splitprune infer` (PyTorch) and `splitprune-device
 infer` (ONNX Runtime) both stream through `run_stream`. Every finished request is fed back to the
 controller: the bytes of its encoded messages, the latency the device measured around the whole
-request (device compute, encoding, the call, decoding), the compute time the server reported.
+request (device compute, encoding, the call, decoding), and the part of it spent computing (the
+device's own work outside the call plus the server's reported compute time).
 """
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ class Outcome:
     bytes_up: int           # the request message as sent
     bytes_down: int         # the reply message as received
     seconds: float          # measured on the device around the whole request
+    call_seconds: float     # of which the call itself: uplink, server, downlink (measured around the RPC)
     server_seconds: float   # what the server reported (0 when it reports nothing)
+
+    @property
+    def compute_seconds(self) -> float:
+        """The part not on the link: the device's own work outside the call, and the server's reported compute."""
+        return max(self.seconds - self.call_seconds, 0.0) + min(self.server_seconds, self.call_seconds)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Row:
     predicted_ms: float
     latency_ms: float
     server_ms: float
+    compute_ms: float
     bytes_up: int
     bytes_down: int
     correct: int | None
@@ -93,7 +101,7 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 def impossible_warning(auto: AutoBudget, predicted: float) -> str:
     smallest = auto.options[0]
     est = auto.controller.estimate()
-    rtt = f", round trip and compute ~{1e3 * (est.rtt + est.server):.1f} ms" if est.rtt is not None else ""
+    rtt = f", round trip and compute ~{1e3 * (est.rtt + est.compute):.1f} ms" if est.rtt is not None else ""
     return (f"warning: the latency target {1e3 * auto.target_seconds:g} ms is below what this link allows "
             f"(the smallest option {smallest.label()} is predicted to take {1e3 * predicted:.1f} ms{rtt}); "
             f"sending the smallest option")
@@ -144,10 +152,10 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
                 show(result.warning)
         sent_at, sent_unix = clock() - start, time.time()
         out = send(index, decision.option)
-        auto.observe(out.bytes_up, out.bytes_down, out.seconds, out.server_seconds)
+        auto.observe(out.bytes_up, out.bytes_down, out.seconds, out.compute_seconds)
         row = Row(index, round(sent_at, 6), sent_unix, decision.option.budget, decision.option.dtype,
                   round(1e3 * decision.predicted_seconds, 3), round(1e3 * out.seconds, 3),
-                  round(1e3 * out.server_seconds, 3), out.bytes_up, out.bytes_down, out.correct,
+                  round(1e3 * out.server_seconds, 3), round(1e3 * out.compute_seconds, 3), out.bytes_up, out.bytes_down, out.correct,
                   out.seconds <= auto.target_seconds, decision.impossible,
                   None if rate is None else round(rate * 8 / 1e6, 4))
         result.rows.append(row)

@@ -72,8 +72,8 @@ def make_send(session):
         start = time.perf_counter()
         predictions, _, _ = device.predict(x, link, option.budget)
         seconds = time.perf_counter() - start
-        return Outcome(len(y), int((predictions == y).sum()), counted["bytes_up"] - up,
-                       counted["bytes_down"] - down, seconds, client.server_ms[-1] / 1e3)
+        return Outcome(len(y), int((predictions == y).sum()), counted["bytes_up"] - up, counted["bytes_down"] - down,
+                       seconds, client.latencies_ms[-1] / 1e3, client.server_ms[-1] / 1e3)
 
     return send
 

@@ -93,7 +93,12 @@ def open_session(checkpoint: str, server: str, dtype_up: str | None = None, batc
         values["data_dir"] = data_dir
     cfg = make_config(values)
     tensors = read_tensors(meta["_folder"])
-    client = InferenceClient(server, meta["fingerprint"], token, tls, measure)
+    _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
+                              meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
+    device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
+    load_module("device", device.half, tensors)
+    device.codec = ChannelCodec(cfg.dtype_up)
+    client = InferenceClient(server, meta["fingerprint"], token, tls, measure)  # connect last: all else is ready
     try:
         info = client.describe()
         if list(info.wire_shape) != list(meta["wire_shape"]) or info.num_classes != meta["num_classes"]:
@@ -106,11 +111,6 @@ def open_session(checkpoint: str, server: str, dtype_up: str | None = None, batc
                             f"`splitprune serve --model {checkpoint}`")
         if batch_size > info.max_batch:
             raise UserError(f"--batch-size {batch_size} exceeds the server's limit of {info.max_batch} for this model")
-        _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
-                                  meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
-        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
-        load_module("device", device.half, tensors)
-        device.codec = ChannelCodec(cfg.dtype_up)
         return Session(client, info, device, cfg, meta, list(test))
     except BaseException:
         client.close()
