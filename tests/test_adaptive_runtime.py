@@ -3,14 +3,12 @@ impossible-target warning, and the per-step budget of a training run on a simula
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import pytest
 
 from splitprune.adaptive.budgets import ladder, model_budgets, uplink_dtypes
 from splitprune.adaptive.policy import AutoStepBudget
+from splitprune.bench.adaptive_infer import start_link, trace_started
 from splitprune.cli import main
 from splitprune.config import make_config
 from splitprune.errors import UserError
@@ -19,7 +17,7 @@ from splitprune.training.setup import InProcessServer, build_run
 from splitprune.training.trainer import Trainer
 from splitprune.transport.server import start_server
 
-STEP_AT = 6.0     # seconds into the trace: 20 Mbit/s -> 0.05 Mbit/s
+STEP_AT = 5.0     # seconds into the trace: 20 Mbit/s -> 0.05 Mbit/s
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,13 @@ def test_infer_auto_steps_down_when_the_link_does(model, tmp_path, capsys):
     run, server = model
     trace = tmp_path / "step.csv"
     trace.write_text(f"seconds,rate_mbit,delay_ms\n0,20,5\n{STEP_AT},0.05,5\n")
-    link = subprocess.Popen([sys.executable, "-m", "splitprune", "link", "--listen", "127.0.0.1:0", "--upstream",
-                             server.address, "--trace", str(trace), "--interval", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    link, address = start_link(server.address, str(trace))   # `splitprune link --trace FILE --trace-on-connect`
     try:
-        line = link.stdout.readline()
-        trace_start = time.time()   # the proxy starts its trace clock just before it prints this line
-        assert "listening on" in line, line
-        address = line.split("listening on ")[1].split(" ")[0]
         log, out = tmp_path / "log.json", tmp_path / "out.json"
         rc = main(["infer", "--server", address, "--checkpoint", str(run), "--budget", "auto", "--latency-ms", "250",
-                   "--duration", str(STEP_AT + 3.0 - (time.time() - trace_start)), "--every", "0",
-                   "--log", str(log), "--out", str(out), "--warmup", "1"])
+                   "--duration", str(STEP_AT + 3.0), "--every", "0", "--log", str(log), "--out", str(out),
+                   "--warmup", "1"])
+        trace_start = trace_started(link)   # its clock started at the first connection
     finally:
         link.terminate()
         link.wait(10)

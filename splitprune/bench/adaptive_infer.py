@@ -30,16 +30,24 @@ TARGET_SHARE = 0.99   # the issue's target: 99% of requests within the latency t
 ACCURACY_SLACK = 0.005
 
 
-def start_link(upstream: str, trace: str) -> tuple[subprocess.Popen, str, float]:
-    """`splitprune link --trace` in a subprocess: (process, its address, Unix time its trace started)."""
+def start_link(upstream: str, trace: str) -> tuple[subprocess.Popen, str]:
+    """`splitprune link --trace NAME --trace-on-connect` in a subprocess: (process, its address)."""
     proc = subprocess.Popen([sys.executable, "-m", "splitprune", "link", "--listen", "127.0.0.1:0", "--upstream",
-                             upstream, "--trace", trace, "--interval", "0"], stdout=subprocess.PIPE, text=True)
+                             upstream, "--trace", trace, "--trace-on-connect", "--interval", "0"],
+                            stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    started = time.time()   # the proxy starts its trace clock just before printing this line
     if "listening on" not in line:
         proc.kill()
         raise RuntimeError(f"splitprune link did not start: {line!r}")
-    return proc, line.split("listening on ")[1].split(" ")[0], started
+    return proc, line.split("listening on ")[1].split(" ")[0]
+
+
+def trace_started(proc: subprocess.Popen) -> float:
+    """Unix time the link's trace started (it says so on its first connection)."""
+    line = proc.stdout.readline()
+    if "started at the first connection" not in line:
+        raise RuntimeError(f"splitprune link did not report its trace's start: {line!r}")
+    return float(line.split("unix ")[1].rstrip(")\n"))
 
 
 def correctness(session, options) -> list[list[int]]:
@@ -71,11 +79,12 @@ def run_trace(session, upstream: str, name: str, latency_ms: float, dtypes: list
 
     trace = LinkTrace.load(name)
     length = seconds or max(trace.duration + TAIL_SECONDS, MIN_SECONDS)
-    proc, address, started = start_link(upstream, name)
+    proc, address = start_link(upstream, name)
     try:
         client = InferenceClient(address, session.meta["fingerprint"])
         try:
-            client.describe()
+            client.describe()   # the first connection: the trace starts
+            started = trace_started(proc)
             result = run_auto(dataclasses.replace(session, client=client), latency_ms, dtypes,
                               duration=length - (time.time() - started), every=0)
         finally:
@@ -112,6 +121,7 @@ def verdict(real: dict, simulated: list[dict]) -> dict:
             "auto_vs_oracle_pt": 100 * (real["accuracy"] - oracle_row["accuracy"]),
             "auto_within_half_pt_of_oracle": real["accuracy"] >= oracle_row["accuracy"] - ACCURACY_SLACK,
             "best_fixed_meeting_99": best_fixed["policy"] if best_fixed else None,
+            "auto_vs_best_fixed_pt": 100 * (real["accuracy"] - best_fixed["accuracy"]) if best_fixed else None,
             "auto_above_best_fixed_meeting_99": best_fixed is None or real["accuracy"] > best_fixed["accuracy"]}
 
 
@@ -144,7 +154,8 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
             simulated = simulate(name, run, table, latency_ms / 1e3)
             real = {"policy": "auto (real run)", "kind": "real", **{k: run["real"][k] for k in (
                 "requests", "share_within_target", "accuracy", "bytes_up", "bytes_down", "mean_budget")}}
-            results.append({"trace": name, "seconds": run["seconds"], "plot": run["plot"], "real": run["real"],
+            results.append({"trace": name, "seconds": run["seconds"], "trace_start_unix": run["trace_start_unix"],
+                            "log": f"logs/{name}.json", "plot": run["plot"], "real": run["real"],
                             "policies": [real, *simulated], "verdict": verdict(real, simulated)})
             print(report_trace(results[-1]), flush=True)
     finally:

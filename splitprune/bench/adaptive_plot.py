@@ -41,13 +41,16 @@ def plot_stream(doc: dict, out: Path, trace: LinkTrace | None = None, trace_star
         shown = [trace.mbit_at(x + offset) for x in xs]
         rate.step(xs, shown, where="post", color=COLORS[0], label="link (trace)")
     estimates = [(t, r["estimated_mbit"]) for t, r in zip(ts, rows) if r.get("estimated_mbit")]
-    if estimates:
-        rate.plot(*zip(*estimates), ".", markersize=2.5, color=COLORS[1], label="controller's estimate")
-        middle = sorted(e for _, e in estimates)[len(estimates) // 10: max(len(estimates) * 9 // 10, 1)]
-        shown += middle   # the axis spans the trace and most estimates, not a stray one
+    if not shown and estimates:   # no trace: the axis spans most estimates, not a stray one
+        ordered = sorted(e for _, e in estimates)
+        shown = ordered[len(ordered) // 10: max(len(ordered) * 9 // 10, 1)]
+    low, high = (min(shown) / 10, max(shown) * 10) if shown else (None, None)
+    if estimates:   # estimates off the axis (a fit of two nearly equal sizes) are drawn at its edge
+        clipped = [(t, min(max(e, low), high) if shown else e) for t, e in estimates]
+        rate.plot(*zip(*clipped), ".", markersize=2.5, color=COLORS[1], label="controller's estimate")
     rate.set(ylabel="Mbit/s", yscale="log", title="link rate")
     if shown:
-        rate.set_ylim(min(shown) / 3, max(shown) * 3)
+        rate.set_ylim(low / 1.2, high * 1.2)
     rate.legend(fontsize=8)
     for i, dtype in enumerate(sorted({r["dtype"] for r in rows})):
         own = [(t, r["budget"]) for t, r in zip(ts, rows) if r["dtype"] == dtype]
