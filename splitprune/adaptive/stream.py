@@ -138,6 +138,10 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
         raise UserError("say how long to stream: a number of requests or a duration")
     if requests is not None and requests < 1 or duration is not None and duration <= 0:
         raise UserError("the stream needs at least one request and a positive duration")
+    first, last = auto.options[0], auto.options[-1]
+    if show:
+        show(f"auto budget: {len(auto.options)} options from {first.label()} ({first.bytes_up} B up) to "
+             f"{last.label()} ({last.bytes_up} B up), target {1e3 * auto.target_seconds:g} ms")
     for i in range(warmup):
         send(i, auto.options[i % 2 * (len(auto.options) - 1)])
     result = StreamResult(1e3 * auto.target_seconds, list(auto.options), time.time())
