@@ -139,3 +139,11 @@ def test_step_budget_follows_the_link_in_training(tmp_path):
     assert chosen == [1, 2, 4, 8, 16, 16, 2, 2, 2, 2]
     seconds = [s for _, s in auto.history]
     assert max(seconds[:5]) < 0.05 < seconds[5] and max(seconds[6:]) < 0.05   # one slow step, then on target
+
+
+def test_train_auto_flags_go_together(tmp_path, capsys):
+    assert main(["train", "--budget", "auto", "--out", str(tmp_path / "a")]) == 2
+    assert "--budget auto needs a --step-ms target" in capsys.readouterr().err
+    assert main(["train", "--step-ms", "100", "--out", str(tmp_path / "b")]) == 2
+    assert "--step-ms goes with --budget auto" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
