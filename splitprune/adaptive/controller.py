@@ -19,7 +19,8 @@ shows at once in the prediction for the option in use, a lasting slowdown keeps 
 one-off stall (a busy CPU, a retransmission) is forgotten as soon as the requests after it are quick
 again, instead of pinning a pessimistic rate for as long as the choice stays put.
 
-Choosing: the best option whose predicted latency is within ``safety * target`` wins, with two brakes so
+Choosing: the best option whose predicted latency is within ``safety * target`` wins (the first choice
+after a fit over two sizes goes straight there, within ``up_margin * target``), with two brakes so
 that a steady link does not make the choice oscillate: stepping up goes one option at a time and only
 after ``hold`` seconds without a step down, and it needs the prediction within ``up_margin * target``.
 Stepping down has no brake: a prediction over the target, or a request that missed it, moves down to
@@ -101,6 +102,7 @@ class BudgetController:
     _index: int = field(default=0, init=False)
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
+    _started: bool = field(default=False, init=False)   # a choice was made with observations
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -172,6 +174,12 @@ class BudgetController:
     def decide(self) -> Decision:
         """The option for the next request."""
         target = self.target_seconds
+        if self._obs and not self._started:
+            # The first choice with data: when requests of two sizes (e.g. a warm-up of the smallest and
+            # the largest option) fitted the link, go straight to the best option within the up margin.
+            self._started = True
+            best = self._best_fitting(self.up_margin * target) if self._base is not None else None
+            self._index = max(self._index, best if best is not None else 0)
         if self._obs:
             current = self.predict(self.options[self._index])
             if current > self.safety * target:

@@ -67,7 +67,7 @@ class StreamResult:
     def summary(self) -> dict:
         rows, n = self.rows, len(self.rows)
         labelled = [r for r in rows if r.correct is not None]
-        latencies = sorted(r.latency_ms for r in rows)
+        latencies = [r.latency_ms for r in rows]
         used: dict[str, int] = {}
         for r in rows:
             used[f"B={r.budget} {r.dtype}"] = used.get(f"B={r.budget} {r.dtype}", 0) + 1
@@ -75,7 +75,7 @@ class StreamResult:
             "requests": n, "target_ms": self.target_ms,
             "within_target": sum(r.within for r in rows), "share_within_target": sum(r.within for r in rows) / max(n, 1),
             "accuracy": sum(r.correct for r in labelled) / len(labelled) if labelled else None,
-            "latency_ms": {"p50": _quantile(latencies, 0.5), "p99": _quantile(latencies, 0.99),
+            "latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
                            "mean": sum(latencies) / n if n else None},
             "bytes_up": sum(r.bytes_up for r in rows), "bytes_down": sum(r.bytes_down for r in rows),
             "mean_budget": sum(r.budget for r in rows) / max(n, 1), "options_used": used,
@@ -89,10 +89,12 @@ class StreamResult:
                            "rows": [asdict(r) for r in self.rows]}, indent=1)
 
 
-def _quantile(ordered: list[float], q: float) -> float | None:
-    if not ordered:
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) with linear interpolation; None for no values."""
+    if not values:
         return None
-    rank = q * (len(ordered) - 1)
+    ordered = sorted(values)
+    rank = q / 100 * (len(ordered) - 1)
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
@@ -133,7 +135,8 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
     """Send requests 0, 1, 2, ... until `requests` are done or `duration` seconds have passed (at least one
     of them). `show` gets one line per `every`-th request and the impossible-target warning (once). The
     `warmup` requests before (the smallest and the largest option in turn: connections open, each code path
-    runs once) are neither observed nor counted."""
+    runs once) are not counted; all but the first (connection setup) are shown to the controller, so that
+    with two or more it starts from a fit over both ends of the ladder instead of climbing it."""
     if requests is None and duration is None:
         raise UserError("say how long to stream: a number of requests or a duration")
     if requests is not None and requests < 1 or duration is not None and duration <= 0:
@@ -142,8 +145,10 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
     if show:
         show(f"auto budget: {len(auto.options)} options from {first.label()} ({first.bytes_up} B up) to "
              f"{last.label()} ({last.bytes_up} B up), target {1e3 * auto.target_seconds:g} ms")
-    for i in range(warmup):
-        send(i, auto.options[i % 2 * (len(auto.options) - 1)])
+    for i in range(warmup):   # the first opens the connection; the others are observed, not counted
+        out = send(i, auto.options[i % 2 * (len(auto.options) - 1)])
+        if i:
+            auto.observe(out.bytes_up, out.bytes_down, out.seconds, out.compute_seconds)
     result = StreamResult(1e3 * auto.target_seconds, list(auto.options), time.time())
     start = clock()
     index = 0

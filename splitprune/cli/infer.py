@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitprune.adaptive.stream import check_auto_args
+from splitprune.adaptive.stream import check_auto_args, percentile
 from splitprune.cli.common import percent
 from splitprune.cli.train import add_remote_flags
 from splitprune.compression.codec import WIRE_DTYPES
@@ -41,16 +41,6 @@ def add_parser(subparsers, name: str) -> None:
     auto.add_argument("--log", help="write every request (time, budget, dtype, latency, bytes, correct) as JSON "
                                     "here, for `splitprune plot adaptive`")
     p.set_defaults(run=run)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass
