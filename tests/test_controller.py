@@ -141,6 +141,11 @@ def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
     assert {b for s, b, _ in log if s > 9} == settled                              # and came back
     assert sum(lat > 0.1 for *_, lat in log) == 1
 
+    before = controller.decide().index
+    o = OPTIONS[before]
+    controller.observe(Observation(t + 1.0, o.bytes_up, o.bytes_down, 0.9, 0.85))    # a compute stall
+    assert controller.decide().index == before                                      # is not the link's
+
     slow = LinkTrace.from_rows([(0, 2, 20), (6, 0.2, 20)])
     controller = BudgetController(OPTIONS, target_seconds=0.1)
     log = simulate(slow, controller, 12)

@@ -24,7 +24,9 @@ after a fit over two sizes goes straight there, within ``up_margin * target``), 
 that a steady link does not make the choice oscillate: stepping up goes one option at a time and only
 after ``hold`` seconds without a step down, and it needs the prediction within ``up_margin * target``.
 Stepping down has no brake: a prediction over the target, or a request that missed it, moves down to
-the best option that fits right away (at least one option down after a miss). When even the smallest
+the best option that fits right away (at least one option down after a miss). A miss that the usual
+compute time would have avoided (the device or server stalled, the link did not) moves nothing: a
+smaller option would not have helped. When even the smallest
 option cannot meet the target (a target below the round-trip time) the smallest is used and
 ``Decision.impossible`` says so.
 """
@@ -124,6 +126,8 @@ class BudgetController:
         self._now = max(self._now, obs.at)
         size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.compute_seconds, 0.0)
         missed = obs.seconds > self.target_seconds
+        if missed and self._obs and network + self.estimate().compute <= self.target_seconds:
+            missed = False   # with its usual compute time it was in time: a compute stall, not the link's doing
         if missed and self._obs:
             # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
             # requests from before the change, which would otherwise hold the fit for a whole window.
