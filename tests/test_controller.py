@@ -151,3 +151,13 @@ def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
     log = simulate(slow, controller, 12)
     assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, 0.8 * 0.1).budget
 
+
+
+def test_a_longer_delay_is_not_taken_for_a_slower_rate():
+    """The round trip grows by 80 ms at the same rate (a cellular fade's queueing): the choice settles where
+    the new link allows, it does not collapse to the smallest option."""
+    trace = LinkTrace.from_rows([(0, 2, 20), (6, 2, 60)])
+    controller = BudgetController(OPTIONS, target_seconds=0.3)
+    log = simulate(trace, controller, 16, noise=0.002)
+    settled = [o.budget for t, o, _ in log if t > 9]
+    assert fitting(2, 60, 0.6 * 0.3).budget <= min(settled) and max(settled) <= fitting(2, 60, 0.8 * 0.3).budget

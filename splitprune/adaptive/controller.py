@@ -13,11 +13,12 @@ Both are fitted on the requests of the last ``window`` seconds (at least the las
 Theil-Sen estimator: ``per_byte`` is the median slope over pairs of requests whose sizes differ by at
 least ``spread``, ``base`` the median of ``latency - compute - bytes * per_byte``. Medians make one noisy
 request move nothing. Requests of one size cannot tell the round trip from the rate: while the window has
-no such pair, ``base`` is the last fitted one and ``per_byte`` follows the current requests
-(``(latency - compute - base) / bytes``; before any fit, a prior of ``1 / prior_rate``), so a change
-shows at once in the prediction for the option in use, a lasting slowdown keeps the choice down, and a
-one-off stall (a busy CPU, a retransmission) is forgotten as soon as the requests after it are quick
-again, instead of pinning a pessimistic rate for as long as the choice stays put.
+no such pair, ``per_byte`` is the last fitted one (a prior of ``1 / prior_rate`` before any) and ``base``
+follows the current requests, so a change in delay or rate shows at once in the prediction for the
+option in use. A missed request blames the rate (``per_byte`` raised to explain it) for as long as it is
+in the window; then the last fit returns, so a one-off stall (a busy CPU, a retransmission) is
+forgotten instead of pinning a pessimistic rate for as long as the choice stays put, and a lasting
+slowdown is measured again by the next step up (whose size makes a pair with the ones before).
 
 Choosing: the best option whose predicted latency is within ``safety * target`` wins (the first choice
 after a fit over two sizes goes straight there, within ``up_margin * target``), with two brakes so
@@ -100,7 +101,7 @@ class BudgetController:
     # (finished at, bytes, seconds on the link, compute seconds, missed the target) of recent requests
     _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _per_byte: float = field(default=0.0, init=False)
-    _base: float | None = field(default=None, init=False)   # the base of the last fit over two sizes
+    _fitted: float | None = field(default=None, init=False)   # per_byte of the last fit over two sizes
     _index: int = field(default=0, init=False)
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
@@ -131,7 +132,7 @@ class BudgetController:
         if missed and self._obs:
             # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
             # requests from before the change, which would otherwise hold the fit for a whole window.
-            base = self._base if self._base is not None else self.estimate().rtt
+            base = self.estimate().rtt
             self._per_byte = max(self._per_byte, (network - base) / max(size, 1))
             self._obs.clear()
         # a missed request is kept out of the slopes: one stall paired with quick requests would be the
@@ -144,10 +145,9 @@ class BudgetController:
         slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _, _) in enumerate(clean)
                   for _, s2, n2, _, _ in clean[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
         if slopes:
-            self._per_byte = max(statistics.median(slopes), 1e-12)
-            self._base = statistics.median(p[2] - p[1] * self._per_byte for p in clean)
-        elif self._base is not None:
-            self._per_byte = max(statistics.median((p[2] - self._base) / max(p[1], 1) for p in points), 1e-12)
+            self._per_byte = self._fitted = max(statistics.median(slopes), 1e-12)
+        elif self._fitted is not None and len(clean) == len(points):
+            self._per_byte = self._fitted   # the blame of a miss lasts while the miss is in the window
         if missed and self._index > 0:
             self._step_down(obs.at)
 
@@ -182,7 +182,7 @@ class BudgetController:
             # The first choice with data: when requests of two sizes (e.g. a warm-up of the smallest and
             # the largest option) fitted the link, go straight to the best option within the up margin.
             self._started = True
-            best = self._best_fitting(self.up_margin * target) if self._base is not None else None
+            best = self._best_fitting(self.up_margin * target) if self._fitted is not None else None
             self._index = max(self._index, best if best is not None else 0)
         if self._obs:
             current = self.predict(self.options[self._index])
