@@ -161,3 +161,21 @@ def test_a_longer_delay_is_not_taken_for_a_slower_rate():
     log = simulate(trace, controller, 16, noise=0.002)
     settled = [o.budget for t, o, _ in log if t > 9]
     assert fitting(2, 60, 0.6 * 0.3).budget <= min(settled) and max(settled) <= fitting(2, 60, 0.8 * 0.3).budget
+
+
+def test_a_wild_fit_from_two_sizes_does_not_pin_the_choice():
+    """A fit from one noisy pair says 3 ms per byte; the options near the smallest are too alike in size to
+    correct it. After `refit_after` seconds the fit is relaxed to the prior and the controller climbs."""
+    controller = BudgetController(OPTIONS, target_seconds=0.5)
+    small, other = OPTIONS[0], OPTIONS[2]
+    controller.observe(Observation(0.05, small.bytes_up, small.bytes_down, 0.05, 0.0))
+    controller.observe(Observation(0.4, other.bytes_up, other.bytes_down, 0.35, 0.0))
+    t, chosen = 0.5, []
+    while t < 15:
+        option = controller.decide().option
+        latency = 0.05 + option.bytes / 1e6                     # the real link: 50 ms, 1 MB/s
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, 0.0))
+        chosen.append((t, option.budget))
+        t += latency + 0.05
+    assert max(b for s, b in chosen if s < 9) <= 2                      # pinned by the wild fit for a while
+    assert max(b for s, b in chosen if s > 12) >= 64                     # then it climbs

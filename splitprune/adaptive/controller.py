@@ -18,7 +18,9 @@ follows the current requests, so a change in delay or rate shows at once in the 
 option in use. A missed request blames the rate (``per_byte`` raised to explain it) for as long as it is
 in the window; then the last fit returns, so a one-off stall (a busy CPU, a retransmission) is
 forgotten instead of pinning a pessimistic rate for as long as the choice stays put, and a lasting
-slowdown is measured again by the next step up (whose size makes a pair with the ones before).
+slowdown is measured again by the next step up (whose size makes a pair with the ones before). A fit
+not renewed by a pair for ``refit_after`` seconds is relaxed to the prior if it is slower: a fit from
+two nearly equal sizes can be wildly pessimistic, and options of nearly one size never correct it.
 
 Choosing: the best option whose predicted latency is within ``safety * target`` wins (the first choice
 after a fit over two sizes goes straight there, within ``up_margin * target``), with two brakes so
@@ -97,11 +99,13 @@ class BudgetController:
     min_points: int = 8
     spread: float = 1.5
     prior_rate: float = 125_000.0      # bytes/s assumed before two sizes were seen (1 Mbit/s)
+    refit_after: float = 10.0          # seconds a fit is trusted without a pair of sizes to renew it
     start_index: int = 0
     # (finished at, bytes, seconds on the link, compute seconds, missed the target) of recent requests
     _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _per_byte: float = field(default=0.0, init=False)
     _fitted: float | None = field(default=None, init=False)   # per_byte of the last fit over two sizes
+    _fitted_at: float = field(default=-math.inf, init=False)
     _index: int = field(default=0, init=False)
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
@@ -146,7 +150,10 @@ class BudgetController:
                   for _, s2, n2, _, _ in clean[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
         if slopes:
             self._per_byte = self._fitted = max(statistics.median(slopes), 1e-12)
+            self._fitted_at = self._now
         elif self._fitted is not None and len(clean) == len(points):
+            if self._now - self._fitted_at > self.refit_after:   # an old fit is no better than the prior:
+                self._fitted = min(self._fitted, 1.0 / self.prior_rate)   # a noisy pessimistic one must not pin us
             self._per_byte = self._fitted   # the blame of a miss lasts while the miss is in the window
         if missed and self._index > 0:
             self._step_down(obs.at)
