@@ -119,3 +119,63 @@ def test_bad_settings_are_user_errors(kwargs):
 def test_no_options_is_a_user_error():
     with pytest.raises(UserError):
         BudgetController([], target_seconds=0.1)
+
+
+def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
+    """A single request 300 ms late (a busy CPU) steps down, then the choice returns within ~2 s; the same
+    controller after a real rate drop stays down (a window of one size keeps the fitted round trip)."""
+    trace = LinkTrace.from_rows([(0, 2, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    t, log, stalled = 0.0, [], False
+    while t < 12:
+        option = controller.decide().option
+        latency = 0.04 + 0.002 + option.bytes / trace.rate_at(t)
+        if t >= 6 and not stalled:      # the first request from 6 s on
+            latency, stalled = latency + 0.3, True
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, 0.002))
+        log.append((t, option.budget, latency))
+        t += latency + 0.05
+    settled = {b for s, b, _ in log if 4 < s < 6}
+    assert len(settled) == 1
+    assert [b for s, b, _ in log if 6 < s < 6.6][-1] < min(settled)                # stepped down after the stall
+    assert {b for s, b, _ in log if s > 9} == settled                              # and came back
+    assert sum(lat > 0.1 for *_, lat in log) == 1
+
+    before = controller.decide().index
+    o = OPTIONS[before]
+    controller.observe(Observation(t + 1.0, o.bytes_up, o.bytes_down, 0.9, 0.85))    # a compute stall
+    assert controller.decide().index == before                                      # is not the link's
+
+    slow = LinkTrace.from_rows([(0, 2, 20), (6, 0.2, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    log = simulate(slow, controller, 12)
+    assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, 0.8 * 0.1).budget
+
+
+
+def test_a_longer_delay_is_not_taken_for_a_slower_rate():
+    """The round trip grows by 80 ms at the same rate (a cellular fade's queueing): the choice settles where
+    the new link allows, it does not collapse to the smallest option."""
+    trace = LinkTrace.from_rows([(0, 2, 20), (6, 2, 60)])
+    controller = BudgetController(OPTIONS, target_seconds=0.3)
+    log = simulate(trace, controller, 16, noise=0.002)
+    settled = [o.budget for t, o, _ in log if t > 9]
+    assert fitting(2, 60, 0.6 * 0.3).budget <= min(settled) and max(settled) <= fitting(2, 60, 0.8 * 0.3).budget
+
+
+def test_a_wild_fit_from_two_sizes_does_not_pin_the_choice():
+    """A fit from one noisy pair says 3 ms per byte; the options near the smallest are too alike in size to
+    correct it. After `refit_after` seconds the fit is relaxed to the prior and the controller climbs."""
+    controller = BudgetController(OPTIONS, target_seconds=0.5)
+    small, other = OPTIONS[0], OPTIONS[2]
+    controller.observe(Observation(0.05, small.bytes_up, small.bytes_down, 0.05, 0.0))
+    controller.observe(Observation(0.4, other.bytes_up, other.bytes_down, 0.35, 0.0))
+    t, chosen = 0.5, []
+    while t < 15:
+        option = controller.decide().option
+        latency = 0.05 + option.bytes / 1e6                     # the real link: 50 ms, 1 MB/s
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, 0.0))
+        chosen.append((t, option.budget))
+        t += latency + 0.05
+    assert max(b for s, b in chosen if s < 9) <= 2                      # pinned by the wild fit for a while
+    assert max(b for s, b in chosen if s > 12) >= 64                     # then it climbs

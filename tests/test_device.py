@@ -91,6 +91,26 @@ def test_device_cli_predicts_like_pytorch_and_reports_stages(exported, server, t
     assert r["payload_bytes_up"] == up
 
 
+def test_device_auto_budget_streams_with_the_shared_controller(exported, server, tmp_path, capsys):
+    """--budget auto: splitprune.adaptive's loop and controller, the exported budgets x uplink dtypes."""
+    _, out = exported
+    path, _ = batch_file(tmp_path, 6)
+    log, report = tmp_path / "log.json", tmp_path / "auto.json"
+    rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "auto", "--latency-ms",
+                      "5000", "--every", "0", "--log", str(log), "--out", str(report), str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc, summary = json.loads(log.read_text()), json.loads(report.read_text())
+    options = {(o["budget"], o["dtype"]): o for o in doc["options"]}
+    assert {b for b, _ in options} == {1, 2} and {d for _, d in options} == {"fp16", "int8"}
+    rows = doc["rows"]
+    assert len(rows) == summary["requests"] == 6 and summary["share_within_target"] == 1.0
+    assert rows[0]["budget"] == 1 and rows[-1]["budget"] == 2          # starts small, climbs on a fast link
+    for r in rows:   # each option was sized by encoding exactly as the request was
+        assert r["bytes_up"] == options[(r["budget"], r["dtype"])]["bytes_up"]
+    assert 0 <= summary["accuracy"] <= 1 and "6 requests" in text
+
+
 def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, tmp_path, capsys):
     run, out = exported
     path, _ = batch_file(tmp_path, 2)
@@ -163,6 +183,11 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
                          cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "accuracy" in res.stdout and "uplink + server + downlink" in res.stdout
+    res = subprocess.run([str(venv / "bin" / "splitprune-device"), "infer", "--server", server.address, "--model",
+                          str(out), "--budget", "auto", "--latency-ms", "5000", "--every", "0", str(path)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "4 requests, 100.0% within the target" in res.stdout     # the controller shipped without torch
     assert time.monotonic() - start < 150
 
 

@@ -1,10 +1,18 @@
-"""How many channels each request carries. A policy is asked before every request and told how it went,
-so a latency-driven controller (`--budget auto`, once the any-budget work lands) plugs in here."""
+"""How many channels each request carries: a fixed exported budget, or `--budget auto`, where the budget
+controller of splitprune.adaptive (shipped with this package) picks (budget, uplink dtype) per request."""
 from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
+
+from splitprune.adaptive import Option, option_ladder
+from splitprune.adaptive.budgets import ladder, model_budgets
 from splitprune.errors import UserError
+from splitprune.proto import pb
+from splitprune.proto import service_pb2 as spb
+from splitprune.wire import encode_label_array
+from splitprune_device.model import DeviceModel
 
 
 class BudgetPolicy(Protocol):
@@ -28,14 +36,27 @@ def make_policy(text: str | None, exported: list[int], trained: int) -> BudgetPo
     """--budget B (one of the exported budgets; default: the trained budget if exported, else the largest)."""
     if text is None:
         return FixedBudget(trained if trained in exported else max(exported))
-    if text == "auto":
-        raise UserError("--budget auto needs the any-budget controller, which this version does not have yet; "
-                        f"give one of the exported budgets: {', '.join(map(str, exported))}")
     try:
         budget = int(text)
     except ValueError:
-        raise UserError(f"--budget must be an integer, got {text!r}") from None
+        raise UserError(f"--budget must be an integer or 'auto', got {text!r}") from None
     if budget not in exported:
         raise UserError(f"budget {budget} was not exported; exported: {', '.join(map(str, exported))} "
                         "(export it with `splitprune export --budget`)")
     return FixedBudget(budget)
+
+
+def auto_options(model: DeviceModel, dtypes: list[str]) -> list[Option]:
+    """The option ladder of `--budget auto`: the exported budgets x `dtypes`, each sized as the InferRequest and
+    InferReply of one image would be (encoded by this package's own uplink path)."""
+    _, height, width = model.manifest["wire_shape"]
+    rng = np.random.default_rng(0)
+
+    def bytes_for(budget: int, dtype: str) -> tuple[int, int]:
+        kept = rng.standard_normal((1, budget, height, width)).astype(np.float32)
+        req = pb.EvalRequest(request_id=1, activations=model.encode(kept, budget, dtype))
+        reply = pb.EvalReply(request_id=1, predictions=encode_label_array(np.zeros(1, dtype=np.int64)))
+        return (spb.InferRequest(fingerprint=model.fingerprint, budget=budget, eval=req).ByteSize(),
+                spb.InferReply(eval=reply, server_ms=1.0).ByteSize())
+
+    return option_ladder(ladder(model_budgets(model.manifest)), dtypes, bytes_for)

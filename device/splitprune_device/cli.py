@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from splitprune.adaptive.stream import check_auto_args
 from splitprune.errors import UserError, run_command
 
 TOKEN_ENV = "SPLITPRUNE_TOKEN"
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="a `splitprune serve` server")
     p.add_argument("--model", required=True, metavar="DIR", help="folder written by `splitprune export`")
     p.add_argument("--budget", help="channels per request: one of the exported budgets (default: the trained "
-                                    "budget); 'auto' is reserved for the any-budget controller")
+                                    "budget), or 'auto': (budget, uplink dtype) chosen per image to meet --latency-ms")
     p.add_argument("--token", help=f"bearer token for the server (default: ${TOKEN_ENV})")
     p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
     p.add_argument("--labels", help="IDX or .npy class ids of the inputs, to report accuracy")
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")
     p.add_argument("--out", help="also write predictions and every timing as JSON here")
+    auto = p.add_argument_group("--budget auto", "one image per request, each with the exported budget and uplink "
+                                                 "dtype the budget controller picks from the link it measures")
+    auto.add_argument("--latency-ms", type=float, help="latency target per image, on this device end to end")
+    auto.add_argument("--dtypes-up", help="uplink dtypes to choose from, comma-separated (default: the exported "
+                                          "one and the cheaper ones down to int8)")
+    auto.add_argument("--duration", type=float, help="stream for this many seconds, cycling through the images "
+                                                     "(default: each image once)")
+    auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
+    auto.add_argument("--log", help="write every request as JSON here (the format of `splitprune infer --log`)")
     p.set_defaults(run=run_infer)
     return parser
 
@@ -120,7 +130,9 @@ def run_infer(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"--cpu {args.cpu}: {exc.strerror or exc}") from None
     model = DeviceModel(args.model, args.threads)
-    policy = make_policy(args.budget, model.budgets, int(model.manifest.get("trained_budget", 0)))
+    auto = args.budget == "auto"
+    check_auto_args(args, auto)
+    policy = None if auto else make_policy(args.budget, model.budgets, int(model.manifest.get("trained_budget", 0)))
     names, images, y = load_inputs(args.inputs, args.labels, args.limit)
     model.prepare(images[:1])  # a wrong size or channel count is refused before connecting
     client = ServerClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
@@ -129,6 +141,8 @@ def run_infer(args: argparse.Namespace) -> int:
         info = check_server(model, client)
         if args.batch_size > info.max_batch:
             raise UserError(f"--batch-size {args.batch_size} exceeds the server's limit of {info.max_batch}")
+        if auto:
+            return stream_auto(model, client, images, y, args)
         r = run_inference(model, client, images, policy, args.batch_size, args.warmup)
     finally:
         client.close()
@@ -137,6 +151,29 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({**s, "predictions": r.predictions, "ms": r.ms}, indent=1))
         print(f"written to {args.out}")
+    return 0
+
+
+def stream_auto(model, client, images: np.ndarray, y: np.ndarray | None, args: argparse.Namespace) -> int:
+    """`--budget auto`: the shared streaming loop of splitprune.adaptive, this package's ONNX device half."""
+    from splitprune.adaptive.budgets import uplink_dtypes
+    from splitprune.adaptive.policy import AutoBudget
+    from splitprune.adaptive.stream import run_stream, summary_lines
+    from splitprune_device.budget import auto_options
+    from splitprune_device.runner import make_send
+
+    options = auto_options(model, uplink_dtypes(args.dtypes_up, model.manifest["codec"]["dtype_up"]))
+    result = run_stream(make_send(model, client, images, y), AutoBudget(options, args.latency_ms / 1e3),
+                        None if args.duration else len(images), args.duration, show=print, every=args.every,
+                        warmup=max(args.warmup, 0))
+    summary = {**result.summary(), "model": model.fingerprint, "server": args.server,
+               "options": [o.label() for o in options]}
+    for line in summary_lines(summary):
+        print(line)
+    for path, text in ((args.log, result.log()), (args.out, json.dumps(summary, indent=1))):
+        if path:
+            Path(path).write_text(text)
+            print(f"written to {path}")
     return 0
 
 

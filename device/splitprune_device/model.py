@@ -75,5 +75,7 @@ class DeviceModel:
         """The kept channels, gate-scaled, [N, budget, H', W'] float32: what the uplink encodes."""
         return self.session(budget).run(None, {INPUT_NAME: x})[0]
 
-    def encode(self, kept: np.ndarray, budget: int) -> pb.EncodedTensor:
-        return encode_values(kept, self.kept(budget), self.channels, self.dtype)
+    def encode(self, kept: np.ndarray, budget: int, dtype: str | None = None) -> pb.EncodedTensor:
+        """The uplink tensor, in the exported dtype or in `dtype` (`--budget auto` chooses it per request)."""
+        wire = self.dtype if dtype is None else check_dtype_name(dtype)
+        return encode_values(kept, self.kept(budget), self.channels, wire)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from splitprune.adaptive import Option
+from splitprune.adaptive.stream import Outcome
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.wire import decode_label_array
@@ -49,14 +51,14 @@ class Results:
 
 
 def infer_one(model: DeviceModel, client: ServerClient, images: np.ndarray, budget: int, request_id: int,
-              num_classes: int) -> tuple[np.ndarray, dict[str, float], tuple[int, int, int]]:
+              num_classes: int, dtype: str | None = None) -> tuple[np.ndarray, dict[str, float], tuple[int, int, int]]:
     """One request: predictions, stage times (ms) and (payload up, message up, message down) bytes."""
     t0 = time.perf_counter()
     x = model.prepare(images)
     t1 = time.perf_counter()
     kept = model.run(x, budget)
     t2 = time.perf_counter()
-    req = pb.EvalRequest(request_id=request_id, activations=model.encode(kept, budget))
+    req = pb.EvalRequest(request_id=request_id, activations=model.encode(kept, budget, dtype))
     data = client.infer_request(model.fingerprint, budget, req)
     t3 = time.perf_counter()
     res = client.infer(data)
@@ -93,3 +95,18 @@ def run_inference(model: DeviceModel, client: ServerClient, images: np.ndarray, 
         out.message_bytes_up += up
         out.message_bytes_down += down
     return out
+
+
+def make_send(model: DeviceModel, client: ServerClient, images: np.ndarray, labels: np.ndarray | None):
+    """`send` of splitprune.adaptive.stream: image `index` (cycling) as one request with the option's budget and
+    dtype; the latency is the whole request on this device (preprocess, ONNX, encode, call, decode)."""
+    num_classes = model.manifest["num_classes"]
+
+    def send(index: int, option: Option) -> Outcome:
+        i = index % len(images)
+        predictions, ms, (_, up, down) = infer_one(model, client, images[i:i + 1], option.budget, index + 1,
+                                                   num_classes, option.dtype)
+        correct = None if labels is None else int(predictions[0] == labels[i])
+        return Outcome(1, correct, up, down, ms["total"] / 1e3, ms["round_trip"] / 1e3, ms["server"] / 1e3)
+
+    return send

@@ -1,24 +1,35 @@
 """The device's budget controller: estimate the link from its own requests, pick what fits a deadline.
 
 Pure Python (no torch, no sockets, no clock): the caller feeds it what it already knows about each
-finished request (bytes up and down, the latency it measured, the compute time the server reported,
-when it finished) and asks which option to use next. Tests replay recorded sequences.
+finished request (bytes up and down, the latency it measured, the part of it spent computing rather
+than on the link, when it finished) and asks which option to use next. Tests replay recorded sequences.
 
 The link model is that of a request over one serialized link:
-``latency - server = base + bytes * per_byte`` (``base`` the round trip, ``per_byte`` one over the rate).
+``latency - compute = base + bytes * per_byte`` (``base`` the round trip, ``per_byte`` one over the rate).
+``compute`` is what the caller can tell apart: the server's reported compute time, plus the device's
+own when it timed the call separately (`splitprune infer` and `splitprune-device infer` do: device
+compute varies by tens of ms on a busy CPU, and left in it would swamp the rate fit of small messages).
 Both are fitted on the requests of the last ``window`` seconds (at least the last ``min_points``) with the
 Theil-Sen estimator: ``per_byte`` is the median slope over pairs of requests whose sizes differ by at
-least ``spread``, ``base`` the median of ``latency - server - bytes * per_byte``. Medians make one noisy
+least ``spread``, ``base`` the median of ``latency - compute - bytes * per_byte``. Medians make one noisy
 request move nothing. Requests of one size cannot tell the round trip from the rate: while the window has
-no such pair the last fitted ``per_byte`` is kept (a prior of ``1 / prior_rate`` before any), and
-``base`` still follows the current requests, so a change in delay or rate shows at once in the
-prediction for the option in use.
+no such pair, ``per_byte`` is the last fitted one (a prior of ``1 / prior_rate`` before any) and ``base``
+follows the current requests, so a change in delay or rate shows at once in the prediction for the
+option in use. A missed request blames the rate (``per_byte`` raised to explain it) for as long as it is
+in the window; then the last fit returns, so a one-off stall (a busy CPU, a retransmission) is
+forgotten instead of pinning a pessimistic rate for as long as the choice stays put, and a lasting
+slowdown is measured again by the next step up (whose size makes a pair with the ones before). A fit
+not renewed by a pair for ``refit_after`` seconds is relaxed to the prior if it is slower: a fit from
+two nearly equal sizes can be wildly pessimistic, and options of nearly one size never correct it.
 
-Choosing: the best option whose predicted latency is within ``safety * target`` wins, with two brakes so
+Choosing: the best option whose predicted latency is within ``safety * target`` wins (the first choice
+after a fit over two sizes goes straight there, within ``up_margin * target``), with two brakes so
 that a steady link does not make the choice oscillate: stepping up goes one option at a time and only
 after ``hold`` seconds without a step down, and it needs the prediction within ``up_margin * target``.
 Stepping down has no brake: a prediction over the target, or a request that missed it, moves down to
-the best option that fits right away (at least one option down after a miss). When even the smallest
+the best option that fits right away (at least one option down after a miss). A miss that the usual
+compute time would have avoided (the device or server stalled, the link did not) moves nothing: a
+smaller option would not have helped. When even the smallest
 option cannot meet the target (a target below the round-trip time) the smallest is used and
 ``Decision.impossible`` says so.
 """
@@ -56,8 +67,8 @@ class Observation:
     at: float              # when it finished, seconds on the caller's monotonic clock
     bytes_up: int
     bytes_down: int
-    seconds: float         # latency measured by the device, send to reply
-    server_seconds: float  # compute time the server reported for it
+    seconds: float          # latency measured by the device, the whole request
+    compute_seconds: float  # the part of it not on the link (server-reported compute, device compute if known)
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,7 @@ class Decision:
 class LinkEstimate:
     rtt: float | None          # the fitted base: round trip plus fixed per-request costs
     rate: float | None         # bytes per second; None = no request seen yet
-    server: float
+    compute: float
 
 
 @dataclass
@@ -88,12 +99,17 @@ class BudgetController:
     min_points: int = 8
     spread: float = 1.5
     prior_rate: float = 125_000.0      # bytes/s assumed before two sizes were seen (1 Mbit/s)
+    refit_after: float = 10.0          # seconds a fit is trusted without a pair of sizes to renew it
     start_index: int = 0
+    # (finished at, bytes, seconds on the link, compute seconds, missed the target) of recent requests
     _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _per_byte: float = field(default=0.0, init=False)
+    _fitted: float | None = field(default=None, init=False)   # per_byte of the last fit over two sizes
+    _fitted_at: float = field(default=-math.inf, init=False)
     _index: int = field(default=0, init=False)
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
+    _started: bool = field(default=False, init=False)   # a choice was made with observations
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -110,40 +126,50 @@ class BudgetController:
 
     # ---------------------------------------------------------------- estimation
     def observe(self, obs: Observation) -> None:
-        if obs.seconds < 0 or obs.server_seconds < 0 or obs.bytes_up < 0 or obs.bytes_down < 0:
+        if obs.seconds < 0 or obs.compute_seconds < 0 or obs.bytes_up < 0 or obs.bytes_down < 0:
             raise ValueError(f"an observation cannot be negative: {obs}")
         self._now = max(self._now, obs.at)
-        size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.server_seconds, 0.0)
+        size, network = obs.bytes_up + obs.bytes_down, max(obs.seconds - obs.compute_seconds, 0.0)
         missed = obs.seconds > self.target_seconds
+        if missed and self._obs and network + self.estimate().compute <= self.target_seconds:
+            missed = False   # with its usual compute time it was in time: a compute stall, not the link's doing
         if missed and self._obs:
             # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
             # requests from before the change, which would otherwise hold the fit for a whole window.
             base = self.estimate().rtt
             self._per_byte = max(self._per_byte, (network - base) / max(size, 1))
             self._obs.clear()
-        self._obs.append((obs.at, size, network, obs.server_seconds))
+        # a missed request is kept out of the slopes: one stall paired with quick requests would be the
+        # slope of every pair (and the fitted base) until it leaves the window
+        self._obs.append((obs.at, size, network, obs.compute_seconds, missed))
         while len(self._obs) > self.min_points and self._obs[0][0] < self._now - self.window:
             self._obs.popleft()
         points = list(self._obs)
-        slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _) in enumerate(points)
-                  for _, s2, n2, _ in points[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
+        clean = [p for p in points if not p[4]]
+        slopes = [(n2 - n1) / (s2 - s1) for i, (_, s1, n1, _, _) in enumerate(clean)
+                  for _, s2, n2, _, _ in clean[i + 1:] if max(s1, s2) >= self.spread * min(s1, s2)]
         if slopes:
-            self._per_byte = max(statistics.median(slopes), 1e-12)
+            self._per_byte = self._fitted = max(statistics.median(slopes), 1e-12)
+            self._fitted_at = self._now
+        elif self._fitted is not None and len(clean) == len(points):
+            if self._now - self._fitted_at > self.refit_after:   # an old fit is no better than the prior:
+                self._fitted = min(self._fitted, 1.0 / self.prior_rate)   # a noisy pessimistic one must not pin us
+            self._per_byte = self._fitted   # the blame of a miss lasts while the miss is in the window
         if missed and self._index > 0:
             self._step_down(obs.at)
 
     def estimate(self) -> LinkEstimate:
         if not self._obs:
             return LinkEstimate(None, None, 0.0)
-        base = statistics.median(n - size * self._per_byte for _, size, n, _ in self._obs)
-        server = statistics.median(srv for *_, srv in self._obs)
-        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, server)
+        base = statistics.median(p[2] - p[1] * self._per_byte for p in self._obs)
+        compute = statistics.median(p[3] for p in self._obs)
+        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, compute)
 
     def predict(self, option: Option) -> float:
         est = self.estimate()
         if est.rate is None:
             return 0.0
-        return est.rtt + est.server + option.bytes / est.rate
+        return est.rtt + est.compute + option.bytes / est.rate
 
     # ---------------------------------------------------------------- choosing
     def _best_fitting(self, limit: float) -> int | None:
@@ -159,6 +185,12 @@ class BudgetController:
     def decide(self) -> Decision:
         """The option for the next request."""
         target = self.target_seconds
+        if self._obs and not self._started:
+            # The first choice with data: when requests of two sizes (e.g. a warm-up of the smallest and
+            # the largest option) fitted the link, go straight to the best option within the up margin.
+            self._started = True
+            best = self._best_fitting(self.up_margin * target) if self._fitted is not None else None
+            self._index = max(self._index, best if best is not None else 0)
         if self._obs:
             current = self.predict(self.options[self._index])
             if current > self.safety * target:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from splitprune.adaptive.stream import check_auto_args, percentile
 from splitprune.cli.common import percent
 from splitprune.cli.train import add_remote_flags
 from splitprune.compression.codec import WIRE_DTYPES
@@ -19,7 +21,7 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder) of the trained model; "
                                                        "the server must host the same model")
     p.add_argument("--budget", help="channels sent per request, up to the trained budget, or 'all' "
-                                    "(default: the trained budget)")
+                                    "(default: the trained budget); 'auto': chosen per request to meet --latency-ms")
     p.add_argument("--dtype-up", choices=list(WIRE_DTYPES), help="uplink dtype (default: as trained)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per inference request (default: 1)")
     p.add_argument("--test-subset", type=int, help="use N test images (default: all)")
@@ -28,25 +30,35 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="requests sent first and left out of the latency figures (default: 3)")
     p.add_argument("--out", help="also write the results as JSON here")
+    auto = p.add_argument_group("--budget auto", "the device picks (budget, uplink dtype) per single-sample request "
+                                                 "from the link it measures")
+    auto.add_argument("--latency-ms", type=float, help="latency target per request, device to answer")
+    auto.add_argument("--dtypes-up", help="uplink dtypes to choose from, comma-separated (default: the trained "
+                                          "one and the cheaper ones down to int8)")
+    auto.add_argument("--duration", type=float, help="stream for this many seconds, cycling through the test "
+                                                     "images (default: each test image once)")
+    auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
+    auto.add_argument("--log", help="write every request (time, budget, dtype, latency, bytes, correct) as JSON "
+                                    "here, for `splitprune plot adaptive`")
     p.set_defaults(run=run)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+@dataclass
+class Session:
+    """A checked split-inference setup: the server's half is the checkpoint's, the device half loaded."""
+
+    client: object          # InferenceClient
+    info: object            # the server's DescribeReply
+    device: object          # DeviceWorker
+    cfg: object             # RunConfig
+    meta: dict
+    batches: list           # the test set, [(x, y)] per request
 
 
-def run_inference(checkpoint: str, server: str, budget_text: str | None = None, dtype_up: str | None = None,
-                  batch_size: int = 1, test_subset: int | None = None, data_dir: str | None = None,
-                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = False) -> dict:
-    import torch
-
-    from splitprune.cli.evaluate import parse_budget
+def open_session(checkpoint: str, server: str, dtype_up: str | None = None, batch_size: int = 1,
+                 test_subset: int | None = None, data_dir: str | None = None, token: str | None = None,
+                 tls=None, measure: bool = False) -> Session:
+    """Everything before the first request; the caller closes `session.client`."""
     from splitprune.compression import ChannelCodec
     from splitprune.config import make_config
     from splitprune.data import make_loaders
@@ -64,8 +76,6 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
         raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
                         f"`splitprune pull --server {server} --checkpoint {checkpoint} --out DIR`, then infer "
                         "with --checkpoint DIR")
-    channels = int(meta["cut_shape"][0])
-    budget = parse_budget(budget_text, int(meta["budget"]), channels)
     values = {**meta["config"], "test_subset": test_subset, "test_batch_size": batch_size}
     if dtype_up:
         values["dtype_up"] = dtype_up
@@ -73,7 +83,12 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
         values["data_dir"] = data_dir
     cfg = make_config(values)
     tensors = read_tensors(meta["_folder"])
-    client = InferenceClient(server, meta["fingerprint"], token, tls, measure)
+    _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
+                              meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
+    device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
+    load_module("device", device.half, tensors)
+    device.codec = ChannelCodec(cfg.dtype_up)
+    client = InferenceClient(server, meta["fingerprint"], token, tls, measure)  # connect last: all else is ready
     try:
         info = client.describe()
         if list(info.wire_shape) != list(meta["wire_shape"]) or info.num_classes != meta["num_classes"]:
@@ -86,13 +101,26 @@ def run_inference(checkpoint: str, server: str, budget_text: str | None = None, 
                             f"`splitprune serve --model {checkpoint}`")
         if batch_size > info.max_batch:
             raise UserError(f"--batch-size {batch_size} exceeds the server's limit of {info.max_batch} for this model")
-        _, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
-                                            meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
-        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
-        load_module("device", device.half, tensors)
-        device.codec = ChannelCodec(cfg.dtype_up)
+        return Session(client, info, device, cfg, meta, list(test))
+    except BaseException:
+        client.close()
+        raise
+
+
+def run_inference(checkpoint: str, server: str, budget_text: str | None = None, dtype_up: str | None = None,
+                  batch_size: int = 1, test_subset: int | None = None, data_dir: str | None = None,
+                  token: str | None = None, tls=None, warmup: int = 3, measure: bool = False) -> dict:
+    import torch
+
+    from splitprune.cli.evaluate import parse_budget
+
+    session = open_session(checkpoint, server, dtype_up, batch_size, test_subset, data_dir, token, tls, measure)
+    client, info, device, cfg, meta, batches = (session.client, session.info, session.device, session.cfg,
+                                                session.meta, session.batches)
+    channels = int(meta["cut_shape"][0])
+    try:
+        budget = parse_budget(budget_text, int(meta["budget"]), channels)
         link = client.link(budget)
-        batches = list(test)
         for x, _ in batches[:warmup]:
             device.predict(x, link, budget)
         client.latencies_ms.clear()
@@ -133,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
+    check_auto_args(args, args.budget == "auto")
+    if args.budget == "auto":
+        return run_auto(args, token_from_args(args), tls_from_args(args))
     r = run_inference(args.checkpoint, args.server, args.budget, args.dtype_up, args.batch_size, args.test_subset,
                       args.data_dir, token_from_args(args), tls_from_args(args), max(args.warmup, 0),
                       args.measure_socket)
@@ -148,5 +179,38 @@ def run(args: argparse.Namespace) -> int:
           f"{t['message_bytes_up']} B of Infer messages{wire}, warm-up included)")
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=2))
+        print(f"written to {args.out}")
+    return 0
+
+
+def run_auto(args: argparse.Namespace, token, tls) -> int:
+    from splitprune.adaptive.stream import summary_lines
+    from splitprune.cli.common import check_out_file, write_text_atomic
+    from splitprune.adaptive.budgets import uplink_dtypes
+    from splitprune.cli.auto import run_auto as stream
+
+    if args.dtype_up:
+        raise UserError("--budget auto chooses the uplink dtype: give the candidates with --dtypes-up")
+    for path, flag in ((args.out, "--out"), (args.log, "--log")):
+        if path:
+            check_out_file(path, flag)
+    session = open_session(args.checkpoint, args.server, None, args.batch_size, args.test_subset, args.data_dir,
+                           token, tls, args.measure_socket)
+    try:
+        dtypes = uplink_dtypes(args.dtypes_up, session.cfg.dtype_up)
+        result = stream(session, args.latency_ms, dtypes, max(args.warmup, 0), duration=args.duration,
+                        show=print, every=args.every)
+        transport = session.client.traffic.report()
+    finally:
+        session.client.close()
+    summary = {**result.summary(), "checkpoint": session.meta["_folder"], "server": args.server,
+               "options": [o.label() for o in result.options], "transport": transport}
+    for line in summary_lines(summary):
+        print(line)
+    if args.log:
+        write_text_atomic(Path(args.log), result.log())
+        print(f"log written to {args.log}")
+    if args.out:
+        write_text_atomic(Path(args.out), json.dumps(summary, indent=2))
         print(f"written to {args.out}")
     return 0

@@ -39,6 +39,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--trace", default=None, metavar="FILE|NAME",
                    help="replay a rate/delay schedule: a CSV file (seconds,rate_mbit,delay_ms) or a built-in "
                         f"trace ({', '.join(builtin_traces())}); replaces --rate-mbit, --delay-ms and --jitter-ms")
+    p.add_argument("--trace-on-connect", action="store_true",
+                   help="with --trace: start the trace's clock at the first connection, not at start-up (a replay "
+                        "then does not depend on how long the client takes to start); a line says when")
     p.add_argument("--seed", type=int, default=0, help="seed of the jitter generator (default 0)")
     p.add_argument("--interval", type=float, default=5.0, metavar="S",
                    help="seconds between status lines (default 5; 0 = no status lines)")
@@ -67,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
     trace = LinkTrace.load(args.trace) if args.trace is not None else None
     if trace is not None and (args.rate_mbit is not None or args.delay_ms or args.jitter_ms):
         raise UserError("--trace replaces --rate-mbit, --delay-ms and --jitter-ms: give one or the other")
+    if args.trace_on_connect and trace is None:
+        raise UserError("--trace-on-connect goes with --trace")
     profile = LinkProfile(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
 
-    proxy = LinkProxy(listen, upstream, profile, seed=args.seed, trace=trace).start()
+    proxy = LinkProxy(listen, upstream, profile, seed=args.seed, trace=trace,
+                      trace_on_connect=args.trace_on_connect).start()
     t_start = time.monotonic()
     stop = threading.Event()
     old_term = None
@@ -81,8 +87,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"splitprune link: listening on {format_hostport(proxy.address)} -> {format_hostport(upstream)} "
               f"({proxy.describe()})", flush=True)
         last_t, last = t_start, proxy.counters()
-        while not stop.wait(0.25):  # short waits keep Ctrl-C / SIGTERM responsive
+        announced = not args.trace_on_connect
+        while not stop.wait(0.05 if not announced else 0.25):  # short waits keep Ctrl-C / SIGTERM responsive
             now = time.monotonic()
+            if not announced and proxy.trace_started is not None:
+                print(f"splitprune link: trace {trace.name} started at the first connection "
+                      f"(unix {proxy.trace_started:.3f})", flush=True)
+                announced = True
             if args.interval <= 0 or now - last_t < args.interval:
                 continue
             c = proxy.counters()

@@ -1,4 +1,5 @@
-"""`splitprune plot RUN`: a run's test accuracy and cumulative training traffic per epoch, its phases marked."""
+"""`splitprune plot RUN`: a run's test accuracy and cumulative training traffic per epoch, its phases marked.
+`splitprune plot LOG.json`: the link rate, chosen budget and latency over time of `infer --budget auto --log`."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,12 @@ from splitprune.errors import UserError
 def add_parser(subparsers, name: str) -> None:
     p = subparsers.add_parser(name, help="plot a training run: accuracy and cumulative bytes per epoch",
                               description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("run_dir", metavar="RUN", help="a `splitprune train` run folder (holds metrics.csv)")
-    p.add_argument("--out", help="PNG file to write (default: RUN/plot.png)")
+    p.add_argument("run_dir", metavar="RUN", help="a `splitprune train` run folder (holds metrics.csv), or the "
+                                                  "--log file of `splitprune infer --budget auto`")
+    p.add_argument("--out", help="PNG file to write (default: RUN/plot.png; LOG.png for a log)")
+    p.add_argument("--trace", metavar="FILE|NAME", help="with a log: the link trace it ran over, drawn as the rate")
+    p.add_argument("--trace-start", type=float, metavar="UNIX",
+                   help="with --trace: when the link started its trace, in Unix seconds (default: with the log)")
     p.set_defaults(run=run)
 
 
@@ -92,6 +97,17 @@ def _all_channels_fp32(summary: dict) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
+    if run_dir.is_file():
+        from splitprune.bench.adaptive_plot import plot_stream, read_log
+        from splitprune.transport.trace import LinkTrace
+
+        doc = read_log(run_dir)
+        trace = LinkTrace.load(args.trace) if args.trace else None
+        out = check_out_file(args.out or run_dir.with_suffix(".png"))
+        print(f"plot: {plot_stream(doc, out, trace, args.trace_start)}")
+        return 0
+    if args.trace or args.trace_start is not None:
+        raise UserError("--trace and --trace-start go with the log of `splitprune infer --budget auto`")
     rows, summary = read_run(run_dir)
     out = check_out_file(args.out or run_dir / "plot.png")
     print(f"plot: {plot_run(rows, summary, out)}")

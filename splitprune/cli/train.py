@@ -18,6 +18,9 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_remote_flags(p)
     add_config_flags(p)
+    p.add_argument("--step-ms", type=float, metavar="T",
+                   help="with --budget auto: the device sends, each step, the most channels (up to the phase's "
+                        "budget) whose predicted step time is within T ms")
     p.set_defaults(run=run)
 
 
@@ -37,6 +40,13 @@ def add_remote_flags(p: argparse.ArgumentParser, server_help: str | None = None)
 def run(args: argparse.Namespace) -> int:
     from splitprune.training.trainer import Trainer
 
+    auto = args.budget == "auto"   # a CLI value, not a RunConfig one: the phases keep the schedule's budgets
+    if auto:
+        args.budget = None
+        if args.step_ms is None:
+            raise UserError("--budget auto needs a --step-ms target")
+    elif args.step_ms is not None:
+        raise UserError("--step-ms goes with --budget auto")
     cfg = config_from_args(args)
     if args.measure_socket and not args.server:
         raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
@@ -47,11 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
         endpoint = connect_for_training(cfg, args)
     try:
-        summary = Trainer(cfg, args.out, endpoint=endpoint, show_progress=not args.quiet).run()
+        parts = step_budget = None
+        if auto:
+            from splitprune.cli.auto import step_budget as make_step_budget
+            from splitprune.training.setup import build_run
+
+            parts = build_run(cfg, server=endpoint is None)
+            step_budget = make_step_budget(parts, args.step_ms)
+        summary = Trainer(cfg, args.out, endpoint=endpoint, parts=parts, show_progress=not args.quiet,
+                          step_budget=step_budget).run()
     finally:
         if endpoint is not None:
             endpoint.close()
     print_summary(summary)
+    if step_budget is not None:
+        print(step_budget_line(step_budget, args.step_ms))
     print(f"results: {args.out}/summary.json, {args.out}/metrics.csv, checkpoint {args.out}/checkpoint")
     return 0
 
@@ -73,6 +93,19 @@ def print_summary(s: dict) -> None:
     advice = short_run_warning(make_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
     if advice:
         print(f"warning: {advice}")
+
+
+def step_budget_line(auto, step_ms: float) -> str:
+    """What `--budget auto` chose over the steps of this process."""
+    steps = auto.history
+    counts: dict[int, int] = {}
+    for budget, _ in steps:
+        counts[budget] = counts.get(budget, 0) + 1
+    within = sum(seconds * 1e3 <= step_ms for _, seconds in steps)
+    chosen = ", ".join(f"B={b} x{n}" for b, n in sorted(counts.items()))
+    return (f"auto budget, step target {step_ms:g} ms: {within} of {len(steps)} steps within it; budgets: {chosen}"
+            + (f"; warning: {auto.impossible_steps} steps could not meet the target even at the smallest budget"
+               if auto.impossible_steps else ""))
 
 
 def traffic_lines(t: dict) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from google.protobuf.message import Message
 
+from splitprune.adaptive.policy import StepBudget
 from splitprune.compression import (ChannelCodec, TensorSpec, budget_loss, channel_mask, decode_labels,
                                     decode_tensor, encode_labels, keep_channels, reset_gate)
 from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
@@ -247,16 +248,22 @@ class DeviceWorker:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
         return kept, self.codec.encode(kept, channels, self.channels)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0) -> StepStats:
-        """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0,
+                   step_budget: StepBudget | None = None) -> StepStats:
+        """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step.
+
+        `step_budget` (train --budget auto) picks this step's channels, at most the phase's budget, and is told
+        the sizes of the step's messages when it is done; without it every step sends the phase's budget."""
         assert self.optimizer is not None, "start_phase first"
+        limit = self.budget or self.channels
+        budget = None if step_budget is None else min(step_budget.next_budget(limit), limit)
         lr_scale = as_float32(lr_scale)
         self.step_id += 1
         self.half.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.rng.active():
             z = self.half(x.to(self.accelerator))
-        channels = self.kept_channels()
+        channels = self.kept_channels(budget)
         kept, activations = self._encode(z, channels)
         request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y),
                                   lr_scale=0.0 if lr_scale == 1.0 else lr_scale)
@@ -276,6 +283,8 @@ class DeviceWorker:
         torch.autograd.backward(tensors, grads)
         set_lr(self.optimizer, self.phase_lr * lr_scale)  # a scale the server refused never gets here
         self.optimizer.step()
+        if step_budget is not None:
+            step_budget.observe(len(up), len(down))
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from splitprune.adaptive.policy import StepBudget
 from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
@@ -66,7 +67,8 @@ class Trainer:
     """Runs a method's schedule; `endpoint` is where the server half lives (in-process by default).
 
     `callbacks` run after every epoch's evaluation, before its checkpoint, with the trainer and the epoch's
-    metrics row (e.g. an extra evaluation on more test data); they must not change training. With
+    metrics row (e.g. an extra evaluation on more test data); they must not change training. `step_budget`
+    picks the channels of every training step (`train --budget auto`; default: the phase's budget). With
     `checkpoints=False` nothing is saved (measurement runs). `log` receives the trainer's messages
     (default: shown with the progress bars, silent without them).
     """
@@ -74,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: str | Path, endpoint: ServerEndpoint | None = None,
                  parts: RunParts | None = None, show_progress: bool = True,
                  callbacks: Sequence[EpochCallback] = (), checkpoints: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, step_budget: StepBudget | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
         channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
@@ -89,6 +91,7 @@ class Trainer:
         self.show_progress = show_progress
         self.progress = Progress()
         self.callbacks, self.checkpoints, self.log = tuple(callbacks), checkpoints, log
+        self.step_budget = step_budget
         self._writer = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -214,7 +217,7 @@ class Trainer:
         for index, (x, y) in enumerate(bar):
             scale = lr_scale(self.cfg.lr_schedule, done + index, phase.epochs * len(loader))
             try:
-                stats = self.device.train_step(x, y, self.endpoint.link, scale)
+                stats = self.device.train_step(x, y, self.endpoint.link, scale, self.step_budget)
             except ProtocolError as exc:
                 raise UserError(f"training step failed: {exc}") from None
             totals["samples"] += stats.samples

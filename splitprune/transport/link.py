@@ -23,7 +23,9 @@ TCP handshake (connecting through the proxy costs no extra RTT) or MTU effects.
 
 With a ``LinkTrace`` (``splitprune link --trace``) the rate and the delay follow the trace's schedule:
 a chunk's serialization time integrates the rate as it changes, and its delay is the one in force when it
-finishes serializing (releases stay in order when the delay drops).
+finishes serializing (releases stay in order when the delay drops). The trace's clock starts with the
+proxy, or with its first connection (``trace_on_connect``: a replay then does not depend on how long the
+client took to start); ``trace_started`` says when, in Unix seconds.
 
 Half-closes (FIN) are forwarded after the data before them (and after the delay); a reset or error
 on either socket aborts both sockets of that connection only. Counters count bytes delivered to the
@@ -41,6 +43,7 @@ import math
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from splitprune.errors import UserError
@@ -466,12 +469,14 @@ class LinkProxy:
     """A TCP proxy emulating one link between clients and an upstream server (see module docstring)."""
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], profile: LinkProfile, seed: int = 0,
-                 trace: LinkTrace | None = None):
+                 trace: LinkTrace | None = None, trace_on_connect: bool = False):
         if not isinstance(profile, LinkProfile):
             raise UserError(f"profile must be a LinkProfile, got {type(profile).__name__}")
         if trace is not None and profile != LinkProfile():
             raise UserError("a link follows either a trace or a fixed rate, delay and jitter, not both")
         self.trace = trace
+        self.trace_on_connect = trace_on_connect
+        self.trace_started: float | None = None   # Unix seconds when the trace's clock started
         self._schedule: _Schedule | None = None
         self._listen = _check_addr("listen", listen, allow_port_zero=True)
         self._upstream = _check_addr("upstream", upstream, allow_port_zero=False)
@@ -559,6 +564,8 @@ class LinkProxy:
         self._loop = loop
         try:
             self._schedule = _Schedule(self.profile, self.trace, loop.time())
+            if not self.trace_on_connect:
+                self.trace_started = time.time()
             if self._schedule.max_rate is not None:
                 self._ser_up = _Serializer(loop, self._schedule)
                 self._ser_down = _Serializer(loop, self._schedule)
@@ -605,3 +612,6 @@ class LinkProxy:
     def _count_connection(self) -> None:
         with self._lock:
             self._counters.connections += 1
+        if self.trace_started is None:   # the first connection starts the trace (loop thread, nothing sent yet)
+            self._schedule.t0 = self._loop.time()
+            self.trace_started = time.time()

@@ -1,0 +1,55 @@
+"""Which budgets a trained model can serve, and the ladder of them the runtime chooses from (torch-free).
+
+The one place that says which budgets a model offers: `model_budgets(meta)` reads a checkpoint's meta
+(`splitprune train`) or an export manifest (`splitprune export`). Everything that chooses a budget at run
+time (`infer --budget auto`, `train --budget auto`, `splitprune-device infer --budget auto`) asks it.
+"""
+from __future__ import annotations
+
+from splitprune.adaptive.controller import PRECISION_BITS
+from splitprune.errors import UserError
+from splitprune.wire import WIRE_DTYPES
+
+
+def model_budgets(meta: dict) -> list[int]:
+    """The budgets a model serves, ascending.
+
+    An export manifest: the budgets exported (one device graph each). A checkpoint of a gated method
+    (sl, ca, deprune, prune): every B from 1 to its trained budget (top-B channels by gate).
+    """
+    exported = meta.get("budgets")
+    if isinstance(exported, dict):
+        budgets = sorted(int(b) for b in exported)
+    else:
+        try:
+            trained = int(meta["budget"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError("the model does not say which budget it was trained for (no 'budget' in its meta)") from None
+        budgets = list(range(1, trained + 1))
+    if not budgets or budgets[0] < 1:
+        raise UserError(f"the model offers no usable budget ({budgets})")
+    return budgets
+
+
+def ladder(budgets: list[int], limit: int | None = None) -> list[int]:
+    """The budgets the controller steps through: powers of two, the smallest and the largest (up to `limit`).
+
+    One step up doubles the bytes at most, so the controller climbs a 512-channel range in ten steps
+    instead of 512."""
+    usable = sorted(b for b in set(budgets) if limit is None or b <= limit)
+    if not usable:
+        raise UserError(f"no budget of {sorted(budgets)} is within {limit}")
+    return sorted({b for b in usable if b & (b - 1) == 0} | {usable[0], usable[-1]})
+
+
+def uplink_dtypes(text: str | None, trained: str) -> list[str]:
+    """The uplink dtypes to choose from: `--dtypes-up a,b` or, by default, the trained one and the cheaper
+    ones down to int8 (int4 only when trained with it: it costs accuracy)."""
+    if text is None:
+        floor = min(PRECISION_BITS[trained], PRECISION_BITS["int8"])
+        return [d for d in WIRE_DTYPES if floor <= PRECISION_BITS[d] <= PRECISION_BITS[trained]]
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in names if d not in WIRE_DTYPES]
+    if not names or bad:
+        raise UserError(f"--dtypes-up takes a comma-separated list of {', '.join(WIRE_DTYPES)}, got {text!r}")
+    return list(dict.fromkeys(names))

@@ -1,0 +1,89 @@
+"""The controller on a clock: per request (`AutoBudget`) and per training step (`StepBudget`). Torch-free.
+
+`BudgetController` itself has no clock; these wrappers stamp each observation with the caller's clock
+(`time.perf_counter` by default, a fake one in tests) so the same code runs live and in replays.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+from splitprune.adaptive.budgets import ladder
+from splitprune.adaptive.controller import BudgetController, Decision, Observation, Option, option_ladder
+
+Clock = Callable[[], float]
+
+
+class AutoBudget:
+    """Chooses the option of every request from the requests before it."""
+
+    def __init__(self, options: list[Option], target_seconds: float, clock: Clock = time.perf_counter,
+                 **settings) -> None:
+        self.controller = BudgetController(options, target_seconds, **settings)
+        self.clock = clock
+
+    @property
+    def options(self) -> list[Option]:
+        return self.controller.options
+
+    @property
+    def target_seconds(self) -> float:
+        return self.controller.target_seconds
+
+    def choose(self) -> Decision:
+        return self.controller.decide()
+
+    def observe(self, bytes_up: int, bytes_down: int, seconds: float, compute_seconds: float = 0.0) -> None:
+        self.controller.observe(Observation(self.clock(), bytes_up, bytes_down, seconds, compute_seconds))
+
+
+class StepBudget(Protocol):
+    """Asked by `DeviceWorker.train_step` for the channels of each step and told what the step sent."""
+
+    def next_budget(self, limit: int) -> int:
+        """The budget of the next step, at most `limit` (the phase's budget)."""
+
+    def observe(self, bytes_up: int, bytes_down: int) -> None:
+        """The step asked for last is done: its TrainRequest and TrainReply sizes."""
+
+
+class AutoStepBudget:
+    """`train --budget auto --step-ms T`: the largest budget whose predicted step time meets T.
+
+    The step time is measured from `next_budget` to `observe` on `clock` (the whole step: device compute,
+    the round trip, the server's compute, the backward pass). The server reports no compute time for a
+    training step, so all compute is part of the fitted base (compute_seconds = 0); a step's messages are
+    large enough (kB per channel of a batch) that the rate still shows. `bytes_for(budget)` gives the
+    (TrainRequest, TrainReply) sizes of a step at that budget; only the budgets of the ladder up to the
+    phase's budget are used, and the controller starts afresh when the phase's budget changes. The uplink
+    dtype of a training session is fixed by its handshake: only the budget varies."""
+
+    def __init__(self, budgets: list[int], bytes_for: Callable[[int], tuple[int, int]], target_seconds: float,
+                 dtype: str, clock: Clock = time.perf_counter, **settings) -> None:
+        self.budgets, self.bytes_for, self.target, self.dtype = budgets, bytes_for, target_seconds, dtype
+        self.clock, self.settings = clock, settings
+        self._limit: int | None = None
+        self._auto: AutoBudget | None = None
+        self._started: float | None = None
+        self.history: list[tuple[int, float]] = []   # (budget, step seconds) of every observed step
+        self.impossible_steps = 0
+        self._budget = 0
+
+    def next_budget(self, limit: int) -> int:
+        if limit != self._limit or self._auto is None:
+            options = option_ladder(ladder(self.budgets, limit), [self.dtype], lambda b, _: self.bytes_for(b))
+            self._auto = AutoBudget(options, self.target, self.clock, **self.settings)
+            self._limit = limit
+        decision = self._auto.choose()
+        self.impossible_steps += decision.impossible
+        self._budget = decision.option.budget
+        self._started = self.clock()
+        return self._budget
+
+    def observe(self, bytes_up: int, bytes_down: int) -> None:
+        if self._started is None or self._auto is None:
+            raise RuntimeError("observe() before next_budget()")
+        seconds = self.clock() - self._started
+        self._started = None
+        self._auto.observe(bytes_up, bytes_down, seconds)
+        self.history.append((self._budget, seconds))

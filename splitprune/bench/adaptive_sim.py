@@ -1,0 +1,108 @@
+"""Replaying a `--budget auto` run's trace for other policies: every fixed option, an oracle, the controller.
+
+Real time is too dear to run every policy over every trace, so only `--budget auto` runs for real; the
+others are SIMULATED on the same trace with what the real run measured. For the real request i sent at
+trace time t_i with option o_i, the network part is modelled as the proxy does it (uplink serialized at
+the trace's rate, the one-way delay, the server's reported compute, the downlink serialized, the delay)
+and everything else it took (device compute, encoding, gRPC and HTTP/2 overhead, scheduling) is its
+residual: `residual_i = latency_i - network(t_i, o_i, server_i)`. A simulated request i of any option o
+at any time t then takes `residual_i + network(t, o, server_i)`, and the next one starts after the gap
+the real run left between requests. Accuracy comes from the model's real prediction on the same sample
+at the chosen option (a table computed beforehand). Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from splitprune.adaptive.controller import BudgetController, Observation, Option
+from splitprune.transport.trace import LinkTrace
+
+
+def network_seconds(trace: LinkTrace, t: float, option: Option, server: float) -> float:
+    """Send at trace time t: uplink serialization, delay, server compute, downlink serialization, delay."""
+    sent = trace.finish(t, option.bytes_up)
+    answered = sent + trace.delay_at(sent) + server
+    back = trace.finish(answered, option.bytes_down)
+    return back + trace.delay_at(back) - t
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the real run measured for request i."""
+
+    t: float          # trace seconds when it was sent
+    residual: float   # latency minus the modelled network part (>= 0)
+    server: float     # the server's reported compute, seconds
+    compute: float    # what the controller was told was not on the link (device + server compute)
+    gap: float        # seconds from its answer to the next request
+
+
+def measured(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float) -> list[Measured]:
+    """The per-request residuals of a real run's log rows (see the module docstring)."""
+    by_label = {(o.budget, o.dtype): o for o in options}
+    out = []
+    for i, r in enumerate(rows):
+        t = r["unix"] - trace_start_unix
+        server = r["server_ms"] / 1e3
+        latency = r["latency_ms"] / 1e3
+        residual = max(latency - network_seconds(trace, t, by_label[r["budget"], r["dtype"]], server), 0.0)
+        following = rows[i + 1]["unix"] - trace_start_unix if i + 1 < len(rows) else t + latency
+        out.append(Measured(t, residual, server, r["compute_ms"] / 1e3, max(following - t - latency, 0.0)))
+    return out
+
+
+Chooser = Callable[[int, float, Measured], int]          # (request, trace time, measured) -> option index
+
+
+def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose: Chooser, target: float,
+           observe: Callable[[int, float, float, Measured], None] | None = None) -> list[tuple[int, float, int, float]]:
+    """Requests one after another over the real run's window: (request, trace time, option index, latency)."""
+    t, end, out = real[0].t, real[-1].t, []
+    i = 0
+    while t <= end:
+        m = real[i % len(real)]
+        k = choose(i, t, m)
+        latency = m.residual + network_seconds(trace, t, options[k], m.server)
+        out.append((i, t, k, latency))
+        if observe:
+            observe(k, t + latency, latency, m)
+        t += latency + m.gap
+        i += 1
+    return out
+
+
+def fixed(k: int) -> Chooser:
+    return lambda i, t, m: k
+
+
+def oracle(trace: LinkTrace, options: list[Option], target: float) -> Chooser:
+    """Knows the trace and each request's own residual: the best option that meets the target (the smallest
+    when none does). An upper bound no causal controller reaches."""
+    def choose(i: int, t: float, m: Measured) -> int:
+        fits = [k for k, o in enumerate(options) if m.residual + network_seconds(trace, t, o, m.server) <= target]
+        return max(fits) if fits else 0
+    return choose
+
+
+def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measured], target: float, **settings):
+    """The same BudgetController as the real run, on the simulated link (checks the simulator against reality)."""
+    controller = BudgetController(options, target, **settings)
+
+    def observe(k: int, done: float, latency: float, m: Measured) -> None:
+        o = options[k]
+        controller.observe(Observation(done, o.bytes_up, o.bytes_down, latency, min(m.compute, latency)))
+
+    return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe)
+
+
+def score(requests: list[tuple[int, float, int, float]], options: list[Option], correct: list[list[int]],
+          target: float) -> dict:
+    """Share within the target, accuracy (table of the model's real predictions), bytes, mean budget."""
+    n = len(requests)
+    samples = len(correct[0])
+    return {"requests": n, "share_within_target": sum(lat <= target for *_, lat in requests) / max(n, 1),
+            "accuracy": sum(correct[k][i % samples] for i, _, k, _ in requests) / max(n, 1),
+            "bytes_up": sum(options[k].bytes_up for _, _, k, _ in requests),
+            "bytes_down": sum(options[k].bytes_down for _, _, k, _ in requests),
+            "mean_budget": sum(options[k].budget for _, _, k, _ in requests) / max(n, 1)}

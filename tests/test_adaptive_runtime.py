@@ -1,0 +1,149 @@
+"""`--budget auto` end to end: infer over a real `splitprune link --trace` proxy against a real server, the
+impossible-target warning, and the per-step budget of a training run on a simulated clock."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitprune.adaptive.budgets import ladder, model_budgets, uplink_dtypes
+from splitprune.adaptive.policy import AutoStepBudget
+from splitprune.bench.adaptive_infer import start_link, trace_started
+from splitprune.cli import main
+from splitprune.config import make_config
+from splitprune.errors import UserError
+from splitprune.proto import pb
+from splitprune.training.setup import InProcessServer, build_run
+from splitprune.training.trainer import Trainer
+from splitprune.transport.server import start_server
+
+STEP_AT = 5.0     # seconds into the trace: 20 Mbit/s -> 0.02 Mbit/s
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny ca model with budget 64 (so the options span ~70 B to ~2.2 kB) and a server hosting it."""
+    run = tmp_path_factory.mktemp("auto") / "run"
+    assert main(["train", "--method", "ca", "--budget", "64", "--epochs", "1", "--train-subset", "32",
+                 "--test-subset", "16", "--threads", "1", "--quiet", "--out", str(run)]) == 0
+    handle = start_server("127.0.0.1:0", models=(str(run),))
+    yield run, handle
+    handle.stop(grace=0.5)
+
+
+def test_budgets_come_from_the_model():
+    assert model_budgets({"budget": 4}) == [1, 2, 3, 4]
+    assert model_budgets({"budgets": {"8": {}, "2": {}}, "budget": 99}) == [2, 8]    # an export manifest
+    assert ladder(list(range(1, 513))) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert ladder(list(range(1, 49)), limit=24) == [1, 2, 4, 8, 16, 24]
+    assert uplink_dtypes(None, "fp16") == ["fp16", "int8"] and uplink_dtypes(None, "int4") == ["int4"]
+    with pytest.raises(UserError, match="dtypes-up"):
+        uplink_dtypes("fp16,int3", "fp16")
+
+
+def test_infer_auto_steps_down_when_the_link_does(model, tmp_path, capsys):
+    run, server = model
+    trace = tmp_path / "step.csv"
+    trace.write_text(f"seconds,rate_mbit,delay_ms\n0,20,5\n{STEP_AT},0.02,5\n")
+    link, address = start_link(server.address, str(trace))   # `splitprune link --trace FILE --trace-on-connect`
+    try:
+        log, out = tmp_path / "log.json", tmp_path / "out.json"
+        rc = main(["infer", "--server", address, "--checkpoint", str(run), "--budget", "auto", "--latency-ms", "250",
+                   "--duration", str(STEP_AT + 3.0), "--every", "0", "--log", str(log), "--out", str(out),
+                   "--warmup", "3"])   # the 2nd and 3rd (largest, smallest option) fit the link: no climb needed
+        trace_start = trace_started(link)   # its clock started at the first connection
+    finally:
+        link.terminate()
+        link.wait(10)
+    text = capsys.readouterr().out
+    assert rc == 0
+    doc, summary = json.loads(log.read_text()), json.loads(out.read_text())
+    rows = doc["rows"]
+    before = [r["budget"] for r in rows if r["unix"] - trace_start < STEP_AT - 0.3]
+    after = [r["budget"] for r in rows if r["unix"] - trace_start > STEP_AT + 1.0]
+    assert before and after, (len(before), len(after))
+    assert max(before) == 64, before              # on the fast link it sends the whole model
+    assert max(after) <= 16 and after[-1] <= 8, after    # on the slow one (2.5 kB/s) only <= 8 channels fit
+    assert summary["requests"] == len(rows) == sum(summary["options_used"].values())
+    assert summary["within_target"] == sum(r["within"] for r in rows)
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in rows)
+    sized = {(o["budget"], o["dtype"]): o["bytes_up"] for o in doc["options"]}
+    assert all(abs(r["bytes_up"] - sized[r["budget"], r["dtype"]]) <= 2 for r in rows)   # request ids grow
+    assert f"{summary['requests']} requests" in text and "warning" not in text
+
+
+def test_impossible_target_warns_once_and_sends_the_smallest(model, tmp_path, capsys):
+    run, server = model
+    log = tmp_path / "log.json"
+    rc = main(["infer", "--server", server.address, "--checkpoint", str(run), "--budget", "auto",
+               "--latency-ms", "0.01", "--test-subset", "6", "--warmup", "1", "--log", str(log)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert text.count("warning: the latency target 0.01 ms is below what this link allows") == 1
+    rows = json.loads(log.read_text())["rows"]
+    smallest = json.loads(log.read_text())["options"][0]
+    assert len(rows) == 6 and all((r["budget"], r["dtype"]) == (smallest["budget"], smallest["dtype"]) for r in rows)
+    assert all(r["impossible"] for r in rows[1:])
+    assert main(["infer", "--server", server.address, "--checkpoint", str(run), "--latency-ms", "5"]) == 2
+    assert "--latency-ms goes with --budget auto" in capsys.readouterr().err
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SimulatedLink:
+    """The in-process link, taking simulated time on `clock`: 10 ms + bytes / rate, the rate dropping 100x
+    after step `drop`. It records the channels each TrainRequest carried."""
+
+    def __init__(self, inner, clock: Clock, drop: int) -> None:
+        self.inner, self.clock, self.drop = inner, clock, drop
+        self.sent: list[int] = []
+
+    def train(self, request: bytes) -> bytes:
+        msg = pb.TrainRequest.FromString(request)
+        self.sent.append(len(msg.activations.channels) // 2)
+        reply = self.inner.train(request)
+        rate = 10e6 if len(self.sent) <= self.drop else 1e5
+        self.clock.now += 0.010 + (len(request) + len(reply)) / rate
+        return reply
+
+    def evaluate(self, request: bytes) -> bytes:
+        return self.inner.evaluate(request)
+
+    def start_phase(self, request: bytes) -> bytes:
+        return self.inner.start_phase(request)
+
+
+def test_step_budget_follows_the_link_in_training(tmp_path):
+    from splitprune.cli.auto import step_budget
+
+    cfg = make_config({"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist",
+                       "train_subset": 80, "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1,
+                       "method": "ca", "budget": 16, "epochs": 1})
+    parts = build_run(cfg)
+    endpoint = InProcessServer(parts.server_worker)
+    clock = Clock()
+    endpoint.link = SimulatedLink(endpoint.link, clock, drop=5)
+    auto = step_budget(parts, 50, clock=clock)
+    assert isinstance(auto, AutoStepBudget)
+    Trainer(cfg, tmp_path / "run", endpoint=endpoint, parts=parts, show_progress=False, checkpoints=False,
+            step_budget=auto).run()
+    chosen = [b for b, _ in auto.history]
+    assert endpoint.link.sent == chosen                       # what was chosen is what travelled
+    # climbs the ladder 1, 2, 4, 8, 16 one step at a time on the fast link, steps down at once after the drop
+    assert chosen == [1, 2, 4, 8, 16, 16, 2, 2, 2, 2]
+    seconds = [s for _, s in auto.history]
+    assert max(seconds[:5]) < 0.05 < seconds[5] and max(seconds[6:]) < 0.05   # one slow step, then on target
+
+
+def test_train_auto_flags_go_together(tmp_path, capsys):
+    assert main(["train", "--budget", "auto", "--out", str(tmp_path / "a")]) == 2
+    assert "--budget auto needs a --step-ms target" in capsys.readouterr().err
+    assert main(["train", "--step-ms", "100", "--out", str(tmp_path / "b")]) == 2
+    assert "--step-ms goes with --budget auto" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
