@@ -12,6 +12,7 @@ SUITES = {  # suite -> module under splitprune.bench with run(profile, out) -> d
     "prune": "prune",
     "resolution": "resolution",
     "rate": "rate",
+    "adaptive": "adaptive",       # any-budget model, --budget auto over traces (inference and training)
     "link": "link_time",
     "device": "device",
     "step": "step",               # the timing suites last (transport measures rate's chosen configurations)

@@ -1,0 +1,75 @@
+"""`splitprune bench adaptive`: one any-budget model, and a device that picks its budget from the link.
+
+Three parts, each its own module, each writing its own results under OUT (= ROOT/adaptive):
+1. accuracy (splitprune.bench.adaptive_accuracy): the any-budget model at B = 1, 2, 4, ..., 64, all on the full
+   test set against a dedicated ca model per budget and sl, every run at the profile's seeds (trained here if
+   missing: the plan's `ca{B}`, `anybudget` runs);
+2. inference over every shipped trace (splitprune.bench.adaptive_infer): `--budget auto` for real over
+   `splitprune link --trace`, fixed options and an oracle simulated on the same trace (labelled);
+3. training through the looped cellular-fades link (splitprune.bench.adaptive_train): `--budget auto` against
+   fixed budgets, measured.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from splitprune.bench.common import write_results
+from splitprune.bench.report import load_profile
+from splitprune.bench.runs import ensure, plan, run_dir, seed_names
+
+LADDER_RUNS = ("sl", "ca1", "ca2", "ca4", "ca8", "ca16", "ca32", "ca64", "anybudget")
+PARTS = ("accuracy", "inference", "training")
+LATENCY_MS = 200.0
+
+
+def _markdown(accuracy: dict, inference: dict | None, training: dict | None, command: str) -> str:
+    from splitprune.bench.adaptive_infer import report_trace
+    from splitprune.bench.common import markdown_table
+
+    lines = [f"`{command}`", "", "### One any-budget model against a dedicated model per budget (full 10k test set)",
+             "", accuracy["table"].rstrip(), "",
+             f"Overall: **{accuracy['overall']}** (every budget within 0.5 pt of its dedicated model, worst pairing "
+             f"of seeds).", ""]
+    if inference is not None:
+        lines += [f"### Inference over the shipped traces, target {inference['latency_target_ms']:g} ms "
+                  f"({inference['test_samples']} test images, cycled)", ""]
+        lines += [report_trace(r).rstrip() + "\n" for r in inference["traces"]]
+    if training is not None:
+        s = training["settings"]
+        rows = [[r["budget"], f"{100 * r['final_accuracy']:.2f}",
+                 "n/a" if r["time_to_common_s"] is None else f"{r['time_to_common_s']:.0f}",
+                 f"{r['train_seconds']:.0f}", f"{(r['bytes_up'] + r['bytes_down']) / 1e6:.1f}"]
+                for r in training["rows"]]
+        lines += [f"### Training through the looped {training['trace']} link (anybudget from scratch, "
+                  f"{s['train_subset']} images x {s['epochs']} epochs, {s['test_subset']} test images, "
+                  f"auto: --step-ms {s['step_ms']:g})", "",
+                  markdown_table(["budget", "final accuracy %", f"s to {100 * training['common_accuracy']:.1f} %",
+                                  "training s", "MB up+down"], rows).rstrip(), "",
+                  f"auto no slower to the common accuracy than the fastest fixed budget "
+                  f"({training['fastest_fixed']}): {training['auto_no_slower']}; no less accurate than the most "
+                  f"accurate fixed budget ({training['most_accurate_fixed']}): {training['auto_no_less_accurate']} "
+                  f"(one seed; {s['test_subset']} test images: about "
+                  f"{100 * (0.85 * 0.15 / s['test_subset']) ** 0.5:.1f} pt standard error per accuracy)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
+    from splitprune.bench import adaptive_accuracy, adaptive_infer, adaptive_train
+
+    prof = load_profile(profile)
+    out = Path(out)
+    root = out.parent
+    for base in LADDER_RUNS:
+        for name in seed_names(base, prof):
+            ensure(name, prof, root)
+    accuracy = adaptive_accuracy.compare(root, profile_name=prof.name)
+    checkpoint = run_dir(root, plan(prof)["anybudget"]) / "checkpoint"
+    inference = adaptive_infer.run_adaptive_inference(checkpoint, out / "inference", latency_ms=LATENCY_MS) \
+        if "inference" in parts else None
+    training = adaptive_train.measure(out / "training") if "training" in parts else None
+    command = f"splitprune bench adaptive --profile {prof.name} --out {root}"
+    results = {"command": command, "accuracy": {k: v for k, v in accuracy.items() if k != "table"},
+               "inference": inference, "training": training}
+    write_results(out, "adaptive", results)
+    (out / "adaptive.md").write_text(_markdown(accuracy, inference, training, command))
+    return results
