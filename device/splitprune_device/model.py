@@ -76,4 +76,5 @@ class DeviceModel:
         return self.session(budget).run(None, {INPUT_NAME: x})[0]
 
     def encode(self, kept: np.ndarray, budget: int) -> pb.EncodedTensor:
-        return encode_values(kept, self.kept(budget), self.channels, self.dtype)
+        return encode_values(kept, self.kept(budget), self.channels, self.dtype,
+                             bool(self.manifest["codec"].get("prefix", False)))  # any-budget models

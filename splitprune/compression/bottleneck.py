@@ -77,6 +77,7 @@ class ChannelSelector(Protocol):
     """Which channels travel at a budget; the DeviceWorker asks it every step."""
 
     uses_budget_loss: bool  # whether the gate's budget loss trains alongside (it steers the gate's top-B)
+    prefix: bool            # whether it always keeps channels 0..B-1 (they travel as a prefix length)
 
     def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor: ...
 
@@ -85,15 +86,28 @@ class TopBByGate:
     """The method's choice: the B channels with the largest gate mask (exact, ties to the lower index)."""
 
     uses_budget_loss = True
+    prefix = False
 
     def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor:
         return select_top_b(channel_mask(gate_logits), budget)
+
+
+class PrefixChannels:
+    """Any-budget models: the first B channels, whatever the gate says; no budget loss. Training makes
+    every prefix a good code (splitprune.training.objectives.NestedPrefixes)."""
+
+    uses_budget_loss = False
+    prefix = True
+
+    def select(self, gate_logits: torch.Tensor, budget: int) -> torch.Tensor:
+        return torch.arange(budget, device=gate_logits.device)
 
 
 class FixedChannels:
     """Always the same channels, whatever the gate says; no budget loss (a baseline)."""
 
     uses_budget_loss = False
+    prefix = False
 
     def __init__(self, indices: torch.Tensor) -> None:
         self.indices = indices.sort().values

@@ -1,0 +1,37 @@
+"""Reorder the channels at the cut of a trained model: the same function, its channels in a new order.
+
+`splitprune train --method anybudget --from RUN` starts from a gated model with its channels sorted by the
+source gate (largest mask first), so every prefix 0..B-1 starts from the channels that gate rated best.
+The cut's channels are the encoder's output channels (its conv's out-channels, its BatchNorm, its gate
+logits) and the decoder's input channels (its transposed conv's in-channels, dim 0 of that weight); the
+backbone on either side is untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+from splitprune.compression.budget import channel_mask
+
+GATE = "device.encoder.gate_logits"
+ENCODER_OUT = ("device.encoder.conv.weight", "device.encoder.conv.bias", "device.encoder.bn.weight",
+               "device.encoder.bn.bias", "device.encoder.bn.running_mean", "device.encoder.bn.running_var")
+DECODER_IN = ("server.decoder.deconv.weight",)
+
+
+def gate_order(gate_logits: torch.Tensor) -> torch.Tensor:
+    """Channel indices by the gate's mask, largest first (ties to the lower index)."""
+    return torch.argsort(channel_mask(gate_logits).detach(), descending=True, stable=True)
+
+
+def permute_cut(tensors: dict[str, torch.Tensor], order: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A copy of checkpoint `tensors` ("device.*", "server.*") whose cut channel i is the old channel order[i]."""
+    out = dict(tensors)
+    for key in (*ENCODER_OUT, *DECODER_IN):
+        out[key] = tensors[key].index_select(0, order).contiguous()
+    out[GATE] = tensors[GATE].index_select(1, order).contiguous()
+    return out
+
+
+def order_by_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with the cut's channels in the order of their gate (best first)."""
+    return permute_cut(tensors, gate_order(tensors[GATE]))
