@@ -149,7 +149,7 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "input": input_spec,
         "cut_shape": list(meta["cut_shape"]), "wire_shape": list(meta["wire_shape"]),
         "codec": {"dtype_up": cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"],
-                  "prefix": prefix},
+                  **({"prefix": True} if prefix else {})},  # gated models' manifests as before
         "trained_budget": meta["budget"],
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": OPSET},
         "budgets": {str(e.budget): {"file": onnx_file(e.budget), "sha256": hashlib.sha256(e.onnx).hexdigest(),
