@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from splitprune.bench.adaptive_accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
 from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, keep_channels
 from splitprune.compression.budget import channel_mask
@@ -132,13 +133,13 @@ def anybudget_run(tmp_path_factory):
 def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     meta = read_meta(anybudget_run)
     assert meta["budget"] == 512 and meta["config"]["budget"] is None
-    device, server, *_ = load_workers(str(anybudget_run))
-    loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]
-    for b in (1, 3, 64, 512):
-        result = evaluate(device, LocalLink(server), loader, b)
+    loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
+    results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
+    for b, r in zip((1, 3, 64, 512), results.values()):
         values = b * 16 * 2 * 32  # fp16, 4x4 positions, 32 images in one request
-        assert values < result.bytes_up < values + 24, b  # a prefix: no channel index travels
-        assert 0.0 <= result.accuracy <= 1.0
+        assert values < r["bytes_per_sample"] * 32 < values + 24, b  # a prefix: no channel index travels
+    device, server, *_ = load_workers(str(anybudget_run))
+    assert evaluate(device, LocalLink(server), loader, 3).accuracy == results["3"]["accuracy"]
     assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "5", "--test-subset", "32", "--quiet"]) == 0
     assert "budget 5 of 512 channels" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "513", "--quiet"]) == 2
@@ -195,3 +196,12 @@ def test_from_a_gated_model_reorders_the_cut_and_keeps_its_function(tmp_path):
     top4 = old_mask.argsort(descending=True, stable=True)[:4]
     with torch.no_grad():  # the source's top-4 channels are the new model's prefix 4
         assert torch.allclose(new_device.half(x)[:, :4], old_device.half(x)[:, top4], atol=1e-6)
+
+
+def test_adaptive_accuracy_names_what_is_missing(tmp_path):
+    result = compare(tmp_path, profile_name="quick")
+    assert result["overall"] == "not measured"
+    four = result["verdicts"]["4"]
+    assert four["rival"] == "ca4" and any(m.startswith("anybudget_seed1") for m in four["missing"])
+    assert any("ca4 (not started under" in m for m in four["missing"])
+    assert result["verdicts"]["all"]["rival"] == "sl"
