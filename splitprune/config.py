@@ -251,6 +251,8 @@ def _validate(cfg: RunConfig) -> None:
     """What no single field decides."""
     if cfg.method == "prune" and not cfg.from_checkpoint:
         raise UserError("method prune needs --from CHECKPOINT (a trained model)")
+    if cfg.nested != "sandwich" and cfg.method != "anybudget":
+        raise UserError(f"--nested {cfg.nested} applies to method anybudget only")
     if cfg.reset_low > cfg.reset_high:
         raise UserError(f"reset_low ({cfg.reset_low:g}) must not exceed reset_high ({cfg.reset_high:g})")
     _check_schedule(cfg)

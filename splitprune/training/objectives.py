@@ -31,12 +31,16 @@ SAMPLINGS = ("sandwich", "random")
 class ServerObjective(Protocol):
     """The server's loss on a received batch: (loss to backpropagate, logits reported as the step's)."""
 
+    passes: int  # most forward passes of the server half per step (each kept for the backward)
+
     def __call__(self, half: torch.nn.Module, received: Decoded, compact: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class CrossEntropy:
     """Cross-entropy on the received channels scattered into zeros: the gated methods' one forward."""
+
+    passes = 1
 
     def __call__(self, half: torch.nn.Module, received: Decoded, compact: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +74,7 @@ class NestedPrefixes:
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown nested sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.sampling = sampling
+        self.passes = 3 if sampling == "sandwich" else 1
 
     def budgets(self, received: int) -> list[int]:
         """This step's prefixes, largest first; draws from the active random state."""

@@ -159,7 +159,8 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
     """The weights of cfg.from_checkpoint, refused unless model, split, resolution and classes match.
 
     An any-budget run gets them with the cut's channels in the source gate's order (order_by_gate), so that
-    its prefixes start from the channels the gate rated best; the model computes the same function."""
+    its prefixes start from the channels the gate rated best (unless the source is an any-budget model
+    itself); the model computes the same function."""
     meta = read_meta(cfg.from_checkpoint)
     trained = meta.get("config", {})
     for key in ("model", "split", "resolution", "input_size"):
@@ -169,7 +170,8 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
     if num_classes is not None and meta.get("num_classes") != num_classes:
         raise UserError(f"checkpoint has {meta.get('num_classes')} classes, the dataset {num_classes}")
     tensors = read_tensors(meta["_folder"])
-    return order_by_gate(tensors) if cfg.method == "anybudget" else tensors
+    gated = trained.get("method") != "anybudget"  # an any-budget source is in prefix order already
+    return order_by_gate(tensors) if cfg.method == "anybudget" and gated else tensors
 
 
 def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker | None, num_classes: int) -> None:
