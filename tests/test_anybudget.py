@@ -16,7 +16,8 @@ from splitprune.proto import pb
 from splitprune.data import make_loaders
 from splitprune.export import load_workers
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-from splitprune.training.objectives import NestedPrefixes, ladder
+from splitprune.compression.bottleneck import ladder, rung
+from splitprune.training.objectives import NestedPrefixes
 from splitprune.training.rng import RngStream
 from splitprune.training.setup import build_workers, load_pretrained
 from splitprune.training.step import LocalLink, ServerWorker
@@ -82,6 +83,7 @@ def test_encoder_refuses_a_prefix_that_is_not_one():
 # ---------------------------------------------------------------- the objective
 def test_sandwich_trains_the_smallest_the_whole_and_one_ladder_budget_between():
     assert ladder(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and ladder(6) == [1, 2, 4, 6] and ladder(1) == [1]
+    assert [rung(b, 512) for b in (1, 2, 3, 300, 511, 512, None)] == [0, 1, 1, 8, 8, 9, 9]
     rng = RngStream(3)
     with rng.active():
         draws = [NestedPrefixes("sandwich").budgets(512) for _ in range(40)]
@@ -133,6 +135,8 @@ def anybudget_run(tmp_path_factory):
 def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     meta = read_meta(anybudget_run)
     assert meta["budget"] == 512 and meta["config"]["budget"] is None
+    tracked = read_tensors(meta["_folder"])["server.decoder.bn.num_batches_tracked"]
+    assert tracked.shape == (10,) and tracked[0] == tracked[9] > 0  # the decoder's statistics, per budget rung
     loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
     results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
     for b, r in zip((1, 3, 64, 512), results.values()):

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from splitprune.compression.bottleneck import ladder
 from splitprune.compression.codec import Decoded
 from splitprune.transport.errors import BadTensor
 
@@ -47,15 +48,6 @@ class CrossEntropy:
         partial = received.channels.numel() < received.num_channels
         logits = half(received.dense() if partial else compact)
         return F.cross_entropy(logits, labels), logits
-
-
-def ladder(top: int) -> list[int]:
-    """1, 2, 4, ... below `top`, then `top`."""
-    out, b = [], 1
-    while b < top:
-        out.append(b)
-        b *= 2
-    return out + [top]
 
 
 def prefix_input(compact: torch.Tensor, budget: int, channels: int) -> torch.Tensor:
@@ -93,7 +85,7 @@ class NestedPrefixes:
                             f"{received.channels[:8].tolist()}...")
         losses, reported = [], None
         for budget in self.budgets(k):
-            logits = half(prefix_input(compact, budget, received.num_channels))
+            logits = half(prefix_input(compact, budget, received.num_channels), budget)
             losses.append(F.cross_entropy(logits, labels))
             reported = logits if reported is None else reported
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()

@@ -1,4 +1,5 @@
-"""Reorder the channels at the cut of a trained model: the same function, its channels in a new order.
+"""Turn a trained gated model into the start of an any-budget one: the same function, its cut's channels
+in the order of its gate, its decoder's BatchNorm statistics copied to every budget rung.
 
 `splitprune train --method anybudget --from RUN` starts from a gated model with its channels sorted by the
 source gate (largest mask first), so every prefix 0..B-1 starts from the channels that gate rated best.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from splitprune.compression.bottleneck import ladder
 from splitprune.compression.budget import channel_mask
 
 GATE = "device.encoder.gate_logits"
@@ -35,3 +37,21 @@ def permute_cut(tensors: dict[str, torch.Tensor], order: torch.Tensor) -> dict[s
 def order_by_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`tensors` with the cut's channels in the order of their gate (best first)."""
     return permute_cut(tensors, gate_order(tensors[GATE]))
+
+
+DECODER_BN = "server.decoder.bn."
+
+
+def with_rung_statistics(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy whose decoder BatchNorm statistics (one set) serve every rung of the budget ladder (RungBatchNorm)."""
+    out = dict(tensors)
+    rungs = len(ladder(tensors[GATE].numel()))
+    for name in ("running_mean", "running_var"):
+        out[DECODER_BN + name] = tensors[DECODER_BN + name].reshape(1, -1).repeat(rungs, 1)
+    out[DECODER_BN + "num_batches_tracked"] = tensors[DECODER_BN + "num_batches_tracked"].reshape(1).repeat(rungs)
+    return out
+
+
+def gated_to_anybudget(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a gated checkpoint as an any-budget model's starting point (module docstring)."""
+    return with_rung_statistics(order_by_gate(tensors))

@@ -19,7 +19,7 @@ from splitprune.training.checkpoint import (load_module, load_optimizer, module_
                                             read_meta, read_tensors)
 from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_halves
 from splitprune.training.objectives import NestedPrefixes
-from splitprune.training.reorder import order_by_gate
+from splitprune.training.reorder import gated_to_anybudget
 from splitprune.training.step import DeviceWorker, Link, LocalLink, ServerWorker
 
 
@@ -158,7 +158,7 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
 def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:
     """The weights of cfg.from_checkpoint, refused unless model, split, resolution and classes match.
 
-    An any-budget run gets them with the cut's channels in the source gate's order (order_by_gate), so that
+    An any-budget run gets them with the cut's channels in the source gate's order (gated_to_anybudget), so that
     its prefixes start from the channels the gate rated best (unless the source is an any-budget model
     itself); the model computes the same function."""
     meta = read_meta(cfg.from_checkpoint)
@@ -171,7 +171,7 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
         raise UserError(f"checkpoint has {meta.get('num_classes')} classes, the dataset {num_classes}")
     tensors = read_tensors(meta["_folder"])
     gated = trained.get("method") != "anybudget"  # an any-budget source is in prefix order already
-    return order_by_gate(tensors) if cfg.method == "anybudget" and gated else tensors
+    return gated_to_anybudget(tensors) if cfg.method == "anybudget" and gated else tensors
 
 
 def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker | None, num_classes: int) -> None:

@@ -167,7 +167,7 @@ class ServerWorker:
         received = self._decode(req.activations, dtype, max_kept).to(self.accelerator)
         with self.rng.active():
             self.half.eval()
-            logits = self.half(received.dense())
+            logits = self.half(received.dense(), received.channels.numel())
         return pb.EvalReply(request_id=req.request_id, predictions=encode_labels(logits.argmax(1)))
 
 
