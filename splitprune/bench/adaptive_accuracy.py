@@ -137,6 +137,30 @@ def compare(root: Path, rivals_root: Path | None = None, profile_name: str = "qu
             "anybudget": {name: r for name, r in zip(seed_names(base, profile), ours)}}
 
 
+def one_run(run: str | Path, budgets: tuple[int | None, ...], split: str = "validation") -> dict[str, dict]:
+    """Any run's final model at `budgets` on its validation images (held out by its validation_size) or the
+    full test set: for choosing between configurations on validation data."""
+    from splitprune.config import make_config
+    from splitprune.data import validation_loader
+    from splitprune.training.checkpoint import read_meta
+
+    meta = read_meta(run)
+    cfg = make_config(meta["config"])
+    if split == "validation":
+        loader = validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, meta["in_channels"],
+                                   cfg.validation_size, 256)
+    else:
+        loader = full_test_loader(cfg, get_profile("quick"))
+    return accuracy_at_budgets(meta["_folder"], budgets, loader)
+
+
+def _budgets(text: str) -> tuple[int | None, ...]:
+    try:
+        return tuple(None if t == "all" else int(t) for t in text.split(","))
+    except ValueError:
+        raise UserError(f"--budgets must be integers or 'all', comma-separated, got {text!r}") from None
+
+
 def _seeds(values: list[float | None]) -> str:
     return ", ".join("n/a" if v is None else f"{100 * v:.2f}%" for v in values)
 
@@ -149,7 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--base", default="anybudget", help="the any-budget run of the plan (default: anybudget)")
+    parser.add_argument("--run", help="instead: evaluate this one run's final model at --budgets on --split")
+    parser.add_argument("--budgets", default="1,4,all", help="with --run: budgets, e.g. 1,4,all (default)")
+    parser.add_argument("--split", choices=["validation", "test"], default="validation", help="with --run")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.run:
+        try:
+            found = one_run(args.run, _budgets(args.budgets), args.split)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({"run": args.run, "split": args.split, "accuracy": found}, indent=2))
+        return 0
     try:
         result = compare(Path(args.out), Path(args.rivals) if args.rivals else None, args.profile, args.threads,
                          args.base)
