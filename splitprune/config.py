@@ -22,7 +22,7 @@ from splitprune.errors import UserError
 from splitprune.options import Option, check_value, field_specs, option, show
 
 METHODS = ("sl", "ca", "deprune", "prune", "anybudget")
-NESTED_SAMPLINGS = ("sandwich", "random")                                          # training.objectives.SAMPLINGS
+NESTED_SAMPLINGS = ("sandwich", "random")  # anybudget's server objective (training.objectives.NestedPrefixes)
 LR_SCHEDULES = ("constant", "cosine")
 ALL = "all"
 # Names defined next to the code that uses them (which imports torch); tests/test_config.py keeps these in step.

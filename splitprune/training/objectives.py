@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from splitprune.compression.bottleneck import ladder
 from splitprune.compression.codec import Decoded
+from splitprune.config import NESTED_SAMPLINGS
 from splitprune.transport.errors import BadTensor
 
-SAMPLINGS = ("sandwich", "random")
+SAMPLINGS = NESTED_SAMPLINGS
 
 
 class ServerObjective(Protocol):
