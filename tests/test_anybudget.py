@@ -136,7 +136,7 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     meta = read_meta(anybudget_run)
     assert meta["budget"] == 512 and meta["config"]["budget"] is None
     tracked = read_tensors(meta["_folder"])["server.decoder.bn.num_batches_tracked"]
-    assert tracked.shape == (10,) and tracked[0] == tracked[9] > 0  # the decoder's statistics, per budget rung
+    assert tracked.shape == (10,) and (tracked > 0).all()  # the decoder's statistics: every rung, every step
     loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
     results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
     for b, r in zip((1, 3, 64, 512), results.values()):
