@@ -21,7 +21,8 @@ import yaml
 from splitprune.errors import UserError
 from splitprune.options import Option, check_value, field_specs, option, show
 
-METHODS = ("sl", "ca", "deprune", "prune")
+METHODS = ("sl", "ca", "deprune", "prune", "anybudget")
+NESTED_SAMPLINGS = ("sandwich", "random")  # anybudget's server objective (training.objectives.NestedPrefixes)
 LR_SCHEDULES = ("constant", "cosine")
 ALL = "all"
 # Names defined next to the code that uses them (which imports torch); tests/test_config.py keeps these in step.
@@ -35,7 +36,9 @@ METHOD_DEFAULTS = {
     "ca": {"schedule": "{budget}:22", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16"},
     "deprune": {"schedule": "4:15,all:7", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16"},
     "prune": {"schedule": "32:10,4:10", "lr": 1e-3, "momentum": 0.9, "dtype_up": "fp16"},
+    "anybudget": {"schedule": "{budget}:22", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16"},  # budget: all
 }
+DEFAULT_BUDGET = 4  # every method's --budget but anybudget's (all channels)
 
 
 def _per_method(key: str) -> str:
@@ -45,7 +48,9 @@ def _per_method(key: str) -> str:
 @dataclass
 class RunConfig:
     method: str = option("deprune", "sl: plain split learning; ca: a fixed budget; deprune: a tight budget, then "
-                         "relaxed; prune: from a trained model (--from) to smaller budgets", choices=METHODS)
+                         "relaxed; prune: from a trained model (--from) to smaller budgets; anybudget: one model "
+                         "whose first B channels serve every budget B (from scratch, or --from a trained model)",
+                         choices=METHODS)
     model: str = option("vgg11_bn_compact", "backbone (see `splitprune models`)", choices=MODEL_NAMES)
     split: str = option("conv5", "split point, e.g. conv5 (the paper's) or pool2 (see `splitprune models`)",
                        metavar="NAME")
@@ -55,7 +60,8 @@ class RunConfig:
                                   metavar="DIR", local=True)
     input_size: int = option(32, "model input size in pixels", ge=8, le=1024)
     in_channels: int | None = option(None, "model input channels", choices=(1, 3), default_text="the dataset's")
-    budget: int = option(4, "ca's fixed channel budget B", ge=1, le=65535)
+    budget: int | None = option(None, "ca's fixed channel budget B; anybudget's largest one (the prefix it sends)",
+                                ge=1, le=65535, default_text=f"{DEFAULT_BUDGET}; anybudget: all")
     schedule: str | None = option(None, "phases BUDGET:EPOCHS,... (BUDGET an integer or 'all'), e.g. 4:15,all:7",
                                   metavar="B:E,...", default_text=_per_method("schedule"))
     epochs: int | None = option(None, "sl/ca: epochs; deprune/prune: total, the schedule scaled to it",
@@ -99,7 +105,13 @@ class RunConfig:
                                   "for every seed; the training subset comes from the rest); 0: none", ge=0,
                                   le=10_000_000, added=True)
 
+    nested: str = option("sandwich", "anybudget: the channel prefixes the server trains on per step: sandwich "
+                         "(1, all it received, one random ladder budget between) or random (one ladder budget: "
+                         "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
+
     def __post_init__(self) -> None:
+        if self.budget is None and self.method != "anybudget":
+            self.budget = DEFAULT_BUDGET
         if self.dtype_up is None and self.method in METHOD_DEFAULTS:
             self.dtype_up = METHOD_DEFAULTS[self.method]["dtype_up"]
 
@@ -167,7 +179,8 @@ def schedule_phases(cfg: RunConfig) -> list[Phase]:
     if cfg.schedule:
         phases = parse_schedule(cfg.schedule)
         return _scale(phases, cfg.epochs) if cfg.epochs is not None else phases
-    phases = parse_schedule(METHOD_DEFAULTS[cfg.method]["schedule"].format(budget=cfg.budget))
+    budget = ALL if cfg.budget is None else cfg.budget
+    phases = parse_schedule(METHOD_DEFAULTS[cfg.method]["schedule"].format(budget=budget))
     if cfg.epochs is None:
         return phases
     return [Phase(phases[0].budget, cfg.epochs)] if len(phases) == 1 else _scale(phases, cfg.epochs)
@@ -238,6 +251,8 @@ def _validate(cfg: RunConfig) -> None:
     """What no single field decides."""
     if cfg.method == "prune" and not cfg.from_checkpoint:
         raise UserError("method prune needs --from CHECKPOINT (a trained model)")
+    if cfg.nested != "sandwich" and cfg.method != "anybudget":
+        raise UserError(f"--nested {cfg.nested} applies to method anybudget only")
     if cfg.reset_low > cfg.reset_high:
         raise UserError(f"reset_low ({cfg.reset_low:g}) must not exceed reset_high ({cfg.reset_high:g})")
     _check_schedule(cfg)

@@ -28,6 +28,7 @@ from splitprune.errors import UserError
 from splitprune.files import replace_folder
 from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file, onnx_session
 from splitprune.training.halves import DeviceHalf
+from splitprune.training.step import DeviceWorker
 
 TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output (values in [0, 1])
 OPSET = 18
@@ -69,6 +70,7 @@ class ExportedBudget:
 
 
 def kept_indices(half: DeviceHalf, budget: int) -> torch.Tensor | None:
+    """The channels a gated model keeps at `budget` (an any-budget model keeps 0..B-1: DeviceWorker.kept_channels)."""
     channels = half.gate_logits.numel()
     return None if budget >= channels else select_top_b(channel_mask(half.gate_logits), budget)
 
@@ -85,13 +87,14 @@ def to_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def export_budget(half: DeviceHalf, budget: int, scaling: str, dtype: int, images: torch.Tensor,
+def export_budget(device: DeviceWorker, budget: int, dtype: int, images: torch.Tensor,
                   tolerance: float = TOLERANCE) -> ExportedBudget:
     """Export one budget and check it on `images` against the PyTorch device half (unfolded)."""
     from splitprune.wire import encode_values
 
+    half, scaling, prefix = device.half, device.scaling, device.selector.prefix
     half.eval()
-    channels = kept_indices(half, budget)
+    channels = device.kept_channels(budget)
     onnx_bytes = to_onnx(FoldedDeviceHalf(half, channels, scaling), images[:2])
     with torch.no_grad():
         reference = keep_channels(half(images), channels, channel_mask(half.gate_logits), scaling).numpy()
@@ -105,8 +108,9 @@ def export_budget(half: DeviceHalf, budget: int, scaling: str, dtype: int, image
                         f"{len(images)} test images (tolerance {tolerance:g}); nothing written")
     num = half.gate_logits.numel()
     idx = None if channels is None else channels.numpy()
-    same = sum(encode_values(got[i:i + 1], idx, num, dtype).SerializeToString()
-               == encode_values(reference[i:i + 1], idx, num, dtype).SerializeToString() for i in range(len(images)))
+    same = sum(encode_values(got[i:i + 1], idx, num, dtype, prefix).SerializeToString()
+               == encode_values(reference[i:i + 1], idx, num, dtype, prefix).SerializeToString()
+               for i in range(len(images)))
     return ExportedBudget(budget, None if channels is None else channels.tolist(), onnx_bytes, diff, same)
 
 
@@ -128,7 +132,8 @@ def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]
 
 
 def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dict, exported: list[ExportedBudget],
-                   check_images: int, tolerance: float) -> dict:
+                   check_images: int, tolerance: float, prefix: bool = False) -> dict:
+    """`prefix`: the model sends its kept channels 0..B-1 as a prefix length (any-budget models)."""
     from splitprune.transport.protocol import PROTOCOL_VERSION, weights_digest
 
     cfg = meta["config"]
@@ -143,7 +148,8 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "num_classes": meta["num_classes"], "classes": input_spec.pop("classes"),
         "input": input_spec,
         "cut_shape": list(meta["cut_shape"]), "wire_shape": list(meta["wire_shape"]),
-        "codec": {"dtype_up": cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"]},
+        "codec": {"dtype_up": cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"],
+                  **({"prefix": True} if prefix else {})},  # gated models' manifests as before
         "trained_budget": meta["budget"],
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": OPSET},
         "budgets": {str(e.budget): {"file": onnx_file(e.budget), "sha256": hashlib.sha256(e.onnx).hexdigest(),
@@ -203,7 +209,7 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
     budgets = sorted(set(budgets or [int(meta["budget"])]))
     images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)
     dtype = check_dtype_name(cfg.dtype_up)
-    exported = [export_budget(device.half, b, cfg.scaling, dtype, images, tolerance) for b in budgets]
-    manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance)
+    exported = [export_budget(device, b, dtype, images, tolerance) for b in budgets]
+    manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance, device.selector.prefix)
     write_export(out, manifest, exported)
     return manifest

@@ -54,8 +54,13 @@ def unpack_nibbles(data: bytes, count: int) -> np.ndarray:
     return np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)[:count]
 
 
-def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels: int, dtype: int) -> pb.EncodedTensor:
-    """values: float32 [N, K, H, W] of the kept channels `channels` (ascending; None = all C channels)."""
+def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels: int, dtype: int,
+                  prefix: bool = False) -> pb.EncodedTensor:
+    """values: float32 [N, K, H, W] of the kept channels `channels` (ascending; None = all C channels).
+
+    With `prefix` the kept channels are the first K (`channels`, if given, must be 0..K-1): the message
+    says so with its `prefix` field instead of listing them (any-budget models); all C channels travel
+    with neither, as always."""
     if values.ndim != 4:
         raise ProtocolError(f"cut tensors are 4-D [N, C, H, W], got shape {tuple(values.shape)}")
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -63,7 +68,14 @@ def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels:
         raise ProtocolError("refusing to encode non-finite values (NaN or Inf): the training has diverged")
     n, k, h, w = values.shape
     msg = pb.EncodedTensor(dtype=dtype, shape=[n, num_channels, h, w])
-    if channels is not None and k != num_channels:
+    if prefix:
+        if channels is not None and not np.array_equal(np.asarray(channels), np.arange(k)):
+            raise ProtocolError(f"a prefix message carries channels 0..{k - 1}, not {np.asarray(channels).tolist()}")
+        if not 1 <= k <= num_channels:
+            raise ProtocolError(f"a prefix of {k} channels out of {num_channels}")
+        if k != num_channels:
+            msg.prefix = k
+    elif channels is not None and k != num_channels:
         msg.channels = np.asarray(channels).astype("<u2").tobytes()
     elif k != num_channels:
         raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
@@ -74,6 +86,34 @@ def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels:
     else:
         msg.data = values.astype(NUMPY_DTYPES[dtype]).tobytes()
     return msg
+
+
+def kept_count(msg: pb.EncodedTensor) -> int:
+    """How many channels an EncodedTensor says it carries, read from its header before any validation."""
+    if msg.prefix:
+        return int(msg.prefix)
+    if msg.channels:
+        return len(msg.channels) // 2
+    return int(msg.shape[1]) if len(msg.shape) == 4 else 0
+
+
+def decode_channels(msg: pb.EncodedTensor, num_channels: int) -> tuple[np.ndarray, bool]:
+    """The kept channel indices (int64, ascending) of a message with C = `num_channels`, validated, and
+    whether they were sent as a prefix."""
+    if msg.prefix:
+        if msg.channels:
+            raise ProtocolError("a tensor message gives both a channel prefix and channel indices")
+        if msg.prefix > num_channels:
+            raise ProtocolError(f"channel prefix {msg.prefix} exceeds the {num_channels} channels")
+        return np.arange(msg.prefix, dtype=np.int64), True
+    if not msg.channels:
+        return np.arange(num_channels, dtype=np.int64), False
+    if len(msg.channels) % 2:
+        raise ProtocolError("channel indices must be uint16: odd byte count")
+    idx = np.frombuffer(msg.channels, dtype="<u2").astype(np.int64)
+    if idx.size and (idx[-1] >= num_channels or (np.diff(idx) <= 0).any()):
+        raise ProtocolError(f"channel indices must be strictly ascending and below {num_channels}")
+    return idx, False
 
 
 def encode_label_array(labels: np.ndarray) -> pb.Labels:

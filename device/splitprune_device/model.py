@@ -76,6 +76,8 @@ class DeviceModel:
         return self.session(budget).run(None, {INPUT_NAME: x})[0]
 
     def encode(self, kept: np.ndarray, budget: int, dtype: str | None = None) -> pb.EncodedTensor:
-        """The uplink tensor, in the exported dtype or in `dtype` (`--budget auto` chooses it per request)."""
+        """The uplink tensor, in the exported dtype or in `dtype` (`--budget auto` chooses it per request);
+        an any-budget model's kept channels travel as a prefix length."""
         wire = self.dtype if dtype is None else check_dtype_name(dtype)
-        return encode_values(kept, self.kept(budget), self.channels, wire)
+        return encode_values(kept, self.kept(budget), self.channels, wire,
+                             bool(self.manifest["codec"].get("prefix", False)))

@@ -15,7 +15,8 @@ def model_budgets(meta: dict) -> list[int]:
     """The budgets a model serves, ascending.
 
     An export manifest: the budgets exported (one device graph each). A checkpoint of a gated method
-    (sl, ca, deprune, prune): every B from 1 to its trained budget (top-B channels by gate).
+    (sl, ca, deprune, prune): every B from 1 to its trained budget (top-B channels by gate); of an any-budget
+    model (trained at all C channels): every B from 1 to C (the first B channels).
     """
     exported = meta.get("budgets")
     if isinstance(exported, dict):

@@ -189,6 +189,11 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
                              suite="adaptive", full_last=K,
                              note=f"compression-aware SL at a fixed budget of {b} from scratch (the any-budget "
                                   f"model's dedicated rival at B={b})")],
+        # (f) one any-budget model for every budget (prefixes, sandwich rule on the server), same recipe as ca{B}
+        *seeded("anybudget", scratch("anybudget", "all:22", "fp16", "fp32"), "anybudget (prefix, fp16/fp32)",
+                suite="adaptive", full_last=K,
+                note="one model whose first B channels serve every budget B: the device sends all channels, the "
+                     "server trains on nested prefixes (1, all, one random ladder budget) of them"),
         # (d) a trained model at every budget (prune chain from sl), and trained baselines (seed 0 only)
         RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",

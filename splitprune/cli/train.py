@@ -1,4 +1,4 @@
-"""`splitprune train`: run sl, ca, deprune or prune, in-process or against a `splitprune serve` server."""
+"""`splitprune train`: run sl, ca, deprune, prune or anybudget, in-process or against a `splitprune serve` server."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_fo
 
 
 def add_parser(subparsers, name: str) -> None:
-    p = subparsers.add_parser(name, help="train a split model (sl, ca, deprune, prune)",
+    p = subparsers.add_parser(name, help="train a split model (sl, ca, deprune, prune, anybudget)",
                               description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/ "
                                                 "(a run started again with the same --out resumes)")

@@ -15,8 +15,8 @@ import torch
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.wire import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES,  # noqa: F401
-                             check_dtype_name, decode_label_array, encode_label_array, encode_values,
-                             unpack_nibbles)
+                             check_dtype_name, decode_channels, decode_label_array, encode_label_array,
+                             encode_values, unpack_nibbles)
 
 # WIRE_DTYPES and MAX_MESSAGE_BYTES are imported from here by the runtime; their home is
 # splitprune.wire, the torch-free core shared with the device package.
@@ -36,14 +36,16 @@ class TensorSpec:
 
 @dataclass
 class Decoded:
-    """A received tensor: values of the kept channels [N, K, H, W] (float32) and their indices [K]."""
+    """A received tensor: values of the kept channels [N, K, H, W] (float32) and their indices [K];
+    `prefix`: they came as a prefix (channels 0..K-1 named by their count)."""
 
     values: torch.Tensor
     channels: torch.Tensor
     num_channels: int
+    prefix: bool = False
 
     def to(self, device: torch.device) -> "Decoded":
-        return Decoded(self.values.to(device), self.channels.to(device), self.num_channels)
+        return Decoded(self.values.to(device), self.channels.to(device), self.num_channels, self.prefix)
 
     def dense(self) -> torch.Tensor:
         """Scatter the kept channels into a zero tensor [N, C, H, W]."""
@@ -62,21 +64,25 @@ class ChannelCodec:
     def __repr__(self) -> str:
         return f"ChannelCodec({self.dtype_name!r})"
 
-    def encode(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> pb.EncodedTensor:
-        """kept: [N, K, H, W] values of the channels `channels` (ascending; None = all C channels)."""
+    def encode(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
+               prefix: bool = False) -> pb.EncodedTensor:
+        """kept: [N, K, H, W] values of the channels `channels` (ascending; None = all C channels);
+        `prefix`: they are channels 0..K-1, sent as a prefix length (see splitprune.wire.encode_values)."""
         values = kept.detach().to(torch.float32).cpu().contiguous().numpy()
         indices = None if channels is None else channels.detach().cpu().numpy()
-        return encode_values(values, indices, num_channels, self.dtype)
+        return encode_values(values, indices, num_channels, self.dtype, prefix)
 
-    def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> bytes:
-        return self.encode(kept, channels, num_channels).SerializeToString()
+    def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
+                 prefix: bool = False) -> bytes:
+        return self.encode(kept, channels, num_channels, prefix).SerializeToString()
 
     def decompress(self, data: bytes, spec: TensorSpec | None = None) -> Decoded:
         return decode_tensor(parse_tensor(data), spec)
 
-    def forward(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int) -> tuple[Decoded, int]:
+    def forward(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
+                prefix: bool = False) -> tuple[Decoded, int]:
         """The round trip: what the receiver decodes, and the message size in bytes."""
-        data = self.compress(kept, channels, num_channels)
+        data = self.compress(kept, channels, num_channels, prefix)
         return self.decompress(data), len(data)
 
 
@@ -89,17 +95,6 @@ def parse_tensor(data: bytes) -> pb.EncodedTensor:
     except Exception as exc:  # protobuf raises DecodeError, and others on garbage
         raise ProtocolError(f"malformed tensor message: {exc}") from None
     return msg
-
-
-def _decode_channels(msg: pb.EncodedTensor, num_channels: int) -> np.ndarray:
-    if not msg.channels:
-        return np.arange(num_channels, dtype=np.int64)
-    if len(msg.channels) % 2:
-        raise ProtocolError("channel indices must be uint16: odd byte count")
-    idx = np.frombuffer(msg.channels, dtype="<u2").astype(np.int64)
-    if idx.size and (idx[-1] >= num_channels or (np.diff(idx) <= 0).any()):
-        raise ProtocolError(f"channel indices must be strictly ascending and below {num_channels}")
-    return idx
 
 
 def _check_shape(msg: pb.EncodedTensor, spec: TensorSpec | None) -> tuple[int, int, int, int]:
@@ -126,7 +121,7 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
     if msg.dtype not in NUMPY_DTYPES:
         raise ProtocolError(f"unknown tensor dtype {msg.dtype}")
     n, c, h, w = _check_shape(msg, spec)
-    idx = _decode_channels(msg, c)
+    idx, prefix = decode_channels(msg, c)
     k = idx.size
     if spec is not None and spec.max_kept is not None and k > spec.max_kept:
         raise ProtocolError(f"{k} channels sent but the budget is {spec.max_kept}")
@@ -147,7 +142,7 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
         values = values * scale + offset
     elif not np.isfinite(values).all():
         raise ProtocolError("tensor holds non-finite values (NaN or Inf)")
-    return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c)
+    return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c, prefix)
 
 
 def encode_labels(labels: torch.Tensor) -> pb.Labels:

@@ -21,20 +21,22 @@ INT8: DType
 INT4: DType
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("dtype", "shape", "channels", "scales", "offsets", "data")
+    __slots__ = ("dtype", "shape", "channels", "scales", "offsets", "data", "prefix")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     channels: bytes
     scales: bytes
     offsets: bytes
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    prefix: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., data: _Optional[bytes] = ..., prefix: _Optional[int] = ...) -> None: ...
 
 class Labels(_message.Message):
     __slots__ = ("width", "data")

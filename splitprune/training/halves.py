@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
+from splitprune.compression.bottleneck import PrefixDecoder
 from splitprune.config import RunConfig
 from splitprune.models import build_split_model, check_server_input
 
@@ -45,8 +46,9 @@ class ServerHalf(nn.Module):
         self.decoder = decoder
         self.layers = layers
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.decoder(z))
+    def forward(self, z: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        """`budget`: how many channels were sent (None: all); an any-budget decoder picks its statistics by it."""
+        return self.layers(self.decoder(z, budget))
 
 
 def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, ServerHalf, Geometry]:
@@ -61,6 +63,6 @@ def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[De
         channels = split.cut_shape[0]
         wire = encoded_shape(split.cut_shape, cfg.resolution)
         encoder = GatedEncoder(channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
-        decoder = Decoder(channels, cfg.resolution)
+        decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution)
     check_server_input(split.server, split.cut_shape)
     return DeviceHalf(split.device, encoder), ServerHalf(decoder, split.server), Geometry(split.cut_shape, wire)

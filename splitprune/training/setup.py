@@ -11,12 +11,15 @@ from typing import Protocol
 import torch
 
 from splitprune.compression import ChannelCodec
+from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig
 from splitprune.data import DATASETS, BatchLoader, make_loaders
 from splitprune.errors import UserError
 from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
                                             read_meta, read_tensors)
 from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_halves
+from splitprune.training.objectives import NestedPrefixes
+from splitprune.training.reorder import gated_to_anybudget
 from splitprune.training.step import DeviceWorker, Link, LocalLink, ServerWorker
 
 
@@ -99,13 +102,15 @@ def input_channels(cfg: RunConfig) -> int:
 
 
 def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int) -> DeviceWorker:
+    selector = PrefixChannels() if cfg.method == "anybudget" else None
     return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up), cfg.scaling, cfg.budget_eps,
-                        cfg.budget_delta, cfg.seed)
+                        cfg.budget_delta, cfg.seed, selector)
 
 
 def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int) -> ServerWorker:
+    objective = NestedPrefixes(cfg.nested) if cfg.method == "anybudget" else None
     return ServerWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
-                        max_batch=max(cfg.batch_size, cfg.test_batch_size))
+                        max_batch=max(cfg.batch_size, cfg.test_batch_size), objective=objective)
 
 
 def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, Geometry]:
@@ -151,7 +156,11 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
 
 
 def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:
-    """The weights of cfg.from_checkpoint, refused unless model, split, resolution and classes match."""
+    """The weights of cfg.from_checkpoint, refused unless model, split, resolution and classes match.
+
+    An any-budget run gets them with the cut's channels in the source gate's order (gated_to_anybudget), so that
+    its prefixes start from the channels the gate rated best (unless the source is an any-budget model
+    itself); the model computes the same function."""
     meta = read_meta(cfg.from_checkpoint)
     trained = meta.get("config", {})
     for key in ("model", "split", "resolution", "input_size"):
@@ -160,11 +169,13 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
                             f"this run asks for {getattr(cfg, key)!r}")
     if num_classes is not None and meta.get("num_classes") != num_classes:
         raise UserError(f"checkpoint has {meta.get('num_classes')} classes, the dataset {num_classes}")
-    return read_tensors(meta["_folder"])
+    tensors = read_tensors(meta["_folder"])
+    gated = trained.get("method") != "anybudget"  # an any-budget source is in prefix order already
+    return gated_to_anybudget(tensors) if cfg.method == "anybudget" and gated else tensors
 
 
 def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker | None, num_classes: int) -> None:
-    """Start from a trained model (prune); a remote run's server half travels to the server instead."""
+    """Start from a trained model (prune, anybudget); a remote run's server half travels to the server instead."""
     tensors = read_pretrained(cfg, num_classes)
     load_module("device", device.half, tensors)
     if server is not None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 import torch
-import torch.nn.functional as F
 from google.protobuf.message import Message
 
 from splitprune.adaptive.policy import StepBudget
@@ -22,8 +21,10 @@ from splitprune.compression.codec import MAX_MESSAGE_BYTES, Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf
+from splitprune.training.objectives import CrossEntropy, ServerObjective
 from splitprune.training.rng import RngStream
 from splitprune.transport.errors import BadMessage, BadTensor, BudgetExceeded, NoPhase
+from splitprune.wire import kept_count
 
 M = TypeVar("M", bound=Message)
 
@@ -91,7 +92,7 @@ def check_phase(req: pb.PhaseRequest, channels: int) -> int:
 
 def check_kept(t: pb.EncodedTensor, budget: int | None) -> None:
     """At most `budget` channels (None: any), read from the header before anything is decoded."""
-    k = len(t.channels) // 2 if t.channels else (int(t.shape[1]) if len(t.shape) == 4 else 0)
+    k = kept_count(t)
     if budget is not None and k > budget:
         raise BudgetExceeded(f"{k} channels sent but the budget is {budget}")
 
@@ -102,11 +103,13 @@ class ServerWorker:
     It never sees device parameters or the budget term. Every rule of a request is checked here, once,
     before anything is decoded or computed; `dtype` and `max_kept` narrow them for one network session.
     It holds no lock: the network server applies updates of a shared half one at a time under its own.
+    `objective`: the loss it trains on (default: cross-entropy; any-budget models: nested prefixes).
     """
 
     def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
-                 seed: int, max_batch: int = 4096) -> None:
+                 seed: int, max_batch: int = 4096, objective: ServerObjective | None = None) -> None:
         self.half = half
+        self.objective: ServerObjective = objective or CrossEntropy()
         self.num_classes = num_classes
         self.codec = codec_down
         self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
@@ -149,14 +152,13 @@ class ServerWorker:
         with self.rng.active():
             self.half.train()
             compact = received.values.requires_grad_()
-            logits = self.half(received.dense() if partial else compact)
-            loss = F.cross_entropy(logits, labels)
+            loss, logits = self.objective(self.half, received, compact, labels)
             self.optimizer.zero_grad(set_to_none=True)
             set_lr(self.optimizer, self.phase_lr * lr_scale)
             loss.backward()
             # encoding refuses a non-finite gradient: a diverged step is reported, never applied
             gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
-                                         received.num_channels)
+                                         received.num_channels, received.prefix)
             self.optimizer.step()
         correct = int((logits.detach().argmax(1) == labels).sum())
         return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
@@ -166,7 +168,7 @@ class ServerWorker:
         received = self._decode(req.activations, dtype, max_kept).to(self.accelerator)
         with self.rng.active():
             self.half.eval()
-            logits = self.half(received.dense())
+            logits = self.half(received.dense(), received.channels.numel())
         return pb.EvalReply(request_id=req.request_id, predictions=encode_labels(logits.argmax(1)))
 
 
@@ -246,7 +248,7 @@ class DeviceWorker:
 
     def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
-        return kept, self.codec.encode(kept, channels, self.channels)
+        return kept, self.codec.encode(kept, channels, self.channels, self.selector.prefix)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0,
                    step_budget: StepBudget | None = None) -> StepStats:

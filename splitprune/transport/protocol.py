@@ -177,14 +177,6 @@ def join_chunks(chunks: Iterable[spb.StateChunk], limit: int) -> tuple[spb.State
     return first, data
 
 
-# ---------------------------------------------------------------- tensors
-def kept_count(t: pb.EncodedTensor) -> int:
-    """How many channels an EncodedTensor carries (before full validation)."""
-    if t.channels:
-        return len(t.channels) // 2
-    return int(t.shape[1]) if len(t.shape) == 4 else 0
-
-
 # ---------------------------------------------------------------- TLS and channel options
 @dataclass(frozen=True)
 class TlsFiles:

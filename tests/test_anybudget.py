@@ -1,0 +1,211 @@
+"""Any-budget models: the prefix wire format, the nested-prefix objective, one model at every budget, over
+the network bit for bit as in-process, and `--from` a gated model (the cut reordered, the function kept)."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitprune.bench.adaptive_accuracy import accuracy_at_budgets, compare
+from splitprune.cli import main
+from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, keep_channels
+from splitprune.compression.budget import channel_mask
+from splitprune.config import make_config, resolve_schedule
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+from splitprune.data import make_loaders
+from splitprune.export import load_workers
+from splitprune.training.checkpoint import load_module, read_meta, read_tensors
+from splitprune.compression.bottleneck import ladder, rung
+from splitprune.training.objectives import NestedPrefixes
+from splitprune.training.rng import RngStream
+from splitprune.training.setup import build_workers, load_pretrained
+from splitprune.training.step import LocalLink, ServerWorker
+from splitprune.training.trainer import Trainer, evaluate
+from splitprune.transport.client import connect
+from splitprune.transport.errors import BadTensor, BudgetExceeded
+from splitprune.transport.server import start_server
+from splitprune.wire import WIRE_DTYPES, encode_values, kept_count
+
+SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=32, test_subset=32, batch_size=16,
+             test_batch_size=32, threads=1, seed=0)
+
+
+def _values(n=3, k=5, seed=0):
+    return torch.rand(n, k, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- the wire
+@pytest.mark.parametrize("dtype", list(WIRE_DTYPES))
+def test_prefix_round_trip_is_byte_identical_in_both_codecs_and_names_no_index(dtype):
+    values = _values()
+    torch_bytes = ChannelCodec(dtype).compress(values, torch.arange(5), 512, prefix=True)
+    numpy_bytes = encode_values(values.numpy(), np.arange(5), 512, WIRE_DTYPES[dtype], prefix=True).SerializeToString()
+    assert torch_bytes == numpy_bytes
+    assert encode_values(values.numpy(), None, 512, WIRE_DTYPES[dtype], prefix=True).SerializeToString() == numpy_bytes
+    msg = pb.EncodedTensor.FromString(torch_bytes)
+    assert msg.prefix == 5 and msg.channels == b"" and kept_count(msg) == 5
+    indexed = ChannelCodec(dtype).compress(values, torch.arange(5), 512)  # a gated model: indices as before
+    assert pb.EncodedTensor.FromString(indexed).prefix == 0 and len(indexed) > len(torch_bytes)
+    decoded = decode_tensor(msg)
+    assert decoded.prefix and torch.equal(decoded.channels, torch.arange(5))
+    reference = decode_tensor(pb.EncodedTensor.FromString(indexed))
+    assert not reference.prefix and torch.equal(decoded.dense(), reference.dense())
+
+
+def test_all_channels_as_a_prefix_are_the_plain_message():
+    values = _values(2, 8)
+    assert ChannelCodec("fp16").compress(values, None, 8, prefix=True) == ChannelCodec("fp16").compress(values, None, 8)
+
+
+def _prefix_message(**changes):
+    msg = ChannelCodec("fp16").encode(_values(2, 2), None if "channels" in changes else torch.arange(2), 8, prefix=True)
+    for key, value in changes.items():
+        setattr(msg, key, value)
+    return msg
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"prefix": 9}, "exceeds the 8 channels"),
+    ({"prefix": 2, "channels": np.array([0, 1], "<u2").tobytes()}, "both a channel prefix and channel indices"),
+    ({"prefix": 3}, "holds 128 bytes"),
+])
+def test_decoder_range_checks_the_prefix(changes, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_tensor(_prefix_message(**changes))
+
+
+def test_encoder_refuses_a_prefix_that_is_not_one():
+    with pytest.raises(ProtocolError, match="prefix message carries channels 0..1"):
+        ChannelCodec("fp16").encode(_values(2, 2), torch.tensor([0, 2]), 8, prefix=True)
+
+
+# ---------------------------------------------------------------- the objective
+def test_sandwich_trains_the_smallest_the_whole_and_one_ladder_budget_between():
+    assert ladder(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and ladder(6) == [1, 2, 4, 6] and ladder(1) == [1]
+    assert [rung(b, 512) for b in (1, 2, 3, 300, 511, 512, None)] == [0, 1, 1, 8, 8, 9, 9]
+    rng = RngStream(3)
+    with rng.active():
+        draws = [NestedPrefixes("sandwich").budgets(512) for _ in range(40)]
+        single = [NestedPrefixes("random").budgets(6) for _ in range(40)]
+    assert all(d[0] == 512 and d[-1] == 1 and len(d) == 3 and d[1] in ladder(512)[1:-1] for d in draws)
+    assert len({d[1] for d in draws}) > 3
+    assert all(len(s) == 1 and s[0] in (1, 2, 4, 6) for s in single) and len({s[0] for s in single}) == 4
+    with RngStream(3).active():
+        assert [NestedPrefixes("sandwich").budgets(512) for _ in range(40)] == draws
+    assert NestedPrefixes().budgets(2) == [2, 1] and NestedPrefixes().budgets(1) == [1]
+
+
+def _server(objective):
+    cfg = make_config({**SMALL, "method": "anybudget"})
+    _, server, geometry = build_workers(cfg, 10, 1)
+    server = ServerWorker(server.half, geometry, 10, ChannelCodec("fp32"), 0, objective=objective)
+    server.start_phase(pb.PhaseRequest(phase=0, budget=512, lr=0.01))
+    return server
+
+
+def _train_request(channels, prefix):
+    values = torch.rand(4, len(channels), 4, 4, generator=torch.Generator().manual_seed(1))
+    act = ChannelCodec("fp32").encode(values, torch.tensor(channels), 512, prefix=prefix)
+    return pb.TrainRequest(step_id=1, activations=act, labels=encode_labels(torch.tensor([0, 1, 2, 3])))
+
+
+def test_one_gradient_for_the_received_prefix_and_indices_refused():
+    server = _server(NestedPrefixes())
+    reply = server.train(_train_request(list(range(8)), prefix=True))
+    assert reply.gradient.prefix == 8 and reply.gradient.channels == b""
+    grad = decode_tensor(reply.gradient).values
+    assert grad.shape == (4, 8, 4, 4) and all(grad[:, c].abs().sum() > 0 for c in range(8))
+    with pytest.raises(BadTensor, match="prefix of its channels"):
+        server.train(_train_request([0, 2, 5], prefix=False))
+    # the budget of a prefix is read from its header, before anything is decoded
+    with pytest.raises(BudgetExceeded, match="5 channels sent but the budget is 4"):
+        server._decode(ChannelCodec("fp16").encode(_values(2, 5), None, 512, prefix=True), None, 4)
+
+
+# ---------------------------------------------------------------- one model, every budget
+@pytest.fixture(scope="module")
+def anybudget_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("anybudget") / "run"
+    assert main(["train", "--method", "anybudget", "--epochs", "1", "--train-subset", "16", "--test-subset", "16",
+                 "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
+    meta = read_meta(anybudget_run)
+    assert meta["budget"] == 512 and meta["config"]["budget"] is None
+    tracked = read_tensors(meta["_folder"])["server.decoder.bn.num_batches_tracked"]
+    assert tracked.shape == (10,) and (tracked > 0).all()  # the decoder's statistics: every rung, every step
+    loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
+    results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
+    for b, r in zip((1, 3, 64, 512), results.values()):
+        values = b * 16 * 2 * 32  # fp16, 4x4 positions, 32 images in one request
+        assert values < r["bytes_per_sample"] * 32 < values + 24, b  # a prefix: no channel index travels
+    device, server, *_ = load_workers(str(anybudget_run))
+    assert evaluate(device, LocalLink(server), loader, 3).accuracy == results["3"]["accuracy"]
+    assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "5", "--test-subset", "32", "--quiet"]) == 0
+    assert "budget 5 of 512 channels" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "513", "--quiet"]) == 2
+
+
+def test_budget_caps_the_prefix_an_anybudget_run_sends():
+    cfg = make_config({**SMALL, "method": "anybudget", "budget": 16})
+    assert [(p.budget, p.epochs) for p in resolve_schedule(cfg, 512)] == [(16, 22)]
+    assert resolve_schedule(make_config({**SMALL, "method": "anybudget"}), 512)[0].budget is None
+    assert make_config({**SMALL, "method": "ca"}).budget == 4  # every other method's default is unchanged
+
+
+def test_anybudget_over_grpc_equals_in_process_training(tmp_path):
+    cfg = make_config({**SMALL, "method": "anybudget", "schedule": "8:1", "lr_schedule": "cosine",
+                       "test_subset": 16})
+    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
+    handle = start_server("127.0.0.1:0", max_sessions=4)
+    try:
+        endpoint = connect(cfg, handle.address, out=str(tmp_path / "remote"))
+        try:
+            remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
+        finally:
+            endpoint.close()
+    finally:
+        handle.stop(grace=0.5)
+    strip = ("wall_seconds", "train_seconds", "transport")
+    assert {k: v for k, v in remote.items() if k not in strip} == {k: v for k, v in local.items() if k not in strip}
+    a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("local", "remote"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---------------------------------------------------------------- --from a gated model
+def test_from_a_gated_model_reorders_the_cut_and_keeps_its_function(tmp_path):
+    source = make_config({**SMALL, "method": "ca", "budget": 4, "epochs": 1, "train_subset": 16})
+    Trainer(source, tmp_path / "ca", show_progress=False).run()
+    cfg = make_config({**SMALL, "method": "anybudget", "from_checkpoint": str(tmp_path / "ca")})
+    old_device, old_server, _ = build_workers(source, 10, 1)
+    new_device, new_server, _ = build_workers(cfg, 10, 1)
+    tensors = read_tensors(tmp_path / "ca" / "checkpoint")
+    load_module("device", old_device.half, tensors)
+    load_module("server", old_server.half, tensors)
+    load_pretrained(cfg, new_device, new_server, 10)
+    old_mask = channel_mask(old_device.half.gate_logits)
+    new_mask = channel_mask(new_device.half.gate_logits)
+    assert torch.equal(new_mask, old_mask.sort(descending=True, stable=True).values)
+    assert not torch.equal(new_mask, old_mask)
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = []
+        for device, server, mask in ((old_device, old_server, old_mask), (new_device, new_server, new_mask)):
+            device.half.eval(), server.half.eval()
+            logits.append(server.half(keep_channels(device.half(x), None, mask, "paper")))
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    top4 = old_mask.argsort(descending=True, stable=True)[:4]
+    with torch.no_grad():  # the source's top-4 channels are the new model's prefix 4
+        assert torch.allclose(new_device.half(x)[:, :4], old_device.half(x)[:, top4], atol=1e-6)
+
+
+def test_adaptive_accuracy_names_what_is_missing(tmp_path):
+    result = compare(tmp_path, profile_name="quick")
+    assert result["overall"] == "not measured"
+    four = result["verdicts"]["4"]
+    assert four["rival"] == "ca4" and any(m.startswith("anybudget_seed1") for m in four["missing"])
+    assert any("ca4 (not started under" in m for m in four["missing"])
+    assert result["verdicts"]["all"]["rival"] == "sl"
