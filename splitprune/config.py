@@ -49,7 +49,7 @@ def _per_method(key: str) -> str:
 class RunConfig:
     method: str = option("deprune", "sl: plain split learning; ca: a fixed budget; deprune: a tight budget, then "
                          "relaxed; prune: from a trained model (--from) to smaller budgets; anybudget: one model "
-                         "whose first B channels serve every budget B (from scratch, or --from a trained model)",
+                         "whose first B channels serve every budget B (from scratch, or from a trained model: --from)",
                          choices=METHODS)
     model: str = option("vgg11_bn_compact", "backbone (see `splitprune models`)", choices=MODEL_NAMES)
     split: str = option("conv5", "split point, e.g. conv5 (the paper's) or pool2 (see `splitprune models`)",
@@ -60,7 +60,8 @@ class RunConfig:
                                   metavar="DIR", local=True)
     input_size: int = option(32, "model input size in pixels", ge=8, le=1024)
     in_channels: int | None = option(None, "model input channels", choices=(1, 3), default_text="the dataset's")
-    budget: int | None = option(None, "ca's fixed channel budget B; anybudget's largest one (the prefix it sends)",
+    budget: int | None = option(None, "ca's fixed channel budget B; anybudget's largest one (the prefix it sends); "
+                                "train also takes 'auto' (per step, from the link: see --step-ms)",
                                 ge=1, le=65535, default_text=f"{DEFAULT_BUDGET}; anybudget: all")
     schedule: str | None = option(None, "phases BUDGET:EPOCHS,... (BUDGET an integer or 'all'), e.g. 4:15,all:7",
                                   metavar="B:E,...", default_text=_per_method("schedule"))

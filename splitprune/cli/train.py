@@ -19,8 +19,8 @@ def add_parser(subparsers, name: str) -> None:
     add_remote_flags(p)
     add_config_flags(p)
     p.add_argument("--step-ms", type=float, metavar="T",
-                   help="with --budget auto: the device sends, each step, the most channels (up to the phase's "
-                        "budget) whose predicted step time is within T ms")
+                   help="the step-time target of budget 'auto' (remote runs): each step the device sends the most "
+                        "channels (up to the phase's budget) whose predicted step time is within T ms")
     p.set_defaults(run=run)
 
 
