@@ -92,7 +92,8 @@ def test_an_unwritable_out_is_refused_before_any_work(capsys, tmp_path, ca_run, 
 
 
 def test_eval_refuses_a_meta_json_whose_budget_was_edited(capsys, ca_run, tmp_path):
-    assert main(["eval", "--checkpoint", str(ca_run), "--quiet", "--out", str(tmp_path / "ok.json")]) == 0
+    assert main(["eval", "--checkpoint", str(ca_run), "--quiet", "--test-subset", "64",
+                 "--out", str(tmp_path / "ok.json")]) == 0
     assert json.loads((tmp_path / "ok.json").read_text())["budget"] == 4
     capsys.readouterr()
     edited = tmp_path / "edited"
