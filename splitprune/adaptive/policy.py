@@ -46,6 +46,9 @@ class StepBudget(Protocol):
     def observe(self, bytes_up: int, bytes_down: int) -> None:
         """The step asked for last is done: its TrainRequest and TrainReply sizes."""
 
+    def eval_budget(self) -> int | None:
+        """The budget the end-of-epoch evaluation uses (None: the phase's budget)."""
+
 
 class AutoStepBudget:
     """`train --budget auto --step-ms T`: the largest budget whose predicted step time meets T.
@@ -68,6 +71,7 @@ class AutoStepBudget:
         self.history: list[tuple[int, float]] = []   # (budget, step seconds) of every observed step
         self.impossible_steps = 0
         self._budget = 0
+        self._epoch: list[int] = []
 
     def next_budget(self, limit: int) -> int:
         if limit != self._limit or self._auto is None:
@@ -87,3 +91,13 @@ class AutoStepBudget:
         self._started = None
         self._auto.observe(bytes_up, bytes_down, seconds)
         self.history.append((self._budget, seconds))
+        self._epoch.append(self._budget)
+
+    def eval_budget(self) -> int | None:
+        """The median budget of the steps since the last evaluation: an any-budget model trains the prefixes
+        it is sent, so its channels past what the link allowed are untrained and evaluating them says nothing."""
+        if not self._epoch:
+            return None
+        budget = sorted(self._epoch)[len(self._epoch) // 2]
+        self._epoch = []
+        return budget

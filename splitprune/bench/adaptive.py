@@ -53,8 +53,22 @@ def _markdown(accuracy: dict, inference: dict | None, training: dict | None, com
     return "\n".join(lines) + "\n"
 
 
+def _inference(checkpoint: Path, out: Path) -> dict:
+    """The inference part, reused when its results for this model exist (delete OUT/inference to measure again)."""
+    import json
+
+    from splitprune.bench import adaptive_infer
+
+    done = out / "adaptive_infer.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("checkpoint") == str(checkpoint) and previous.get("latency_target_ms") == LATENCY_MS:
+            return previous
+    return adaptive_infer.run_adaptive_inference(checkpoint, out, latency_ms=LATENCY_MS)
+
+
 def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
-    from splitprune.bench import adaptive_accuracy, adaptive_infer, adaptive_train
+    from splitprune.bench import adaptive_accuracy, adaptive_train
 
     prof = load_profile(profile)
     out = Path(out)
@@ -64,8 +78,7 @@ def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
             ensure(name, prof, root)
     accuracy = adaptive_accuracy.compare(root, profile_name=prof.name)
     checkpoint = run_dir(root, plan(prof)["anybudget"]) / "checkpoint"
-    inference = adaptive_infer.run_adaptive_inference(checkpoint, out / "inference", latency_ms=LATENCY_MS) \
-        if "inference" in parts else None
+    inference = _inference(checkpoint, out / "inference") if "inference" in parts else None
     training = adaptive_train.measure(out / "training") if "training" in parts else None
     command = f"splitprune bench adaptive --profile {prof.name} --out {root}"
     results = {"command": command, "accuracy": {k: v for k, v in accuracy.items() if k != "table"},

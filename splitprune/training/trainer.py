@@ -230,7 +230,9 @@ class Trainer:
                             up=_megabytes(totals["up"]), down=_megabytes(totals["down"]),
                             refresh=False)  # the bar redraws at its own interval: logs stay short
         seconds = time.perf_counter() - start
-        result = evaluate(self.device, self.endpoint.link, self.parts.test_loader, progress=self.show_progress)
+        eval_budget = None if self.step_budget is None else self.step_budget.eval_budget()
+        result = evaluate(self.device, self.endpoint.link, self.parts.test_loader, eval_budget,
+                          progress=self.show_progress)
         eval_seconds = time.perf_counter() - start - seconds
         n = max(totals["samples"], 1)
         row = {"epoch": p.epoch + 1, "phase": p.phase, "budget": phase.label(),
