@@ -146,6 +146,8 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
         finally:
             info.close()
         assert handle.service.counters["steps"] == 2 and handle.service.counters["retried_steps"] == 1
+        (hosted,) = handle.service.halves.values()
+        state = {k: v.clone() for k, v in hosted.state_tensors().items()}
     finally:
         handle.stop(grace=0.5)
     assert retry == replies[0]  # the stored reply, byte for byte, and not applied twice (weights below)
@@ -178,8 +180,13 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
         assert torch.equal(gradient.values, decode_tensor(codec.encode(leaf.grad, d.channels, d.num_channels)).values)
         own_union = union_grad[4 * i:4 * i + 4][:, d.channels]
         assert torch.equal(gradient.values, decode_tensor(codec.encode(own_union, d.channels, d.num_channels)).values)
-    for worker in (by_hand, union_worker):
-        assert weights_digest(module_tensors("server", worker.half)) == served
+    assert weights_digest(module_tensors("server", by_hand.half)) == weights_digest(
+        module_tensors("server", union_worker.half))
+    # The served half: equal up to the order of the weight-gradient sums, which the server's own thread may
+    # split differently from this one (seen once in CI under load); the gradients sent back are exact above.
+    reference = module_tensors("server", union_worker.half)
+    assert weights_digest(module_tensors("server", union_worker.half)) == served or all(
+        torch.allclose(state[k].float(), reference[k].float(), rtol=0, atol=1e-6) for k in reference)
 
 
 def test_a_bad_step_in_a_stack_fails_alone(images):

@@ -116,6 +116,9 @@ class Batcher:
             return batch
 
     def _loop(self) -> None:
+        import torch
+
+        torch.set_num_threads(torch.get_num_threads())  # this thread's OpenMP team: the process's thread count
         while (batch := self._next_batch()) is not None:
             try:
                 self.run(batch)
