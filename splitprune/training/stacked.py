@@ -18,7 +18,6 @@ Callers hold the half's lock, as for ServerWorker.train/evaluate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +110,7 @@ def _union_step(worker: ServerWorker, requests: list[Request],
                 received: list[tuple[Decoded, torch.Tensor]]) -> list[pb.TrainReply] | None:
     """The stacked step; None (and nothing changed) when a gradient slice is not finite."""
     assert worker.optimizer is not None
-    undo = _undo_point(worker)
+    undo = worker.undo_point()
     lr_scale = check_lr_scale(requests[0].message.lr_scale)
     with worker.rng.active():
         worker.half.train()
@@ -140,29 +139,13 @@ def _union_step(worker: ServerWorker, requests: list[Request],
     return replies
 
 
-def _undo_point(worker: ServerWorker) -> Callable[[], None]:
-    """What a refused step's forward changes (batch-norm statistics, random state), to be put back."""
-    buffers = {name: b.clone() for name, b in worker.half.named_buffers()}
-    rng_state = worker.rng.state
-
-    def undo() -> None:
-        with torch.no_grad():
-            for name, b in worker.half.named_buffers():
-                b.copy_(buffers[name])
-        worker.rng.state = rng_state
-        if worker.optimizer is not None:
-            worker.optimizer.zero_grad(set_to_none=True)
-
-    return undo
-
-
 def _one_at_a_time(worker: ServerWorker, requests: list[Request],
                    out: list[pb.TrainReply | Refusal | None]) -> list[pb.TrainReply | Refusal]:
     """Every request not refused yet runs alone through ServerWorker.train, in order; a refused one
     leaves no trace (ServerWorker.train alone would keep its batch-norm statistics)."""
     for i, r in enumerate(requests):
         if out[i] is None:
-            undo = _undo_point(worker)
+            undo = worker.undo_point()
             try:
                 out[i] = worker.train(r.message, r.dtype, r.max_kept)
             except ProtocolError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import torch
 from google.protobuf.message import Message
@@ -149,19 +149,39 @@ class ServerWorker:
             raise BadTensor(str(exc)) from None
         labels, received = labels.to(self.accelerator), received.to(self.accelerator)
         partial = received.channels.numel() < received.num_channels
-        with self.rng.active():
-            self.half.train()
-            compact = received.values.requires_grad_()
-            loss, logits = self.objective(self.half, received, compact, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            set_lr(self.optimizer, self.phase_lr * lr_scale)
-            loss.backward()
-            # encoding refuses a non-finite gradient: a diverged step is reported, never applied
-            gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
-                                         received.num_channels, received.prefix)
-            self.optimizer.step()
+        undo = self.undo_point()
+        try:
+            with self.rng.active():
+                self.half.train()
+                compact = received.values.requires_grad_()
+                loss, logits = self.objective(self.half, received, compact, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                set_lr(self.optimizer, self.phase_lr * lr_scale)
+                loss.backward()
+                # encoding refuses a non-finite gradient: a diverged step is reported, never applied
+                gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
+                                             received.num_channels, received.prefix)
+                self.optimizer.step()
+        except ProtocolError:
+            undo()  # nor are its batch-norm statistics kept
+            raise
         correct = int((logits.detach().argmax(1) == labels).sum())
         return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
+
+    def undo_point(self) -> Callable[[], None]:
+        """What a refused step's forward changes (batch-norm statistics, random state), to be put back."""
+        buffers = {name: b.clone() for name, b in self.half.named_buffers()}
+        rng_state = self.rng.state
+
+        def undo() -> None:
+            with torch.no_grad():
+                for name, b in self.half.named_buffers():
+                    b.copy_(buffers[name])
+            self.rng.state = rng_state
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+
+        return undo
 
     @torch.no_grad()
     def evaluate(self, req: pb.EvalRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.EvalReply:
