@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitprune.adaptive.stream import check_auto_args
+from splitprune.adaptive.stream import add_auto_flags, check_auto_args
 from splitprune.errors import UserError, run_command
 
 TOKEN_ENV = "SPLITPRUNE_TOKEN"
@@ -42,15 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")
     p.add_argument("--out", help="also write predictions and every timing as JSON here")
-    auto = p.add_argument_group("--budget auto", "one image per request, each with the exported budget and uplink "
-                                                 "dtype the budget controller picks from the link it measures")
-    auto.add_argument("--latency-ms", type=float, help="latency target per image, on this device end to end")
-    auto.add_argument("--dtypes-up", help="uplink dtypes to choose from, comma-separated (default: the exported "
-                                          "one and the cheaper ones down to int8)")
-    auto.add_argument("--duration", type=float, help="stream for this many seconds, cycling through the images "
-                                                     "(default: each image once)")
-    auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
-    auto.add_argument("--log", help="write every request as JSON here (the format of `splitprune infer --log`)")
+    add_auto_flags(p, "one image per request, each with the exported budget and uplink dtype the budget "
+                      "controller picks from the link it measures", per="image, on this device end to end",
+                   model="exported", inputs="images")
     p.set_defaults(run=run_infer)
     return parser
 

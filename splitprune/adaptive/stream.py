@@ -112,6 +112,20 @@ def impossible_warning(auto: AutoBudget, predicted: float) -> str:
 AUTO_FLAGS = ("latency_ms", "dtypes_up", "duration", "log")   # the flags of `--budget auto`, in both CLIs
 
 
+def add_auto_flags(parser, description: str, per: str, model: str, inputs: str) -> None:
+    """The `--budget auto` flags (AUTO_FLAGS and --every) of both CLIs: `per` names one request, `model`
+    where its default dtype comes from, `inputs` what a stream cycles through."""
+    auto = parser.add_argument_group("--budget auto", description)
+    auto.add_argument("--latency-ms", type=float, help=f"latency target per {per}")
+    auto.add_argument("--dtypes-up", help=f"uplink dtypes to choose from, comma-separated (default: the {model} "
+                                          "one and the cheaper ones down to int8)")
+    auto.add_argument("--duration", type=float, help=f"stream for this many seconds, cycling through the {inputs} "
+                                                     f"(default: each of them once)")
+    auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
+    auto.add_argument("--log", help="write every request (time, budget, dtype, latency, bytes, correct) as JSON "
+                                    "here, for `splitprune plot LOG.json`")
+
+
 def check_auto_args(args, auto: bool) -> None:
     """The `--budget auto` flags of `splitprune infer` / `splitprune-device infer`, checked before any work."""
     given = [name for name in AUTO_FLAGS if getattr(args, name, None) is not None]

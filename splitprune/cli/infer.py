@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitprune.adaptive.stream import check_auto_args, percentile
+from splitprune.adaptive.stream import add_auto_flags, check_auto_args, percentile
 from splitprune.cli.common import percent
 from splitprune.cli.train import add_remote_flags
 from splitprune.compression.codec import WIRE_DTYPES
@@ -30,16 +30,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--warmup", type=int, default=3,
                    help="requests sent first and left out of the latency figures (default: 3)")
     p.add_argument("--out", help="also write the results as JSON here")
-    auto = p.add_argument_group("--budget auto", "the device picks (budget, uplink dtype) per single-sample request "
-                                                 "from the link it measures")
-    auto.add_argument("--latency-ms", type=float, help="latency target per request, device to answer")
-    auto.add_argument("--dtypes-up", help="uplink dtypes to choose from, comma-separated (default: the trained "
-                                          "one and the cheaper ones down to int8)")
-    auto.add_argument("--duration", type=float, help="stream for this many seconds, cycling through the test "
-                                                     "images (default: each test image once)")
-    auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
-    auto.add_argument("--log", help="write every request (time, budget, dtype, latency, bytes, correct) as JSON "
-                                    "here, for `splitprune plot adaptive`")
+    add_auto_flags(p, "the device picks (budget, uplink dtype) per single-sample request from the link it "
+                      "measures", per="request, device to answer", model="trained", inputs="test images")
     p.set_defaults(run=run)
 
 
