@@ -157,6 +157,7 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "check": {"images": check_images, "tolerance": tolerance,
                   "max_abs_diff": {str(e.budget): e.max_abs_diff for e in exported},
                   "identical_messages": {str(e.budget): e.identical_messages for e in exported}},
+        **({"budget_validation": meta["budget_validation"]} if "budget_validation" in meta else {}),
     }
 
 

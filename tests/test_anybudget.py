@@ -13,7 +13,8 @@ from splitprune.compression.budget import channel_mask
 from splitprune.config import make_config, resolve_schedule
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
-from splitprune.data import make_loaders
+from splitprune.adaptive.budgets import budget_quality
+from splitprune.data import make_loaders, validation_loader
 from splitprune.export import load_workers
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.compression.bottleneck import ladder, rung
@@ -128,8 +129,21 @@ def test_one_gradient_for_the_received_prefix_and_indices_refused():
 def anybudget_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("anybudget") / "run"
     assert main(["train", "--method", "anybudget", "--epochs", "1", "--train-subset", "16", "--test-subset", "16",
-                 "--threads", "1", "--quiet", "--out", str(out)]) == 0
+                 "--validation-size", "24", "--threads", "1", "--quiet", "--out", str(out)]) == 0
     return out
+
+
+def test_the_run_measures_every_ladder_budget_on_its_validation_images(anybudget_run):
+    meta = read_meta(anybudget_run)
+    table = meta["budget_validation"]
+    assert table["samples"] == 24 and table["dtype_up"] == "fp16"
+    assert list(table["accuracy"]) == [str(b) for b in ladder(512)]
+    device, server, *_ = load_workers(str(anybudget_run))
+    held_out = validation_loader("fashion-mnist", None, 32, 1, 24, 16)   # two batches
+    for budget in (2, 512):
+        expected = evaluate(device, LocalLink(server), held_out, budget).accuracy
+        assert table["accuracy"][str(budget)] == round(expected, 6)
+    assert budget_quality(meta, [1, 2, 512]) is not None   # what --budget auto ranks this model's options by
 
 
 def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):

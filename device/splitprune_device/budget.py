@@ -6,8 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
-from splitprune.adaptive import Option, option_ladder
-from splitprune.adaptive.budgets import ladder, model_budgets
+from splitprune.adaptive import Option
+from splitprune.adaptive.budgets import model_options
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
@@ -59,4 +59,4 @@ def auto_options(model: DeviceModel, dtypes: list[str]) -> list[Option]:
         return (spb.InferRequest(fingerprint=model.fingerprint, budget=budget, eval=req).ByteSize(),
                 spb.InferReply(eval=reply, server_ms=1.0).ByteSize())
 
-    return option_ladder(ladder(model_budgets(model.manifest)), dtypes, bytes_for)
+    return model_options(model.manifest, dtypes, bytes_for)

@@ -6,7 +6,9 @@ time (`infer --budget auto`, `train --budget auto`, `splitprune-device infer --b
 """
 from __future__ import annotations
 
-from splitprune.adaptive.controller import PRECISION_BITS
+from typing import Callable
+
+from splitprune.adaptive.controller import PRECISION_BITS, Option, option_ladder
 from splitprune.errors import UserError
 from splitprune.wire import WIRE_DTYPES
 
@@ -41,6 +43,31 @@ def ladder(budgets: list[int], limit: int | None = None) -> list[int]:
     if not usable:
         raise UserError(f"no budget of {sorted(budgets)} is within {limit}")
     return sorted({b for b in usable if b & (b - 1) == 0} | {usable[0], usable[-1]})
+
+
+def budget_quality(meta: dict, budgets: list[int]) -> Callable[[Option], tuple] | None:
+    """How `--budget auto` ranks a model's options: by its validation accuracy at the option's budget, then
+    precision (an any-budget run measures it on its held-out images after training: `budget_validation` in
+    its meta, copied into its export manifest). None (rank by size) when the model has no such table or it
+    lacks one of `budgets`, or a value is not an accuracy."""
+    table = meta.get("budget_validation")
+    accuracy = table.get("accuracy") if isinstance(table, dict) else None
+    if not isinstance(accuracy, dict):
+        return None
+    try:
+        measured = {int(b): float(accuracy[str(b)]) for b in budgets}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not all(0.0 <= a <= 1.0 for a in measured.values()):
+        return None
+    return lambda o: (measured[o.budget], PRECISION_BITS.get(o.dtype, 0))
+
+
+def model_options(meta: dict, dtypes: list[str], bytes_for: Callable[[int, str], tuple[int, int]]) -> list[Option]:
+    """The options `--budget auto` chooses from: the ladder of the model's budgets x `dtypes`, least preferred
+    first (option_ladder), ranked by validation accuracy when the model measured it (budget_quality)."""
+    budgets = ladder(model_budgets(meta))
+    return option_ladder(budgets, dtypes, bytes_for, budget_quality(meta, budgets))
 
 
 def uplink_dtypes(text: str | None, trained: str) -> list[str]:

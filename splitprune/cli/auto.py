@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from splitprune.adaptive import Option, option_ladder
-from splitprune.adaptive.budgets import ladder, model_budgets
+from splitprune.adaptive import Option
+from splitprune.adaptive.budgets import model_options
 from splitprune.adaptive.policy import AutoBudget, AutoStepBudget
 from splitprune.adaptive.stream import Outcome, StreamResult, run_stream
 from splitprune.errors import UserError
@@ -38,7 +38,7 @@ class SizingLink:
 
 
 def inference_options(session, dtypes: list[str]) -> list[Option]:
-    """The option ladder of a model: its budgets (model_budgets) x `dtypes`, sized by encoding a real sample."""
+    """The option ladder of a model (model_options), each option sized by encoding a real sample."""
     from splitprune.compression import ChannelCodec
 
     device, x = session.device, session.batches[0][0][:1]
@@ -51,7 +51,7 @@ def inference_options(session, dtypes: list[str]) -> list[Option]:
         return link.sizes
 
     try:
-        return option_ladder(ladder(model_budgets(session.meta)), dtypes, bytes_for)
+        return model_options(session.meta, dtypes, bytes_for)
     finally:
         device.codec = codec
 

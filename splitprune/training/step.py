@@ -309,16 +309,24 @@ class DeviceWorker:
             step_budget.observe(len(up), len(down))
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor, link: Link, budget: int | None = None) -> tuple[torch.Tensor, int, int]:
         """Split inference: predicted classes, uplink and downlink bytes."""
+        return self.predict_budgets(x, link, [budget])[0]
+
+    @torch.no_grad()
+    def predict_budgets(self, x: torch.Tensor, link: Link,
+                        budgets: list[int | None]) -> list[tuple[torch.Tensor, int, int]]:
+        """`predict` at each budget, one request each, the device half run once."""
         self.half.eval()
-        self.step_id += 1
-        channels = self.kept_channels(budget)
-        _, activations = self._encode(self.half(x.to(self.accelerator)), channels)
-        up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
-        down = link.evaluate(up)
-        reply = parse_message(pb.EvalReply, down)
-        if reply.request_id != self.step_id:
-            raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
-        return decode_labels(reply.predictions, len(x), self.num_classes), len(up), len(down)
+        z = self.half(x.to(self.accelerator))
+        out = []
+        for budget in budgets:
+            self.step_id += 1
+            _, activations = self._encode(z, self.kept_channels(budget))
+            up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
+            down = link.evaluate(up)
+            reply = parse_message(pb.EvalReply, down)
+            if reply.request_id != self.step_id:
+                raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
+            out.append((decode_labels(reply.predictions, len(x), self.num_classes), len(up), len(down)))
+        return out

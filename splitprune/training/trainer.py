@@ -13,11 +13,13 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from splitprune.adaptive.budgets import ladder, model_budgets
 from splitprune.adaptive.policy import StepBudget
 from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
                                             optimizer_tensors, read_meta, read_tensors, write_checkpoint)
+from splitprune.data import validation_loader
 from splitprune.models import cut_shape
 from splitprune.training.setup import (InProcessServer, RunParts, ServerEndpoint, ServerHalfRecord, build_run,
                                        input_channels)
@@ -49,6 +51,17 @@ def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None
     return EvalResult(correct / max(samples, 1), samples, up, down, single)
 
 
+def evaluate_budgets(device: DeviceWorker, link: Link, loader, budgets: list[int],
+                     progress: bool = False) -> dict[int, float]:
+    """Accuracy at each budget on `loader`, the device half run once per batch."""
+    correct, samples = dict.fromkeys(budgets, 0), 0
+    for x, y in _bar(loader, f"accuracy at {len(budgets)} budgets", progress):
+        for budget, (predictions, _, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
+            correct[budget] += int((predictions == y).sum())
+        samples += len(y)
+    return {b: c / max(samples, 1) for b, c in correct.items()}
+
+
 @dataclass
 class Progress:
     phase: int = 0
@@ -58,6 +71,7 @@ class Progress:
     wall_seconds: float = 0.0      # the whole run, every process of it (setup, steps, evaluation, checkpoints)
     last_eval: dict = field(default_factory=dict)
     transport: dict | None = None  # network traffic of the processes before this one (remote runs)
+    budget_validation: dict | None = None   # anybudget: validation accuracy per ladder budget, after the last epoch
 
 
 EpochCallback = Callable[["Trainer", dict], None]
@@ -107,6 +121,7 @@ class Trainer:
             "progress": {"phase": progress.phase, "epoch_in_phase": progress.epoch_in_phase,
                          "epoch": progress.epoch, "wall_seconds": progress.wall_seconds, "rows": progress.rows,
                          "last_eval": progress.last_eval, "transport": self.transport()},
+            **({"budget_validation": progress.budget_validation} if progress.budget_validation else {}),
         }
 
     def _clock_wall(self) -> Progress:
@@ -142,7 +157,8 @@ class Trainer:
                             "pass another --out or remove that folder to start afresh")
         saved = meta["progress"]
         self.progress = Progress(saved["phase"], saved["epoch_in_phase"], saved["epoch"], saved["rows"],
-                                 saved["wall_seconds"], saved.get("last_eval", {}), saved.get("transport"))
+                                 saved["wall_seconds"], saved.get("last_eval", {}), saved.get("transport"),
+                                 meta.get("budget_validation"))
         self._wall_before = saved["wall_seconds"]
         model = read_tensors(meta["_folder"])
         state = read_tensors(meta["_folder"], "state.safetensors")
@@ -201,10 +217,29 @@ class Trainer:
                 self._start_phase(self.progress.phase, fresh=True)
                 phase_started = True
             self._save()
+        if self._ranks_budgets() and self.progress.budget_validation is None:
+            self.progress.budget_validation = self._validate_budgets()
+            self._save()
         self._clock_wall()
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _ranks_budgets(self) -> bool:
+        return self.cfg.method == "anybudget" and self.cfg.validation_size > 0 and self.checkpoints
+
+    def _validate_budgets(self) -> dict:
+        """What `--budget auto` ranks its options by (adaptive.budgets.budget_quality): the final model's
+        accuracy at every budget of the ladder on the held-out validation images, never the test set."""
+        cfg = self.cfg
+        loader = validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, self.parts.in_channels,
+                                   cfg.validation_size, cfg.test_batch_size)
+        budgets = ladder(model_budgets({"budget": self.parts.geometry.channels}))
+        accuracy = evaluate_budgets(self.device, self.endpoint.link, loader, budgets, self.show_progress)
+        self._log("validation accuracy per budget: "
+                  + ", ".join(f"B={b} {100 * a:.2f}%" for b, a in accuracy.items()))
+        return {"samples": len(loader.dataset.labels), "dtype_up": cfg.dtype_up,
+                "accuracy": {str(b): round(a, 6) for b, a in accuracy.items()}}
 
     def _run_epoch(self, phase: Phase) -> None:
         p = self.progress
