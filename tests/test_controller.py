@@ -6,6 +6,7 @@ import random
 import pytest
 
 from splitprune.adaptive import BudgetController, Observation, Option, option_ladder
+from splitprune.adaptive.budgets import budget_quality, model_options
 from splitprune.errors import UserError
 from splitprune.transport.trace import LinkTrace
 
@@ -42,6 +43,19 @@ def test_ladder_drops_options_that_cost_more_and_carry_less():
     ladder = option_ladder([2, 4], ["fp32", "int8"], wire_bytes)
     assert [o.label() for o in ladder] == ["B=2 int8", "B=4 int8", "B=4 fp32"]   # B=2 fp32 (228 B) > B=4 int8 (164 B)
     assert [o.bytes for o in ladder] == sorted(o.bytes for o in ladder)
+
+
+def test_a_model_that_measured_its_budgets_is_ranked_by_validation_accuracy():
+    table = {"accuracy": {"1": 0.80, "2": 0.79, "4": 0.83, "8": 0.83}}
+    ranked = model_options({"budget": 8, "budget_validation": table}, ["fp16", "int8"], wire_bytes)
+    # B=2 is worse than B=1 on validation data and B=8 no better than B=4: neither is worth its bytes
+    assert [o.label() for o in ranked] == ["B=1 int8", "B=1 fp16", "B=4 int8", "B=4 fp16"]
+    by_size = model_options({"budget": 8}, ["fp16"], wire_bytes)
+    assert [o.budget for o in by_size] == [1, 2, 4, 8]
+    # a table that misses an offered budget, or holds no accuracy, ranks by size as if there were none
+    for bad in ({"accuracy": {"1": 0.8, "2": 0.9}}, {"accuracy": {**table["accuracy"], "4": 1.5}}, {"accuracy": 3}):
+        assert budget_quality({"budget": 8, "budget_validation": bad}, [1, 2, 4, 8]) is None
+        assert model_options({"budget": 8, "budget_validation": bad}, ["fp16"], wire_bytes) == by_size
 
 
 def fitting(rate_mbit: float, delay_ms: float, limit: float, server: float = 0.002) -> Option:
@@ -84,6 +98,17 @@ def test_a_fade_is_followed_down_and_back_up():
     assert max(o.budget for o, _ in settled_in_fade) <= fitting(0.2, 40, 0.8 * 0.15).budget
     recovered = [o.budget for t, o, _ in log if t > 13]
     assert min(recovered) == 512                                       # back up within a second of the fade's end
+
+
+def test_a_fade_that_also_adds_delay_costs_one_miss_not_a_cascade():
+    """A fade cuts the rate 50x and doubles the round trip at once. The request in flight misses; what it
+    says fits a slower rate or a longer delay, so the next choice must fit both, and nothing misses again."""
+    trace = LinkTrace.from_rows([(0, 10, 20), (10, 0.2, 80), (14, 10, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.25)
+    log = simulate(trace, controller, 20, server=0.03)
+    misses = [t for t, _, lat in log if lat > 0.25]
+    assert len(misses) == 1 and 10 <= misses[0] < 10.2
+    assert [o.budget for t, o, _ in log if t > misses[0]][0] == 1
 
 
 def test_impossible_target_uses_the_smallest_option_and_says_so():

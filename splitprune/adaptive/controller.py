@@ -16,7 +16,9 @@ request move nothing. Requests of one size cannot tell the round trip from the r
 no such pair, ``per_byte`` is the last fitted one (a prior of ``1 / prior_rate`` before any) and ``base``
 follows the current requests, so a change in delay or rate shows at once in the prediction for the
 option in use. A missed request blames the rate (``per_byte`` raised to explain it) for as long as it is
-in the window; then the last fit returns, so a one-off stall (a busy CPU, a retransmission) is
+in the window, and until a request is in time again every option is also predicted as if the miss had
+been a longer round trip at the old rate, the worse of the two counting (a fade brings both: blaming the
+rate alone sent the next requests one option down at a time, each missing too); then the last fit returns, so a one-off stall (a busy CPU, a retransmission) is
 forgotten instead of pinning a pessimistic rate for as long as the choice stays put, and a lasting
 slowdown is measured again by the next step up (whose size makes a pair with the ones before). A fit
 not renewed by a pair for ``refit_after`` seconds is relaxed to the prior if it is slower: a fit from
@@ -110,6 +112,7 @@ class BudgetController:
     _last_down: float = field(default=-math.inf, init=False)
     _now: float = field(default=-math.inf, init=False)
     _started: bool = field(default=False, init=False)   # a choice was made with observations
+    _delay_blame: tuple[float, float] | None = field(default=None, init=False)  # (base, per_byte) if a miss was delay
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -136,9 +139,14 @@ class BudgetController:
         if missed and self._obs:
             # The link changed under us. Blame the rate (what a smaller option can fix) and forget the
             # requests from before the change, which would otherwise hold the fit for a whole window.
-            base = self.estimate().rtt
-            self._per_byte = max(self._per_byte, (network - base) / max(size, 1))
+            # One request cannot tell a slower rate from a longer delay (a fade brings both): until a
+            # request is in time again, every option is predicted under both explanations, the worse one.
+            before = self.estimate()
+            self._delay_blame = (network - size * self._per_byte, self._per_byte)
+            self._per_byte = max(self._per_byte, (network - before.rtt) / max(size, 1))
             self._obs.clear()
+        elif not missed:
+            self._delay_blame = None
         # a missed request is kept out of the slopes: one stall paired with quick requests would be the
         # slope of every pair (and the fitted base) until it leaves the window
         self._obs.append((obs.at, size, network, obs.compute_seconds, missed))
@@ -169,7 +177,11 @@ class BudgetController:
         est = self.estimate()
         if est.rate is None:
             return 0.0
-        return est.rtt + est.compute + option.bytes / est.rate
+        predicted = est.rtt + est.compute + option.bytes / est.rate
+        if self._delay_blame is not None:
+            base, per_byte = self._delay_blame
+            predicted = max(predicted, base + est.compute + option.bytes * per_byte)
+        return predicted
 
     # ---------------------------------------------------------------- choosing
     def _best_fitting(self, limit: float) -> int | None:
