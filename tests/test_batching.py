@@ -15,7 +15,7 @@ from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import module_tensors
 from splitprune.training.setup import build_device_worker, build_server_worker
-from splitprune.training.stacked import Request, train_stacked
+from splitprune.training.stacked import Request, evaluate_stacked, train_stacked
 from splitprune.transport.batching import BatchOptions
 from splitprune.transport.errors import BadTensor
 from splitprune.transport.client import RemoteError, connect
@@ -115,6 +115,26 @@ def test_stacked_inference_equals_one_at_a_time_and_a_bad_request_fails_alone(im
     finally:
         alone.stop(grace=0.5)
         stacked.stop(grace=0.5)
+
+
+def test_stacked_inference_of_an_anybudget_model_normalises_each_prefix_by_its_own_budget(images):
+    cfg = config(method="anybudget", budget=None)
+    worker = build_server_worker(cfg, 10, 1)[0]
+    with torch.no_grad():   # distinct decoder statistics per rung, as training leaves them
+        bn = worker.half.decoder.bn
+        gen = torch.Generator().manual_seed(0)
+        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
+        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) ** 4 + 1e-3)
+        worker.half.layers.classifier.weight.mul_(30)
+    x = images[0][0]
+    with torch.no_grad():
+        z = device_half(cfg)(x)
+    requests = [pb.EvalRequest(request_id=k + 1, activations=ChannelCodec("fp16").encode(
+        z[:, :k], None if k == 512 else torch.arange(k), 512, prefix=True)) for k in (1, 4, 512, 4)]
+    stacked = evaluate_stacked(worker, [Request(r) for r in requests])
+    alone = [worker.evaluate(r) for r in requests]
+    assert stacked == alone
+    assert len({r.predictions.SerializeToString() for r in alone[:3]}) > 1   # the budgets predict differently here
 
 
 def _step(step_id, activations, y):

@@ -61,12 +61,16 @@ def evaluate_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.E
             valid.append((i, _decode(worker, r, r.max_kept)))
         except ProtocolError as exc:
             out[i] = as_refusal(exc)
-    if valid:
+    # one forward per number of channels received: an any-budget decoder normalises by it (its budget)
+    groups: dict[int, list[tuple[int, Decoded]]] = {}
+    for i, d in valid:
+        groups.setdefault(d.channels.numel(), []).append((i, d))
+    for kept, group in groups.items():
         with worker.rng.active():
             worker.half.eval()
-            logits = worker.half(torch.cat([d.dense() for _, d in valid]))
-        predictions = logits.argmax(1).split([d.values.shape[0] for _, d in valid])
-        for (i, _), p in zip(valid, predictions):
+            logits = worker.half(torch.cat([d.dense() for _, d in group]), kept)
+        predictions = logits.argmax(1).split([d.values.shape[0] for _, d in group])
+        for (i, _), p in zip(group, predictions):
             out[i] = pb.EvalReply(request_id=requests[i].message.request_id, predictions=encode_labels(p))
     return out  # type: ignore[return-value]
 
