@@ -50,8 +50,9 @@ def trace_started(proc: subprocess.Popen) -> float:
     return float(line.split("unix ")[1].rstrip(")\n"))
 
 
-def correctness(session, options) -> list[list[int]]:
-    """correct[k][i]: whether the model predicts test sample i right at option k (in-process, both halves)."""
+def correctness(session, options) -> dict[tuple[int, str], list[int]]:
+    """correct[budget, dtype][i]: whether the model predicts test sample i right at that option (in-process,
+    both halves)."""
     import torch
 
     from splitprune.compression import ChannelCodec
@@ -62,11 +63,11 @@ def correctness(session, options) -> list[list[int]]:
     link = LocalLink(server)
     xs = torch.cat([x for x, _ in session.batches])
     ys = torch.cat([y for _, y in session.batches])
-    table = []
+    table = {}
     for option in options:
         device.codec = ChannelCodec(option.dtype)
         predictions = torch.cat([device.predict(xs[i:i + 250], link, option.budget)[0] for i in range(0, len(xs), 250)])
-        table.append([int(v) for v in (predictions == ys)])
+        table[option.budget, option.dtype] = [int(v) for v in (predictions == ys)]
     return table
 
 
@@ -101,14 +102,20 @@ def run_trace(session, upstream: str, name: str, latency_ms: float, dtypes: list
             "options": result.options, "rows": doc["rows"], "plot": plot.name}
 
 
-def simulate(trace_name: str, run: dict, table: list[list[int]], target: float) -> list[dict]:
+def simulate(trace_name: str, run: dict, table: dict[tuple[int, str], list[int]], target: float,
+             fixed_options: list) -> list[dict]:
+    """The controller and the oracle choose from the run's options (ranked by validation accuracy when the
+    model measured it); every option of `fixed_options` (the size-ranked ladder) is also held fixed."""
     trace, options = LinkTrace.load(trace_name), run["options"]
     real = measured(trace, run["rows"], options, run["trace_start_unix"])
-    policies = [("auto (controller, simulated)", controller_replay(trace, options, real, target)),
-                ("oracle (knows the trace, simulated)", replay(trace, options, real, oracle(trace, options, target), target))]
-    policies += [(f"fixed {o.label()} (simulated)", replay(trace, options, real, fixed(k), target))
-                 for k, o in enumerate(options)]
-    return [{"policy": label, "kind": "simulated", **score(requests, options, table, target)} for label, requests in policies]
+    policies = [("auto (controller, simulated)", options, controller_replay(trace, options, real, target)),
+                ("oracle (knows the trace, simulated)", options,
+                 replay(trace, options, real, oracle(trace, options, target), target))]
+    policies += [(f"fixed {o.label()} (simulated)", fixed_options, replay(trace, fixed_options, real, fixed(k), target))
+                 for k, o in enumerate(fixed_options)]
+    return [{"policy": label, "kind": "simulated",
+             **score(requests, chosen, [table[o.budget, o.dtype] for o in chosen], target)}
+            for label, chosen, requests in policies]
 
 
 def verdict(real: dict, simulated: list[dict]) -> dict:
@@ -146,12 +153,13 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
         session = open_session(str(checkpoint), server.address, test_subset=test_subset)  # checks the model
         session.client.close()   # each trace connects through its own link
         chosen = uplink_dtypes(dtypes, session.cfg.dtype_up)
-        table = correctness(session, inference_options(session, chosen))
+        options, fixed_options = inference_options(session, chosen), inference_options(session, chosen, ranked=False)
+        table = correctness(session, list({(o.budget, o.dtype): o for o in options + fixed_options}.values()))
         results = []
         for name in traces:
             print(f"trace {name}: --budget auto over a real link, target {latency_ms:g} ms ...", flush=True)
             run = run_trace(session, server.address, name, latency_ms, chosen, seconds, out)
-            simulated = simulate(name, run, table, latency_ms / 1e3)
+            simulated = simulate(name, run, table, latency_ms / 1e3, fixed_options)
             real = {"policy": "auto (real run)", "kind": "real", **{k: run["real"][k] for k in (
                 "requests", "share_within_target", "accuracy", "bytes_up", "bytes_down", "mean_budget")}}
             results.append({"trace": name, "seconds": run["seconds"], "trace_start_unix": run["trace_start_unix"],

@@ -37,8 +37,9 @@ class SizingLink:
         return reply.SerializeToString()
 
 
-def inference_options(session, dtypes: list[str]) -> list[Option]:
-    """The option ladder of a model (model_options), each option sized by encoding a real sample."""
+def inference_options(session, dtypes: list[str], ranked: bool = True) -> list[Option]:
+    """The option ladder of a model (model_options), each option sized by encoding a real sample;
+    `ranked=False`: every option that costs more bytes than the one before, whatever its accuracy."""
     from splitprune.compression import ChannelCodec
 
     device, x = session.device, session.batches[0][0][:1]
@@ -51,7 +52,8 @@ def inference_options(session, dtypes: list[str]) -> list[Option]:
         return link.sizes
 
     try:
-        return model_options(session.meta, dtypes, bytes_for)
+        meta = session.meta if ranked else {k: v for k, v in session.meta.items() if k != "budget_validation"}
+        return model_options(meta, dtypes, bytes_for)
     finally:
         device.codec = codec
 
