@@ -137,6 +137,19 @@ def test_stacked_inference_of_an_anybudget_model_normalises_each_prefix_by_its_o
     assert len({r.predictions.SerializeToString() for r in alone[:3]}) > 1   # the budgets predict differently here
 
 
+def test_stacked_steps_of_an_anybudget_half_run_alone_with_its_nested_objective(images):
+    cfg = config(method="anybudget", budget=None)
+    stacked, alone = (build_server_worker(cfg, 10, 1)[0] for _ in range(2))
+    for worker in (stacked, alone):
+        worker.start_phase(pb.PhaseRequest(phase=0, budget=512, lr=PHASE.lr, momentum=PHASE.momentum))
+    with torch.no_grad():
+        zs = [device_half(cfg)(images[i][0]) for i in range(2)]
+    requests = [_step(i + 1, ChannelCodec("fp16").encode(z[:, :k], torch.arange(k), 512, prefix=True), images[i][1])
+                for i, (z, k) in enumerate(zip(zs, (8, 32)))]
+    assert train_stacked(stacked, [Request(r) for r in requests]) == [alone.train(r) for r in requests]
+    assert weights_digest(module_tensors("s", stacked.half), "s.") == weights_digest(module_tensors("s", alone.half), "s.")
+
+
 def _step(step_id, activations, y):
     return pb.TrainRequest(step_id=step_id, activations=activations, labels=encode_labels(y))
 

@@ -26,6 +26,7 @@ from splitprune.compression import decode_labels, encode_labels
 from splitprune.compression.codec import Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
+from splitprune.training.objectives import CrossEntropy
 from splitprune.training.step import ServerWorker, check_lr_scale, set_lr
 from splitprune.transport.errors import BadTensor, NoPhase, Refusal
 
@@ -99,7 +100,9 @@ def train_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.Trai
             valid.append((i, *_receive(worker, r)))
         except ProtocolError as exc:
             out[i] = as_refusal(exc)
-    if len(valid) == 1:  # nothing to stack: exactly the lone step
+    # nothing to stack: exactly the lone step; an any-budget half's loss over nested prefixes of each
+    # request's channels is not one cross-entropy over the union, so its steps run alone too
+    if len(valid) == 1 or not isinstance(worker.objective, CrossEntropy):
         return _one_at_a_time(worker, requests, out)
     if valid:
         replies = _union_step(worker, [requests[i] for i, _, _ in valid], [(d, y) for _, d, y in valid])
