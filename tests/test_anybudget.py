@@ -4,12 +4,14 @@ the network bit for bit as in-process, and `--from` a gated model (the cut reord
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from splitprune.bench.adaptive_accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
 from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, keep_channels
 from splitprune.compression.budget import channel_mask
+from splitprune.compression.codec import Decoded
 from splitprune.config import make_config, resolve_schedule
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
@@ -18,7 +20,7 @@ from splitprune.data import make_loaders, validation_loader
 from splitprune.export import load_workers
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.compression.bottleneck import ladder, rung
-from splitprune.training.objectives import NestedPrefixes
+from splitprune.training.objectives import NestedPrefixes, prefix_input
 from splitprune.training.rng import RngStream
 from splitprune.training.setup import build_workers, load_pretrained
 from splitprune.training.step import LocalLink, ServerWorker
@@ -97,6 +99,29 @@ def test_sandwich_trains_the_smallest_the_whole_and_one_ladder_budget_between():
     assert NestedPrefixes().budgets(2) == [2, 1] and NestedPrefixes().budgets(1) == [1]
 
 
+def test_sandwich_sums_the_label_loss_of_the_whole_and_distillation_of_the_smaller_prefixes():
+    class Probe(torch.nn.Module):   # a server half that sees which channels are zero
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8 * 4, 3)
+
+        def forward(self, x, budget=None):
+            return self.lin(x.flatten(1))
+
+    torch.manual_seed(0)
+    half, values, labels = Probe(), torch.randn(6, 8, 2, 2), torch.randint(3, (6,))
+    received = Decoded(values, torch.arange(8), 8)
+    with RngStream(1).active():
+        budgets = NestedPrefixes().budgets(8)
+    with RngStream(1).active():
+        loss, reported = NestedPrefixes()(half, received, values, labels)
+    whole = half(values)
+    teacher = torch.softmax(whole, 1).detach()
+    smaller = [-(teacher * torch.log_softmax(half(prefix_input(values, b, 8)), 1)).sum(1).mean() for b in budgets[1:]]
+    assert len(smaller) == 2 and torch.allclose(loss, F.cross_entropy(whole, labels) + sum(smaller))
+    assert torch.equal(reported, whole)
+
+
 def _server(objective):
     cfg = make_config({**SMALL, "method": "anybudget"})
     _, server, geometry = build_workers(cfg, 10, 1)
@@ -151,6 +176,9 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     assert meta["budget"] == 512 and meta["config"]["budget"] is None
     tracked = read_tensors(meta["_folder"])["server.decoder.bn.num_batches_tracked"]
     assert tracked.shape == (10,) and (tracked > 0).all()  # the decoder's statistics: every rung, every step
+    # the backbone's BatchNorm after the decoder: the rungs the step's forwards ran at (sandwich: 1, one, all)
+    tail = read_tensors(meta["_folder"])["server.layers.features.19.num_batches_tracked"]
+    assert tail.tolist()[0] == tail.tolist()[-1] == 1 and int(tail.sum()) == 3
     loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
     results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
     for b, r in zip((1, 3, 64, 512), results.values()):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
-from splitprune.compression.bottleneck import PrefixDecoder
+from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_budget_norms
 from splitprune.config import RunConfig
 from splitprune.models import build_split_model, check_server_input
 
@@ -45,9 +45,12 @@ class ServerHalf(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.layers = layers
+        self._rung_norms = [m for m in layers.modules() if isinstance(m, RungBatchNorm)]
 
     def forward(self, z: torch.Tensor, budget: int | None = None) -> torch.Tensor:
-        """`budget`: how many channels were sent (None: all); an any-budget decoder picks its statistics by it."""
+        """`budget`: how many channels were sent (None: all); an any-budget half picks its statistics by it."""
+        for norm in self._rung_norms:
+            norm.budget = budget
         return self.layers(self.decoder(z, budget))
 
 
@@ -64,5 +67,7 @@ def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[De
         wire = encoded_shape(split.cut_shape, cfg.resolution)
         encoder = GatedEncoder(channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
         decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution)
+    if cfg.method == "anybudget":
+        per_budget_norms(split.server, channels)
     check_server_input(split.server, split.cut_shape)
     return DeviceHalf(split.device, encoder), ServerHalf(decoder, split.server), Geometry(split.cut_shape, wire)

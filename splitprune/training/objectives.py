@@ -9,11 +9,16 @@ refinement costs server compute (one forward and backward per prefix), never tra
 ladder 1, 2, 4, ... (powers of two below K) plus K itself; random draws use the server's seeded RngStream,
 active around the call, so a run over the network draws what an in-process run draws.
 
-- "sandwich" (the default): the smallest prefix (1), the whole received one (K) and one budget drawn from
-  the ladder strictly between them; the loss is their mean.
+- "sandwich" (the default): the whole received prefix (K), the smallest (1) and one budget drawn from the
+  ladder strictly between them, with the two refinements of slimmable networks (Yu & Huang, ICCV 2019):
+  the losses are summed, not averaged (each prefix's gradient at full weight), and only the whole prefix
+  learns from the labels; the smaller ones learn from its predictions (in-place distillation: the soft
+  cross-entropy to its detached softmax). Measured against the mean of three label losses (quick profile,
+  seed 0, accuracy on 1000 test images after 4 epochs at all channels): mean 79.6%, sum 82.6%, sum with
+  distillation 83.4%.
 - "random": plain nested (ordered) dropout, one ladder budget up to K drawn per step.
 
-A step reports the loss it minimises (the mean) and the accuracy at the largest prefix it trained on.
+A step reports the loss it minimises (the sum) and the accuracy at the largest prefix it trained on.
 """
 from __future__ import annotations
 
@@ -85,9 +90,12 @@ class NestedPrefixes:
             raise BadTensor(f"this any-budget model takes a prefix of its channels (0..K-1), not channels "
                             f"{received.channels[:8].tolist()}...")
         losses, reported = [], None
-        for budget in self.budgets(k):
+        for budget in self.budgets(k):   # largest first: its predictions teach the others
             logits = half(prefix_input(compact, budget, received.num_channels), budget)
-            losses.append(F.cross_entropy(logits, labels))
-            reported = logits if reported is None else reported
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        return loss, reported
+            if reported is None:
+                losses.append(F.cross_entropy(logits, labels))
+                reported = logits
+            else:
+                teacher = F.softmax(reported.detach(), 1)
+                losses.append(-(teacher * F.log_softmax(logits, 1)).sum(1).mean())
+        return torch.stack(losses).sum(), reported

@@ -1,5 +1,5 @@
 """Turn a trained gated model into the start of an any-budget one: the same function, its cut's channels
-in the order of its gate, its decoder's BatchNorm statistics copied to every budget rung.
+in the order of its gate, its server BatchNorm statistics copied to every budget rung.
 
 `splitprune train --method anybudget --from RUN` starts from a gated model with its channels sorted by the
 source gate (largest mask first), so every prefix 0..B-1 starts from the channels that gate rated best.
@@ -39,16 +39,16 @@ def order_by_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return permute_cut(tensors, gate_order(tensors[GATE]))
 
 
-DECODER_BN = "server.decoder.bn."
-
-
 def with_rung_statistics(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy whose decoder BatchNorm statistics (one set) serve every rung of the budget ladder (RungBatchNorm)."""
+    """A copy whose server BatchNorm statistics (one set per layer: the decoder's and the backbone's after it)
+    serve every rung of the budget ladder (RungBatchNorm)."""
     out = dict(tensors)
     rungs = len(ladder(tensors[GATE].numel()))
-    for name in ("running_mean", "running_var"):
-        out[DECODER_BN + name] = tensors[DECODER_BN + name].reshape(1, -1).repeat(rungs, 1)
-    out[DECODER_BN + "num_batches_tracked"] = tensors[DECODER_BN + "num_batches_tracked"].reshape(1).repeat(rungs)
+    for key, value in tensors.items():
+        if key.startswith("server.") and key.endswith((".running_mean", ".running_var")):
+            out[key] = value.reshape(1, -1).repeat(rungs, 1)
+        elif key.startswith("server.") and key.endswith(".num_batches_tracked"):
+            out[key] = value.reshape(1).repeat(rungs)
     return out
 
 
