@@ -20,6 +20,10 @@ from splitprune.bench.runs import ensure, plan, run_dir, seed_names
 LADDER_RUNS = ("sl", "ca1", "ca2", "ca4", "ca8", "ca16", "ca32", "ca64", "anybudget")
 PARTS = ("accuracy", "inference", "training")
 LATENCY_MS = 200.0
+# cellular-fades at 200 ms is beyond any policy: in a fade the round trip alone is ~165 ms and a request's
+# compute 25-45 ms, so even the smallest option misses now and then (the oracle stays under 99%); it is
+# also run at a target its fades leave room for
+LOOSER = {"cellular-fades": 250.0}
 
 
 def _markdown(accuracy: dict, inference: dict | None, training: dict | None, command: str) -> str:
@@ -34,6 +38,9 @@ def _markdown(accuracy: dict, inference: dict | None, training: dict | None, com
         lines += [f"### Inference over the shipped traces, target {inference['latency_target_ms']:g} ms "
                   f"({inference['test_samples']} test images, cycled)", ""]
         lines += [report_trace(r).rstrip() + "\n" for r in inference["traces"]]
+        for looser in inference.get("looser", []):
+            lines += [f"### The same at target {looser['latency_target_ms']:g} ms", ""]
+            lines += [report_trace(r).rstrip() + "\n" for r in looser["traces"]]
     if training is not None:
         s = training["settings"]
         rows = [[r["budget"], f"{100 * r['final_accuracy']:.2f}",
@@ -54,17 +61,27 @@ def _markdown(accuracy: dict, inference: dict | None, training: dict | None, com
 
 
 def _inference(checkpoint: Path, out: Path) -> dict:
-    """The inference part, reused when its results for this model exist (delete OUT/inference to measure again)."""
+    """The inference part (every trace at LATENCY_MS, the LOOSER ones again at theirs), each reused when its
+    results for this model exist (delete OUT/inference to measure again)."""
+    result = _inference_at(checkpoint, out, LATENCY_MS, None)
+    result["looser"] = [_inference_at(checkpoint, out / f"{name}_{target:g}ms", target, [name])
+                        for name, target in LOOSER.items()]
+    return result
+
+
+def _inference_at(checkpoint: Path, out: Path, latency_ms: float, traces: list[str] | None) -> dict:
     import json
 
     from splitprune.bench import adaptive_infer
+    from splitprune.training.checkpoint import SEAL_KEY, read_meta
 
     done = out / "adaptive_infer.json"
     if done.exists():
         previous = json.loads(done.read_text())
-        if previous.get("checkpoint") == str(checkpoint) and previous.get("latency_target_ms") == LATENCY_MS:
+        if previous.get("model_seal") == read_meta(checkpoint).get(SEAL_KEY) \
+                and previous.get("latency_target_ms") == latency_ms:
             return previous
-    return adaptive_infer.run_adaptive_inference(checkpoint, out, latency_ms=LATENCY_MS)
+    return adaptive_infer.run_adaptive_inference(checkpoint, out, traces=traces, latency_ms=latency_ms)
 
 
 def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:

@@ -142,6 +142,7 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
     from splitprune.adaptive.budgets import uplink_dtypes
     from splitprune.cli.auto import inference_options
     from splitprune.cli.infer import open_session
+    from splitprune.training.checkpoint import SEAL_KEY
     from splitprune.transport.testing import ServerProcess, free_port
 
     out = Path(out)
@@ -168,7 +169,8 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
             print(report_trace(results[-1]), flush=True)
     finally:
         server.stop()
-    summary = {"checkpoint": str(checkpoint), "latency_target_ms": latency_ms, "dtypes_up": chosen,
+    summary = {"checkpoint": str(checkpoint), "model_seal": session.meta.get(SEAL_KEY),
+               "latency_target_ms": latency_ms, "dtypes_up": chosen,
                "test_samples": len(session.batches), "traces": results,
                "method": "auto: real requests over `splitprune link --trace` on loopback; every other policy "
                          "simulated on the same trace from the real run's per-request residual latencies "
