@@ -25,9 +25,7 @@ from splitprune.bench.common import markdown_table
 from splitprune.bench.runs import (RunSpec, full_test_loader, get_profile, headline_accuracy, load_record, plan,
                                    run_dir, seed_names)
 from splitprune.bench.verdict import FAILS, HOLDS, NOT_MEASURED, NOT_RESOLVED, difference, explain, interval, verdict
-from splitprune.compression import decode_labels
 from splitprune.errors import UserError
-from splitprune.proto import pb
 
 LADDER: tuple[int | None, ...] = (1, 2, 4, 8, 16, 32, 64, None)  # None: all channels
 RIVALS = {b: "sl" if b is None else f"ca{b}" for b in LADDER}
@@ -43,24 +41,21 @@ def label(budget: int | None) -> str:
 def accuracy_at_budgets(checkpoint: str | Path, budgets: tuple[int | None, ...], loader) -> dict[str, dict]:
     """The model of `checkpoint` at each budget (None: all) on `loader`: accuracy and uplink bytes per sample.
 
-    The device half runs once per batch; each budget's kept channels are encoded by the device's own codec
-    and classified by the server half from the decoded message, as `DeviceWorker.predict` does."""
+    The device half runs once per batch (`DeviceWorker.predict_budgets`); each budget's request goes
+    through the server half as its serialized message."""
     from splitprune.export import load_workers
+    from splitprune.training.step import LocalLink
 
     device, server, *_ = load_workers(str(checkpoint))
+    link = LocalLink(server)
     counts = {label(b): {"correct": 0, "samples": 0, "bytes_up": 0} for b in budgets}
     start = time.perf_counter()
     for x, y in loader:
-        z = device.half(x)
-        for b in budgets:
-            _, message = device._encode(z, device.kept_channels(b))
-            request = pb.EvalRequest(request_id=1, activations=message)
-            reply = server.evaluate(pb.EvalRequest.FromString(request.SerializeToString()))
-            predictions = decode_labels(reply.predictions, len(y), server.num_classes)
+        for b, (predictions, up, _) in zip(budgets, device.predict_budgets(x, link, list(budgets))):
             c = counts[label(b)]
             c["correct"] += int((predictions == y).sum())
             c["samples"] += len(y)
-            c["bytes_up"] += request.ByteSize()
+            c["bytes_up"] += up
     seconds = time.perf_counter() - start
     return {k: {"accuracy": c["correct"] / max(c["samples"], 1), "samples": c["samples"],
                 "bytes_per_sample": c["bytes_up"] / max(c["samples"], 1), "seconds": round(seconds, 1)}
