@@ -5,7 +5,7 @@ replays the cellular-fades trace (looped, so every run sees fades however long i
 `splitprune train --server PROXY --method anybudget` in its own process, from scratch, with the same data,
 seed and number of steps at every budget. Each run starts the trace from its beginning. Per epoch the
 trainer records its training seconds and its accuracy on `test` test images, evaluated through the same
-link at the run's budget (auto: the median budget of the epoch's steps, since an any-budget model only
+link at the run's budget (auto: the budget of the most steps so far, since an any-budget model only
 trains the prefixes it is sent); evaluation time is excluded from the training time.
 
 Time to a common accuracy: the training seconds until a run's per-epoch accuracy first reaches the lowest
