@@ -109,6 +109,12 @@ def test_a_fade_that_also_adds_delay_costs_one_miss_not_a_cascade():
     misses = [t for t, _, lat in log if lat > 0.25]
     assert len(misses) == 1 and 10 <= misses[0] < 10.2
     assert [o.budget for t, o, _ in log if t > misses[0]][0] == 1
+    # the smallest option right after the miss is a precaution, not a target below the round trip
+    trace = LinkTrace.from_rows([(0, 10, 20), (10, 0.2, 80)])
+    controller = BudgetController(OPTIONS, target_seconds=0.25)
+    simulate(trace, controller, 10.2, server=0.03)
+    decision = controller.decide()
+    assert decision.index == 0 and decision.predicted_seconds > 0.25 and not decision.impossible
 
 
 def test_impossible_target_uses_the_smallest_option_and_says_so():

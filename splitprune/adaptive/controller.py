@@ -173,12 +173,13 @@ class BudgetController:
         compute = statistics.median(p[3] for p in self._obs)
         return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, compute)
 
-    def predict(self, option: Option) -> float:
+    def predict(self, option: Option, doubt: bool = True) -> float:
+        """Predicted latency; `doubt=False` leaves out the longer-round-trip reading of a recent miss."""
         est = self.estimate()
         if est.rate is None:
             return 0.0
         predicted = est.rtt + est.compute + option.bytes / est.rate
-        if self._delay_blame is not None:
+        if doubt and self._delay_blame is not None:
             base, per_byte = self._delay_blame
             predicted = max(predicted, base + est.compute + option.bytes * per_byte)
         return predicted
@@ -214,7 +215,8 @@ class BudgetController:
                 self._index += 1
         option = self.options[self._index]
         predicted = self.predict(option)
-        impossible = bool(self._obs) and self._index == 0 and predicted > target
+        # not on a doubt alone: one miss at a fade's start must not read as a target below the round trip
+        impossible = bool(self._obs) and self._index == 0 and self.predict(option, doubt=False) > target
         return Decision(option, self._index, predicted, impossible)
 
 
