@@ -63,11 +63,13 @@ def budget_quality(meta: dict, budgets: list[int]) -> Callable[[Option], tuple] 
     return lambda o: (measured[o.budget], PRECISION_BITS.get(o.dtype, 0))
 
 
-def model_options(meta: dict, dtypes: list[str], bytes_for: Callable[[int, str], tuple[int, int]]) -> list[Option]:
+def model_options(meta: dict, dtypes: list[str], bytes_for: Callable[[int, str], tuple[int, int]],
+                  ranked: bool = True) -> list[Option]:
     """The options `--budget auto` chooses from: the ladder of the model's budgets x `dtypes`, least preferred
-    first (option_ladder), ranked by validation accuracy when the model measured it (budget_quality)."""
+    first (option_ladder), ranked by validation accuracy when the model measured it (budget_quality);
+    `ranked=False`: by size whatever the model measured."""
     budgets = ladder(model_budgets(meta))
-    return option_ladder(budgets, dtypes, bytes_for, budget_quality(meta, budgets))
+    return option_ladder(budgets, dtypes, bytes_for, budget_quality(meta, budgets) if ranked else None)
 
 
 def uplink_dtypes(text: str | None, trained: str) -> list[str]:

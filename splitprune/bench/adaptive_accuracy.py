@@ -41,25 +41,19 @@ def label(budget: int | None) -> str:
 def accuracy_at_budgets(checkpoint: str | Path, budgets: tuple[int | None, ...], loader) -> dict[str, dict]:
     """The model of `checkpoint` at each budget (None: all) on `loader`: accuracy and uplink bytes per sample.
 
-    The device half runs once per batch (`DeviceWorker.predict_budgets`); each budget's request goes
+    The device half runs once per batch (training.trainer.evaluate_budgets); each budget's request goes
     through the server half as its serialized message."""
     from splitprune.export import load_workers
     from splitprune.training.step import LocalLink
+    from splitprune.training.trainer import evaluate_budgets
 
     device, server, *_ = load_workers(str(checkpoint))
-    link = LocalLink(server)
-    counts = {label(b): {"correct": 0, "samples": 0, "bytes_up": 0} for b in budgets}
     start = time.perf_counter()
-    for x, y in loader:
-        for b, (predictions, up, _) in zip(budgets, device.predict_budgets(x, link, list(budgets))):
-            c = counts[label(b)]
-            c["correct"] += int((predictions == y).sum())
-            c["samples"] += len(y)
-            c["bytes_up"] += up
+    results = evaluate_budgets(device, LocalLink(server), loader, list(budgets))
     seconds = time.perf_counter() - start
-    return {k: {"accuracy": c["correct"] / max(c["samples"], 1), "samples": c["samples"],
-                "bytes_per_sample": c["bytes_up"] / max(c["samples"], 1), "seconds": round(seconds, 1)}
-            for k, c in counts.items()}
+    return {label(b): {"accuracy": r.accuracy, "samples": r.samples,
+                       "bytes_per_sample": r.bytes_up / max(r.samples, 1), "seconds": round(seconds, 1)}
+            for b, r in results.items()}
 
 
 def anybudget_accuracy(spec: RunSpec, root: Path, profile, budgets=LADDER) -> dict[str, dict] | None:

@@ -52,8 +52,7 @@ def inference_options(session, dtypes: list[str], ranked: bool = True) -> list[O
         return link.sizes
 
     try:
-        meta = session.meta if ranked else {k: v for k, v in session.meta.items() if k != "budget_validation"}
-        return model_options(meta, dtypes, bytes_for)
+        return model_options(session.meta, dtypes, bytes_for, ranked)
     finally:
         device.codec = codec
 

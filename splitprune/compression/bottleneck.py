@@ -110,13 +110,12 @@ class RungBatchNorm(nn.Module):
         self.num_batches_tracked[r] += 1
 
 
-def per_budget_norms(layers: nn.Module, sent: int) -> list[RungBatchNorm]:
+def per_budget_norms(layers: nn.Module, sent: int) -> None:
     """Give every BatchNorm2d in `layers` (the server's backbone after the decoder of an any-budget model)
     running statistics per budget rung, tracked by the training forwards at that rung: the features past
     the cut differ with the budget, and statistics shared by all budgets fit none (the switchable
     BatchNorm of slimmable networks; measured on an any-budget model, recomputing them per budget gave
-    +2.1 pt at all channels). Returns the new layers; the owner sets their `budget` before a forward."""
-    norms = []
+    +2.1 pt at all channels). Their owner (training.halves.ServerHalf) sets their `budget` before a forward."""
     for name, child in list(layers.named_children()):
         if isinstance(child, nn.BatchNorm2d):
             norm = RungBatchNorm(child.num_features, sent, child.momentum, child.eps, track_forward=True)
@@ -124,10 +123,8 @@ def per_budget_norms(layers: nn.Module, sent: int) -> list[RungBatchNorm]:
                 norm.weight.copy_(child.weight)
                 norm.bias.copy_(child.bias)
             setattr(layers, name, norm)
-            norms.append(norm)
         else:
-            norms += per_budget_norms(child, sent)
-    return norms
+            per_budget_norms(child, sent)
 
 
 class PrefixDecoder(Decoder):

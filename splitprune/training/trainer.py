@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from splitprune.adaptive.budgets import ladder, model_budgets
 from splitprune.adaptive.policy import StepBudget
+from splitprune.compression.bottleneck import ladder
 from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.errors import ProtocolError, UserError
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
@@ -51,15 +51,23 @@ def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None
     return EvalResult(correct / max(samples, 1), samples, up, down, single)
 
 
-def evaluate_budgets(device: DeviceWorker, link: Link, loader, budgets: list[int],
-                     progress: bool = False) -> dict[int, float]:
-    """Accuracy at each budget on `loader`, the device half run once per batch."""
-    correct, samples = dict.fromkeys(budgets, 0), 0
+@dataclass
+class BudgetResult:
+    accuracy: float
+    samples: int
+    bytes_up: int
+
+
+def evaluate_budgets(device: DeviceWorker, link: Link, loader, budgets: list[int | None],
+                     progress: bool = False) -> dict[int | None, BudgetResult]:
+    """Accuracy and uplink bytes at each budget (None: all) on `loader`, the device half run once per batch."""
+    correct, up, samples = dict.fromkeys(budgets, 0), dict.fromkeys(budgets, 0), 0
     for x, y in _bar(loader, f"accuracy at {len(budgets)} budgets", progress):
-        for budget, (predictions, _, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
+        for budget, (predictions, sent, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
             correct[budget] += int((predictions == y).sum())
+            up[budget] += sent
         samples += len(y)
-    return {b: c / max(samples, 1) for b, c in correct.items()}
+    return {b: BudgetResult(correct[b] / max(samples, 1), samples, up[b]) for b in budgets}
 
 
 @dataclass
@@ -234,8 +242,9 @@ class Trainer:
         cfg = self.cfg
         loader = validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, self.parts.in_channels,
                                    cfg.validation_size, cfg.test_batch_size)
-        budgets = ladder(model_budgets({"budget": self.parts.geometry.channels}))
-        accuracy = evaluate_budgets(self.device, self.endpoint.link, loader, budgets, self.show_progress)
+        results = evaluate_budgets(self.device, self.endpoint.link, loader, ladder(self.parts.geometry.channels),
+                                   self.show_progress)
+        accuracy = {b: r.accuracy for b, r in results.items()}
         self._log("validation accuracy per budget: "
                   + ", ".join(f"B={b} {100 * a:.2f}%" for b, a in accuracy.items()))
         return {"samples": len(loader.dataset.labels), "dtype_up": cfg.dtype_up,
