@@ -191,6 +191,27 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "513", "--quiet"]) == 2
 
 
+def test_train_auto_sizes_an_anybudget_step_as_it_travels():
+    from splitprune.cli.auto import training_bytes
+    from splitprune.training.setup import InProcessServer, build_run
+    from splitprune.training.step import OptimizerSettings
+
+    class Eight:   # a StepBudget that sends 8 channels and keeps the step's message sizes
+        def next_budget(self, limit):
+            return 8
+
+        def observe(self, up, down):
+            self.sizes = (up, down)
+
+    parts = build_run(make_config({**SMALL, "method": "anybudget", "train_subset": 16}))
+    link = InProcessServer(parts.server_worker).link
+    parts.device.start_phase(link, 0, 512, OptimizerSettings(0.01, 0.0, 0.0), True)
+    step = Eight()
+    x, y = next(iter(parts.train_loader))
+    parts.device.train_step(x, y, link, 0.5, step)
+    assert training_bytes(parts, 8) == step.sizes   # a prefix length, no channel indices, both ways
+
+
 def test_budget_caps_the_prefix_an_anybudget_run_sends():
     cfg = make_config({**SMALL, "method": "anybudget", "budget": 16})
     assert [(p.budget, p.epochs) for p in resolve_schedule(cfg, 512)] == [(16, 22)]

@@ -102,10 +102,11 @@ def training_bytes(parts, budget: int) -> tuple[int, int]:
                          generator=torch.Generator().manual_seed(0))  # its own generator: training's RNG untouched
     channels = device.kept_channels(budget)
     labels = encode_labels(torch.zeros(cfg.batch_size, dtype=torch.long))
-    up = pb.TrainRequest(step_id=1, activations=device.codec.encode(values, channels, device.channels),
+    prefix = device.selector.prefix   # an any-budget model's channels travel as a prefix length, both ways
+    up = pb.TrainRequest(step_id=1, activations=device.codec.encode(values, channels, device.channels, prefix),
                          labels=labels, lr_scale=0.5)
-    down = pb.TrainReply(step_id=1, gradient=ChannelCodec(cfg.dtype_down).encode(values, channels, device.channels),
-                         loss=1.0, correct=1)
+    down = pb.TrainReply(step_id=1, loss=1.0, correct=1,
+                         gradient=ChannelCodec(cfg.dtype_down).encode(values, channels, device.channels, prefix))
     return up.ByteSize(), down.ByteSize()
 
 
