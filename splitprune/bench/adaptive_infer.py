@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from splitprune.bench.adaptive_sim import controller_replay, fixed, measured, option_accuracy, oracle, replay, score
+from splitprune.bench.adaptive_sim import controller_replay, fixed, measured, oracle, replay, score
 from splitprune.bench.common import markdown_table, write_results
 from splitprune.errors import UserError
 from splitprune.transport.trace import LinkTrace, builtin_traces
@@ -50,25 +50,28 @@ def trace_started(proc: subprocess.Popen) -> float:
     return float(line.split("unix ")[1].rstrip(")\n"))
 
 
-def correctness(session, options) -> dict[tuple[int, str], list[int]]:
-    """correct[budget, dtype][i]: whether the model predicts test sample i right at that option (in-process,
-    both halves)."""
+def option_accuracies(session, options) -> dict[tuple[int, str], float]:
+    """accuracy[budget, dtype]: the model's accuracy at that option on the session's test images (in-process,
+    both halves, through the real codec)."""
     import torch
 
     from splitprune.compression import ChannelCodec
     from splitprune.export import load_workers
     from splitprune.training.step import LocalLink
+    from splitprune.training.trainer import evaluate_budgets
 
     device, server, _, _, _ = load_workers(session.meta["_folder"])
     link = LocalLink(server)
     xs = torch.cat([x for x, _ in session.batches])
     ys = torch.cat([y for _, y in session.batches])
-    table = {}
-    for option in options:
-        device.codec = ChannelCodec(option.dtype)
-        predictions = torch.cat([device.predict(xs[i:i + 250], link, option.budget)[0] for i in range(0, len(xs), 250)])
-        table[option.budget, option.dtype] = [int(v) for v in (predictions == ys)]
-    return table
+    batches = [(xs[i:i + 250], ys[i:i + 250]) for i in range(0, len(xs), 250)]
+    accuracy = {}
+    for dtype in dict.fromkeys(o.dtype for o in options):
+        device.codec = ChannelCodec(dtype)
+        budgets = [o.budget for o in options if o.dtype == dtype]
+        for budget, result in evaluate_budgets(device, link, batches, budgets).items():
+            accuracy[budget, dtype] = result.accuracy
+    return accuracy
 
 
 def run_trace(session, upstream: str, name: str, latency_ms: float, dtypes: list[str], seconds: float | None,
@@ -102,7 +105,7 @@ def run_trace(session, upstream: str, name: str, latency_ms: float, dtypes: list
             "options": result.options, "rows": doc["rows"], "plot": plot.name}
 
 
-def simulate(trace_name: str, run: dict, table: dict[tuple[int, str], list[int]], target: float,
+def simulate(trace_name: str, run: dict, accuracy: dict[tuple[int, str], float], target: float,
              fixed_options: list) -> list[dict]:
     """The controller and the oracle choose from the run's options (ranked by validation accuracy when the
     model measured it); every option of `fixed_options` (the size-ranked ladder) is also held fixed."""
@@ -114,7 +117,7 @@ def simulate(trace_name: str, run: dict, table: dict[tuple[int, str], list[int]]
     policies += [(f"fixed {o.label()} (simulated)", fixed_options, replay(trace, fixed_options, real, fixed(k), target))
                  for k, o in enumerate(fixed_options)]
     return [{"policy": label, "kind": "simulated",
-             **score(requests, chosen, [table[o.budget, o.dtype] for o in chosen], target)}
+             **score(requests, chosen, [accuracy[o.budget, o.dtype] for o in chosen], target)}
             for label, chosen, requests in policies]
 
 
@@ -155,15 +158,15 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
         session.client.close()   # each trace connects through its own link
         chosen = uplink_dtypes(dtypes, session.cfg.dtype_up)
         options, fixed_options = inference_options(session, chosen), inference_options(session, chosen, ranked=False)
-        table = correctness(session, list({(o.budget, o.dtype): o for o in options + fixed_options}.values()))
+        accuracy = option_accuracies(session, list({(o.budget, o.dtype): o for o in options + fixed_options}.values()))
         results = []
         for name in traces:
             print(f"trace {name}: --budget auto over a real link, target {latency_ms:g} ms ...", flush=True)
             run = run_trace(session, server.address, name, latency_ms, chosen, seconds, out)
-            simulated = simulate(name, run, table, latency_ms / 1e3, fixed_options)
+            simulated = simulate(name, run, accuracy, latency_ms / 1e3, fixed_options)
             real = {"policy": "auto (real run)", "kind": "real", **{k: run["real"][k] for k in (
                 "requests", "share_within_target", "bytes_up", "bytes_down", "mean_budget")},
-                    "accuracy": sum(option_accuracy(table[r["budget"], r["dtype"]]) for r in run["rows"])
+                    "accuracy": sum(accuracy[r["budget"], r["dtype"]] for r in run["rows"])
                     / max(len(run["rows"]), 1),
                     "accuracy_of_its_samples": run["real"]["accuracy"]}
             results.append({"trace": name, "seconds": run["seconds"], "trace_start_unix": run["trace_start_unix"],

@@ -7,9 +7,9 @@ the trace's rate, the one-way delay, the server's reported compute, the downlink
 and everything else it took (device compute, encoding, gRPC and HTTP/2 overhead, scheduling) is its
 residual: `residual_i = latency_i - network(t_i, o_i, server_i)`. A simulated request i of any option o
 at any time t then takes `residual_i + network(t, o, server_i)`, and the next one starts after the gap
-the real run left between requests. Accuracy comes from the model's real predictions (a table computed
-beforehand): each request counts the accuracy of its option over ALL the table's test images, so every
-policy is scored on the same images (scoring the sample each request happened to carry compared
+the real run left between requests. Accuracy comes from the model's real predictions: each request
+counts the accuracy of its option (computed beforehand) over ALL the same test images, so every policy
+is scored on the same images (scoring the sample each request happened to carry compared
 policies on different subsets: a policy sending 240 requests saw images 0-239, one sending 350 saw
 0-349, a difference of a point or two from the images alone). Torch-free.
 """
@@ -99,16 +99,11 @@ def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measur
     return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe)
 
 
-def option_accuracy(correct: list[int]) -> float:
-    return sum(correct) / max(len(correct), 1)
-
-
-def score(requests: list[tuple[int, float, int, float]], options: list[Option], correct: list[list[int]],
+def score(requests: list[tuple[int, float, int, float]], options: list[Option], accuracy: list[float],
           target: float) -> dict:
-    """Share within the target, accuracy (the mean over requests of their option's accuracy on the table's
+    """Share within the target, accuracy (the mean over requests of their option's accuracy on the same test
     images), bytes, mean budget."""
     n = len(requests)
-    accuracy = [option_accuracy(c) for c in correct]
     return {"requests": n, "share_within_target": sum(lat <= target for *_, lat in requests) / max(n, 1),
             "accuracy": sum(accuracy[k] for _, _, k, _ in requests) / max(n, 1),
             "bytes_up": sum(options[k].bytes_up for _, _, k, _ in requests),
