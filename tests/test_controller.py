@@ -52,10 +52,14 @@ def test_a_model_that_measured_its_budgets_is_ranked_by_validation_accuracy():
     assert [o.label() for o in ranked] == ["B=1 int8", "B=1 fp16", "B=4 int8", "B=4 fp16"]
     by_size = model_options({"budget": 8}, ["fp16"], wire_bytes)
     assert [o.budget for o in by_size] == [1, 2, 4, 8]
-    # a table that misses an offered budget, or holds no accuracy, ranks by size as if there were none
-    for bad in ({"accuracy": {"1": 0.8, "2": 0.9}}, {"accuracy": {**table["accuracy"], "4": 1.5}}, {"accuracy": 3}):
-        assert budget_quality({"budget": 8, "budget_validation": bad}, [1, 2, 4, 8]) is None
-        assert model_options({"budget": 8, "budget_validation": bad}, ["fp16"], wire_bytes) == by_size
+    # a table that misses an offered budget ranks by size as if there were none
+    partial = {"accuracy": {"1": 0.8, "2": 0.9}}
+    assert budget_quality({"budget": 8, "budget_validation": partial}, [1, 2, 4, 8]) is None
+    assert model_options({"budget": 8, "budget_validation": partial}, ["fp16"], wire_bytes) == by_size
+    # a damaged one is refused with one clear message, not quietly ranked by size
+    for bad in ({"accuracy": {**table["accuracy"], "4": 1.5}}, {"accuracy": 3}, {"accuracy": {"x": 0.5}}, [0.8], {}):
+        with pytest.raises(UserError, match="budget_validation table is damaged"):
+            model_options({"budget": 8, "budget_validation": bad}, ["fp16"], wire_bytes)
 
 
 def fitting(rate_mbit: float, delay_ms: float, limit: float, server: float = 0.002) -> Option:

@@ -49,16 +49,20 @@ def budget_quality(meta: dict, budgets: list[int]) -> Callable[[Option], tuple] 
     """How `--budget auto` ranks a model's options: by its validation accuracy at the option's budget, then
     precision (an any-budget run measures it on its held-out images after training: `budget_validation` in
     its meta, copied into its export manifest). None (rank by size) when the model has no such table or it
-    lacks one of `budgets`, or a value is not an accuracy."""
+    lacks one of `budgets`; a table that is there but is not one of accuracies per budget is refused: a
+    damaged model file, not a model to rank by size behind the user's back."""
     table = meta.get("budget_validation")
+    if table is None:
+        return None
     accuracy = table.get("accuracy") if isinstance(table, dict) else None
-    if not isinstance(accuracy, dict):
-        return None
     try:
-        measured = {int(b): float(accuracy[str(b)]) for b in budgets}
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not all(0.0 <= a <= 1.0 for a in measured.values()):
+        measured = {int(b): float(a) for b, a in accuracy.items()}
+    except (AttributeError, TypeError, ValueError):
+        measured = None
+    if not measured or not all(0.0 <= a <= 1.0 for a in measured.values()):
+        raise UserError("the model's budget_validation table is damaged (it must map budgets to accuracies "
+                        f"between 0 and 1): {str(table)[:120]}")
+    if any(b not in measured for b in budgets):
         return None
     return lambda o: (measured[o.budget], PRECISION_BITS.get(o.dtype, 0))
 
