@@ -149,3 +149,43 @@ def test_train_auto_flags_go_together(tmp_path, capsys):
     assert main(["train", "--step-ms", "100", "--out", str(tmp_path / "b")]) == 2
     assert "--step-ms goes with --budget auto" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_resumed_auto_run_counts_the_steps_before_the_resume(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from splitprune.cli.auto import step_budget
+
+    cfg = make_config({"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist",
+                       "train_subset": 80, "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1,
+                       "method": "ca", "budget": 16, "epochs": 2})
+
+    def trainer(drop: int) -> tuple[Trainer, AutoStepBudget]:
+        parts = build_run(cfg)
+        endpoint = InProcessServer(parts.server_worker)
+        clock = Clock()
+        endpoint.link = SimulatedLink(endpoint.link, clock, drop=drop)
+        auto = step_budget(parts, 50, clock=clock)
+        return Trainer(cfg, tmp_path / "run", endpoint=endpoint, parts=parts, show_progress=False,
+                       step_budget=auto), auto
+
+    original = Trainer._run_epoch
+
+    def crash_in_the_second_epoch(self, phase):
+        if self.progress.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, phase)
+
+    monkeypatch.setattr(Trainer, "_run_epoch", crash_in_the_second_epoch)
+    first, first_auto = trainer(drop=100)       # a fast link: climbs to 16 and stays
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    before = Counter(b for b, _ in first_auto.history)
+    assert before[16] == 6
+    monkeypatch.setattr(Trainer, "_run_epoch", original)
+    second, second_auto = trainer(drop=0)       # a slow one after the resume: B=1
+    second.run()
+    after = Counter(b for b, _ in second_auto.history)
+    assert sum(after.values()) == 10 and after[16] < 6
+    assert second_auto.steps_per_budget() == dict(before + after)
+    assert second_auto.eval_budget() == max(before + after, key=lambda b: ((before + after)[b], b))

@@ -50,6 +50,12 @@ class StepBudget(Protocol):
     def eval_budget(self) -> int | None:
         """The budget the end-of-epoch evaluation uses (None: the phase's budget)."""
 
+    def steps_per_budget(self) -> dict[int, int]:
+        """How many steps went at each budget over the whole run (kept in its checkpoint)."""
+
+    def resume(self, steps_per_budget: dict[int, int]) -> None:
+        """A resumed run: the steps of its earlier processes, as `steps_per_budget` gave them."""
+
 
 class AutoStepBudget:
     """`train --budget auto --step-ms T`: the largest budget whose predicted step time meets T.
@@ -72,6 +78,7 @@ class AutoStepBudget:
         self.history: list[tuple[int, float]] = []   # (budget, step seconds) of every observed step
         self.impossible_steps = 0
         self._budget = 0
+        self._earlier: collections.Counter = collections.Counter()   # steps of a resumed run's earlier processes
 
     def next_budget(self, limit: int) -> int:
         if limit != self._limit or self._auto is None:
@@ -97,6 +104,14 @@ class AutoStepBudget:
         is sent, so a budget the link allowed only lately has barely trained channels. Measured through the
         looped cellular-fades link: B=64, first sent in the third epoch (27 of its 50 steps), scored 11% at
         the end, while the median budget of each epoch was the rule; B=8, sent in 58 of the 150 steps, is
-        what the run trained."""
-        counts = collections.Counter(budget for budget, _ in self.history)
+        what the run trained. A resumed run counts the steps of its earlier processes too."""
+        counts = self.steps_per_budget()
         return max(counts, key=lambda b: (counts[b], b)) if counts else None
+
+    def steps_per_budget(self) -> dict[int, int]:
+        counts = collections.Counter(self._earlier)
+        counts.update(budget for budget, _ in self.history)
+        return dict(counts)
+
+    def resume(self, steps_per_budget: dict[int, int]) -> None:
+        self._earlier = collections.Counter(steps_per_budget)

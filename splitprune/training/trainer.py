@@ -128,7 +128,9 @@ class Trainer:
             "server_half": server_half.identity,
             "progress": {"phase": progress.phase, "epoch_in_phase": progress.epoch_in_phase,
                          "epoch": progress.epoch, "wall_seconds": progress.wall_seconds, "rows": progress.rows,
-                         "last_eval": progress.last_eval, "transport": self.transport()},
+                         "last_eval": progress.last_eval, "transport": self.transport(),
+                         **({"step_budgets": {str(b): n for b, n in self.step_budget.steps_per_budget().items()}}
+                            if self.step_budget is not None else {})},
             **({"budget_validation": progress.budget_validation} if progress.budget_validation else {}),
         }
 
@@ -181,6 +183,8 @@ class Trainer:
         self.device.rng.state = state["rng.device"].clone()
         self.device.step_id = step_id
         self.endpoint.restore(record, step_id)
+        if self.step_budget is not None:   # the eval budget counts the steps before the resume too
+            self.step_budget.resume({int(b): int(n) for b, n in saved.get("step_budgets", {}).items()})
         return True
 
     # ---------------------------------------------------------------- phases
