@@ -4,18 +4,16 @@ the any-budget loss over nested prefixes of them.
 Any-budget training (method anybudget) makes the first B channels a good code for every B at once. The device
 sends the prefix of its current budget (channels 0..K-1); the server computes the loss at several nested
 prefixes of what it received, the channels beyond each prefix zeroed (the receiver's view of a device that
-sent only that prefix), averages those losses and returns ONE gradient for the K received channels. So the
+sent only that prefix), sums those losses and returns ONE gradient for the K received channels. So the
 refinement costs server compute (one forward and backward per prefix), never traffic. Budgets come from the
 ladder 1, 2, 4, ... (powers of two below K) plus K itself; random draws use the server's seeded RngStream,
 active around the call, so a run over the network draws what an in-process run draws.
 
 - "sandwich" (the default): the whole received prefix (K), the smallest (1) and one budget drawn from the
-  ladder strictly between them, with the two refinements of slimmable networks (Yu & Huang, ICCV 2019):
-  the losses are summed, not averaged (each prefix's gradient at full weight), and only the whole prefix
-  learns from the labels; the smaller ones learn from its predictions (in-place distillation: the soft
-  cross-entropy to its detached softmax). Measured against the mean of three label losses (quick profile,
-  seed 0, accuracy on 1000 test images after 4 epochs at all channels): mean 79.6%, sum 82.6%, sum with
-  distillation 83.4%.
+  ladder strictly between them, their label losses summed, not averaged (each prefix's gradient at full
+  weight, as in slimmable networks, Yu & Huang, ICCV 2019). Slimmable networks' in-place distillation (the
+  smaller prefixes learning from the whole one's predictions) lost 0.3-2.5 pt at every budget below all
+  on validation data (docs/design.md).
 - "random": plain nested (ordered) dropout, one ladder budget up to K drawn per step.
 
 A step reports the loss it minimises (the sum) and the accuracy at the largest prefix it trained on.
@@ -66,7 +64,7 @@ def prefix_input(compact: torch.Tensor, budget: int, channels: int) -> torch.Ten
 
 
 class NestedPrefixes:
-    """The any-budget objective (module docstring): the mean loss at nested prefixes of the received ones."""
+    """The any-budget objective (module docstring): the summed loss at nested prefixes of the received ones."""
 
     def __init__(self, sampling: str = "sandwich") -> None:
         if sampling not in SAMPLINGS:
@@ -90,12 +88,8 @@ class NestedPrefixes:
             raise BadTensor(f"this any-budget model takes a prefix of its channels (0..K-1), not channels "
                             f"{received.channels[:8].tolist()}...")
         losses, reported = [], None
-        for budget in self.budgets(k):   # largest first: its predictions teach the others
+        for budget in self.budgets(k):   # largest first: the step reports its logits
             logits = half(prefix_input(compact, budget, received.num_channels), budget)
-            if reported is None:
-                losses.append(F.cross_entropy(logits, labels))
-                reported = logits
-            else:
-                teacher = F.softmax(reported.detach(), 1)
-                losses.append(-(teacher * F.log_softmax(logits, 1)).sum(1).mean())
+            losses.append(F.cross_entropy(logits, labels))
+            reported = logits if reported is None else reported
         return torch.stack(losses).sum(), reported
