@@ -136,4 +136,16 @@ def measure(out: Path, s: Settings = Settings()) -> dict:
     return {"settings": s.__dict__, "trace": TRACE, "common_accuracy": common, "rows": rows, "curves": curves,
             "auto": auto, "fastest_fixed": fastest["budget"], "most_accurate_fixed": best["budget"],
             "auto_no_slower": auto["time_to_common_s"] <= fastest["time_to_common_s"],
-            "auto_no_less_accurate": auto["final_accuracy"] >= best["final_accuracy"]}
+            "auto_no_less_accurate": auto["final_accuracy"] >= best["final_accuracy"],
+            "accuracy_verdict": accuracy_verdict(auto["final_accuracy"], best["final_accuracy"], s.test_subset)}
+
+
+def accuracy_verdict(auto: float, best: float, images: int) -> str:
+    """auto >= best with each final accuracy's binomial standard error on `images` test images counted
+    against us (splitprune.bench.verdict): one seed cannot resolve a gap of less than about two of them."""
+    from splitprune.bench.verdict import difference, explain, interval
+
+    def noisy(p: float):
+        return interval([p], (p * (1 - p) / images) ** 0.5)
+
+    return explain(difference(noisy(auto), noisy(best)), 0.0, "auto - most accurate fixed")

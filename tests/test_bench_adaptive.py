@@ -1,6 +1,8 @@
-"""The bench's replay of `--budget auto` (splitprune.bench.adaptive_sim): torch-free, no clock."""
+"""`splitprune bench adaptive`'s own logic: the replay of `--budget auto` (adaptive_sim) and the training
+verdict (adaptive_train). Torch-free, no clock."""
 from splitprune.adaptive.controller import Option
 from splitprune.bench.adaptive_sim import Measured, controller_replay, fixed, replay
+from splitprune.bench.adaptive_train import accuracy_verdict
 from splitprune.transport.trace import LinkTrace
 
 OPTIONS = [Option(1, "int8", 68, 17), Option(256, "int8", 6195, 17), Option(512, "int8", 12336, 17)]
@@ -26,3 +28,11 @@ def test_the_replayed_controller_starts_from_its_warm_up_like_the_real_stream():
     requests = controller_replay(trace, OPTIONS, real, 0.2)
     assert requests[0][2] == len(OPTIONS) - 1
     assert all(k == len(OPTIONS) - 1 for _, _, k, _ in requests)
+
+
+def test_the_training_verdict_counts_one_seeds_noise_against_auto():
+    # 500 test images: about 1.8 pt standard error per accuracy, counted against auto on both sides
+    assert accuracy_verdict(0.776, 0.776, 500).startswith("not resolved")
+    assert accuracy_verdict(0.732, 0.776, 500).startswith("fails")       # 4.4 pt below: more than the noise
+    assert accuracy_verdict(0.80, 0.76, 500).startswith("holds")
+    assert accuracy_verdict(0.75, 0.76, 100_000).startswith("fails")      # a point is resolved on many images
