@@ -1,6 +1,7 @@
 """The learned compression module at the cut: a gated encoder on the device, a decoder on the server."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitprune.adaptive.budgets import ladder as budget_ladder
 from splitprune.compression.budget import channel_mask, select_top_b
 from splitprune.errors import UserError
 
@@ -47,13 +49,15 @@ class Decoder(nn.Module):
         return self.relu(self.bn(self.deconv(x)))
 
 
+@functools.lru_cache(maxsize=64)
+def _ladder(top: int) -> tuple[int, ...]:
+    return tuple(budget_ladder(list(range(1, top + 1))))
+
+
 def ladder(top: int) -> list[int]:
-    """The budget ladder of an any-budget model: 1, 2, 4, ... below `top`, then `top`."""
-    out, b = [], 1
-    while b < top:
-        out.append(b)
-        b *= 2
-    return out + [top]
+    """The budget ladder of an any-budget model of `top` channels: 1, 2, 4, ... below `top`, then `top` (the
+    ladder `--budget auto` steps through, adaptive.budgets.ladder, of every budget 1..top)."""
+    return list(_ladder(top))
 
 
 def rung(budget: int | None, channels: int) -> int:
