@@ -62,6 +62,9 @@ def test_a_model_that_measured_its_budgets_is_ranked_by_validation_accuracy():
             model_options({"budget": 8, "budget_validation": bad}, ["fp16"], wire_bytes)
 
 
+SAFETY, UP = BudgetController.safety, BudgetController.up_margin   # the defaults: stay within, step up within
+
+
 def fitting(rate_mbit: float, delay_ms: float, limit: float, server: float = 0.002) -> Option:
     """The largest option whose latency on this link is within `limit` seconds."""
     rtt = 2 * delay_ms / 1000
@@ -75,7 +78,7 @@ def test_steady_link_settles_and_does_not_oscillate():
     settled = [(t, o, lat) for t, o, lat in log if t > 5]
     assert len({o.budget for _, o, _ in settled}) == 1                 # one choice, held for 25 s
     chosen = settled[0][1]
-    assert fitting(2, 20, 0.6 * 0.1).budget <= chosen.budget <= fitting(2, 20, 0.8 * 0.1).budget
+    assert fitting(2, 20, UP * 0.1).budget <= chosen.budget <= fitting(2, 20, SAFETY * 0.1).budget
     assert all(lat <= 0.1 for _, _, lat in settled)
 
 
@@ -87,7 +90,7 @@ def test_step_down_is_followed_within_one_second():
     after = [(t, o, lat) for t, o, lat in log if t >= 21]
     assert min(before) == 512                                          # 20 Mbit/s carries everything in time
     assert all(lat <= 0.1 for _, _, lat in after)                      # no miss a second after the drop
-    assert max(o.budget for _, o, _ in after) <= fitting(1, 20, 0.8 * 0.1).budget
+    assert max(o.budget for _, o, _ in after) <= fitting(1, 20, SAFETY * 0.1).budget
     misses = [t for t, _, lat in log if lat > 0.1]
     assert misses and all(19.5 <= t < 21 for t in misses)              # only right at the change
 
@@ -99,7 +102,7 @@ def test_a_fade_is_followed_down_and_back_up():
     first_miss = min(t for t, _, lat in log if lat > 0.15)
     settled_in_fade = [(o, lat) for t, o, lat in log if first_miss + 1.0 <= t < 12]
     assert settled_in_fade and all(lat <= 0.15 for _, lat in settled_in_fade)
-    assert max(o.budget for o, _ in settled_in_fade) <= fitting(0.2, 40, 0.8 * 0.15).budget
+    assert max(o.budget for o, _ in settled_in_fade) <= fitting(0.2, 40, SAFETY * 0.15).budget
     recovered = [o.budget for t, o, _ in log if t > 13]
     assert min(recovered) == 512                                       # back up within a second of the fade's end
 
@@ -184,7 +187,7 @@ def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
     slow = LinkTrace.from_rows([(0, 2, 20), (6, 0.2, 20)])
     controller = BudgetController(OPTIONS, target_seconds=0.1)
     log = simulate(slow, controller, 12)
-    assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, 0.8 * 0.1).budget
+    assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, SAFETY * 0.1).budget
 
 
 
@@ -195,7 +198,7 @@ def test_a_longer_delay_is_not_taken_for_a_slower_rate():
     controller = BudgetController(OPTIONS, target_seconds=0.3)
     log = simulate(trace, controller, 16, noise=0.002)
     settled = [o.budget for t, o, _ in log if t > 9]
-    assert fitting(2, 60, 0.6 * 0.3).budget <= min(settled) and max(settled) <= fitting(2, 60, 0.8 * 0.3).budget
+    assert fitting(2, 60, UP * 0.3).budget <= min(settled) and max(settled) <= fitting(2, 60, SAFETY * 0.3).budget
 
 
 def test_a_wild_fit_from_two_sizes_does_not_pin_the_choice():
