@@ -26,8 +26,10 @@ from splitprune.adaptive.controller import Option  # noqa: E402
 from splitprune.bench.adaptive_sim import controller_replay, measured, oracle, replay, score  # noqa: E402
 from splitprune.transport.trace import LinkTrace  # noqa: E402
 
+# the first: the defaults before this comparison; the fourth: the defaults it chose (the same worst share
+# within the target as the first, about half its mean gap to the oracle, no oscillation on steady links)
 SETTINGS = [{"safety": 0.8, "up_margin": 0.6}, {"safety": 0.8, "up_margin": 0.7}, {"safety": 0.8, "up_margin": 0.75},
-            {"safety": 0.85, "up_margin": 0.7}, {"safety": 0.9, "up_margin": 0.85}]   # the first: the defaults
+            {"safety": 0.85, "up_margin": 0.7}, {"safety": 0.9, "up_margin": 0.85}]
 TARGETS_MS = (200.0, 250.0)
 
 
