@@ -47,20 +47,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "bench_results/adaptive/controller_heldout.json"))
     args = parser.parse_args()
+    if not Path(args.out).parent.is_dir():
+        sys.exit(f"error: --out {args.out}: no folder {Path(args.out).parent}")
     inference = ROOT / "bench_results/adaptive/inference"
-    run = next(t for t in json.loads((inference / "adaptive_infer.json").read_text())["traces"]
-               if t["trace"] == "cellular-fades")
+    try:
+        run = next(t for t in json.loads((inference / "adaptive_infer.json").read_text())["traces"]
+                   if t["trace"] == "cellular-fades")
+    except (OSError, StopIteration):
+        sys.exit(f"error: no cellular-fades run under {inference}: run `splitprune bench adaptive` first")
     log = json.loads((inference / run["log"]).read_text())
     options = [Option(**o) for o in log["options"]]
     fixed = {tuple(p["policy"].split()[1:3]): p["accuracy"] for p in run["policies"] if p["policy"].startswith("fixed")}
     accuracy = [fixed[f"B={o.budget}", o.dtype] for o in options]
     real = measured(LinkTrace.load("cellular-fades"), log["rows"], options, run["trace_start_unix"])
-    results = []
+    results, traces = [], heldout_traces()
     for target_ms in TARGETS_MS:
         target = target_ms / 1e3
         for settings in SETTINGS:
             rows = []
-            for trace in heldout_traces():
+            for trace in traces:
                 requests = controller_replay(trace, options, real, target, **settings)
                 auto = score(requests, options, accuracy, target)
                 best = score(replay(trace, options, real, oracle(trace, options, target), target), options, accuracy, target)

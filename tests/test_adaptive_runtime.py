@@ -119,12 +119,14 @@ class SimulatedLink:
         return self.inner.start_phase(request)
 
 
+AUTO_TRAINING = {"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist", "train_subset": 80,
+                 "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1, "method": "ca", "budget": 16}
+
+
 def test_step_budget_follows_the_link_in_training(tmp_path):
     from splitprune.cli.auto import step_budget
 
-    cfg = make_config({"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist",
-                       "train_subset": 80, "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1,
-                       "method": "ca", "budget": 16, "epochs": 1})
+    cfg = make_config({**AUTO_TRAINING, "epochs": 1})
     parts = build_run(cfg)
     endpoint = InProcessServer(parts.server_worker)
     clock = Clock()
@@ -156,9 +158,7 @@ def test_a_resumed_auto_run_counts_the_steps_before_the_resume(tmp_path, monkeyp
 
     from splitprune.cli.auto import step_budget
 
-    cfg = make_config({"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist",
-                       "train_subset": 80, "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1,
-                       "method": "ca", "budget": 16, "epochs": 2})
+    cfg = make_config({**AUTO_TRAINING, "epochs": 2})
 
     def trainer(drop: int) -> tuple[Trainer, AutoStepBudget]:
         parts = build_run(cfg)

@@ -87,9 +87,6 @@ class NestedPrefixes:
         if not torch.equal(received.channels.cpu(), torch.arange(k)):
             raise BadTensor(f"this any-budget model takes a prefix of its channels (0..K-1), not channels "
                             f"{received.channels[:8].tolist()}...")
-        losses, reported = [], None
-        for budget in self.budgets(k):   # largest first: the step reports its logits
-            logits = half(prefix_input(compact, budget, received.num_channels), budget)
-            losses.append(F.cross_entropy(logits, labels))
-            reported = logits if reported is None else reported
-        return torch.stack(losses).sum(), reported
+        # largest first: the step reports its logits
+        logits = [half(prefix_input(compact, b, received.num_channels), b) for b in self.budgets(k)]
+        return torch.stack([F.cross_entropy(z, labels) for z in logits]).sum(), logits[0]
