@@ -121,6 +121,30 @@ def test_sandwich_sums_the_label_losses_of_its_prefixes():
     assert torch.equal(reported, whole)
 
 
+def test_each_rung_has_its_own_affine_transform_trained_by_its_forwards():
+    cfg = make_config({**SMALL, "method": "anybudget"})
+    _, server, _ = build_workers(cfg, 10, 1)
+    half = server.half
+    torch.manual_seed(0)
+    values, labels = torch.rand(4, 512, 4, 4), torch.randint(10, (4,))
+    with RngStream(2).active():
+        budgets = NestedPrefixes().budgets(512)
+    with RngStream(2).active():
+        loss, _ = NestedPrefixes()(half, Decoded(values, torch.arange(512), 512), values, labels)
+    loss.backward()
+    trained = sorted(rung(b, 512) for b in budgets)
+    for norm in (half.decoder.bn, dict(half.layers.named_modules())["features.19"]):
+        assert norm.weight.shape == norm.bias.shape == (10, 512)
+        moved = [r for r in range(10) if norm.weight.grad[r].abs().sum() > 0]
+        assert moved == trained, (moved, trained)   # only the rungs this step ran at
+    half.eval()
+    with torch.no_grad():   # evaluation at a budget uses that rung's transform
+        before = half(prefix_input(values, 4, 512), 4)
+        dict(half.layers.named_modules())["features.19"].bias[rung(4, 512)] += 1.0
+        assert not torch.allclose(before, half(prefix_input(values, 4, 512), 4))
+        assert torch.equal(half(values, 512), half(values, 512))
+
+
 def _server(objective):
     cfg = make_config({**SMALL, "method": "anybudget"})
     _, server, geometry = build_workers(cfg, 10, 1)

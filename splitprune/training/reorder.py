@@ -1,5 +1,5 @@
 """Turn a trained gated model into the start of an any-budget one: the same function, its cut's channels
-in the order of its gate, its server BatchNorm statistics copied to every budget rung.
+in the order of its gate, its server BatchNorms (statistics and affine transform) copied to every budget rung.
 
 `splitprune train --method anybudget --from RUN` starts from a gated model with its channels sorted by the
 source gate (largest mask first), so every prefix 0..B-1 starts from the channels that gate rated best.
@@ -39,19 +39,21 @@ def order_by_gate(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return permute_cut(tensors, gate_order(tensors[GATE]))
 
 
-def with_rung_statistics(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy whose server BatchNorm statistics (one set per layer: the decoder's and the backbone's after it)
-    serve every rung of the budget ladder (RungBatchNorm)."""
+def with_rung_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy whose server BatchNorms (one set of statistics and one affine transform per layer: the decoder's
+    and the backbone's after it) serve every rung of the budget ladder (RungBatchNorm)."""
     out = dict(tensors)
     rungs = len(ladder(tensors[GATE].numel()))
-    for key, value in tensors.items():
-        if key.startswith("server.") and key.endswith((".running_mean", ".running_var")):
-            out[key] = value.reshape(1, -1).repeat(rungs, 1)
-        elif key.startswith("server.") and key.endswith(".num_batches_tracked"):
-            out[key] = value.reshape(1).repeat(rungs)
+    norms = [key[:-len("running_mean")] for key in tensors
+             if key.startswith("server.") and key.endswith(".running_mean")]
+    for layer in norms:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            out[layer + name] = tensors[layer + name].reshape(1, -1).repeat(rungs, 1)
+        if layer + "num_batches_tracked" in tensors:
+            out[layer + "num_batches_tracked"] = tensors[layer + "num_batches_tracked"].reshape(1).repeat(rungs)
     return out
 
 
 def gated_to_anybudget(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights of a gated checkpoint as an any-budget model's starting point (module docstring)."""
-    return with_rung_statistics(order_by_gate(tensors))
+    return with_rung_norms(order_by_gate(tensors))
