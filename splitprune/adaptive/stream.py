@@ -143,6 +143,12 @@ def check_auto_args(args, auto: bool) -> None:
         raise UserError("--budget auto streams one image per request: leave --batch-size at 1")
 
 
+def warmup_option(i: int, options: list[Option]) -> Option:
+    """The option of warm-up request `i`: the smallest and the largest in turn. Request 0 opens the connection
+    and is not observed; 1 (the largest) and 2 (the smallest) give the controller a fit over both ends."""
+    return options[i % 2 * (len(options) - 1)]
+
+
 def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, requests: int | None = None,
                duration: float | None = None, clock: Clock = time.perf_counter,
                show: Callable[[str], None] | None = None, every: int = 1, warmup: int = 0) -> StreamResult:
@@ -160,7 +166,7 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
         show(f"auto budget: {len(auto.options)} options from {first.label()} ({first.bytes_up} B up) to "
              f"{last.label()} ({last.bytes_up} B up), target {1e3 * auto.target_seconds:g} ms")
     for i in range(warmup):   # the first opens the connection; the others are observed, not counted
-        out = send(i, auto.options[i % 2 * (len(auto.options) - 1)])
+        out = send(i, warmup_option(i, auto.options))
         if i:
             auto.observe(out.bytes_up, out.bytes_down, out.seconds, out.compute_seconds)
     result = StreamResult(1e3 * auto.target_seconds, list(auto.options), time.time())

@@ -178,6 +178,7 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
     summary = {"checkpoint": str(checkpoint), "model_seal": session.meta.get(SEAL_KEY),
                "latency_target_ms": latency_ms, "dtypes_up": chosen,
                "test_samples": len(session.batches), "traces": results,
+               "option_accuracy": [{"budget": b, "dtype": d, "accuracy": a} for (b, d), a in sorted(accuracy.items())],
                "method": "auto: real requests over `splitprune link --trace` on loopback; every other policy "
                          "simulated on the same trace from the real run's per-request residual latencies "
                          "(splitprune.bench.adaptive_sim); accuracy: the mean over requests of the accuracy of "

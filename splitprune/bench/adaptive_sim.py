@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from splitprune.adaptive.controller import BudgetController, Observation, Option
+from splitprune.adaptive.stream import warmup_option
 from splitprune.transport.trace import LinkTrace
 
 
@@ -97,8 +98,7 @@ def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measur
     run's 83.3%)."""
     controller = BudgetController(options, target, **settings)
     first = real[0]
-    for k in (len(options) - 1, 0):
-        o = options[k]
+    for o in (warmup_option(1, options), warmup_option(2, options)):
         latency = first.residual + network_seconds(trace, first.t, o, first.server)
         controller.observe(Observation(first.t, o.bytes_up, o.bytes_down, latency, min(first.compute, latency)))
 
