@@ -102,7 +102,7 @@ class BudgetController:
     safety: float = 0.85       # chosen on held-out traces, never the shipped ones (scripts/controller_heldout.py)
     up_margin: float = 0.7
     hold: float = 1.0
-    settle: float = 2.0        # seconds without a switch after which a step up needs only `safety`
+    settle: float = 5.0        # seconds without a switch after which a step up needs only `safety`
     window: float = 1.0
     min_points: int = 8
     spread: float = 1.5
