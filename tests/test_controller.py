@@ -98,6 +98,25 @@ def test_a_settled_choice_steps_up_to_what_fits_within_safety_not_only_the_up_ma
     assert {b for t, b in chosen[float("inf")] if t > 5} == {128}
 
 
+def test_a_settled_step_up_that_is_undone_waits_twice_as_long_before_the_next():
+    trace = LinkTrace.from_rows([(0, 1.8, 20)])
+    controller = BudgetController(OPTIONS, target_seconds=0.1)
+    log = simulate(trace, controller, 2 + BudgetController.settle, noise=0.002)
+    assert log[-1][1].budget == 256                                    # the settled step up (previous test)
+    o, end = log[-1][1], log[-1][0] + log[-1][2]
+    controller.observe(Observation(end + 0.2, o.bytes_up, o.bytes_down, 0.15, 0.002))   # one late request
+    assert controller.decide().option.budget < 256
+    again, t = None, end + 0.3
+    while again is None and t < end + 4 * BudgetController.settle:
+        option = controller.decide().option
+        if option.budget == 256:
+            again = t
+        latency = 0.04 + 0.002 + option.bytes / trace.rate_at(t)
+        controller.observe(Observation(t + latency, option.bytes_up, option.bytes_down, latency, 0.002))
+        t += latency + 0.05
+    assert again is not None and again - end >= 2 * BudgetController.settle
+
+
 def test_step_down_is_followed_within_one_second():
     trace = LinkTrace.from_rows([(0, 20, 20), (20, 1, 20)])
     controller = BudgetController(OPTIONS, target_seconds=0.1)
@@ -181,7 +200,7 @@ def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
     (a window of one size keeps the fitted round trip)."""
     trace = LinkTrace.from_rows([(0, 2, 20)])
     controller = BudgetController(OPTIONS, target_seconds=0.1)
-    t, log, stalled, stall = 0.0, [], False, 3 + BudgetController.settle
+    t, log, stalled, stall = 0.0, [], False, 3 + 2 * BudgetController.settle   # the settled step up has held
     while t < stall + 4 + BudgetController.settle:
         option = controller.decide().option
         latency = 0.04 + 0.002 + option.bytes / trace.rate_at(t)
