@@ -183,7 +183,9 @@ def test_a_miss_steps_down_at_once():
 
 @pytest.mark.parametrize("kwargs", [dict(target_seconds=0), dict(target_seconds=-1),
                                     dict(target_seconds=float("nan")), dict(target_seconds=0.1, start_index=99),
-                                    dict(target_seconds=0.1, up_margin=0.9, safety=0.8)])
+                                    dict(target_seconds=0.1, up_margin=0.9, safety=0.8),
+                                    dict(target_seconds=0.1, settle=0), dict(target_seconds=0.1, settle=-1.0),
+                                    dict(target_seconds=0.1, settle=float("nan"))])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
         BudgetController(OPTIONS, **kwargs)

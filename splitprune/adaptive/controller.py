@@ -132,6 +132,8 @@ class BudgetController:
             raise UserError(f"the latency target must be a positive number of seconds, got {self.target_seconds!r}")
         if not 0 < self.up_margin <= self.safety <= 1:
             raise UserError("need 0 < up_margin <= safety <= 1")
+        if not self.settle > 0:   # also refuses NaN; math.inf turns settled step ups off
+            raise UserError(f"settle must be a positive number of seconds (inf: off), got {self.settle!r}")
         if not 0 <= self.start_index < len(self.options):
             raise UserError(f"start_index must be in 0..{len(self.options) - 1}")
         self._index = self.start_index
