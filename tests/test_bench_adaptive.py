@@ -36,3 +36,47 @@ def test_the_training_verdict_counts_one_seeds_noise_against_auto():
     assert accuracy_verdict(0.732, 0.776, 500).startswith("fails")       # 4.4 pt below: more than the noise
     assert accuracy_verdict(0.80, 0.76, 500).startswith("holds")
     assert accuracy_verdict(0.75, 0.76, 100_000).startswith("fails")      # a point is resolved on many images
+
+
+def test_a_share_of_requests_is_a_wilson_interval_that_does_not_collapse_at_the_edges():
+    from splitprune.bench.verdict import binomial, verdict
+    assert verdict(binomial(1010 / 1019, 1019), 0.99) == "not resolved"   # 99.1 %: one error below is 98.8 %
+    assert verdict(binomial(0.995, 1000), 0.99) == "holds"
+    assert verdict(binomial(0.98, 1000), 0.99) == "fails"
+    none_late = binomial(1.0, 1000)
+    assert 0.998 < none_late.low < 1.0 and none_late.high == 1.0
+    assert verdict(binomial(1.0, 50), 0.99) == "not resolved"              # 50 on time do not show 99 %
+
+
+def test_paired_differences_cancel_what_both_got_right_or_wrong():
+    from splitprune.bench.verdict import paired
+    assert paired([0.5] * 10) == paired([0.5] * 10) and paired([0.5] * 10).spread == 0
+    one_flip = paired([1.0] + [0.0] * 99)
+    assert abs(one_flip.mid - 0.01) < 1e-12 and 0.0 < one_flip.low < 0.01 < one_flip.high < 0.03
+
+
+def _policy(name: str, requests: int, within: float, option_share: dict) -> dict:
+    accuracy = {"B=1 int8": 0.80, "B=512 int8": 0.83}
+    return {"policy": name, "requests": requests, "share_within_target": within, "option_share": option_share,
+            "accuracy": sum(share * accuracy[label] for label, share in option_share.items())}
+
+
+def test_the_inference_verdict_counts_the_noise_against_auto():
+    from splitprune.bench.adaptive_infer import verdict
+    # 1,000 test images: B=512 gets right 30 that B=1 gets wrong, and no others
+    correct = {"B=1 int8": [True] * 800 + [False] * 200, "B=512 int8": [True] * 830 + [False] * 170}
+    auto = _policy("auto (real run)", 1019, 1010 / 1019, {"B=1 int8": 0.5, "B=512 int8": 0.5})
+    simulated = [_policy("oracle (knows the trace, simulated)", 1020, 0.992, {"B=1 int8": 0.45, "B=512 int8": 0.55}),
+                 _policy("fixed B=1 int8 (simulated)", 1180, 1.0, {"B=1 int8": 1.0}),
+                 # misses 99 % by less than the noise: still a rival
+                 _policy("fixed B=512 int8 (simulated)", 1000, 0.989, {"B=512 int8": 1.0})]
+    v = verdict(auto, simulated, correct)
+    assert v["within_99"] == "not resolved"
+    assert v["within_half_pt_of_oracle"] == "holds"   # -0.15 pt, +- 0.05 pt
+    assert v["best_fixed_meeting_99"] == "fixed B=512 int8 (simulated)"
+    assert v["above_best_fixed_meeting_99"] == "fails"   # 1.5 pt below it, well beyond 0.3 pt of noise
+    simulated[-1]["share_within_target"] = 0.97   # now it misses 99 % beyond the noise
+    v = verdict(auto, simulated, correct)
+    assert v["best_fixed_meeting_99"] == "fixed B=1 int8 (simulated)" and v["above_best_fixed_meeting_99"] == "holds"
+    same = verdict(_policy("auto (real run)", 1180, 1.0, {"B=1 int8": 1.0}), simulated[:-1], correct)
+    assert same["above_best_fixed_meeting_99"] == "tie" and same["within_99"] == "holds"

@@ -80,7 +80,8 @@ def _inference_at(checkpoint: Path, out: Path, latency_ms: float, traces: list[s
     if done.exists():
         previous = json.loads(done.read_text())
         if previous.get("model_seal") == read_meta(checkpoint).get(SEAL_KEY) \
-                and previous.get("latency_target_ms") == latency_ms and "accuracy_basis" in previous:
+                and previous.get("latency_target_ms") == latency_ms \
+                and previous.get("accuracy_basis") == adaptive_infer.ACCURACY_BASIS:
             return previous
     return adaptive_infer.run_adaptive_inference(checkpoint, out, traces=traces, latency_ms=latency_ms)
 

@@ -15,6 +15,7 @@ policies on different subsets: a policy sending 240 requests saw images 0-239, o
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -112,10 +113,16 @@ def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measur
 def score(requests: list[tuple[int, float, int, float]], options: list[Option], accuracy: list[float],
           target: float) -> dict:
     """Share within the target, accuracy (the mean over requests of their option's accuracy on the same test
-    images), bytes, mean budget."""
+    images), bytes, mean budget, and the share of the requests each option served."""
     n = len(requests)
     return {"requests": n, "share_within_target": sum(lat <= target for *_, lat in requests) / max(n, 1),
             "accuracy": sum(accuracy[k] for _, _, k, _ in requests) / max(n, 1),
             "bytes_up": sum(options[k].bytes_up for _, _, k, _ in requests),
             "bytes_down": sum(options[k].bytes_down for _, _, k, _ in requests),
-            "mean_budget": sum(options[k].budget for _, _, k, _ in requests) / max(n, 1)}
+            "mean_budget": sum(options[k].budget for _, _, k, _ in requests) / max(n, 1),
+            "option_share": shares([options[k].label() for _, _, k, _ in requests])}
+
+
+def shares(labels: list[str]) -> dict[str, float]:
+    """How often each option (by its label) was used, as a share of the requests."""
+    return {label: c / len(labels) for label, c in sorted(Counter(labels).items())}

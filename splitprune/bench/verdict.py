@@ -13,6 +13,7 @@ paired, so the verdict holds for any pairing. A target "value <= need" is the sa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,6 +45,30 @@ def interval(values: Sequence[float | None], noise: float = 0.0) -> Interval | N
     if not values or any(v is None for v in values):
         return None
     return Interval(min(values) - noise, max(values) + noise)
+
+
+def binomial(share: float, trials: int, z: float = 1.0) -> Interval | None:
+    """A share of `trials` (e.g. requests within their latency target) as its Wilson score interval, `z`
+    standard errors wide. Unlike share +- one standard error it does not shrink to a point at 0 or 1: no
+    late request among 1,000 does not show that none would be late among 10,000."""
+    if trials <= 0:
+        return None
+    scale = 1 + z * z / trials
+    centre = (share + z * z / (2 * trials)) / scale
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / scale
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired(differences: Sequence[float], z: float = 1.0) -> Interval | None:
+    """The mean of per-item differences between two things measured on the same items (e.g. two policies'
+    correctness on each test image), +- `z` standard errors of that mean: the items' own difficulty cancels,
+    which two independent binomial errors would count twice."""
+    n = len(differences)
+    if n == 0:
+        return None
+    mean = sum(differences) / n
+    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n) if n > 1 else 0.0
+    return Interval(mean - z * spread, mean + z * spread)
 
 
 def difference(a: Interval | None, b: Interval | None) -> Interval | None:
