@@ -534,20 +534,6 @@ def test_server_batch_limit_is_enforced_at_the_handshake_and_per_request():
         handle.stop(grace=0.5)
 
 
-def test_the_memory_estimate_counts_every_forward_the_objective_keeps():
-    # the any-budget sandwich keeps three forwards of the server half for its backward, a gated model one
-    from math import prod
-
-    from splitprune.transport.hosting import HostedHalf
-
-    gated = HostedHalf(small_config(), 10, 1, request_memory=64 << 20)
-    nested = HostedHalf(small_config(method="anybudget"), 10, 1, request_memory=64 << 20)
-    cut = 8 * prod(gated.geometry.wire_shape)
-    assert nested.worker.objective.passes == 3
-    assert nested.sample_bytes - cut == 3 * (gated.sample_bytes - cut)
-    assert nested.max_batch < gated.max_batch / 2
-
-
 def test_client_records_per_half_are_bounded(server):
     from splitprune.transport import hosting
 

@@ -37,9 +37,8 @@ class ClientRecord:
 
 def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int]) -> int:
     """Memory one sample costs a training step, an upper estimate: the dense cut tensor and every layer's
-    output, each kept for the backward pass and matched by a gradient of its size: 2 x 4 bytes per value;
-    the layers' outputs once per forward pass the objective keeps (the any-budget sandwich keeps three)."""
-    values = 0
+    output, each kept for the backward pass and matched by a gradient of its size: 2 x 4 bytes per value."""
+    values = prod(wire_shape)
 
     def count(_module, _inputs, output) -> None:
         nonlocal values
@@ -57,7 +56,7 @@ def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int]) -> int:
         for h in handles:
             h.remove()
         worker.half.train(was_training)
-    return 8 * (prod(wire_shape) + worker.objective.passes * values)
+    return 8 * values
 
 
 class HostedHalf:
