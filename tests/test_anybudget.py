@@ -13,7 +13,7 @@ from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, k
 from splitprune.compression.budget import channel_mask
 from splitprune.compression.codec import Decoded
 from splitprune.config import make_config, resolve_schedule
-from splitprune.errors import ProtocolError
+from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.adaptive.budgets import budget_quality
 from splitprune.data import make_loaders, validation_loader
@@ -145,10 +145,10 @@ def test_each_rung_has_its_own_affine_transform_trained_by_its_forwards():
         assert torch.equal(half(values, 512), half(values, 512))
 
 
-def _server(objective):
+def _server(objective, steps=1):
     cfg = make_config({**SMALL, "method": "anybudget"})
     _, server, geometry = build_workers(cfg, 10, 1)
-    server = ServerWorker(server.half, geometry, 10, ChannelCodec("fp32"), 0, objective=objective)
+    server = ServerWorker(server.half, geometry, 10, ChannelCodec("fp32"), 0, objective=objective, steps=steps)
     server.start_phase(pb.PhaseRequest(phase=0, budget=512, lr=0.01))
     return server
 
@@ -170,6 +170,32 @@ def test_one_gradient_for_the_received_prefix_and_indices_refused():
     # the budget of a prefix is read from its header, before anything is decoded
     with pytest.raises(BudgetExceeded, match="5 channels sent but the budget is 4"):
         server._decode(ChannelCodec("fp16").encode(_values(2, 5), None, 512, prefix=True), None, 4)
+
+
+def test_a_second_server_step_is_the_same_request_applied_again_with_the_first_gradient_returned():
+    # two steps a request == that request applied twice (the same sandwich draws, statistics and lr),
+    # while the device's gradient is the first step's
+    twice, once = _server(NestedPrefixes(), steps=2), _server(NestedPrefixes())
+    request = _train_request(list(range(8)), prefix=True)
+    reply = twice.train(request)
+    first = once.train(request)
+    assert reply.gradient == first.gradient and reply.loss == first.loss
+    assert not all(torch.equal(a, b) for a, b in zip(twice.half.state_dict().values(), once.half.state_dict().values()))
+    once.train(request)
+    for (name, a), b in zip(twice.half.state_dict().items(), once.half.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_server_steps_default_per_method_and_are_bounded():
+    assert make_config({"method": "anybudget"}).server_steps == 2
+    assert make_config({"method": "ca"}).server_steps_value() == 1
+    assert make_config({"method": "ca"}).fingerprint() == make_config({"method": "ca", "server_steps": None}).fingerprint()
+    assert make_config({"method": "anybudget", "server_steps": 1}).fingerprint() \
+        != make_config({"method": "anybudget"}).fingerprint()
+    _, server, _ = build_workers(make_config({**SMALL, "method": "anybudget"}), 10, 1)
+    assert server.steps == 2
+    with pytest.raises(UserError, match="server_steps must be an integer >= 1 and <= 4"):
+        make_config({"method": "anybudget", "server_steps": 5})
 
 
 # ---------------------------------------------------------------- one model, every budget
@@ -199,9 +225,10 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     assert meta["budget"] == 512 and meta["config"]["budget"] is None
     tracked = read_tensors(meta["_folder"])["server.decoder.bn.num_batches_tracked"]
     assert tracked.shape == (10,) and (tracked > 0).all()  # the decoder's statistics: every rung, every step
-    # the backbone's BatchNorm after the decoder: the rungs the step's forwards ran at (sandwich: 1, one, all)
+    # the backbone's BatchNorm after the decoder: the rungs the step's forwards ran at (sandwich: 1, one, all),
+    # once per server step (two per batch)
     tail = read_tensors(meta["_folder"])["server.layers.features.19.num_batches_tracked"]
-    assert tail.tolist()[0] == tail.tolist()[-1] == 1 and int(tail.sum()) == 3
+    assert tail.tolist()[0] == tail.tolist()[-1] == 2 and int(tail.sum()) == 6
     loader = make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, 32, False, 32)[1]  # 32 test images, 1 batch
     results = accuracy_at_budgets(anybudget_run / "checkpoint", (1, 3, 64, None), loader)
     for b, r in zip((1, 3, 64, 512), results.values()):
@@ -286,6 +313,45 @@ def test_from_a_gated_model_reorders_the_cut_and_keeps_its_function(tmp_path):
     top4 = old_mask.argsort(descending=True, stable=True)[:4]
     with torch.no_grad():  # the source's top-4 channels are the new model's prefix 4
         assert torch.allclose(new_device.half(x)[:, :4], old_device.half(x)[:, top4], atol=1e-6)
+
+
+def test_rescoring_computes_every_accuracy_again_on_the_whole_test_set_and_sends_nothing(anybudget_run, tmp_path):
+    import dataclasses
+    import json
+
+    from splitprune.adaptive.controller import Option
+    from splitprune.bench.adaptive_infer import rescore
+
+    options = [Option(1, "fp16", 60, 17), Option(8, "fp16", 300, 17)]
+    rows = [{"index": i, "t": 0.1 * i, "unix": 1000.0 + 0.1 * i, "budget": o.budget, "dtype": o.dtype,
+             "latency_ms": 60.0, "server_ms": 5.0, "compute_ms": 20.0, "correct": True}
+            for i, o in enumerate([options[0]] * 3 + [options[1]] * 7)]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "steady.json").write_text(json.dumps({"options": [dataclasses.asdict(o) for o in options],
+                                                                "rows": rows}))
+    real = {"requests": 10, "share_within_target": 1.0, "bytes_up": 2280, "bytes_down": 170, "mean_budget": 5.9,
+            "accuracy": 1.0}
+    stored = {"latency_target_ms": 200.0, "traces": [
+        {"trace": "steady", "log": "logs/steady.json", "trace_start_unix": 1000.0, "real": real,
+         "policies": [{"policy": "auto (real run)"},
+                      *({"policy": f"fixed {o.label()} (simulated)", "requests": 4, "bytes_up": 4 * o.bytes_up,
+                         "bytes_down": 4 * o.bytes_down} for o in [*options, Option(2, "fp16", 90, 17)])]}]}
+    (tmp_path / "adaptive_infer.json").write_text(json.dumps(stored))
+    # the stored fixed B=8 was sized a byte apart from the log's: still one option, each image counted once
+    stored["traces"][0]["policies"][2]["bytes_up"] += 4
+    (tmp_path / "adaptive_infer.json").write_text(json.dumps(stored))
+    summary = rescore(anybudget_run / "checkpoint", tmp_path)
+    assert summary["accuracy_images"] == 10_000 and json.loads((tmp_path / "adaptive_infer.json").read_text())
+    accuracy = {(o["budget"], o["dtype"]): o["accuracy"] for o in summary["option_accuracy"]}
+    policies = summary["traces"][0]["policies"]
+    assert [p["policy"] for p in policies] == ["auto (real run)", "auto (controller, simulated)",
+                                               "oracle (knows the trace, simulated)", "fixed B=1 fp16 (simulated)",
+                                               "fixed B=8 fp16 (simulated)", "fixed B=2 fp16 (simulated)"]
+    assert policies[0]["requests"] == 10 and policies[0]["share_within_target"] == 1.0   # the real run's own
+    assert policies[0]["accuracy"] == pytest.approx(0.3 * accuracy[1, "fp16"] + 0.7 * accuracy[8, "fp16"])
+    assert policies[0]["option_share"] == {"B=1 fp16": 0.3, "B=8 fp16": 0.7}
+    assert policies[3]["accuracy"] == pytest.approx(accuracy[1, "fp16"])
+    assert summary["traces"][0]["verdict"]["within_99"] == "not resolved"   # 10 requests show little
 
 
 def test_adaptive_accuracy_names_what_is_missing(tmp_path):

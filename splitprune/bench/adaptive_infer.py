@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from splitprune.adaptive.controller import Option
 from splitprune.bench.adaptive_sim import controller_replay, fixed, measured, oracle, replay, score, shares
 from splitprune.bench.common import markdown_table, write_results
 from splitprune.bench.verdict import Interval
@@ -29,7 +31,7 @@ MIN_SECONDS = 20.0    # a trace that ends sooner (steady: one row) is run this l
 TAIL_SECONDS = 10.0   # after the trace's last change, how long its last row is run
 TARGET_SHARE = 0.99   # the issue's target: 99% of requests within the latency target
 ACCURACY_SLACK = 0.005
-ACCURACY_BASIS = "option correctness per test image"   # results without it are measured again
+ACCURACY_BASIS = "option correctness per image of the whole test set"   # others: rescored (adaptive.py)
 
 
 def start_link(upstream: str, trace: str) -> tuple[subprocess.Popen, str]:
@@ -52,28 +54,28 @@ def trace_started(proc: subprocess.Popen) -> float:
     return float(line.split("unix ")[1].rstrip(")\n"))
 
 
-def option_correct(session, options) -> dict[tuple[int, str], list[bool]]:
-    """correct[budget, dtype]: which of the session's test images the model gets right at that option
+@functools.lru_cache(maxsize=4)   # both targets' results of one model ask for the same options
+def option_correct(checkpoint: str | Path, options: tuple[Option, ...]) -> dict[tuple[int, str], list[bool]]:
+    """correct[budget, dtype]: which images of the model's whole test set it gets right at that option
     (in-process, both halves, through the real codec)."""
     import torch
 
     from splitprune.compression import ChannelCodec
+    from splitprune.data import make_loaders
     from splitprune.export import load_workers
     from splitprune.training.step import LocalLink
 
-    device, server, _, _, _ = load_workers(session.meta["_folder"])
-    link = LocalLink(server)
-    xs = torch.cat([x for x, _ in session.batches])
-    ys = torch.cat([y for _, y in session.batches])
-    correct: dict[tuple[int, str], list[bool]] = {}
+    device, server, cfg, meta, _ = load_workers(str(checkpoint))
+    _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, meta["in_channels"],
+                              cfg.seed, 1, None, False, 250)
+    link, correct = LocalLink(server), {}
     with torch.no_grad():
         for dtype in dict.fromkeys(o.dtype for o in options):
             device.codec = ChannelCodec(dtype)
-            budgets = [o.budget for o in options if o.dtype == dtype]
-            for i in range(0, len(xs), 250):
-                predicted = device.predict_budgets(xs[i:i + 250], link, budgets)
-                for budget, (predictions, _, _) in zip(budgets, predicted):
-                    correct.setdefault((budget, dtype), []).extend((predictions == ys[i:i + 250]).tolist())
+            budgets = sorted({o.budget for o in options if o.dtype == dtype})   # options sized apart: once
+            for x, y in test:
+                for budget, (predictions, _, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
+                    correct.setdefault((budget, dtype), []).extend((predictions == y).tolist())
     return correct
 
 
@@ -166,11 +168,26 @@ def verdict(real: dict, simulated: list[dict], correct: dict[str, list[bool]]) -
             "above_best_fixed_meeting_99": above}
 
 
+def score_trace(name: str, run: dict, correct: dict[tuple[int, str], list[bool]], target: float,
+                fixed_options: list) -> tuple[list[dict], dict]:
+    """(policies, verdict) of one trace's real run: the real auto row, then the simulated ones."""
+    accuracy = {key: sum(hits) / len(hits) for key, hits in correct.items()}
+    simulated = simulate(name, run, accuracy, target, fixed_options)
+    real = {"policy": "auto (real run)", "kind": "real", **{k: run["real"][k] for k in (
+        "requests", "share_within_target", "bytes_up", "bytes_down", "mean_budget")},
+            "accuracy": sum(accuracy[r["budget"], r["dtype"]] for r in run["rows"]) / max(len(run["rows"]), 1),
+            "accuracy_of_its_samples": run["real"]["accuracy"],
+            "option_share": shares([f"B={r['budget']} {r['dtype']}" for r in run["rows"]])}
+    by_label = {f"B={b} {d}": hits for (b, d), hits in correct.items()}
+    return [real, *simulated], verdict(real, simulated, by_label)
+
+
 def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list[str] | None = None,
                            latency_ms: float = 200.0, dtypes: str | None = None, test_subset: int = 1000,
                            seconds: float | None = None) -> dict:
-    """Every trace (default: the shipped ones): real `--budget auto`, then every fixed option and the oracle
-    simulated on the same trace. Writes adaptive_infer.json, adaptive_infer.csv, logs/ and one plot per trace."""
+    """Every trace (default: the shipped ones): real `--budget auto` (cycling through `test_subset` test
+    images), then every fixed option and the oracle simulated on the same trace; every option's accuracy on
+    the whole test set. Writes adaptive_infer.json, adaptive_infer.csv, logs/ and one plot per trace."""
     import torch
 
     from splitprune.adaptive.budgets import uplink_dtypes
@@ -189,36 +206,59 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
         session.client.close()   # each trace connects through its own link
         chosen = uplink_dtypes(dtypes, session.cfg.dtype_up)
         options, fixed_options = inference_options(session, chosen), inference_options(session, chosen, ranked=False)
-        correct = option_correct(session, list({(o.budget, o.dtype): o for o in options + fixed_options}.values()))
-        accuracy = {key: sum(hits) / len(hits) for key, hits in correct.items()}
-        by_label = {f"B={b} {d}": hits for (b, d), hits in correct.items()}
+        correct = option_correct(str(checkpoint), tuple(sorted(set(options + fixed_options), key=Option.label)))
         results = []
         for name in traces:
             print(f"trace {name}: --budget auto over a real link, target {latency_ms:g} ms ...", flush=True)
             run = run_trace(session, server.address, name, latency_ms, chosen, seconds, out)
-            simulated = simulate(name, run, accuracy, latency_ms / 1e3, fixed_options)
-            real = {"policy": "auto (real run)", "kind": "real", **{k: run["real"][k] for k in (
-                "requests", "share_within_target", "bytes_up", "bytes_down", "mean_budget")},
-                    "accuracy": sum(accuracy[r["budget"], r["dtype"]] for r in run["rows"])
-                    / max(len(run["rows"]), 1),
-                    "accuracy_of_its_samples": run["real"]["accuracy"],
-                    "option_share": shares([f"B={r['budget']} {r['dtype']}" for r in run["rows"]])}
+            policies, judged = score_trace(name, run, correct, latency_ms / 1e3, fixed_options)
             results.append({"trace": name, "seconds": run["seconds"], "trace_start_unix": run["trace_start_unix"],
                             "log": f"logs/{name}.json", "plot": run["plot"], "real": run["real"],
-                            "policies": [real, *simulated], "verdict": verdict(real, simulated, by_label)})
+                            "policies": policies, "verdict": judged})
             print(report_trace(results[-1]), flush=True)
     finally:
         server.stop()
     summary = {"checkpoint": str(checkpoint), "model_seal": session.meta.get(SEAL_KEY),
-               "latency_target_ms": latency_ms, "dtypes_up": chosen,
-               "test_samples": len(session.batches), "traces": results,
-               "option_accuracy": [{"budget": b, "dtype": d, "accuracy": accuracy[b, d],
+               "latency_target_ms": latency_ms, "dtypes_up": chosen, "test_samples": len(session.batches),
+               "traces": results}
+    return _write(out, summary, correct)
+
+
+def rescore(checkpoint: str | Path, out: str | Path) -> dict:
+    """The stored results under `out` (of this model) with every accuracy computed again as this module
+    now does, without sending a request again: the latencies and choices are the real run's."""
+    out = Path(out)
+    summary = json.loads((out / "adaptive_infer.json").read_text())
+    runs = {r["trace"]: json.loads((out / r["log"]).read_text()) for r in summary["traces"]}
+    fixed_options = {r["trace"]: [_fixed_option(p) for p in r["policies"] if p["policy"].startswith("fixed ")]
+                     for r in summary["traces"]}
+    every = {o for run in runs.values() for o in (Option(**d) for d in run["options"])}
+    every |= {o for options in fixed_options.values() for o in options}
+    correct = option_correct(str(checkpoint), tuple(sorted(every, key=Option.label)))
+    for r in summary["traces"]:
+        run = {"options": [Option(**d) for d in runs[r["trace"]]["options"]], "rows": runs[r["trace"]]["rows"],
+               "trace_start_unix": r["trace_start_unix"], "real": r["real"]}
+        r["policies"], r["verdict"] = score_trace(r["trace"], run, correct, summary["latency_target_ms"] / 1e3,
+                                                  fixed_options[r["trace"]])
+    return _write(out, summary, correct)
+
+
+def _fixed_option(policy: dict) -> Option:
+    """The option a stored "fixed B=.. DTYPE (simulated)" row held: every request of it the same bytes."""
+    budget, dtype = policy["policy"].removeprefix("fixed B=").removesuffix(" (simulated)").split(" ")
+    n = policy["requests"]
+    return Option(int(budget), dtype, policy["bytes_up"] // n, policy["bytes_down"] // n)
+
+
+def _write(out: Path, summary: dict, correct: dict[tuple[int, str], list[bool]]) -> dict:
+    summary = {**summary, "accuracy_images": len(next(iter(correct.values()))),
+               "option_accuracy": [{"budget": b, "dtype": d, "accuracy": sum(hits) / len(hits),
                                     "correct": "".join("1" if c else "0" for c in hits)}
                                    for (b, d), hits in sorted(correct.items())],
                "method": "auto: real requests over `splitprune link --trace` on loopback; every other policy "
                          "simulated on the same trace from the real run's per-request residual latencies "
                          "(splitprune.bench.adaptive_sim); accuracy: the mean over requests of the accuracy of "
-                         "their option on all the test images (the model's real predictions), so every policy "
+                         "their option on the whole test set (the model's real predictions), so every policy "
                          "is scored on the same images",
                "accuracy_basis": ACCURACY_BASIS}
     write_results(out, "adaptive_infer", summary)
@@ -226,7 +266,7 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
         writer = csv.writer(fh)
         writer.writerow(["trace", "policy", "kind", "requests", "share_within_target", "accuracy", "bytes_up",
                          "bytes_down", "mean_budget"])
-        for r in results:
+        for r in summary["traces"]:
             for p in r["policies"]:
                 writer.writerow([r["trace"], p["policy"], p["kind"], p["requests"], round(p["share_within_target"], 4),
                                  round(p["accuracy"], 4), p["bytes_up"], p["bytes_down"], round(p["mean_budget"], 2)])

@@ -110,7 +110,8 @@ def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_cla
 def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int) -> ServerWorker:
     objective = NestedPrefixes(cfg.nested) if cfg.method == "anybudget" else None
     return ServerWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
-                        max_batch=max(cfg.batch_size, cfg.test_batch_size), objective=objective)
+                        max_batch=max(cfg.batch_size, cfg.test_batch_size), objective=objective,
+                        steps=cfg.server_steps_value())
 
 
 def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, Geometry]:

@@ -104,12 +104,16 @@ class ServerWorker:
     before anything is decoded or computed; `dtype` and `max_kept` narrow them for one network session.
     It holds no lock: the network server applies updates of a shared half one at a time under its own.
     `objective`: the loss it trains on (default: cross-entropy; any-budget models: nested prefixes).
+    `steps`: optimizer steps per training request; the device's gradient comes from the first, the others
+    run the objective again on the same activations (they cost server compute only).
     """
 
     def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
-                 seed: int, max_batch: int = 4096, objective: ServerObjective | None = None) -> None:
+                 seed: int, max_batch: int = 4096, objective: ServerObjective | None = None,
+                 steps: int = 1) -> None:
         self.half = half
         self.objective: ServerObjective = objective or CrossEntropy()
+        self.steps = steps
         self.num_classes = num_classes
         self.codec = codec_down
         self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
@@ -162,6 +166,13 @@ class ServerWorker:
                 gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
                                              received.num_channels, received.prefix)
                 self.optimizer.step()
+                for _ in range(self.steps - 1):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    again, _ = self.objective(self.half, received, compact.detach(), labels)
+                    if not torch.isfinite(again):   # a diverged extra step is not applied either
+                        break
+                    again.backward()
+                    self.optimizer.step()
         except ProtocolError:
             undo()  # nor are its batch-norm statistics kept
             raise
