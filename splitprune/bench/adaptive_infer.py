@@ -143,8 +143,10 @@ def verdict(real: dict, simulated: list[dict], correct: dict[str, list[bool]]) -
     from splitprune.bench.verdict import NOT_MEASURED, binomial, paired
     from splitprune.bench.verdict import verdict as rule
 
+    mine = per_image(real, correct)
+
     def versus(rival: dict) -> Interval | None:
-        return paired([a - b for a, b in zip(per_image(real, correct), per_image(rival, correct))])
+        return paired([a - b for a, b in zip(mine, per_image(rival, correct))])
 
     oracle_row = next(p for p in simulated if p["policy"].startswith("oracle"))
     rivals = [p for p in simulated if p["policy"].startswith("fixed")
@@ -177,8 +179,8 @@ def score_trace(name: str, run: dict, correct: dict[tuple[int, str], list[bool]]
         "requests", "share_within_target", "bytes_up", "bytes_down", "mean_budget")},
             "accuracy": sum(accuracy[r["budget"], r["dtype"]] for r in run["rows"]) / max(len(run["rows"]), 1),
             "accuracy_of_its_samples": run["real"]["accuracy"],
-            "option_share": shares([f"B={r['budget']} {r['dtype']}" for r in run["rows"]])}
-    by_label = {f"B={b} {d}": hits for (b, d), hits in correct.items()}
+            "option_share": shares([_label(r["budget"], r["dtype"]) for r in run["rows"]])}
+    by_label = {_label(b, d): hits for (b, d), hits in correct.items()}
     return [real, *simulated], verdict(real, simulated, by_label)
 
 
@@ -241,6 +243,10 @@ def rescore(checkpoint: str | Path, out: str | Path) -> dict:
         r["policies"], r["verdict"] = score_trace(r["trace"], run, correct, summary["latency_target_ms"] / 1e3,
                                                   fixed_options[r["trace"]])
     return _write(out, summary, correct)
+
+
+def _label(budget: int, dtype: str) -> str:
+    return Option(budget, dtype, 0, 0).label()   # the one spelling of an option's name
 
 
 def _fixed_option(policy: dict) -> Option:
