@@ -102,6 +102,8 @@ def main() -> None:
                         help="what an any-budget run is trained with (a gated run: dedicated only)")
     parser.add_argument("--out", default=str(ROOT / "bench_results/adaptive/limits.json"))
     args = parser.parse_args()
+    if args.epochs < 1:
+        sys.exit(f"error: --epochs must be at least 1, got {args.epochs}")
     torch.set_num_threads(1)
     out = Path(args.out)
     results = json.loads(out.read_text()).get("results", []) if out.exists() else []
