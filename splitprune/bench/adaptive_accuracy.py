@@ -10,6 +10,8 @@ Runs are only read, never trained: whatever is missing is named in the verdict (
 evaluations of a model are cached next to it (budget_accuracy.json), keyed by the checkpoint's seal.
 
     python -m splitprune.bench.adaptive_accuracy --out bench_results [--rivals DIR] [--threads 1]
+
+prints the table; `splitprune bench adaptive` is what records it (adaptive/adaptive.json).
 """
 from __future__ import annotations
 
@@ -184,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(result["table"])
     print(f"overall: {result['overall']} (every budget within {-100 * NEED:.1f} pt of its dedicated model)")
-    out = Path(args.out) / "adaptive" / "adaptive_accuracy.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
-    print(f"written to {out}")
+    print("(printed only: `splitprune bench adaptive` records the results, in adaptive/adaptive.json)")
     return 0
 
 
