@@ -534,6 +534,47 @@ def test_server_batch_limit_is_enforced_at_the_handshake_and_per_request():
         handle.stop(grace=0.5)
 
 
+def test_training_batches_are_sized_for_every_forward_the_objective_keeps():
+    # the any-budget sandwich keeps three forwards of the server half for its backward, an evaluation none:
+    # its training limit is a third of the evaluation one's share of the memory; a gated half has one limit
+    from math import prod
+
+    from splitprune.transport.hosting import HostedHalf
+
+    memory = 32 << 20
+    gated = HostedHalf(small_config(), 10, 1, request_memory=memory)
+    assert gated.max_train_batch == gated.max_batch == memory // gated.sample_bytes
+    nested_cfg = small_config(method="anybudget")
+    nested = HostedHalf(nested_cfg, 10, 1, request_memory=memory)
+    cut = 8 * prod(nested.geometry.wire_shape)
+    assert nested.worker.objective.passes == 3
+    assert nested.train_sample_bytes - cut == 3 * (nested.sample_bytes - cut)
+    n = nested.max_train_batch
+    assert n == memory // nested.train_sample_bytes and 16 <= n < nested.max_batch / 2
+
+    handle = start_server("127.0.0.1:0", request_memory=memory // 2)  # training batches of 16 no longer fit
+    try:
+        _, exc = raw_stream(handle.address, [hello_bytes(nested_cfg, "t1", fresh=True)])
+        assert reason(exc) == "BAD_HANDSHAKE" and "training batch of 16" in exc.details()
+    finally:
+        handle.stop(grace=0.5)
+    handle = start_server("127.0.0.1:0", request_memory=memory)
+    try:
+        evaluation = frame(EVAL, pb.EvalRequest(request_id=1, activations=_prefix(n + 1)).SerializeToString())
+        replies, exc = raw_stream(handle.address, [
+            hello_bytes(nested_cfg, "t2", fresh=True), PHASE0, train_bytes(1, n=n, tensor=_prefix(n)),
+            evaluation, train_bytes(2, n=n + 1, tensor=_prefix(n + 1))])
+        assert len(replies) == 4 and reason(exc) == "BAD_TENSOR" and f"limit of {n}" in exc.details()
+    finally:
+        handle.stop(grace=0.5)
+
+
+def _prefix(n):
+    """n samples of the first 4 channels, as a prefix message."""
+    values = torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(n))
+    return ChannelCodec("fp16").encode(values, None, 512, prefix=True)
+
+
 def test_client_records_per_half_are_bounded(server):
     from splitprune.transport import hosting
 

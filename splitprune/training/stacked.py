@@ -43,8 +43,8 @@ def as_refusal(exc: ProtocolError) -> Refusal:
     return exc if isinstance(exc, Refusal) else BadTensor(str(exc))
 
 
-def _decode(worker: ServerWorker, r: Request, budget: int | None) -> Decoded:
-    return worker._decode(r.message.activations, r.dtype, budget).to(worker.accelerator)
+def _decode(worker: ServerWorker, r: Request, budget: int | None, training: bool = False) -> Decoded:
+    return worker._decode(r.message.activations, r.dtype, budget, training).to(worker.accelerator)
 
 
 def _dense(received: Decoded, values: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _receive(worker: ServerWorker, r: Request) -> tuple[Decoded, torch.Tensor]:
     """A TrainRequest's checks and decoding, as ServerWorker.train does them."""
     check_lr_scale(r.message.lr_scale)
     budget = worker.budget if r.max_kept is None else min(r.max_kept, worker.budget or r.max_kept)
-    received = _decode(worker, r, budget)
+    received = _decode(worker, r, budget, training=True)
     try:
         labels = decode_labels(r.message.labels, received.values.shape[0], worker.num_classes)
     except ProtocolError as exc:

@@ -117,6 +117,9 @@ class ServerWorker:
         self.num_classes = num_classes
         self.codec = codec_down
         self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
+        # a training request keeps the objective's forward passes for its backward: the network server
+        # sizes its limit apart from the evaluation one (transport.hosting)
+        self.max_train_batch = max_batch
         self.rng = RngStream(seed + 1)
         self.optimizer: torch.optim.SGD | None = None
         self.phase_lr = 0.0
@@ -133,9 +136,12 @@ class ServerWorker:
         self.phase_lr, self.budget, self.phase = req.lr, budget, req.phase
         return pb.PhaseReply(phase=req.phase)
 
-    def _decode(self, t: pb.EncodedTensor, dtype: int | None, budget: int | None) -> Decoded:
+    def _decode(self, t: pb.EncodedTensor, dtype: int | None, budget: int | None,
+                training: bool = False) -> Decoded:
         check_kept(t, budget)
         spec = self.spec if dtype is None else replace(self.spec, dtypes=(dtype,))
+        if training:
+            spec = replace(spec, max_batch=min(spec.max_batch, self.max_train_batch))
         try:
             return decode_tensor(t, spec)
         except ProtocolError as exc:
@@ -146,7 +152,7 @@ class ServerWorker:
             raise NoPhase("no training phase started: send a PhaseRequest first")
         lr_scale = check_lr_scale(req.lr_scale)
         budget = self.budget if max_kept is None else min(max_kept, self.budget or max_kept)
-        received = self._decode(req.activations, dtype, budget)
+        received = self._decode(req.activations, dtype, budget, training=True)
         try:
             labels = decode_labels(req.labels, received.values.shape[0], self.num_classes)
         except ProtocolError as exc:

@@ -161,7 +161,8 @@ class Batching:
         with self._lock:
             batcher = self._batchers.get((half, kind))
             if batcher is None:
-                cap = min(self.options.max_samples or half.max_batch, half.max_batch)
+                limit = half.max_train_batch if kind == "train" else half.max_batch
+                cap = min(self.options.max_samples or limit, limit)
                 batcher = Batcher(self.options.window_ms / 1000, cap, lambda items: run(half, items),
                                   f"splitprune-batch-{kind}-{half.fingerprint[:8]}")
                 self._batchers[(half, kind)] = batcher

@@ -35,10 +35,12 @@ class ClientRecord:
     reply: bytes = b""  # framed ServerMessage answering last_step
 
 
-def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int]) -> int:
-    """Memory one sample costs a training step, an upper estimate: the dense cut tensor and every layer's
-    output, each kept for the backward pass and matched by a gradient of its size: 2 x 4 bytes per value."""
-    values = prod(wire_shape)
+def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int], passes: int = 1) -> int:
+    """Memory one sample costs a request, an upper estimate: the dense cut tensor and every layer's output,
+    each kept for the backward pass and matched by a gradient of its size: 2 x 4 bytes per value; the
+    layers' outputs once per forward pass a training step keeps (`passes`: the any-budget sandwich keeps
+    three). An evaluation keeps nothing for a backward; it is sized as one pass of a training step."""
+    values = 0
 
     def count(_module, _inputs, output) -> None:
         nonlocal values
@@ -56,7 +58,7 @@ def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int]) -> int:
         for h in handles:
             h.remove()
         worker.half.train(was_training)
-    return 8 * values
+    return 8 * (prod(wire_shape) + passes * values)
 
 
 class HostedHalf:
@@ -87,9 +89,14 @@ class HostedHalf:
         self.geometry = geometry
         self.channels = geometry.wire_shape[0]
         self.sample_bytes = sample_bytes(worker, geometry.wire_shape)
-        fits = max(1, self.request_memory // self.sample_bytes)
-        self.max_batch = self.requested_batch or min(BATCH_CEILING, fits)
+        self.train_sample_bytes = sample_bytes(worker, geometry.wire_shape, worker.objective.passes)
+        self.max_batch = self.requested_batch or self._fits(self.sample_bytes)
+        self.max_train_batch = self.requested_batch or self._fits(self.train_sample_bytes)
         worker.spec = replace(worker.spec, max_batch=self.max_batch)
+        worker.max_train_batch = self.max_train_batch
+
+    def _fits(self, per_sample: int) -> int:
+        return min(BATCH_CEILING, max(1, self.request_memory // per_sample))
 
     @property
     def budget(self) -> int:

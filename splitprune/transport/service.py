@@ -115,8 +115,9 @@ class SplitService:
             with self.halves_lock:
                 half = self.halves.setdefault(fingerprint, built)
             if half is built:
-                log.info("new server half %s: %s %s cut at %s, wire %s, largest batch %d", fingerprint, cfg.method,
-                         cfg.model, cfg.split, list(half.geometry.wire_shape), half.max_batch)
+                log.info("new server half %s: %s %s cut at %s, wire %s, largest batch %d (training %d)",
+                         fingerprint, cfg.method, cfg.model, cfg.split, list(half.geometry.wire_shape),
+                         half.max_batch, half.max_train_batch)
         if half.read_only:
             raise ReadOnlyModel(f"model {fingerprint} is hosted for inference only (--model); it cannot be trained")
         return half

@@ -97,10 +97,11 @@ def check_session(hello: spb.Hello, half) -> None:
         raise BadHandshake(f"client expects wire shape {list(hello.wire_shape)}, the model has {wire}")
     if hello.max_budget > half.channels:
         raise BadHandshake(f"max_budget {hello.max_budget} exceeds the {half.channels} channels")
-    largest = max(half.cfg.batch_size, half.cfg.test_batch_size)
-    if largest > half.max_batch:
-        raise BadHandshake(f"the config's batches of {largest} samples exceed this server's largest batch, "
-                           f"{half.max_batch} (serve --max-batch, --max-request-mb)")
+    for kind, size, limit in (("training", half.cfg.batch_size, half.max_train_batch),
+                              ("evaluation", half.cfg.test_batch_size, half.max_batch)):
+        if size > limit:
+            raise BadHandshake(f"the config's {kind} batch of {size} samples exceeds this server's largest "
+                               f"{kind} batch for this model, {limit} (serve --max-batch, --max-request-mb)")
 
 
 def check_phase_number(phase: int, cfg: RunConfig, channels: int) -> None:
