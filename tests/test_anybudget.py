@@ -220,6 +220,15 @@ def test_the_run_measures_every_ladder_budget_on_its_validation_images(anybudget
     assert budget_quality(meta, [1, 2, 512]) is not None   # what --budget auto ranks this model's options by
 
 
+def test_a_gated_method_refuses_to_start_from_an_anybudget_model(anybudget_run, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["train", "--method", "prune", "--from", str(anybudget_run), "--epochs", "2", "--train-subset", "16",
+                 "--test-subset", "16", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is an any-budget model" in err and "--budget B" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
     meta = read_meta(anybudget_run)
     assert meta["budget"] == 512 and meta["config"]["budget"] is None

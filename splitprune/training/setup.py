@@ -170,8 +170,12 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
                             f"this run asks for {getattr(cfg, key)!r}")
     if num_classes is not None and meta.get("num_classes") != num_classes:
         raise UserError(f"checkpoint has {meta.get('num_classes')} classes, the dataset {num_classes}")
-    tensors = read_tensors(meta["_folder"])
     gated = trained.get("method") != "anybudget"  # an any-budget source is in prefix order already
+    if not gated and cfg.method != "anybudget":
+        raise UserError(f"checkpoint {cfg.from_checkpoint} is an any-budget model: it serves every budget already "
+                        f"(splitprune eval/infer --budget B); --method {cfg.method} starts from a gated "
+                        "model (sl, ca, deprune, prune)")
+    tensors = read_tensors(meta["_folder"])
     return gated_to_anybudget(tensors) if cfg.method == "anybudget" and gated else tensors
 
 
