@@ -364,7 +364,7 @@ def test_rescoring_computes_every_accuracy_again_on_the_whole_test_set_and_sends
 
 
 def test_adaptive_accuracy_names_what_is_missing(tmp_path):
-    result = compare(tmp_path, profile_name="quick")
+    result = compare(tmp_path, profile="quick")
     assert result["overall"] == "not measured"
     four = result["verdicts"]["4"]
     assert four["rival"] == "ca4" and any(m.startswith("anybudget_seed1") for m in four["missing"])

@@ -1,6 +1,5 @@
 """Smoke tests of the paper-claim benchmark suites: plumbing, resumability, baselines, honest byte counts."""
 import json
-import os
 
 import pytest
 import torch
@@ -18,13 +17,7 @@ from splitprune.training.step import LocalLink, OptimizerSettings
 
 @pytest.fixture(scope="module")
 def smoke():
-    old = os.environ.get("SPLITPRUNE_BENCH_SMOKE")
-    os.environ["SPLITPRUNE_BENCH_SMOKE"] = "1"
-    yield runs.get_profile("quick")
-    if old is None:
-        del os.environ["SPLITPRUNE_BENCH_SMOKE"]
-    else:
-        os.environ["SPLITPRUNE_BENCH_SMOKE"] = old
+    return runs.get_profile("quick", smoke=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +37,27 @@ def test_every_trainer_run_is_the_command_it_records(smoke, root):
         assert cfg.fingerprint() == runs.run_config(spec, root, specs).fingerprint(), spec.name
 
 
+def test_profile_settings_are_flags_of_bench_and_of_bench_runs(capsys):
+    from splitprune.cli.bench import profile_from_args
+
+    flags = ["--train-subset", "100", "--epochs", "6", "--threads", "3", "--data-dir", "d", "--no-train",
+             "--use-partial"]
+    p = profile_from_args(build_parser().parse_args(["bench", "deprune", "--profile", "paper", *flags]))
+    assert p == profile_from_args(runs.build_parser().parse_args(["--profile", "paper", *flags]))
+    assert (p.name, p.train_subset, p.chain_subset, p.epochs, p.prune_epochs, p.threads) == ("paper", 100, 50, 6, 5, 3)
+    assert (p.data_dir, p.no_train, p.use_partial, p.smoke) == ("d", True, True, False)
+    assert runs.plan(p)["sl"].values["data_dir"] == "d"
+    assert runs.get_profile("quick", smoke=True, train_subset=20).chain_subset == 16
+    for bad in (["--epochs", "0"], ["--threads", "x"], ["--train-subset", "-1"]):
+        for parse in (lambda argv: build_parser().parse_args(["bench", "deprune", *argv]), runs.main):
+            with pytest.raises(SystemExit) as exc:
+                parse(bad)
+            assert exc.value.code == 2
+            assert "expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(runs.UserError, match="epochs must be a positive integer"):
+        runs.get_profile("quick", epochs=0)
+
+
 def test_headline_runs_have_every_seed_and_share_the_validation_split(smoke):
     specs = runs.plan(smoke)
     for base in ("sl", "ca4", "deprune", "ca1_i8", "prune", "ca4_r2"):
@@ -53,19 +67,19 @@ def test_headline_runs_have_every_seed_and_share_the_validation_split(smoke):
     assert specs["prune_seed1"].needs == ("sl_seed1",)
 
 
-def test_a_finished_run_made_with_other_settings_is_not_reused(smoke, root, monkeypatch):
+def test_a_finished_run_made_with_other_settings_is_not_reused(smoke, root):
     runs.ensure("sl", smoke, root)
-    monkeypatch.setenv("SPLITPRUNE_BENCH_TRAIN_SUBSET", str(smoke.train_subset + 16))
+    other = smoke.train_subset + 16
     with pytest.raises(runs.UserError, match="train_subset"):
-        runs.ensure("sl", runs.get_profile("quick"), root)
-    monkeypatch.setenv("SPLITPRUNE_BENCH_NO_TRAIN", "1")  # reading results back: reported, with a warning
-    assert runs.ensure("sl", runs.get_profile("quick"), root)["complete"]
+        runs.ensure("sl", runs.get_profile("quick", smoke=True, train_subset=other), root)
+    reading = runs.get_profile("quick", smoke=True, train_subset=other, no_train=True)  # reported, with a warning
+    assert runs.ensure("sl", reading, root)["complete"]
 
 
 def test_prune_suite_runs_shares_sl_and_resumes(smoke, root, monkeypatch):
     from splitprune.bench import prune
 
-    result = prune.run("quick", root / "prune")
+    result = prune.run(smoke, root / "prune")
     assert [r["seed"] for r in result["results"]] == list(smoke.seeds)
     for row, name in zip(result["results"], runs.seed_names("prune", smoke)):  # the final models' accuracy
         final = json.loads((root / "prune" / "runs" / name / "full_test.json").read_text())[-1]
@@ -81,7 +95,7 @@ def test_prune_suite_runs_shares_sl_and_resumes(smoke, root, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(runs, "train", fail)
-    prune.run("quick", root / "prune")  # everything is there: nothing trains
+    prune.run(smoke, root / "prune")  # everything is there: nothing trains
 
 
 def test_measured_points_match_evaluate_checkpoint(smoke, root):
@@ -177,7 +191,7 @@ def test_deprune_suite_verdicts_follow_the_rule_on_the_final_models(smoke, root)
     from splitprune.bench import deprune
     from splitprune.bench.verdict import difference, interval, verdict
 
-    claims = deprune.run("quick", root / "deprune")["claims"]
+    claims = deprune.run(smoke, root / "deprune")["claims"]
 
     def final(base):  # each seed's last full-test evaluation, read from the run folders
         return interval([json.loads((root / "deprune" / "runs" / n / "full_test.json").read_text())[-1]["accuracy"]
@@ -195,7 +209,7 @@ def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
     from splitprune.bench import rate
     from splitprune.bench.verdict import difference, interval, verdict
 
-    rate.run("quick", root / "rate")
+    rate.run(smoke, root / "rate")
     data = json.loads((root / "rate" / "rate.json").read_text())
     series = {p["series"] for p in data["points"]}
     assert any(s.startswith("top-k") for s in series) and any(s.startswith("random") for s in series)

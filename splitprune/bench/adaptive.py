@@ -15,7 +15,7 @@ from pathlib import Path
 
 from splitprune.bench.common import write_results
 from splitprune.bench.report import load_profile
-from splitprune.bench.runs import ensure, plan, run_dir, seed_names
+from splitprune.bench.runs import Profile, ensure, plan, run_dir, seed_names
 
 LADDER_RUNS = ("sl", "ca1", "ca2", "ca4", "ca8", "ca16", "ca32", "ca64", "anybudget")
 PARTS = ("accuracy", "inference", "training")
@@ -87,7 +87,7 @@ def _inference_at(checkpoint: Path, out: Path, latency_ms: float, traces: list[s
     return adaptive_infer.run_adaptive_inference(checkpoint, out, traces=traces, latency_ms=latency_ms)
 
 
-def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
+def run(profile: str | Profile, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
     from splitprune.bench import adaptive_accuracy, adaptive_train
 
     prof = load_profile(profile)
@@ -96,7 +96,7 @@ def run(profile: str, out: Path, parts: tuple[str, ...] = PARTS) -> dict:
     for base in LADDER_RUNS:
         for name in seed_names(base, prof):
             ensure(name, prof, root)
-    accuracy = adaptive_accuracy.compare(root, profile_name=prof.name)
+    accuracy = adaptive_accuracy.compare(root, profile=prof)
     checkpoint = run_dir(root, plan(prof)["anybudget"]) / "checkpoint"
     inference = _inference(checkpoint, out / "inference") if "inference" in parts else None
     training = adaptive_train.measure(out / "training") if "training" in parts else None

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from splitprune.bench.common import markdown_table
-from splitprune.bench.runs import (RunSpec, full_test_loader, get_profile, headline_accuracy, load_record, plan,
-                                   run_dir, seed_names)
+from splitprune.bench.runs import (Profile, RunSpec, full_test_loader, get_profile, headline_accuracy, load_record,
+                                   plan, run_dir, seed_names)
 from splitprune.bench.verdict import FAILS, HOLDS, NOT_MEASURED, NOT_RESOLVED, difference, explain, interval, verdict
 from splitprune.errors import UserError
 
@@ -94,12 +94,12 @@ def rival_accuracy(base: str, root: Path, profile) -> tuple[list[float | None], 
     return values, missing
 
 
-def compare(root: Path, rivals_root: Path | None = None, profile_name: str = "quick", threads: int | None = None,
-            base: str = "anybudget") -> dict:
+def compare(root: Path, rivals_root: Path | None = None, profile: str | Profile = "quick",
+            threads: int | None = None, base: str = "anybudget") -> dict:
     """The table and verdicts of the any-budget target; `rivals_root`: where the ca/sl runs are (default root)."""
     if threads:
         torch.set_num_threads(threads)
-    profile = get_profile(profile_name)
+    profile = profile if isinstance(profile, Profile) else get_profile(profile)
     specs = plan(profile)
     rivals_root = rivals_root or root
     ours, ours_missing = [], []

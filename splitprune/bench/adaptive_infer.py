@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitprune.adaptive.controller import Option
 from splitprune.bench.adaptive_sim import controller_replay, fixed, measured, oracle, replay, score, shares
@@ -26,6 +27,9 @@ from splitprune.bench.common import markdown_table, write_results
 from splitprune.bench.verdict import Interval
 from splitprune.errors import UserError
 from splitprune.transport.trace import LinkTrace, builtin_traces
+
+if TYPE_CHECKING:
+    from splitprune.bench.runs import Profile
 
 MIN_SECONDS = 20.0    # a trace that ends sooner (steady: one row) is run this long
 TAIL_SECONDS = 10.0   # after the trace's last change, how long its last row is run
@@ -301,7 +305,7 @@ def verdict_line(v: dict) -> str:
     return line
 
 
-def run(profile: str, out: Path, checkpoint: str | None = None, **options) -> dict:
+def run(profile: str | Profile, out: Path, checkpoint: str | None = None, **options) -> dict:
     """`splitprune bench adaptive` hook (the lead wires the suite): needs the model to evaluate."""
     if checkpoint is None:
         raise UserError("the adaptive inference benchmark needs --checkpoint RUN (the model to serve)")

@@ -13,13 +13,14 @@ from splitprune.bench import plots
 from splitprune.bench.report import (accuracy_interval, curve, final_curve_accuracy, first_reaching, load_profile,
                                      markdown_table, megabytes, partial_note, pts, ratio, run_row,
                                      seeded_records, write_csv, write_suite)
+from splitprune.bench.runs import Profile
 from splitprune.bench.verdict import FAILS, difference, explain, verdict
 
 BASES = ["sl", "ca4", "deprune", "ca1_i8"]
 NEED = -0.005  # at most 0.5 pt below sl
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     prof = load_profile(profile)
     root = Path(out).parent
     seeds = {b: seeded_records(b, prof, root) for b in BASES}

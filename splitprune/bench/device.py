@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from splitprune.bench.common import markdown_table, write_results
+from splitprune.bench.runs import Profile, profile_name
 
 BUDGETS = [1, 2, 4]
 TRAIN_ARGS = ["--method", "ca", "--budget", "4", "--epochs", "1", "--train-subset", "2000", "--threads", "1"]
@@ -181,7 +182,7 @@ def footprint(run: Path, export: Path, images: int = 1000) -> dict:
             "end_to_end": {"command": " ".join(command), **e2e}}
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     from splitprune.export import export_checkpoint
 
     torch.set_num_threads(1)  # the machine is shared; the latency figures are 1-thread figures anyway
@@ -189,7 +190,7 @@ def run(profile: str, out: Path) -> dict:
     model = train_model(out)
     export = out / "export"
     export_checkpoint(str(model), str(export), BUDGETS)
-    results = {"profile": profile, "model_run": str(model), "export": str(export),
+    results = {"profile": profile_name(profile), "model_run": str(model), "export": str(export),
                "commands": [(model / "command.txt").read_text().strip(),
                             f"splitprune export --checkpoint {model} --out {export} --budget "
                             + ",".join(map(str, BUDGETS))]}

@@ -13,9 +13,13 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from splitprune.errors import UserError
 from splitprune.transport.fuzzing import Fuzzer
+
+if TYPE_CHECKING:
+    from splitprune.bench.runs import Profile
 
 # ---------------------------------------------------------------- the benchmark
 DEFAULT_MESSAGES = 100_000
@@ -107,7 +111,7 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
     return result
 
 
-def run(profile: str, out: Path, messages: int = DEFAULT_MESSAGES) -> dict:
+def run(profile: str | Profile, out: Path, messages: int = DEFAULT_MESSAGES) -> dict:
     """`splitprune bench fuzz [--messages N]`: the quick and paper profiles both send N cases on the CPU."""
     if messages < 1:
         raise UserError(f"--messages >= 1, got {messages}")

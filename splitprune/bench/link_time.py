@@ -25,7 +25,7 @@ from pathlib import Path
 from splitprune.bench import plots
 from splitprune.bench.report import curve, final_curve_accuracy, load_profile, markdown_table, pct, write_csv, \
     write_suite
-from splitprune.bench.runs import ensure, plan
+from splitprune.bench.runs import Profile, ensure, plan
 from splitprune.config import make_config
 from splitprune.errors import UserError
 
@@ -141,7 +141,7 @@ def time_to_target(record: dict, per_step: dict[str, float], target: float) -> t
     return None, None
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     prof = load_profile(profile)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

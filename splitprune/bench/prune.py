@@ -14,7 +14,7 @@ from splitprune.bench import plots
 from splitprune.bench.report import (accuracy_interval, curve, final_curve_accuracy, first_reaching, load_profile,
                                      markdown_table, partial_note, pct, pts, ratio, run_row, seeded_records,
                                      write_csv, write_suite)
-from splitprune.bench.runs import headline_accuracy
+from splitprune.bench.runs import Profile, headline_accuracy
 from splitprune.bench.verdict import Interval, difference, explain, interval, verdict
 
 BUDGET = 4  # prune's last phase and ca's from-scratch budget compared (B=32 was cut from the quick profile)
@@ -48,7 +48,7 @@ def _seed_row(prune: dict, ca: dict, sl: dict) -> dict:
             "partial": partial_note(prune, ca)}
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     prof = load_profile(profile)
     root = Path(out).parent
     seeds = {b: seeded_records(b, prof, root) for b in ("sl", "prune", "ca4")}

@@ -20,7 +20,7 @@ from splitprune.bench.baselines import TopKCodec
 from splitprune.bench.measure import Point, evaluate_points, load_model, wire_reference
 from splitprune.bench.report import (accuracy_interval, load_profile, markdown_table, pct, pts, seeded_records,
                                      write_csv, write_suite)
-from splitprune.bench.runs import ensure, full_test_loader, plan
+from splitprune.bench.runs import Profile, ensure, full_test_loader, plan
 from splitprune.bench.verdict import difference, explain, interval, verdict
 from splitprune.data import make_loaders, validation_loader
 from splitprune.errors import UserError
@@ -74,7 +74,7 @@ def _point(result: dict) -> Point:
     return Point(None if result["budget"] == "all" else int(result["budget"]), result["dtype"])
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     prof = load_profile(profile)
     out = Path(out)
     root = out.parent
@@ -84,7 +84,7 @@ def run(profile: str, out: Path) -> dict:
     for name in ("random2", "bottleneck2"):
         try:
             records[name] = ensure(name, prof, root)
-        except UserError as exc:  # only without training (SPLITPRUNE_BENCH_NO_TRAIN): report the rest
+        except UserError as exc:  # only without training (--no-train): report the rest
             print(f"[rate] {name} left out: {exc}")
     points: list[dict] = []  # validation accuracy of every (model, point); "config" names it across seeds
 

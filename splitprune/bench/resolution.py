@@ -11,6 +11,7 @@ from pathlib import Path
 from splitprune.bench import plots
 from splitprune.bench.report import (accuracy_interval, curve, load_profile, markdown_table, megabytes, partial_note,
                                      pts, ratio, run_row, seeded_records, write_csv, write_suite)
+from splitprune.bench.runs import Profile
 from splitprune.bench.verdict import difference
 from splitprune.compression import encoded_shape
 from splitprune.errors import UserError
@@ -30,7 +31,7 @@ def shapes(model: str, input_size: int = 32, in_channels: int = 1) -> list[dict]
     return out
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     prof = load_profile(profile)
     root = Path(out).parent
     bases = [n for pair in PAIRS for n in pair]

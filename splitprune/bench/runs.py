@@ -13,13 +13,13 @@ worse of the seeds (splitprune.bench.verdict). The extra evaluation does not cha
 `validation` training images (the same ones for every seed) for choosing configurations.
 
 Profiles: `quick` (CPU, vgg11_bn_compact, a Fashion-MNIST subset, schedules of the paper's shape scaled
-to a few epochs) and `paper` (vgg11_bn and the paper's schedules, for a GPU). Environment overrides:
-SPLITPRUNE_BENCH_SMOKE=1 (tiny sizes: tests and dry runs), SPLITPRUNE_BENCH_TRAIN_SUBSET=N,
-SPLITPRUNE_BENCH_EPOCHS=E (from-scratch epochs; the other schedules scale with it),
-SPLITPRUNE_BENCH_THREADS=T, SPLITPRUNE_BENCH_DATA_DIR=DIR (where the Fashion-MNIST IDX files are),
-SPLITPRUNE_BENCH_NO_TRAIN=1 (never train: report what is there, partial runs included; used after a
-time-boxed GPU run), SPLITPRUNE_BENCH_USE_PARTIAL=1 (a run started from another one's checkpoint uses
-that checkpoint even if its run did not finish, instead of finishing it first).
+to a few epochs) and `paper` (vgg11_bn and the paper's schedules, for a GPU). Settings on top of a
+profile (`get_profile` arguments; flags of `splitprune bench` and of this module): --smoke (tiny sizes:
+tests and dry runs), --train-subset N, --epochs E (from-scratch epochs; the other schedules scale with
+it), --threads T, --data-dir DIR (where the Fashion-MNIST IDX files are), --no-train (never train:
+report what is there, partial runs included; used after a time-boxed GPU run), --use-partial (a run
+started from another one's checkpoint uses that checkpoint even if its run did not finish, instead of
+finishing it first).
 
 `python -m splitprune.bench.runs --profile paper --out DIR NAME...` trains named runs (for parallel
 processes on one machine); `--suite SUITE...` runs suites' reports (without importing the CLI, whose
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
 import sys
 import time
@@ -67,22 +66,21 @@ class Profile:
     validation: int = 2000        # training images held out for choosing configurations (never trained on)
     seeds: tuple[int, ...] = (0, 1)  # every headline run at each seed
     smoke: bool = False
+    data_dir: str | None = None   # where the dataset's files are; None = the dataset's standard place
+    no_train: bool = False        # never train: report what is there (partial runs too, other settings with a warning)
+    use_partial: bool = False     # a run that starts from another's checkpoint takes it even if that run did not finish
 
     def settings(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def _env_int(name: str) -> int | None:
-    text = os.environ.get(name)
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{name} must be an integer, got {text!r}") from None
-
-
-def get_profile(name: str) -> Profile:
+def get_profile(name: str, *, smoke: bool = False, train_subset: int | None = None, epochs: int | None = None,
+                threads: int | None = None, data_dir: str | None = None, no_train: bool = False,
+                use_partial: bool = False) -> Profile:
+    """The named profile with these settings on top (None / False: the profile's own)."""
+    for setting, value in (("train_subset", train_subset), ("epochs", epochs), ("threads", threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{setting} must be a positive integer, got {value}")
     try:
         import torch
         cuda = torch.cuda.is_available()
@@ -100,27 +98,23 @@ def get_profile(name: str) -> Profile:
                     link_steps=30)
     else:
         raise UserError(f"unknown profile {name!r}: quick or paper")
-    if os.environ.get("SPLITPRUNE_BENCH_SMOKE"):
+    if smoke:
         p = replace(p, model="vgg11_bn_compact", train_subset=48, curve_subset=32, full_subset=64,
                     full_last=1, epochs=2, prune_epochs=2, chain_subset=16, finetune_epochs=1, threads=1,
                     accelerator="cpu", test_batch_size=32, topk=(4, 32), link_steps=3, smoke=True, validation=48,
                     chain_dtypes=("int8", "int4"))
-    n, e, t = (_env_int(f"SPLITPRUNE_BENCH_{k}") for k in ("TRAIN_SUBSET", "EPOCHS", "THREADS"))
-    if n:
-        p = replace(p, train_subset=n, chain_subset=max(n // 2, 16))
-    if e:
-        p = replace(p, epochs=e, prune_epochs=max(2, round(e * 20 / PAPER_EPOCHS)))
-    if t:
-        p = replace(p, threads=t)
-    return p
+    if train_subset is not None:
+        p = replace(p, train_subset=train_subset, chain_subset=max(train_subset // 2, 16))
+    if epochs is not None:
+        p = replace(p, epochs=epochs, prune_epochs=max(2, round(epochs * 20 / PAPER_EPOCHS)))
+    if threads is not None:
+        p = replace(p, threads=threads)
+    return replace(p, data_dir=data_dir or None, no_train=no_train, use_partial=use_partial)
 
 
-def no_train() -> bool:
-    return bool(os.environ.get("SPLITPRUNE_BENCH_NO_TRAIN"))
-
-
-def use_partial() -> bool:
-    return bool(os.environ.get("SPLITPRUNE_BENCH_USE_PARTIAL"))
+def profile_name(profile: str | Profile) -> str:
+    """The name of a suite's `profile` argument (a name or a Profile): for suites that only look at the name."""
+    return profile.name if isinstance(profile, Profile) else profile
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -148,7 +142,7 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
     common = {"model": p.model, "dataset": "fashion-mnist", "train_subset": p.train_subset,
               "test_subset": p.curve_subset, "test_batch_size": p.test_batch_size, "batch_size": 16, "seed": 0,
               "threads": p.threads, "accelerator": p.accelerator, "lr_schedule": p.lr_schedule,
-              "validation_size": p.validation, "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None}
+              "validation_size": p.validation, "data_dir": p.data_dir}
 
     def scratch(method: str, schedule: str, up: str, down: str, **more) -> dict:
         return {**common, "method": method, "schedule": schedule, "epochs": E, "dtype_up": up, "dtype_down": down,
@@ -324,29 +318,30 @@ def train(spec: RunSpec, profile: Profile, root: Path, specs: dict[str, RunSpec]
 def ensure(name: str, profile: Profile, root: Path) -> dict:
     """The run's record: its summary if finished, else train it (and what it starts from) first.
 
-    With SPLITPRUNE_BENCH_NO_TRAIN set, nothing is trained: a partial run is read from its last checkpoint
+    With the profile's no_train set, nothing is trained: a partial run is read from its last checkpoint
     (marked complete=False) and a missing one raises UserError.
     """
     specs = plan(profile)
     spec = specs[name]
     record = load_record(spec, root)
     if record is not None and record["complete"]:
-        _check_planned(record, run_config(spec, root, specs))
+        _check_planned(record, run_config(spec, root, specs), profile.no_train)
         return record
-    if no_train():
+    if profile.no_train:
         if record is None:
             raise UserError(f"run {name} has not been trained under {run_dir(root, spec)}")
         return record
     for need in spec.needs:
         needed = load_record(specs[need], root)
-        if not (use_partial() and needed is not None and needed["rows"]):
+        if not (profile.use_partial and needed is not None and needed["rows"]):
             ensure(need, profile, root)
     train(spec, profile, root, specs)
     return load_record(spec, root)
 
 
-def _check_planned(record: dict, planned) -> None:
-    """A finished run is reused only if the plan would train it the same way (else its numbers are stale)."""
+def _check_planned(record: dict, planned, no_train: bool = False) -> None:
+    """A finished run is reused only if the plan would train it the same way (else its numbers are stale);
+    with `no_train` (reading results back) it is reported anyway, with a warning."""
     saved = record["summary"].get("config") or {}
     want = planned.to_dict()
     try:
@@ -360,7 +355,7 @@ def _check_planned(record: dict, planned) -> None:
                     if have.get(k) != v and k not in ("data_dir", "threads", "accelerator", "tensorboard"))
     message = (f"{record['dir']} holds run {record['name']} made with other settings ({', '.join(differ) or 'config'}) "
                "than this profile plans")
-    if no_train():
+    if no_train:
         print(f"warning: {message}; reported as it is", flush=True)
         return
     raise UserError(f"{message}: remove that folder or give another --out")
@@ -472,18 +467,32 @@ def headline_accuracy(record: dict) -> tuple[float | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from splitprune.cli.bench import add_profile_flags  # the CLI's bench module imports neither torch nor grpc
+
     parser = argparse.ArgumentParser(prog="python -m splitprune.bench.runs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="runs to train (default: all, in plan order)")
-    parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--profile", choices=["quick", "paper"], default="quick",
+                        help="quick: CPU, Fashion-MNIST subset, vgg11_bn_compact (default); paper: vgg11_bn (GPU)")
     parser.add_argument("--out", default="bench_results", help="results root (suites' folders inside)")
     parser.add_argument("--list", action="store_true", help="print the plan and each run's command")
     parser.add_argument("--suite", nargs="+", metavar="SUITE", help="run these suites' reports instead "
                         "(deprune, prune, resolution, rate, link_time, step); each failure is reported, "
                         "the others still run")
-    args = parser.parse_args(argv)
-    profile = get_profile(args.profile)
+    add_profile_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from splitprune.cli.bench import profile_from_args
+
+    args = build_parser().parse_args(argv)
+    try:
+        profile = profile_from_args(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     specs = plan(profile)
     root = Path(args.out)
     if args.suite:
@@ -494,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = {"link_time": "link"}.get(suite, suite)
             print(f"== suite {suite} ({args.profile}) ==", flush=True)
             try:
-                importlib.import_module(f"splitprune.bench.{suite}").run(args.profile, root / folder)
+                importlib.import_module(f"splitprune.bench.{suite}").run(profile, root / folder)
             except Exception:  # noqa: BLE001 - one suite's failure must not lose the others' results
                 traceback.print_exc()
                 failed.append(suite)

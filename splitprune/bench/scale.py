@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from splitprune.bench.runs import Profile, profile_name
 from splitprune.bench.scale_report import report
 from splitprune.errors import UserError
 
@@ -174,7 +175,7 @@ def _inputs(cfg, samples: int):
     return ChannelCodec(cfg.dtype_up).encode(kept, channels, z.shape[1]), encode_labels(y[:samples])
 
 
-def scale(out: Path, profile: str = "quick", accelerator: str = "cpu") -> list[Cell]:
+def scale(out: Path, profile: str = "quick", accelerator: str = "cpu", data_dir: str | None = None) -> list[Cell]:
     from splitprune.config import make_config
     from splitprune.transport.client import connect
     from splitprune.transport.testing import ServerProcess, free_port
@@ -182,7 +183,7 @@ def scale(out: Path, profile: str = "quick", accelerator: str = "cpu") -> list[C
     model, dataset, warmup_s, measure_s, repeats = PROFILES[profile]
     cfg = make_config({"method": "ca", "budget": 4, "model": model, "dataset": dataset, "epochs": 1,
                        "batch_size": 8, "test_batch_size": 8, "threads": 1, "seed": 0,
-                       "data_dir": os.environ.get("SPLITPRUNE_BENCH_DATA_DIR") or None})
+                       "data_dir": data_dir})
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     servers = {}
@@ -217,12 +218,14 @@ def uptime() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(profile: str, out: Path, accelerator: str = "cpu") -> dict:
-    """Entry point of `splitprune bench scale [--accelerator cuda]`."""
+def run(profile: str | Profile, out: Path, accelerator: str = "cpu") -> dict:
+    """Entry point of `splitprune bench scale [--accelerator cuda] [--data-dir DIR]`."""
+    data_dir = profile.data_dir if isinstance(profile, Profile) else None
+    profile = profile_name(profile)
     if profile not in PROFILES:
         raise UserError(f"scale has profiles {', '.join(PROFILES)}, not {profile!r}")
     before = uptime()
-    cells = scale(out, profile, accelerator)
+    cells = scale(out, profile, accelerator, data_dir)
     command = f"splitprune bench scale --profile {profile}" + (
         f" --accelerator {accelerator}" if accelerator != "cpu" else "") + f" --out {out.parent}"
     meta = {"scale_command": command, "uptime_before": before, "uptime_after": uptime(), "profile": profile,

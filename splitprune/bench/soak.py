@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from splitprune.bench.common import markdown_table, write_results
+from splitprune.bench.runs import Profile, profile_name
 from splitprune.errors import UserError
 
 PROFILES = {  # profile -> (model, training images per client epoch)
@@ -179,8 +180,9 @@ def _report(out: Path, clients: int, minutes: float, profile: str, model: str, s
     return summary
 
 
-def run(profile: str, out: Path, clients: int = 16, minutes: float = 10.0) -> dict:
+def run(profile: str | Profile, out: Path, clients: int = 16, minutes: float = 10.0) -> dict:
     """Entry point of `splitprune bench soak [--clients N] [--minutes M]`."""
+    profile = profile_name(profile)
     if profile not in PROFILES:
         raise UserError(f"soak has profiles {', '.join(PROFILES)}, not {profile!r}")
     return soak(clients, minutes, out, profile)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from splitprune.bench.common import markdown_table, write_results
+from splitprune.bench.runs import Profile, profile_name
 from splitprune.compression import budget_loss, decode_tensor
 from splitprune.config import make_config
 from splitprune.training.setup import build_run
@@ -74,7 +75,8 @@ def overhead_seconds(model: str, batch: int, budget: int, steps: int, device_nam
     return (time.perf_counter() - start) / steps
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
+    profile = profile_name(profile)
     model = "vgg11_bn" if profile == "paper" else "vgg11_bn_compact"
     steps, repeats = (20, 3) if profile == "quick" else (50, 5)
     device_name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,6 +17,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from splitprune.bench.runs import Profile
 
 WARMUP = 5  # single-sample inference requests sent before the measured ones
 
@@ -132,10 +136,13 @@ PROFILES = {  # `splitprune bench transport --profile P`
 }
 
 
-def run(profile: str, out: Path) -> dict:
+def run(profile: str | Profile, out: Path) -> dict:
     """Entry point of `splitprune bench transport`; also measures the rate suite's chosen configurations."""
     import json
 
+    from splitprune.bench.runs import profile_name
+
+    profile = profile_name(profile)
     rate = Path(out).parent / "rate" / "rate.json"
     chosen = json.loads(rate.read_text()).get("choices", []) if rate.exists() else []
     configs = dict.fromkeys(f"{c['budget'] if c['budget'] != 'all' else 512}:{c['dtype']}:{c['resolution']}"
