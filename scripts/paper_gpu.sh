@@ -22,9 +22,11 @@
 # Knobs (environment): TOTAL_S (wall budget of the whole script, default 480), ANALYSIS_S (reserved for
 # the reports, default 90), PHASE2_AT (fraction of the training window after which phase 2 starts
 # from a partial sl, default 0.6), PAPER_TRAIN_SUBSET, PAPER_EPOCHS (from-scratch epochs, default 22),
-# DATA_DIR (Fashion-MNIST IDX files; default ./.gpu_data/fashion-mnist, then
-# /usr/share/datasets/fashion-mnist), PYTHON (default python3).
+# PAPER_THREADS (torch CPU threads per run, default 1), DATA_DIR (Fashion-MNIST IDX files; default
+# ./.gpu_data/fashion-mnist, then /usr/share/datasets/fashion-mnist), PYTHON (default python3).
 # SMOKE=1: the same logic on CPU with tiny sizes (vgg11_bn_compact) to check the script itself.
+# The profile's knobs (PAPER_*, SMOKE, the data folder) reach every `python -m splitprune.bench.runs`
+# process started here as flags (PROFILE_FLAGS: --train-subset, --epochs, --threads, --smoke, --data-dir).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -41,31 +43,35 @@ log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-export SPLITPRUNE_BENCH_THREADS=${SPLITPRUNE_BENCH_THREADS:-1}
-[ -n "${PAPER_TRAIN_SUBSET:-}" ] && export SPLITPRUNE_BENCH_TRAIN_SUBSET=$PAPER_TRAIN_SUBSET
-[ -n "${PAPER_EPOCHS:-}" ] && export SPLITPRUNE_BENCH_EPOCHS=$PAPER_EPOCHS
+PROFILE_FLAGS=(--profile paper --threads "${PAPER_THREADS:-1}")
+[ -n "${PAPER_TRAIN_SUBSET:-}" ] && PROFILE_FLAGS+=(--train-subset "$PAPER_TRAIN_SUBSET")
+[ -n "${PAPER_EPOCHS:-}" ] && PROFILE_FLAGS+=(--epochs "$PAPER_EPOCHS")
 if [ "${SMOKE:-0}" = "1" ]; then
-  export SPLITPRUNE_BENCH_SMOKE=1
+  PROFILE_FLAGS+=(--smoke)
   TOTAL_S=${SMOKE_TOTAL_S:-240}; ANALYSIS_S=${SMOKE_ANALYSIS_S:-90}
 fi
+DATA=""
 for d in "${DATA_DIR:-}" "$PWD/.gpu_data/fashion-mnist" /usr/share/datasets/fashion-mnist; do
   if [ -n "$d" ] && [ -e "$d/train-images-idx3-ubyte.gz" -o -e "$d/train-images-idx3-ubyte" ]; then
-    export SPLITPRUNE_BENCH_DATA_DIR="$d"; break
+    DATA="$d"; break
   fi
 done
-if [ -z "${SPLITPRUNE_BENCH_DATA_DIR:-}" ]; then
+if [ -z "$DATA" ]; then
   log "no Fashion-MNIST IDX files found (set DATA_DIR, or put them in .gpu_data/fashion-mnist/)"; exit 2
 fi
+PROFILE_FLAGS+=(--data-dir "$DATA")
+USE_PARTIAL=""  # set once phase 2 has to start from a stopped sl: --use-partial for the runs started after
 
 ROOT="$WORK/bench_results/paper"
 mkdir -p "$ROOT" "$WORK/logs"
-log "data: $SPLITPRUNE_BENCH_DATA_DIR; results: $ROOT; budget ${TOTAL_S}s (reports ${ANALYSIS_S}s)"
-$PYTHON - <<'EOF' 2>&1 | tee -a "$LOG"
-import torch, platform
+log "data: $DATA; results: $ROOT; budget ${TOTAL_S}s (reports ${ANALYSIS_S}s); flags: ${PROFILE_FLAGS[*]}"
+$PYTHON - "${PROFILE_FLAGS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import platform, sys, torch
 print("torch", torch.__version__, "python", platform.python_version(), "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-from splitprune.bench.runs import get_profile
-print("profile", get_profile("paper").settings())
+from splitprune.bench.runs import build_parser
+from splitprune.cli.bench import profile_from_args
+print("profile", profile_from_args(build_parser().parse_args(sys.argv[1:])).settings())
 EOF
 
 TRAIN_END=$(( START + TOTAL_S - ANALYSIS_S ))
@@ -80,8 +86,8 @@ declare -A PIDS
 launch() {  # launch NAME: train one run in its own process until the training deadline
   local name=$1 left=$(( TRAIN_END - $(date +%s) ))
   if [ "$left" -le 5 ]; then log "no time left for $name"; return; fi
-  timeout -s INT -k 20 "$left" $PYTHON -m splitprune.bench.runs --profile paper --out "$ROOT" "$name" \
-    > "$WORK/logs/$name.log" 2>&1 &
+  timeout -s INT -k 20 "$left" $PYTHON -m splitprune.bench.runs "${PROFILE_FLAGS[@]}" ${USE_PARTIAL:+--use-partial} \
+    --out "$ROOT" "$name" > "$WORK/logs/$name.log" 2>&1 &
   PIDS[$name]=$!
   log "started $name (pid ${PIDS[$name]}, ${left}s left)"
 }
@@ -101,7 +107,7 @@ for sl in sl sl_seed1; do
       kill -INT "${PIDS[$sl]}" 2>/dev/null; wait "${PIDS[$sl]}" 2>/dev/null
       log "$sl stopped (exit $?)"; unset "PIDS[$sl]"
     fi
-    export SPLITPRUNE_BENCH_USE_PARTIAL=1
+    USE_PARTIAL=1
   fi
 done
 if [ -f "$ROOT/deprune/runs/sl/checkpoint/meta.json" ]; then
@@ -120,8 +126,8 @@ done
 
 log "reports"
 SUITE_LEFT=$(( START + TOTAL_S - $(date +%s) - 10 ))
-SPLITPRUNE_BENCH_NO_TRAIN=1 timeout -s INT -k 10 "$(( SUITE_LEFT > 20 ? SUITE_LEFT : 20 ))" \
-  $PYTHON -m splitprune.bench.runs --profile paper --out "$ROOT" --suite deprune prune resolution rate \
+timeout -s INT -k 10 "$(( SUITE_LEFT > 20 ? SUITE_LEFT : 20 ))" \
+  $PYTHON -m splitprune.bench.runs "${PROFILE_FLAGS[@]}" --no-train --out "$ROOT" --suite deprune prune resolution rate \
   >> "$LOG" 2>&1
 REPORTS_RC=$?
 log "reports done (exit $REPORTS_RC)"

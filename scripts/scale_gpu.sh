@@ -24,16 +24,17 @@ TOTAL_S=${TOTAL_S:-540}
 WORK=$(mktemp -d /tmp/scale_gpu.XXXXXX)
 mkdir -p "$OUT"
 LOG="$OUT/scale_gpu_log.txt"
+DATA=""
 for d in "${DATA_DIR:-}" "$PWD/.gpu_data/fashion-mnist" /usr/share/datasets/fashion-mnist; do
-  if [ -n "$d" ] && [ -d "$d" ]; then export SPLITPRUNE_BENCH_DATA_DIR="$d"; break; fi
+  if [ -n "$d" ] && [ -d "$d" ]; then DATA="$d"; break; fi
 done
 {
-  echo "data: ${SPLITPRUNE_BENCH_DATA_DIR:-default}; profile $PROFILE; $(uptime)"
+  echo "data: ${DATA:-default}; profile $PROFILE; $(uptime)"
   PYTHONPATH=. "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
 PYTHONPATH=. timeout "$TOTAL_S" "$PYTHON" -m splitprune bench scale --profile "$PROFILE" --accelerator cuda \
-  --out "$WORK/bench_results" 2>&1 | tee -a "$LOG"
+  ${DATA:+--data-dir "$DATA"} --out "$WORK/bench_results" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 echo "exit $status; $(uptime)" | tee -a "$LOG"
 if [ -d "$WORK/bench_results/scale" ]; then
