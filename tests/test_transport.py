@@ -565,6 +565,10 @@ def test_training_batches_are_sized_for_every_forward_the_objective_keeps():
             hello_bytes(nested_cfg, "t2", fresh=True), PHASE0, train_bytes(1, n=n, tensor=_prefix(n)),
             evaluation, train_bytes(2, n=n + 1, tensor=_prefix(n + 1))])
         assert len(replies) == 4 and reason(exc) == "BAD_TENSOR" and f"limit of {n}" in exc.details()
+        with grpc.insecure_channel(handle.address) as ch:
+            info = spb.DescribeReply.FromString(ch.unary_unary(DESCRIBE_METHOD)(
+                spb.DescribeRequest(fingerprint=nested_cfg.fingerprint()).SerializeToString(), timeout=30))
+        assert (info.max_batch, info.max_train_batch) == (nested.max_batch, n)
     finally:
         handle.stop(grace=0.5)
 

@@ -198,7 +198,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("protocol_version", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "weights_sha256", "version", "max_batch", "read_only", "attached_clients")
+    __slots__ = ("protocol_version", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "weights_sha256", "version", "max_batch", "read_only", "attached_clients", "max_train_batch")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class DescribeReply(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRAIN_BATCH_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     fingerprint: str
     config_json: str
@@ -221,7 +222,8 @@ class DescribeReply(_message.Message):
     max_batch: int
     read_only: bool
     attached_clients: int
-    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., weights_sha256: _Optional[str] = ..., version: _Optional[int] = ..., max_batch: _Optional[int] = ..., read_only: _Optional[bool] = ..., attached_clients: _Optional[int] = ...) -> None: ...
+    max_train_batch: int
+    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., weights_sha256: _Optional[str] = ..., version: _Optional[int] = ..., max_batch: _Optional[int] = ..., read_only: _Optional[bool] = ..., attached_clients: _Optional[int] = ..., max_train_batch: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("fingerprint", "budget", "eval")
