@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from splitprune.cli import main
+from splitprune.cli import SUBCOMMANDS, main
 from splitprune.config import RunConfig
 from splitprune.options import field_specs
 from splitprune.training.checkpoint import read_meta
@@ -49,6 +49,12 @@ def test_train_help_shows_the_real_defaults_once_each(capsys):
         flag = "--" + name.replace("_", "-") if flag is None else flag
         if flag:  # every field has its flag, listed exactly once among the options
             assert len(re.findall(rf" {re.escape(flag)}[ ,]", text.split("options:")[1])) == 1, flag
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_no_help_text_says_none_or_an_empty_list(capsys, command):
+    text = _help(capsys, command)
+    assert "(default: None)" not in text and "None =" not in text and "(default: [])" not in text
 
 
 def test_eval_help_says_what_is_as_trained(capsys):

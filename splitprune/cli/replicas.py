@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "MASTER_ADDR, MASTER_PORT (torchrun, Kubernetes); listen on --listen's port + LOCAL_RANK; "
                         "keep the halves of --checkpoint DIR in DIR/replica-RANK")
     g.add_argument("--replicas", type=int, default=None, metavar="N",
-                   help="launch N local replicas (ports --listen's port .. + N-1) and stop them all on Ctrl-C")
+                   help="launch N local replicas (ports --listen's port .. + N-1) and stop them all on Ctrl-C "
+                        "(default: one server, this process)")
     g.add_argument("--sync-every", type=int, default=64, metavar="K",
                    help="average the replicas' halves once the tier applied K training steps since the last time")
     g.add_argument("--sync-max-delay", type=float, default=10.0, metavar="S",

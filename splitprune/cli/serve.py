@@ -9,6 +9,7 @@ import sys
 import threading
 
 from splitprune.cli import replicas
+from splitprune.cli.common import HelpFormatter
 from splitprune.errors import UserError
 from splitprune.transport.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
 
@@ -23,7 +24,7 @@ def add_parser(subparsers, name: str) -> None:
             "resume where they were; the checkpoints clients ask for at epoch ends are kept there too "
             "(without --checkpoint: in a temporary folder, for as long as the server runs). "
             "Binds to loopback unless --listen says otherwise."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", metavar="HOST:PORT",
                    help="address to listen on (port 0 picks a free one; 0.0.0.0 exposes it to the network)")
     p.add_argument("--checkpoint", metavar="DIR", help="folder for the server's state: resumed on start, "
@@ -31,28 +32,33 @@ def add_parser(subparsers, name: str) -> None:
                                                        "server-side checkpoints")
     p.add_argument("--model", action="append", default=[], metavar="CKPT",
                    help="also host this trained checkpoint (a `splitprune train` run or checkpoint folder) "
-                        "for inference; repeatable")
-    p.add_argument("--token", help=f"require this bearer token from every client (if not given: ${TOKEN_ENV}, when set)")
-    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+                        "for inference; repeatable (default: none)")
+    p.add_argument("--token", help=f"require this bearer token from every client (default: ${TOKEN_ENV} when set, "
+                                   "else no token)")
+    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS (default: plaintext)")
     p.add_argument("--tls-key", help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the server")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS; default: "
+                                           "no client certificates)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of the server (default: torch's, all cores)")
     p.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu",
                    help="where the server halves compute (the wire is the same)")
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent training sessions")
     p.add_argument("--max-models", type=int, default=8, help="server halves (distinct configs) hosted at once")
     p.add_argument("--max-message-mb", type=float, default=None,
-                   help="largest message accepted, in MiB; None = 64 MiB + 64 KiB, the largest tensor the codec "
-                        "writes plus its envelope")
+                   help="largest message accepted, in MiB (default: 64 MiB + 64 KiB, the largest tensor the "
+                        "codec writes plus its envelope)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="largest batch one request may carry; None = what fits --max-request-mb, at most 4096")
+                   help="largest batch one request may carry, training and evaluation alike (default: what fits "
+                        "--max-request-mb, at most 4096, for training requests with every forward pass the "
+                        "model's objective keeps)")
     p.add_argument("--max-request-mb", type=float, default=256.0,
                    help="memory one request may make the server allocate, in MiB (sizes the default --max-batch)")
     p.add_argument("--batch-window-ms", type=float, default=0.0, metavar="MS",
                    help="stack requests to one model that arrive within MS milliseconds into one server forward "
                         "(inference; training too with --batch-train); 0 = each request alone")
     p.add_argument("--batch-max-samples", type=int, default=None, metavar="N",
-                   help="samples in one stacked batch; None = the largest batch of one request (--max-batch)")
+                   help="samples in one stacked batch (default: the largest batch of one request, --max-batch)")
     p.add_argument("--batch-train", action="store_true",
                    help="stack training steps too: one optimizer step over the union of the clients' batches "
                         "(docs/protocol.md 3.6); needs --batch-window-ms")
