@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from splitprune.bench.common import markdown_table
+from splitprune.bench.report import load_profile
 from splitprune.bench.runs import (Profile, RunSpec, full_test_loader, get_profile, headline_accuracy, load_record,
                                    plan, run_dir, seed_names)
 from splitprune.bench.verdict import FAILS, HOLDS, NOT_MEASURED, NOT_RESOLVED, difference, explain, interval, verdict
@@ -99,7 +100,7 @@ def compare(root: Path, rivals_root: Path | None = None, profile: str | Profile 
     """The table and verdicts of the any-budget target; `rivals_root`: where the ca/sl runs are (default root)."""
     if threads:
         torch.set_num_threads(threads)
-    profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile = load_profile(profile)
     specs = plan(profile)
     rivals_root = rivals_root or root
     ours, ours_missing = [], []

@@ -35,11 +35,12 @@ class ClientRecord:
     reply: bytes = b""  # framed ServerMessage answering last_step
 
 
-def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int], passes: int = 1) -> int:
-    """Memory one sample costs a request, an upper estimate: the dense cut tensor and every layer's output,
-    each kept for the backward pass and matched by a gradient of its size: 2 x 4 bytes per value; the
-    layers' outputs once per forward pass a training step keeps (`passes`: the any-budget sandwich keeps
-    three). An evaluation keeps nothing for a backward; it is sized as one pass of a training step."""
+def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """Memory one sample costs an (evaluation, training) request, an upper estimate: the dense cut tensor
+    and every layer's output, each kept for the backward pass and matched by a gradient of its size: 2 x 4
+    bytes per value; the layers' outputs once per forward pass a training step keeps (the objective's
+    `passes`: the any-budget sandwich keeps three). An evaluation keeps nothing for a backward; it is sized
+    as one pass of a training step. One forward of one sample counts the layers' outputs for both."""
     values = 0
 
     def count(_module, _inputs, output) -> None:
@@ -58,7 +59,8 @@ def sample_bytes(worker: ServerWorker, wire_shape: tuple[int, int, int], passes:
         for h in handles:
             h.remove()
         worker.half.train(was_training)
-    return 8 * (prod(wire_shape) + passes * values)
+    cut = prod(wire_shape)
+    return 8 * (cut + values), 8 * (cut + worker.objective.passes * values)
 
 
 class HostedHalf:
@@ -88,8 +90,7 @@ class HostedHalf:
         self.worker: ServerWorker = worker
         self.geometry = geometry
         self.channels = geometry.wire_shape[0]
-        self.sample_bytes = sample_bytes(worker, geometry.wire_shape)
-        self.train_sample_bytes = sample_bytes(worker, geometry.wire_shape, worker.objective.passes)
+        self.sample_bytes, self.train_sample_bytes = sample_bytes(worker, geometry.wire_shape)
         self.max_batch = self.requested_batch or self._fits(self.sample_bytes)
         self.max_train_batch = self.requested_batch or self._fits(self.train_sample_bytes)
         worker.spec = replace(worker.spec, max_batch=self.max_batch)
