@@ -1,7 +1,7 @@
 """`splitprune bench adaptive`'s own logic: the replay of `--budget auto` (adaptive_sim) and the training
 verdict (adaptive_train). Torch-free, no clock."""
 from splitprune.adaptive.controller import Option
-from splitprune.bench.adaptive_sim import Measured, controller_replay, fixed, replay
+from splitprune.bench.adaptive_sim import Measured, controller_replay, fixed, reactions, replay
 from splitprune.bench.adaptive_train import accuracy_verdict
 from splitprune.transport.trace import LinkTrace
 
@@ -28,6 +28,20 @@ def test_the_replayed_controller_starts_from_its_warm_up_like_the_real_stream():
     requests = controller_replay(trace, OPTIONS, real, 0.2)
     assert requests[0][2] == len(OPTIONS) - 1
     assert all(k == len(OPTIONS) - 1 for _, _, k, _ in requests)
+
+
+def test_reactions_time_each_rate_step_of_2x_from_the_request_that_answers_it():
+    # 10 -> 1 Mbit/s at 5 s, 1 -> 1.5 at 8 s (under 2x: no step), 1.5 -> 10 at 10 s; a request every 0.5 s
+    trace = LinkTrace.from_rows([(0, 10, 20), (5, 1, 20), (8, 1.5, 20), (10, 10, 20)])
+    times = [0.25 + 0.5 * i for i in range(30)]
+    chosen = [2 if t < 5 else 0 if t < 11.2 else 2 for t in times]
+    latency = [0.3 if t == 5.25 or t == 5.75 else 0.1 for t in times]   # the first two after the fall miss
+    best = [2 if t < 5 or t >= 10 else 0 for t in times]
+    steps = reactions(trace, [(i, t, k, lat) for i, (t, k, lat) in enumerate(zip(times, chosen, latency))],
+                      best, 0.2)
+    assert [(s["at"], s["direction"]) for s in steps] == [(5, "fall"), (10, "rise")]
+    assert abs(steps[0]["seconds"] - 1.25) < 1e-9 and steps[0]["late"] == 2     # in time again at 6.25 s
+    assert abs(steps[1]["seconds"] - 1.25) < 1e-9 and steps[1]["late"] == 0     # at the oracle's option at 11.25 s
 
 
 def test_the_training_verdict_counts_one_seeds_noise_against_auto():

@@ -142,6 +142,22 @@ def test_a_fade_is_followed_down_and_back_up():
     assert min(recovered) == 512                                       # back up within a second of the fade's end
 
 
+def test_after_a_fade_too_deep_for_every_option_it_climbs_back_in_jumps():
+    """A fade so deep that even B=1 misses (the hold must not restart while nothing can step down), then
+    the link returns: the climb goes up in jumps of at most `growth` times the bytes, so it is back at the
+    largest option within 1.5 s of the fade's end; one option at a time takes longer."""
+    trace = LinkTrace.from_rows([(0, 10, 20), (10, 0.05, 80), (12, 10, 20)])
+    back = {}
+    for growth in (1.0, 4.0):
+        log = simulate(trace, BudgetController(OPTIONS, target_seconds=0.15, growth=growth), 16)
+        back[growth] = min(t for t, o, _ in log if t > 12 and o.budget == 512)
+        climb = [OPTIONS.index(o) for t, o, _ in log if 12 < t <= back[growth]]
+        assert all(b == a + 1 or OPTIONS[b].bytes <= growth * OPTIONS[a].bytes for a, b in zip(climb, climb[1:]))
+        assert all(b >= a for a, b in zip(climb, climb[1:]))
+        assert all(lat <= 0.15 for t, _, lat in log if t > 12.1)
+    assert back[4.0] < 13.5 < back[1.0]
+
+
 def test_a_fade_that_also_adds_delay_costs_one_miss_not_a_cascade():
     """A fade cuts the rate 50x and doubles the round trip at once. The request in flight misses; what it
     says fits a slower rate or a longer delay, so the next choice must fit both, and nothing misses again."""
@@ -185,7 +201,8 @@ def test_a_miss_steps_down_at_once():
                                     dict(target_seconds=float("nan")), dict(target_seconds=0.1, start_index=99),
                                     dict(target_seconds=0.1, up_margin=0.9, safety=0.8),
                                     dict(target_seconds=0.1, settle=0), dict(target_seconds=0.1, settle=-1.0),
-                                    dict(target_seconds=0.1, settle=float("nan"))])
+                                    dict(target_seconds=0.1, settle=float("nan")),
+                                    dict(target_seconds=0.1, growth=0.5), dict(target_seconds=0.1, growth=float("nan"))])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(UserError):
         BudgetController(OPTIONS, **kwargs)

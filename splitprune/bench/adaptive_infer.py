@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitprune.adaptive.controller import Option
-from splitprune.bench.adaptive_sim import controller_replay, fixed, measured, oracle, replay, score, shares
+from splitprune.bench.adaptive_sim import (controller_replay, fixed, measured, oracle, reaction_summary, replay, score,
+                                           shares)
 from splitprune.bench.common import markdown_table, write_results
 from splitprune.bench.verdict import Interval
 from splitprune.errors import UserError
@@ -185,7 +186,10 @@ def score_trace(name: str, run: dict, correct: dict[tuple[int, str], list[bool]]
             "accuracy_of_its_samples": run["real"]["accuracy"],
             "option_share": shares([_label(r["budget"], r["dtype"]) for r in run["rows"]])}
     by_label = {_label(b, d): hits for (b, d), hits in correct.items()}
-    return [real, *simulated], verdict(real, simulated, by_label)
+    judged = verdict(real, simulated, by_label)
+    judged["reaction"] = reaction_summary(LinkTrace.load(name), run["rows"], run["options"], run["trace_start_unix"],
+                                          target)
+    return [real, *simulated], judged
 
 
 def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list[str] | None = None,
@@ -288,7 +292,22 @@ def report_trace(r: dict) -> str:
              f"{p['bytes_up'] / max(p['requests'], 1):.0f}", f"{p['mean_budget']:.1f}"] for p in r["policies"]]
     return (f"trace {r['trace']} ({r['seconds']:.0f} s):\n"
             + markdown_table(["policy", "requests", "% within target", "accuracy %", "B up/request", "mean budget"], rows)
-            + verdict_line(r["verdict"]))
+            + verdict_line(r["verdict"]) + reaction_line(r["verdict"].get("reaction")))
+
+
+def reaction_line(reaction: dict | None) -> str:
+    """The real run's reactions to the trace's rate steps of 2x or more, and how often its choice changed."""
+    if reaction is None:
+        return ""
+    parts = []
+    for direction, answer in (("fall", "the first request in time again"), ("rise", "at the oracle's option")):
+        r = reaction[direction]
+        if r["count"]:
+            late = f", {r['late']} requests late on the way" if direction == "fall" else ""
+            parts.append(f"{r['count']} {direction}s: {answer} {r['median_seconds']:.2f} s after the step (median; "
+                         f"at most {r['max_seconds']:.2f} s), {r['within_1s']} of {r['count']} within 1 s{late}")
+    steps = "; ".join(parts) if parts else "no rate step of 2x or more"
+    return f"\nreaction (real run): {steps}; option switches {reaction['switches_per_100']:.1f} per 100 requests\n"
 
 
 def verdict_line(v: dict) -> str:

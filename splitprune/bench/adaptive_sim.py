@@ -15,6 +15,7 @@ policies on different subsets: a policy sending 240 requests saw images 0-239, o
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -126,3 +127,56 @@ def score(requests: list[tuple[int, float, int, float]], options: list[Option], 
 def shares(labels: list[str]) -> dict[str, float]:
     """How often each option (by its label) was used, as a share of the requests."""
     return {label: c / len(labels) for label, c in sorted(Counter(labels).items())}
+
+
+def rate_changes(trace: LinkTrace, start: float, end: float, factor: float = 2.0) -> list[tuple[float, float, float]]:
+    """(trace time, rate before, rate after) of every step in the trace's rate by `factor` or more in
+    (start, end)."""
+    rates = [trace.mbit_at(t) for t in trace.times]
+    return [(t, before, after) for t, before, after in zip(trace.times[1:], rates, rates[1:])
+            if start < t < end and max(after / before, before / after) >= factor]
+
+
+def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], best: list[int], target: float,
+              factor: float = 2.0) -> list[dict]:
+    """How long a policy took to react to each rate step of `factor` or more, from (request, trace time,
+    option index, latency) and the option the oracle would have used for each request (`best`, same length).
+
+    A fall is answered by the first request sent after it that was in time: the seconds from the step to
+    it, and the requests before it that were late (the one in flight at the step cannot be helped). A rise
+    is answered by the first request sent after it at the oracle's option or a better one, in time."""
+    out = []
+    end = requests[-1][1] if requests else 0.0
+    for at, before, after in rate_changes(trace, requests[0][1] if requests else 0.0, end, factor):
+        following = [(r, b) for r, b in zip(requests, best) if r[1] >= at]
+        if after < before:
+            answer = next((r for r, _ in following if r[3] <= target), None)
+        else:
+            answer = next((r for r, b in following if r[2] >= b and r[3] <= target), None)
+        late = sum(1 for r, _ in following if answer is not None and r[1] < answer[1] and r[3] > target)
+        out.append({"at": at, "from_mbit": before, "to_mbit": after, "direction": "fall" if after < before else "rise",
+                    "seconds": None if answer is None else answer[1] - at, "late": late})
+    return out
+
+
+def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float,
+                     target: float) -> dict:
+    """A real run's reactions (`reactions`, the oracle given each request's own residual) and its option
+    switches per 100 requests."""
+    real = measured(trace, rows, options, trace_start_unix)
+    index = {(o.budget, o.dtype): k for k, o in enumerate(options)}
+    requests = [(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3) for i, (r, m) in enumerate(zip(rows, real))]
+    best = oracle(trace, options, target)
+    steps = reactions(trace, requests, [best(i, m.t, m) for i, m in enumerate(real)], target)
+    chosen = [k for _, _, k, _ in requests]
+    out: dict = {"steps": steps, "switches_per_100": 100 * sum(a != b for a, b in zip(chosen, chosen[1:]))
+                 / max(len(chosen), 1)}
+    for direction in ("fall", "rise"):
+        own = [s for s in steps if s["direction"] == direction]
+        seconds = sorted(math.inf if s["seconds"] is None else s["seconds"] for s in own)
+        out[direction] = {"count": len(own), "median_seconds": seconds[len(seconds) // 2] if seconds else None,
+                          "max_seconds": seconds[-1] if seconds else None,
+                          "within_1s": sum(x <= 1.0 for x in seconds),
+                          "late": sum(s["late"] for s in own)}
+    return out
+
