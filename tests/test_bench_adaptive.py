@@ -94,3 +94,20 @@ def test_the_inference_verdict_counts_the_noise_against_auto():
     assert v["best_fixed_meeting_99"] == "fixed B=1 int8 (simulated)" and v["above_best_fixed_meeting_99"] == "holds"
     same = verdict(_policy("auto (real run)", 1180, 1.0, {"B=1 int8": 1.0}), simulated[:-1], correct)
     assert same["above_best_fixed_meeting_99"] == "tie" and same["within_99"] == "holds"
+
+
+def test_a_step_never_answered_is_reported_as_never_not_as_infinity():
+    import json
+
+    from splitprune.bench.adaptive_infer import reaction_line
+    from splitprune.bench.adaptive_sim import reaction_summary
+
+    # 10 -> 0.01 Mbit/s at 1 s: B=512 (12 kB) never fits again, and the run keeps sending it
+    trace = LinkTrace.from_rows([(0, 10.0, 20.0), (1, 0.01, 20.0)])
+    rows = [{"unix": 100.0 + 0.2 * i, "budget": 512, "dtype": "int8", "latency_ms": 60.0 if i < 5 else 900.0,
+             "server_ms": 5.0, "compute_ms": 10.0} for i in range(15)]
+    summary = reaction_summary(trace, rows, OPTIONS, 100.0, 0.2)
+    assert summary["fall"] == {"count": 1, "median_seconds": None, "max_seconds": None, "within_1s": 0,
+                               "unanswered": 1, "late": 10}                # every request from the step on
+    json.dumps(summary, allow_nan=False)                                   # valid JSON
+    assert "1 falls: 1 never answered, 10 requests late on the way" in reaction_line(summary)

@@ -302,10 +302,16 @@ def reaction_line(reaction: dict | None) -> str:
     parts = []
     for direction, answer in (("fall", "the first request in time again"), ("rise", "at the oracle's option")):
         r = reaction[direction]
-        if r["count"]:
-            late = f", {r['late']} requests late on the way" if direction == "fall" else ""
+        if not r["count"]:
+            continue
+        late = f", {r['late']} requests late on the way" if direction == "fall" else ""
+        never = f", {r['unanswered']} never answered" if r.get("unanswered") else ""
+        if r["median_seconds"] is None:   # most never answered
+            parts.append(f"{r['count']} {direction}s: {r['unanswered']} never answered{late}")
+        else:
+            most = "never" if r["max_seconds"] is None else f"{r['max_seconds']:.2f} s"
             parts.append(f"{r['count']} {direction}s: {answer} {r['median_seconds']:.2f} s after the step (median; "
-                         f"at most {r['max_seconds']:.2f} s), {r['within_1s']} of {r['count']} within 1 s{late}")
+                         f"at most {most}), {r['within_1s']} of {r['count']} within 1 s{never}{late}")
     steps = "; ".join(parts) if parts else "no rate step of 2x or more"
     return f"\nreaction (real run): {steps}; option switches {reaction['switches_per_100']:.1f} per 100 requests\n"
 

@@ -153,7 +153,7 @@ def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], b
             answer = next((r for r, _ in following if r[3] <= target), None)
         else:
             answer = next((r for r, b in following if r[2] >= b and r[3] <= target), None)
-        late = sum(1 for r, _ in following if answer is not None and r[1] < answer[1] and r[3] > target)
+        late = sum(1 for r, _ in following if (answer is None or r[1] < answer[1]) and r[3] > target)
         out.append({"at": at, "from_mbit": before, "to_mbit": after, "direction": "fall" if after < before else "rise",
                     "seconds": None if answer is None else answer[1] - at, "late": late})
     return out
@@ -174,9 +174,11 @@ def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], 
     for direction in ("fall", "rise"):
         own = [s for s in steps if s["direction"] == direction]
         seconds = sorted(math.inf if s["seconds"] is None else s["seconds"] for s in own)
-        out[direction] = {"count": len(own), "median_seconds": seconds[len(seconds) // 2] if seconds else None,
-                          "max_seconds": seconds[-1] if seconds else None,
+        finite = [None if x == math.inf else x for x in seconds]   # JSON has no infinity: None, never answered
+        out[direction] = {"count": len(own), "median_seconds": finite[len(finite) // 2] if finite else None,
+                          "max_seconds": finite[-1] if finite else None,
                           "within_1s": sum(x <= 1.0 for x in seconds),
+                          "unanswered": sum(s["seconds"] is None for s in own),
                           "late": sum(s["late"] for s in own)}
     return out
 
