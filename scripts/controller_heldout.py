@@ -29,7 +29,7 @@ import make_traces  # noqa: E402
 
 from splitprune.adaptive.controller import Option  # noqa: E402
 from splitprune.bench.adaptive_sim import (  # noqa: E402
-    Measured, controller_replay, measured, oracle, reactions, replay, score)
+    Measured, controller_replay, measured, oracle, reaction_stats, reactions, replay, score, switches_per_100)
 from splitprune.transport.trace import LinkTrace  # noqa: E402
 
 # settle None: no settled step up (every step up within up_margin), as before it existed. Session 16 chose
@@ -121,17 +121,14 @@ def main() -> None:
                     requests = controller_replay(trace, options, real, target,
                                                  **{**settings, "settle": settings["settle"] or math.inf})
                     auto = score(requests, options, accuracy, target)
-                    best = score(replay(trace, options, real, oracle(trace, options, target), target), options,
-                                 accuracy, target)
-                    chosen = [k for _, _, k, _ in requests]
                     knows = oracle(trace, options, target)
+                    best = score(replay(trace, options, real, knows, target), options, accuracy, target)
                     steps = reactions(trace, requests, [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests],
                                       target)
                     rows.append({"residuals": name, "trace": trace.name,
                                  "share_within_target": auto["share_within_target"],
                                  "vs_oracle_pt": 100 * (auto["accuracy"] - best["accuracy"]),
-                                 "switches_per_100": 100 * sum(a != b for a, b in zip(chosen, chosen[1:]))
-                                 / len(chosen),
+                                 "switches_per_100": switches_per_100([k for _, _, k, _ in requests]),
                                  "requests": len(requests), "within": auto["share_within_target"] * len(requests),
                                  "reactions": steps})
             steady = [r for r in rows if r["trace"].startswith("steady")]
@@ -141,12 +138,11 @@ def main() -> None:
                 ("mean_vs_oracle_pt", rows, "vs_oracle_pt", lambda v: sum(v) / len(v)),
                 ("max_switches_per_100_steady", steady, "switches_per_100", max))}
             summary["pooled_share_within"] = round(sum(r["within"] for r in rows) / sum(r["requests"] for r in rows), 4)
-            for direction in ("fall", "rise"):
-                seconds = sorted(math.inf if s["seconds"] is None else s["seconds"]
-                                 for r in rows for s in r["reactions"] if s["direction"] == direction)
-                summary[f"{direction}_median_s"] = round(seconds[len(seconds) // 2], 3)
-                summary[f"{direction}s_within_1s"] = round(sum(x <= 1.0 for x in seconds) / len(seconds), 3)
-            for r in rows:   # kept as counts: every step of every run and trace would be most of the file
+            for direction, stats in reaction_stats([s for r in rows for s in r["reactions"]]).items():
+                median = stats["median_seconds"]
+                summary[f"{direction}_median_s"] = None if median is None else round(median, 3)
+                summary[f"{direction}s_within_1s"] = round(stats["within_1s"] / max(stats["count"], 1), 3)
+            for r in rows:   # per row only the rises' seconds: every step of every run and trace would be most of the file
                 steps = r.pop("reactions")
                 r["rise_s"] = [None if s["seconds"] is None else round(s["seconds"], 3) for s in steps
                                if s["direction"] == "rise"]

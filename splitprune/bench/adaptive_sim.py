@@ -159,22 +159,20 @@ def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], b
     return out
 
 
-def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float,
-                     target: float) -> dict:
-    """A real run's reactions (`reactions`, the oracle given each request's own residual) and its option
-    switches per 100 requests."""
-    real = measured(trace, rows, options, trace_start_unix)
-    index = {(o.budget, o.dtype): k for k, o in enumerate(options)}
-    requests = [(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3) for i, (r, m) in enumerate(zip(rows, real))]
-    best = oracle(trace, options, target)
-    steps = reactions(trace, requests, [best(i, m.t, m) for i, m in enumerate(real)], target)
-    chosen = [k for _, _, k, _ in requests]
-    out: dict = {"steps": steps, "switches_per_100": 100 * sum(a != b for a, b in zip(chosen, chosen[1:]))
-                 / max(len(chosen), 1)}
+def switches_per_100(chosen: list[int]) -> float:
+    """How often consecutive requests changed option, per 100 requests (oscillation)."""
+    return 100 * sum(a != b for a, b in zip(chosen, chosen[1:])) / max(len(chosen), 1)
+
+
+def reaction_stats(steps: list[dict]) -> dict[str, dict]:
+    """Per direction ("fall", "rise"), over `reactions` steps (of one run or pooled): how many, the median
+    and the longest seconds to the answer (None: never answered, as JSON has no infinity), how many within
+    1 s, how many never answered, and the late requests on the way."""
+    out = {}
     for direction in ("fall", "rise"):
         own = [s for s in steps if s["direction"] == direction]
         seconds = sorted(math.inf if s["seconds"] is None else s["seconds"] for s in own)
-        finite = [None if x == math.inf else x for x in seconds]   # JSON has no infinity: None, never answered
+        finite = [None if x == math.inf else x for x in seconds]
         out[direction] = {"count": len(own), "median_seconds": finite[len(finite) // 2] if finite else None,
                           "max_seconds": finite[-1] if finite else None,
                           "within_1s": sum(x <= 1.0 for x in seconds),
@@ -182,3 +180,15 @@ def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], 
                           "late": sum(s["late"] for s in own)}
     return out
 
+
+def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float,
+                     target: float) -> dict:
+    """A real run's reactions (`reactions`, the oracle given each request's own residual), their
+    `reaction_stats` and its option switches per 100 requests."""
+    real = measured(trace, rows, options, trace_start_unix)
+    index = {(o.budget, o.dtype): k for k, o in enumerate(options)}
+    requests = [(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3) for i, (r, m) in enumerate(zip(rows, real))]
+    best = oracle(trace, options, target)
+    steps = reactions(trace, requests, [best(i, m.t, m) for i, m in enumerate(real)], target)
+    return {"steps": steps, "switches_per_100": switches_per_100([k for _, _, k, _ in requests]),
+            **reaction_stats(steps)}
