@@ -32,9 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 from splitprune.compression.budget import channel_mask, keep_channels  # noqa: E402
 from splitprune.data import make_loaders, validation_loader  # noqa: E402
 from splitprune.export import load_workers  # noqa: E402
+from splitprune.training.evaluation import evaluate_budgets  # noqa: E402
 from splitprune.training.objectives import NestedPrefixes, prefix_input  # noqa: E402
-from splitprune.training.step import LocalLink  # noqa: E402
-from splitprune.training.trainer import evaluate_budgets  # noqa: E402
+from splitprune.training.server_worker import LocalLink  # noqa: E402
 
 LADDER = [1, 2, 4, 8, 16, 32, 64, None]
 

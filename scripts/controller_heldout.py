@@ -3,7 +3,7 @@
     python scripts/controller_heldout.py [--out bench_results/adaptive/controller_heldout.json]
 
 The shipped traces are the benchmark's test set; a controller setting read off them would lean our way. This
-replays the controller (splitprune.bench.adaptive_sim, with the stream's warm-up) on traces drawn by the same
+replays the controller (splitprune.adaptive.replay, with the stream's warm-up) on traces drawn by the same
 generators as the shipped ones with other seeds (scripts/make_traces.py), plus steady links and step-downs at
 other times and rates, with the model's option accuracies (bench_results/adaptive/inference) and the
 per-request residual latencies of EVERY recorded real cellular-fades run (bench_results/adaptive/residuals/,
@@ -28,9 +28,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_traces  # noqa: E402
 
 from splitprune.adaptive.controller import Option  # noqa: E402
-from splitprune.bench.adaptive_sim import (  # noqa: E402
-    Measured, controller_replay, measured, oracle, reaction_stats, reactions, replay, score, switches_per_100)
-from splitprune.transport.trace import LinkTrace  # noqa: E402
+from splitprune.adaptive.replay import (
+    Measured,
+    controller_replay,
+    measured,
+    oracle,
+    reaction_stats,
+    reactions,
+    replay,
+    score,
+    switches_per_100,
+)
+from splitprune.link.trace import LinkTrace
 
 # settle None: no settled step up (every step up within up_margin), as before it existed. Session 16 chose
 # safety 0.85 / up_margin 0.7 from the first five (the same worst share within the target as the old 0.8 / 0.6,

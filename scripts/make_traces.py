@@ -1,4 +1,4 @@
-"""Regenerate the built-in link traces in splitprune/transport/traces/ (deterministic, seeded).
+"""Regenerate the built-in link traces in splitprune/link/traces/ (deterministic, seeded).
 
     python scripts/make_traces.py
 

@@ -27,8 +27,8 @@ from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
 from splitprune.files import replace_folder
 from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file, onnx_session
+from splitprune.training.device_worker import DeviceWorker
 from splitprune.training.halves import DeviceHalf
-from splitprune.training.step import DeviceWorker
 
 TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output (values in [0, 1])
 OPSET = 18
@@ -90,7 +90,7 @@ def to_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
 def export_budget(device: DeviceWorker, budget: int, dtype: int, images: torch.Tensor,
                   tolerance: float = TOLERANCE) -> ExportedBudget:
     """Export one budget and check it on `images` against the PyTorch device half (unfolded)."""
-    from splitprune.wire import encode_values
+    from splitprune.wire.codec import encode_values
 
     half, scaling, prefix = device.half, device.scaling, device.selector.prefix
     half.eval()
@@ -134,7 +134,8 @@ def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]
 def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dict, exported: list[ExportedBudget],
                    check_images: int, tolerance: float, prefix: bool = False) -> dict:
     """`prefix`: the model sends its kept channels 0..B-1 as a prefix length (any-budget models)."""
-    from splitprune.transport.protocol import PROTOCOL_VERSION, weights_digest
+    from splitprune.training.checkpoint import weights_digest
+    from splitprune.wire.envelopes import PROTOCOL_VERSION
 
     cfg = meta["config"]
     return {
@@ -199,7 +200,7 @@ def load_workers(checkpoint: str, data_dir: str | None = None):
 def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = None, data_dir: str | None = None,
                       check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
     """Export the device half of `checkpoint` at `budgets` (default: the trained budget) into `out`."""
-    from splitprune.wire import check_dtype_name
+    from splitprune.wire.codec import check_dtype_name
 
     if check_images < 1:
         raise UserError(f"--check-images must be at least 1, got {check_images}")

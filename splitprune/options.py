@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ class Option:
     metavar: str | None = None        # the flag's value in help; None: N (integers), X (numbers), TEXT
     local: bool = False               # where/how a run executes, not what it computes: not in the fingerprint
     added: bool = False               # added after fingerprints were published: in it only when not the default
+    repeat: bool = False              # a tuple of values: the flag may be given several times
 
 
 def option(default, help: str, **spec) -> typing.Any:
@@ -45,7 +47,9 @@ def field_specs(cls: type) -> dict[str, tuple[Option, type, bool]]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
-        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
         kind = next(k for k in kinds if k is not type(None))
         out[f.name] = (f.metadata.get("option") or Option(f.name), typing.get_origin(kind) or kind,
                        type(None) in kinds)
@@ -57,8 +61,8 @@ def describe(cls: type, name: str) -> str:
     spec, kind, _ = field_specs(cls)[name]
     if spec.choices:
         return "one of " + ", ".join(map(str, spec.choices))
-    text = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping"}.get(
-        kind, f"a {kind.__name__}")
+    text = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping",
+            tuple: "a list of text"}.get(kind, f"a {kind.__name__}")
     bounds = [f"{op} {show(v)}" for op, v in ((">=", spec.ge), (">", spec.gt), ("<=", spec.le), ("<", spec.lt))
               if v is not None]
     return " ".join([text, " and ".join(bounds)]).strip()
@@ -74,6 +78,11 @@ def check_value(cls: type, name: str, value):
     wrong = UserError(f"{name} must be {describe(cls, name)}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is tuple:
+        value = tuple(value) if isinstance(value, list) else value
+        if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        return value
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise wrong
     if kind is float and not math.isfinite(value):
@@ -95,3 +104,20 @@ def parse_text(cls: type, name: str, text: str):
     except ValueError:
         raise UserError(f"{name} must be {describe(cls, name)}, got {text!r}") from None
     return check_value(cls, name, value)
+
+
+class Settings:
+    """Base of a settings dataclass whose values are checked when it is made: `ServeConfig(max_sessions=0)`
+    raises the same one-line UserError a bad flag or YAML value gets (frozen dataclasses too)."""
+
+    def __post_init__(self) -> None:
+        for name in field_specs(type(self)):
+            object.__setattr__(self, name, check_value(type(self), name, getattr(self, name)))
+
+
+def make_settings(cls: type, values: dict):
+    """`cls(**values)` with unknown names refused in one message (values are checked by the class itself)."""
+    unknown = sorted(set(values) - set(field_specs(cls)))
+    if unknown:
+        raise UserError(f"unknown setting(s): {', '.join(unknown)}")
+    return cls(**values)

@@ -8,14 +8,15 @@ import pytest
 
 from splitprune.adaptive.budgets import ladder, model_budgets, uplink_dtypes
 from splitprune.adaptive.policy import AutoStepBudget
-from splitprune.bench.adaptive_infer import start_link, trace_started
+from splitprune.bench.adaptive.inference import start_link, trace_started
 from splitprune.cli import main
 from splitprune.config import make_config
 from splitprune.errors import UserError
 from splitprune.proto import pb
-from splitprune.training.setup import InProcessServer, build_run
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
+from splitprune.training.setup import LocalEndpoint, build_run
 from splitprune.training.trainer import Trainer
-from splitprune.transport.server import start_server
 
 STEP_AT = 5.0     # seconds into the trace: 20 Mbit/s -> 0.02 Mbit/s
 
@@ -26,7 +27,7 @@ def model(tmp_path_factory):
     run = tmp_path_factory.mktemp("auto") / "run"
     assert main(["train", "--method", "ca", "--budget", "64", "--epochs", "1", "--train-subset", "32",
                  "--test-subset", "16", "--threads", "1", "--quiet", "--out", str(run)]) == 0
-    handle = start_server("127.0.0.1:0", models=(str(run),))
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", model=(str(run),)))
     yield run, handle
     handle.stop(grace=0.5)
 
@@ -124,11 +125,11 @@ AUTO_TRAINING = {"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fash
 
 
 def test_step_budget_follows_the_link_in_training(tmp_path):
-    from splitprune.cli.auto import step_budget
+    from splitprune.client.auto import step_budget
 
     cfg = make_config({**AUTO_TRAINING, "epochs": 1})
     parts = build_run(cfg)
-    endpoint = InProcessServer(parts.server_worker)
+    endpoint = LocalEndpoint(parts.server_worker)
     clock = Clock()
     endpoint.link = SimulatedLink(endpoint.link, clock, drop=5)
     auto = step_budget(parts, 50, clock=clock)
@@ -156,13 +157,13 @@ def test_train_auto_flags_go_together(tmp_path, capsys):
 def test_a_resumed_auto_run_counts_the_steps_before_the_resume(tmp_path, monkeypatch):
     from collections import Counter
 
-    from splitprune.cli.auto import step_budget
+    from splitprune.client.auto import step_budget
 
     cfg = make_config({**AUTO_TRAINING, "epochs": 2})
 
     def trainer(drop: int) -> tuple[Trainer, AutoStepBudget]:
         parts = build_run(cfg)
-        endpoint = InProcessServer(parts.server_worker)
+        endpoint = LocalEndpoint(parts.server_worker)
         clock = Clock()
         endpoint.link = SimulatedLink(endpoint.link, clock, drop=drop)
         auto = step_budget(parts, 50, clock=clock)

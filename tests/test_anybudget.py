@@ -7,28 +7,29 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from splitprune.bench.adaptive_accuracy import accuracy_at_budgets, compare
+from splitprune.adaptive.budgets import budget_quality
+from splitprune.bench.adaptive.accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
+from splitprune.client.connect import connect
 from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, keep_channels
+from splitprune.compression.bottleneck import ladder, rung
 from splitprune.compression.budget import channel_mask
 from splitprune.compression.codec import Decoded
 from splitprune.config import make_config, resolve_schedule
-from splitprune.errors import ProtocolError, UserError
-from splitprune.proto import pb
-from splitprune.adaptive.budgets import budget_quality
 from splitprune.data import make_loaders, validation_loader
+from splitprune.errors import ProtocolError, UserError
 from splitprune.export import load_workers
+from splitprune.proto import pb
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-from splitprune.compression.bottleneck import ladder, rung
 from splitprune.training.objectives import NestedPrefixes, prefix_input
 from splitprune.training.rng import RngStream
+from splitprune.training.server_worker import LocalLink, ServerWorker
 from splitprune.training.setup import build_workers, load_pretrained
-from splitprune.training.step import LocalLink, ServerWorker
 from splitprune.training.trainer import Trainer, evaluate
-from splitprune.transport.client import connect
-from splitprune.transport.errors import BadTensor, BudgetExceeded
-from splitprune.transport.server import start_server
-from splitprune.wire import WIRE_DTYPES, encode_values, kept_count
+from splitprune.wire.codec import WIRE_DTYPES, encode_values, kept_count
+from splitprune.wire.refusals import BadTensor, BudgetExceeded
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=32, test_subset=32, batch_size=16,
              test_batch_size=32, threads=1, seed=0)
@@ -251,9 +252,9 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
 
 
 def test_train_auto_sizes_an_anybudget_step_as_it_travels():
-    from splitprune.cli.auto import training_bytes
-    from splitprune.training.setup import InProcessServer, build_run
-    from splitprune.training.step import OptimizerSettings
+    from splitprune.client.auto import training_bytes
+    from splitprune.training.link import OptimizerSettings
+    from splitprune.training.setup import LocalEndpoint, build_run
 
     class Eight:   # a StepBudget that sends 8 channels and keeps the step's message sizes
         def next_budget(self, limit):
@@ -263,7 +264,7 @@ def test_train_auto_sizes_an_anybudget_step_as_it_travels():
             self.sizes = (up, down)
 
     parts = build_run(make_config({**SMALL, "method": "anybudget", "train_subset": 16}))
-    link = InProcessServer(parts.server_worker).link
+    link = LocalEndpoint(parts.server_worker).link
     parts.device.start_phase(link, 0, 512, OptimizerSettings(0.01, 0.0, 0.0), True)
     step = Eight()
     x, y = next(iter(parts.train_loader))
@@ -282,7 +283,7 @@ def test_anybudget_over_grpc_equals_in_process_training(tmp_path):
     cfg = make_config({**SMALL, "method": "anybudget", "schedule": "8:1", "lr_schedule": "cosine",
                        "test_subset": 16})
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    handle = start_server("127.0.0.1:0", max_sessions=4)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=4))
     try:
         endpoint = connect(cfg, handle.address, out=str(tmp_path / "remote"))
         try:
@@ -329,7 +330,7 @@ def test_rescoring_computes_every_accuracy_again_on_the_whole_test_set_and_sends
     import json
 
     from splitprune.adaptive.controller import Option
-    from splitprune.bench.adaptive_infer import rescore
+    from splitprune.bench.adaptive.inference import rescore
 
     options = [Option(1, "fp16", 60, 17), Option(8, "fp16", 300, 17)]
     rows = [{"index": i, "t": 0.1 * i, "unix": 1000.0 + 0.1 * i, "budget": o.budget, "dtype": o.dtype,

@@ -8,20 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from splitprune.client.connect import RemoteError, connect
+from splitprune.client.inference import InferenceClient
 from splitprune.compression import ChannelCodec, decode_tensor, encode_labels
 from splitprune.config import make_config
 from splitprune.data import make_loaders
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
-from splitprune.training.checkpoint import module_tensors
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
+from splitprune.training.checkpoint import module_tensors, weights_digest
 from splitprune.training.setup import build_device_worker, build_server_worker
 from splitprune.training.stacked import Request, evaluate_stacked, train_stacked
-from splitprune.transport.batching import BatchOptions
-from splitprune.transport.errors import BadTensor
-from splitprune.transport.client import RemoteError, connect
-from splitprune.transport.inference import InferenceClient
-from splitprune.transport.protocol import weights_digest
-from splitprune.transport.server import start_server
+from splitprune.wire.refusals import BadTensor
 
 PHASE = pb.PhaseRequest(phase=0, budget=4, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -82,16 +81,16 @@ def trainer_session(cfg, address, client_id):
 def test_batch_options_are_checked(capsys):
     from splitprune.cli import main
 
-    with pytest.raises(UserError):
-        BatchOptions(train=True).check()
+    with pytest.raises(UserError, match="--batch-window-ms"):
+        ServeConfig(batch_train=True)
     assert main(["serve", "--batch-window-ms", "-1"]) == 2
     assert "--batch-window-ms" in capsys.readouterr().err
 
 
 def test_stacked_inference_equals_one_at_a_time_and_a_bad_request_fails_alone(images):
     cfg = config()
-    alone = start_server("127.0.0.1:0")
-    stacked = start_server("127.0.0.1:0", batch=BatchOptions(window_ms=2000, max_samples=16))
+    alone = start_app(ServeConfig(listen="127.0.0.1:0"))
+    stacked = start_app(ServeConfig(listen="127.0.0.1:0", batch_window_ms=2000, batch_max_samples=16))
     try:
         for handle in (alone, stacked):  # the half appears with a training session (same seed: same weights)
             trainer_session(cfg, handle.address, "owner").close()
@@ -164,7 +163,7 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
     cfg = config()
     (xa, ya), (xb, yb) = (images[0][0][:4], images[0][1][:4]), (images[1][0][:4], images[1][1][:4])
     reqs = [_step(1, encoded(cfg, xa, (0, 2, 4, 6)), ya), _step(1, encoded(cfg, xb, (1, 3, 5, 7)), yb)]
-    handle = start_server("127.0.0.1:0", batch=BatchOptions(window_ms=2000, max_samples=8, train=True))
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", batch_window_ms=2000, batch_max_samples=8, batch_train=True))
     try:
         endpoints = [trainer_session(cfg, handle.address, name) for name in ("a", "b")]
         try:
@@ -229,7 +228,7 @@ def test_a_bad_step_in_a_stack_fails_alone(images):
     reqs = [_step(1, encoded(cfg, x[2 * i:2 * i + 2], channels), y[2 * i:2 * i + 2])
             for i, channels in enumerate([(0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 2, 3)])]
     reqs[2].labels.data = b"\xff\xff"  # class 255 of 10
-    handle = start_server("127.0.0.1:0", batch=BatchOptions(window_ms=2000, max_samples=6, train=True))
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", batch_window_ms=2000, batch_max_samples=6, batch_train=True))
     try:
         endpoints = [trainer_session(cfg, handle.address, name) for name in "abc"]
         try:
@@ -291,7 +290,7 @@ def test_a_diverging_step_undoes_the_stack_and_the_others_run_alone(images):
 
 def test_scale_report_merges_rows_of_other_layouts(tmp_path):
     """The hook for other layouts (e.g. 2 replicas): their rows join the saved ones in every output."""
-    from splitprune.bench import scale_report as scale
+    from splitprune.bench.systems import scale_report as scale
 
     def row(mode, samples_per_s, replicas=1, repeat=0):
         return {"workload": "infer-1", "clients": 8, "mode": mode, "repeat": repeat, "samples_per_s": samples_per_s,

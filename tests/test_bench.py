@@ -4,20 +4,23 @@ import json
 import pytest
 import torch
 
-from splitprune.bench import baselines, runs
-from splitprune.bench.measure import Point, evaluate_points, load_model
+from splitprune.bench.core import plan as planning
+from splitprune.bench.core import profiles, runs
+from splitprune.bench.paper import baselines
+from splitprune.bench.paper.measure import Point, evaluate_points, load_model
 from splitprune.cli import build_parser
 from splitprune.cli.common import config_from_args
 from splitprune.config import make_config
 from splitprune.proto import pb
 from splitprune.training.checkpoint import read_meta
 from splitprune.training.evaluation import evaluate_checkpoint
-from splitprune.training.step import LocalLink, OptimizerSettings
+from splitprune.training.link import OptimizerSettings
+from splitprune.training.server_worker import LocalLink
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    return runs.get_profile("quick", smoke=True)
+    return profiles.get_profile("quick", smoke=True)
 
 
 @pytest.fixture(scope="module")
@@ -26,42 +29,46 @@ def root(tmp_path_factory):
 
 
 def test_every_trainer_run_is_the_command_it_records(smoke, root):
-    specs = runs.plan(smoke)
+    specs = planning.plan(smoke)
     parser = build_parser()
     for spec in specs.values():
         if spec.kind != "train":
             continue
-        argv = runs.cli_command(spec, root, specs).split()[1:]
+        argv = planning.cli_command(spec, root, specs).split()[1:]
         cfg = config_from_args(parser.parse_args(argv))
         assert cfg.validation_size == smoke.validation
-        assert cfg.fingerprint() == runs.run_config(spec, root, specs).fingerprint(), spec.name
+        assert cfg.fingerprint() == planning.run_config(spec, root, specs).fingerprint(), spec.name
 
 
 def test_profile_settings_are_flags_of_bench_and_of_bench_runs(capsys):
-    from splitprune.cli.bench import profile_from_args
+    from splitprune.bench.__main__ import build_parser as bench_runs_parser
+    from splitprune.bench.__main__ import main as bench_runs
+    from splitprune.bench.core.profiles import profile_from_args
+    from splitprune.cli import main
 
     flags = ["--train-subset", "100", "--epochs", "6", "--threads", "3", "--data-dir", "d", "--no-train",
              "--use-partial"]
     p = profile_from_args(build_parser().parse_args(["bench", "deprune", "--profile", "paper", *flags]))
-    assert p == profile_from_args(runs.build_parser().parse_args(["--profile", "paper", *flags]))
+    assert p == profile_from_args(bench_runs_parser().parse_args(["--profile", "paper", *flags]))
     assert (p.name, p.train_subset, p.chain_subset, p.epochs, p.prune_epochs, p.threads) == ("paper", 100, 50, 6, 5, 3)
     assert (p.data_dir, p.no_train, p.use_partial, p.smoke) == ("d", True, True, False)
-    assert runs.plan(p)["sl"].values["data_dir"] == "d"
-    assert runs.get_profile("quick", smoke=True, train_subset=20).chain_subset == 16
-    for bad in (["--epochs", "0"], ["--threads", "x"], ["--train-subset", "-1"]):
-        for parse in (lambda argv: build_parser().parse_args(["bench", "deprune", *argv]), runs.main):
-            with pytest.raises(SystemExit) as exc:
-                parse(bad)
-            assert exc.value.code == 2
-            assert "expected a positive integer" in capsys.readouterr().err
-    with pytest.raises(runs.UserError, match="epochs must be a positive integer"):
-        runs.get_profile("quick", epochs=0)
+    assert planning.plan(p)["sl"].values["data_dir"] == "d"
+    assert profiles.get_profile("quick", smoke=True, train_subset=20).chain_subset == 16
+    for bad, message in ((["--epochs", "0"], "--epochs must be an integer >= 1"),
+                         (["--threads", "x"], "--threads must be an integer >= 1"),
+                         (["--train-subset", "-1"], "--train-subset must be an integer >= 1")):
+        for run in (lambda argv: main(["bench", "deprune", *argv]), lambda argv: bench_runs(["--list", *argv])):
+            assert run(bad) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, err
+    with pytest.raises(runs.UserError, match="epochs must be an integer >= 1"):
+        profiles.get_profile("quick", epochs=0)
 
 
 def test_headline_runs_have_every_seed_and_share_the_validation_split(smoke):
-    specs = runs.plan(smoke)
+    specs = planning.plan(smoke)
     for base in ("sl", "ca4", "deprune", "ca1_i8", "prune", "ca4_r2"):
-        names = runs.seed_names(base, smoke)
+        names = planning.seed_names(base, smoke)
         assert [specs[n].values["seed"] for n in names] == list(smoke.seeds) and len(names) >= 2
         assert {specs[n].values["validation_size"] for n in names} == {smoke.validation}
     assert specs["prune_seed1"].needs == ("sl_seed1",)
@@ -71,17 +78,17 @@ def test_a_finished_run_made_with_other_settings_is_not_reused(smoke, root):
     runs.ensure("sl", smoke, root)
     other = smoke.train_subset + 16
     with pytest.raises(runs.UserError, match="train_subset"):
-        runs.ensure("sl", runs.get_profile("quick", smoke=True, train_subset=other), root)
-    reading = runs.get_profile("quick", smoke=True, train_subset=other, no_train=True)  # reported, with a warning
+        runs.ensure("sl", profiles.get_profile("quick", smoke=True, train_subset=other), root)
+    reading = profiles.get_profile("quick", smoke=True, train_subset=other, no_train=True)  # reported, with a warning
     assert runs.ensure("sl", reading, root)["complete"]
 
 
 def test_prune_suite_runs_shares_sl_and_resumes(smoke, root, monkeypatch):
-    from splitprune.bench import prune
+    from splitprune.bench.paper import prune
 
     result = prune.run(smoke, root / "prune")
     assert [r["seed"] for r in result["results"]] == list(smoke.seeds)
-    for row, name in zip(result["results"], runs.seed_names("prune", smoke)):  # the final models' accuracy
+    for row, name in zip(result["results"], planning.seed_names("prune", smoke)):  # the final models' accuracy
         final = json.loads((root / "prune" / "runs" / name / "full_test.json").read_text())[-1]
         assert row["prune_accuracy"] == final["accuracy"]
     for name in ("prune.json", "prune.md", "prune.csv", "prune.png"):
@@ -171,7 +178,16 @@ def test_random_channels_and_bottleneck_send_what_they_claim(smoke):
 
 
 def test_verdict_counts_the_noise_against_the_claim():
-    from splitprune.bench.verdict import FAILS, HOLDS, NOT_RESOLVED, Interval, at_most, difference, interval, verdict
+    from splitprune.bench.core.verdict import (
+        FAILS,
+        HOLDS,
+        NOT_RESOLVED,
+        Interval,
+        at_most,
+        difference,
+        interval,
+        verdict,
+    )
 
     need = -0.005
     assert verdict(interval([-0.004, -0.001]), need) == HOLDS           # the worse seed meets it
@@ -188,14 +204,14 @@ def test_verdict_counts_the_noise_against_the_claim():
 
 
 def test_deprune_suite_verdicts_follow_the_rule_on_the_final_models(smoke, root):
-    from splitprune.bench import deprune
-    from splitprune.bench.verdict import difference, interval, verdict
+    from splitprune.bench.core.verdict import difference, interval, verdict
+    from splitprune.bench.paper import deprune
 
     claims = deprune.run(smoke, root / "deprune")["claims"]
 
     def final(base):  # each seed's last full-test evaluation, read from the run folders
         return interval([json.loads((root / "deprune" / "runs" / n / "full_test.json").read_text())[-1]["accuracy"]
-                         for n in runs.seed_names(base, smoke)])
+                         for n in planning.seed_names(base, smoke)])
 
     dep, sl, ca = final("deprune"), final("sl"), final("ca4")
     assert claims["vs_sl_interval"]["deprune"] == difference(dep, sl).__dict__
@@ -206,8 +222,8 @@ def test_deprune_suite_verdicts_follow_the_rule_on_the_final_models(smoke, root)
 
 
 def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
-    from splitprune.bench import rate
-    from splitprune.bench.verdict import difference, interval, verdict
+    from splitprune.bench.core.verdict import difference, interval, verdict
+    from splitprune.bench.paper import rate
 
     rate.run(smoke, root / "rate")
     data = json.loads((root / "rate" / "rate.json").read_text())
@@ -233,7 +249,7 @@ def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
         assert choice["config"] == best
         assert len(choice["test_accuracy"]) == len(smoke.seeds)
         cached = [json.loads((root / "rate" / "evals" / f"{n}.test.json").read_text())["points"][0]
-                  for n in runs.seed_names(best.split(" ")[0], smoke)]
+                  for n in planning.seed_names(best.split(" ")[0], smoke)]
         assert choice["test_accuracy"] == [c["accuracy"] for c in cached]
         assert {c["samples"] for c in cached} == {smoke.full_subset}
         gap = difference(interval(choice["test_accuracy"]), interval([sl["low"], sl["high"]]))
@@ -245,8 +261,8 @@ def test_stopped_run_is_read_from_its_results_without_weights(smoke, root, tmp_p
     import shutil
 
     runs.ensure("sl", smoke, root)
-    spec = runs.plan(smoke)["sl"]
-    src, dst = runs.run_dir(root, spec), runs.run_dir(tmp_path, spec)
+    spec = planning.plan(smoke)["sl"]
+    src, dst = planning.run_dir(root, spec), planning.run_dir(tmp_path, spec)
     dst.mkdir(parents=True)
     for name in ("metrics.csv", "command.txt"):  # what a time-boxed GPU run returns, minus run.json
         shutil.copy(src / name, dst / name)
@@ -254,12 +270,12 @@ def test_stopped_run_is_read_from_its_results_without_weights(smoke, root, tmp_p
     assert not record["complete"] and record["planned_epochs"] == smoke.epochs
     assert record["summary"]["config"]["train_subset"] == smoke.train_subset
     assert runs.headline_accuracy(record)[0] == record["rows"][-1]["test_accuracy"]  # the model it ends with
-    from splitprune.bench.report import partial_note
+    from splitprune.bench.core.report import partial_note
     assert "stopped" in partial_note(record)
 
 
 def test_document_includes_are_refreshed_from_the_suite_files(tmp_path):
-    from splitprune.bench.document import update
+    from splitprune.bench.core.document import update
 
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "t.md").write_text("| a |\n|---|\n| 2 |\n")

@@ -1,9 +1,9 @@
 """`splitprune bench adaptive`'s own logic: the replay of `--budget auto` (adaptive_sim) and the training
 verdict (adaptive_train). Torch-free, no clock."""
 from splitprune.adaptive.controller import Option
-from splitprune.bench.adaptive_sim import Measured, controller_replay, fixed, reactions, replay
-from splitprune.bench.adaptive_train import accuracy_verdict
-from splitprune.transport.trace import LinkTrace
+from splitprune.adaptive.replay import Measured, controller_replay, fixed, reactions, replay
+from splitprune.bench.adaptive.training import accuracy_verdict
+from splitprune.link.trace import LinkTrace
 
 OPTIONS = [Option(1, "int8", 68, 17), Option(256, "int8", 6195, 17), Option(512, "int8", 12336, 17)]
 
@@ -53,7 +53,7 @@ def test_the_training_verdict_counts_one_seeds_noise_against_auto():
 
 
 def test_a_share_of_requests_is_a_wilson_interval_that_does_not_collapse_at_the_edges():
-    from splitprune.bench.verdict import binomial, verdict
+    from splitprune.bench.core.verdict import binomial, verdict
     assert verdict(binomial(1010 / 1019, 1019), 0.99) == "not resolved"   # 99.1 %: one error below is 98.8 %
     assert verdict(binomial(0.995, 1000), 0.99) == "holds"
     assert verdict(binomial(0.98, 1000), 0.99) == "fails"
@@ -63,7 +63,7 @@ def test_a_share_of_requests_is_a_wilson_interval_that_does_not_collapse_at_the_
 
 
 def test_paired_differences_cancel_what_both_got_right_or_wrong():
-    from splitprune.bench.verdict import paired
+    from splitprune.bench.core.verdict import paired
     assert paired([0.5] * 10) == paired([0.5] * 10) and paired([0.5] * 10).spread == 0
     one_flip = paired([1.0] + [0.0] * 99)
     assert abs(one_flip.mid - 0.01) < 1e-12 and 0.0 < one_flip.low < 0.01 < one_flip.high < 0.03
@@ -76,7 +76,7 @@ def _policy(name: str, requests: int, within: float, option_share: dict) -> dict
 
 
 def test_the_inference_verdict_counts_the_noise_against_auto():
-    from splitprune.bench.adaptive_infer import verdict
+    from splitprune.bench.adaptive.inference import verdict
     # 1,000 test images: B=512 gets right 30 that B=1 gets wrong, and no others
     correct = {"B=1 int8": [True] * 800 + [False] * 200, "B=512 int8": [True] * 830 + [False] * 170}
     auto = _policy("auto (real run)", 1019, 1010 / 1019, {"B=1 int8": 0.5, "B=512 int8": 0.5})
@@ -99,8 +99,8 @@ def test_the_inference_verdict_counts_the_noise_against_auto():
 def test_a_step_never_answered_is_reported_as_never_not_as_infinity():
     import json
 
-    from splitprune.bench.adaptive_infer import reaction_line
-    from splitprune.bench.adaptive_sim import reaction_summary
+    from splitprune.adaptive.replay import reaction_summary
+    from splitprune.bench.adaptive.inference import reaction_line
 
     # 10 -> 0.01 Mbit/s at 1 s: B=512 (12 kB) never fits again, and the run keeps sending it
     trace = LinkTrace.from_rows([(0, 10.0, 20.0), (1, 0.01, 20.0)])

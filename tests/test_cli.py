@@ -64,15 +64,17 @@ def test_eval_help_says_what_is_as_trained(capsys):
 
 
 @pytest.mark.parametrize("flags,field", [
-    (["--epochs", "0"], "epochs"), (["--epochs", "-1"], "epochs"), (["--momentum", "-1"], "momentum"),
-    (["--threads", "0"], "threads"), (["--weight-decay", "abc"], "weight_decay"), (["--gate-init", "x"], "gate_init"),
-    (["--test-batch-size", "0"], "test_batch_size"), (["--method", "deprune", "--schedule", "all:2,4:3"], "deprune"),
-    (["--dtype-up", "fp8"], "dtype_up"), (["--lr", "inf"], "lr"),
+    (["--epochs", "0"], "--epochs must be"), (["--epochs", "-1"], "--epochs must be"),
+    (["--momentum", "-1"], "--momentum must be"), (["--threads", "0"], "--threads must be"),
+    (["--weight-decay", "abc"], "--weight-decay must be"), (["--gate-init", "x"], "--gate-init must be"),
+    (["--test-batch-size", "0"], "--test-batch-size must be"),
+    (["--method", "deprune", "--schedule", "all:2,4:3"], "deprune"), (["--dtype-up", "fp8"], "--dtype-up must be"),
+    (["--lr", "inf"], "--lr must be"),
 ])
 def test_a_bad_flag_is_one_line_exit_2_and_nothing_written(capsys, tmp_path, flags, field):
     out = tmp_path / "run"
     assert main(["train", *flags, "--out", str(out)]) == 2
-    assert field in _error_line(capsys)
+    assert field in _error_line(capsys)  # named by the flag the user typed
     assert not out.exists()
 
 

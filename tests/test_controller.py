@@ -8,7 +8,7 @@ import pytest
 from splitprune.adaptive import BudgetController, Observation, Option, option_ladder
 from splitprune.adaptive.budgets import budget_quality, model_options
 from splitprune.errors import UserError
-from splitprune.transport.trace import LinkTrace
+from splitprune.link.trace import LinkTrace
 
 BUDGETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 

@@ -3,14 +3,16 @@
 probe, metrics and rendezvous settings consistent with them, and the Dockerfile's pinned CPU torch."""
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from splitprune.cli import build_parser
+from splitprune.flags import flag_values
+from splitprune.server.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -32,14 +34,19 @@ def one(kind: str, component: str) -> dict:
     return found[0]
 
 
+def serve_config(argv: list[str]) -> ServeConfig:
+    """The settings `splitprune serve ARGV` runs with, as the real CLI parses and checks them (nothing is started)."""
+    parsed, unknown = build_parser("serve").parse_known_args(argv)
+    assert not unknown, f"arguments `splitprune serve` does not take: {unknown}"
+    return ServeConfig(**flag_values(parsed, ServeConfig))
+
+
 def serve_args(workload: dict):
-    """The serve container and its arguments as the real CLI parses them (nothing is started)."""
+    """The serve container and its settings as the real CLI parses them (nothing is started)."""
     (container,) = workload["spec"]["template"]["spec"]["containers"]
     args = list(container["args"])
     assert args[0] == "serve"
-    parsed, unknown = build_parser("serve").parse_known_args(args)
-    assert not unknown, f"arguments `splitprune serve` does not take: {unknown}"
-    return container, parsed
+    return container, serve_config(args)
 
 
 def ports(container: dict) -> dict:
@@ -67,7 +74,7 @@ def test_container_args_parse_and_probes_and_scraping_use_their_ports(kind, comp
     container, args = serve_args(workload)
     host, port = args.listen.rsplit(":", 1)
     assert host == "0.0.0.0"  # the kubelet probes the pod's IP, not its loopback
-    assert ports(container)["grpc"] == int(port) and ports(container)["metrics"] == int(args.metrics_port)
+    assert ports(container)["grpc"] == int(port) and ports(container)["metrics"] == int(args.metrics)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in container:
             assert container[probe]["grpc"]["port"] == int(port), probe
@@ -132,8 +139,8 @@ def test_dockerfile_pins_the_cpu_torch_and_runs_splitprune_unprivileged():
     (entrypoint,) = [i for i in instructions if i.startswith("ENTRYPOINT")]
     assert json.loads(entrypoint.split(None, 1)[1]) == ["splitprune"]
     (cmd,) = [i for i in instructions if i.startswith("CMD")]
-    default = build_parser("serve").parse_args(json.loads(cmd.split(None, 1)[1]))
+    default = serve_config(json.loads(cmd.split(None, 1)[1]))
     (expose,) = [i for i in instructions if i.startswith("EXPOSE")]
-    assert {int(default.listen.rsplit(":", 1)[1]), int(default.metrics_port)} == set(map(int, expose.split()[1:]))
+    assert {int(default.listen.rsplit(":", 1)[1]), int(default.metrics)} == set(map(int, expose.split()[1:]))
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored)

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from splitprune.bench.core.processes import ServeSubprocess, free_port
 from splitprune.compression import ChannelCodec
 from splitprune.export import kept_indices, load_workers, sample_inputs
 from splitprune.training.checkpoint import read_meta, write_checkpoint
-from splitprune.training.step import LocalLink
-from splitprune.transport.testing import ServerProcess, free_port
-from splitprune.wire import WIRE_DTYPES
+from splitprune.training.server_worker import LocalLink
+from splitprune.wire.codec import WIRE_DTYPES
 
 DEVICE_DIR = Path(__file__).resolve().parent.parent / "device"
 sys.path.insert(0, str(DEVICE_DIR))  # the device package, as its wheel would install it
@@ -31,7 +31,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="module")
 def server(exported, tmp_path_factory):
     run, _ = exported
-    proc = ServerProcess(free_port(), "--model", str(run),
+    proc = ServeSubprocess(free_port(), "--model", str(run),
                          log_path=tmp_path_factory.mktemp("serve") / "serve.log").start()
     yield proc
     proc.stop()
@@ -148,7 +148,7 @@ def test_device_refuses_a_server_whose_half_differs_from_the_export(exported, tm
     name = sorted(k for k in tensors if k.startswith("server.") and tensors[k].is_floating_point())[0]
     tensors[name] = tensors[name] + 0.01  # same config and fingerprint, other weights: "trained further"
     write_checkpoint(changed, tensors, {k: v for k, v in meta.items() if k not in ("_folder", "format", "seal")})
-    proc = ServerProcess(free_port(), "--model", str(changed.parent)).start()
+    proc = ServeSubprocess(free_port(), "--model", str(changed.parent)).start()
     try:
         path, _ = batch_file(tmp_path, 1)
         assert device_main(["infer", "--server", proc.address, "--model", str(out), str(path)]) == 2
@@ -192,13 +192,13 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
 
 
 def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
-    from splitprune.transport.testing import make_certificates
+    from support import make_certificates
 
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")
     run, out = exported
     certs = make_certificates(tmp_path / "certs")
-    proc = ServerProcess(free_port(), "--model", str(run), "--tls-cert", certs.server_cert, "--tls-key",
+    proc = ServeSubprocess(free_port(), "--model", str(run), "--tls-cert", certs.server_cert, "--tls-key",
                          certs.server_key, "--token", "s3cret").start()
     try:
         path, _ = batch_file(tmp_path, 2)

@@ -9,10 +9,9 @@ from splitprune.cli import main
 from splitprune.compression import ChannelCodec
 from splitprune.errors import UserError
 from splitprune.export import FoldedDeviceHalf, export_checkpoint, kept_indices, load_workers, sample_inputs
-from splitprune.manifest import INPUT_NAME, read_manifest, onnx_session
-from splitprune.training.checkpoint import read_meta, read_tensors
-from splitprune.transport.protocol import weights_digest
-from splitprune.wire import WIRE_DTYPES, encode_values
+from splitprune.manifest import INPUT_NAME, onnx_session, read_manifest
+from splitprune.training.checkpoint import read_meta, read_tensors, weights_digest
+from splitprune.wire.codec import WIRE_DTYPES, encode_values
 
 
 def device_worker(run):

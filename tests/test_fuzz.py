@@ -9,12 +9,13 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from splitprune.transport.fuzzing import FAILURES, Fuzzer, mutate  # noqa: E402
+from splitprune.bench.systems.fuzzing import FAILURES, Fuzzer, mutate
+from splitprune.client.connect import connect
 from splitprune.config import make_config  # noqa: E402
 from splitprune.proto import pb  # noqa: E402
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
 from splitprune.training.trainer import Trainer  # noqa: E402
-from splitprune.transport.client import connect  # noqa: E402
-from splitprune.transport.server import start_server  # noqa: E402
 
 CFG = dict(model="vgg11_bn_compact", dataset="fashion-mnist", method="ca", epochs=1, train_subset=32,
            test_subset=16, batch_size=16, test_batch_size=16, threads=1, seed=0)
@@ -22,7 +23,7 @@ CFG = dict(model="vgg11_bn_compact", dataset="fashion-mnist", method="ca", epoch
 
 @pytest.fixture(scope="module")
 def fuzzed():
-    handle = start_server("127.0.0.1:0", max_halves=2, max_sessions=8)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_models=2, max_sessions=8))
     fuzzer = Fuzzer(handle.address, make_config(CFG))
     yield handle, fuzzer
     fuzzer.close()
@@ -63,7 +64,7 @@ def test_after_fuzzing_the_server_still_trains_exactly_as_a_fresh_one(fuzzed, tm
     codes = dict(fuzzer.codes)
     assert codes.get("INVALID_ARGUMENT", 0) > 0 and codes.get("OK", 0) > 0, codes  # the cases do reach both
     cfg = make_config(CFG)
-    fresh = start_server("127.0.0.1:0")
+    fresh = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         results = []
         for name, server in (("fuzzed", handle), ("fresh", fresh)):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from splitprune.errors import UserError
-from splitprune.transport.addresses import format_hostport, parse_hostport
-from splitprune.transport.link import LinkCounters, LinkProfile, LinkProxy
+from splitprune.link.proxy import LinkCounters, LinkProfile, LinkProxy
+from splitprune.wire.addresses import format_hostport, parse_hostport
 
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]

@@ -13,8 +13,9 @@ from splitprune.models import (
     cut_shape,
     list_models,
     list_split_points,
+    resnet,
+    vgg,
 )
-from splitprune.models import resnet, vgg
 
 BUILDERS = {"vgg11_bn": vgg.vgg11_bn, "vgg11_bn_compact": vgg.vgg11_bn_compact, "resnet18": resnet.resnet18}
 

@@ -15,8 +15,9 @@ from splitprune.compression import ChannelCodec
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
-from splitprune.transport.protocol import AUTH_KEY, ERROR_KEY, INFER_METHOD, SERVICE, TRAIN_METHOD
-from splitprune.transport.server import start_server
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
+from splitprune.wire.envelopes import AUTH_KEY, ERROR_KEY, INFER_METHOD, SERVICE, TRAIN_METHOD
 
 TOKEN = "metrics-test-token"
 AUTH = ((AUTH_KEY, f"Bearer {TOKEN}"),)
@@ -54,7 +55,7 @@ class Stream:
 
 @pytest.fixture
 def server():
-    handle = start_server("127.0.0.1:0", token=TOKEN, metrics_listen="127.0.0.1:0")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", token=TOKEN, metrics="127.0.0.1:0"))
     yield handle
     handle.stop(grace=0.5)
 
@@ -129,7 +130,7 @@ def test_metrics_count_real_training_and_inference_requests(server):
     assert after[("splitprune_message_bytes_total", (("direction", "out"), ("purpose", "control")))] == \
         len(welcome) + len(phase)
     # each server has its own registry: a second one in this process starts from zero
-    other = start_server("127.0.0.1:0", metrics_listen="127.0.0.1:0")
+    other = start_app(ServeConfig(listen="127.0.0.1:0", metrics="127.0.0.1:0"))
     try:
         fresh = scrape(other.metrics_address)
         assert fresh[("splitprune_steps_total", ())] == 0
@@ -141,7 +142,7 @@ def test_metrics_count_real_training_and_inference_requests(server):
 def test_metrics_flag_and_a_taken_metrics_port_are_clear_errors(server, capsys):
     host, port = server.metrics_address.rsplit(":", 1)
     with pytest.raises(UserError, match="cannot serve metrics"):
-        start_server("127.0.0.1:0", metrics_listen=server.metrics_address)
+        start_app(ServeConfig(listen="127.0.0.1:0", metrics=server.metrics_address))
     assert main(["serve", "--listen", "127.0.0.1:0", "--metrics-port", f"{host}:{port}"]) == 2
     assert main(["serve", "--listen", "127.0.0.1:0", "--metrics-port", "not-a-port"]) == 2
     err = capsys.readouterr().err
@@ -150,9 +151,10 @@ def test_metrics_flag_and_a_taken_metrics_port_are_clear_errors(server, capsys):
 
 def test_metrics_are_off_by_default():
     from splitprune.cli import build_parser
+    from splitprune.flags import flag_values
 
-    assert build_parser("serve").parse_args(["serve"]).metrics_port == "0"
-    handle = start_server("127.0.0.1:0")
+    assert ServeConfig(**flag_values(build_parser("serve").parse_args(["serve"]), ServeConfig)).metrics is None
+    handle = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         assert handle.metrics_address is None
     finally:

@@ -11,14 +11,16 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import make_certificates
 
 from splitprune.cli import main
+from splitprune.client.channel import Connection
+from splitprune.client.config import ConnectConfig
+from splitprune.client.connect import RemoteError, connect
 from splitprune.config import make_config
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
 from splitprune.training.trainer import Trainer
-from splitprune.transport.channel import Connection
-from splitprune.transport.client import RemoteError, connect
-from splitprune.transport.server import start_server
-from splitprune.transport.testing import make_certificates
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=32, test_subset=16, batch_size=16,
              test_batch_size=16, threads=1, seed=0)
@@ -40,7 +42,7 @@ def _equal(a, b):
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server("127.0.0.1:0", max_sessions=8)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=8))
     yield handle
     handle.stop(grace=0.5)
 
@@ -172,7 +174,7 @@ def test_resume_against_a_server_without_the_checkpoint_is_one_clear_message(tmp
     args = ["train", "--method", "ca", "--epochs", "1", "--train-subset", "16", "--test-subset", "16",
             "--threads", "1", "--quiet", "--out", str(tmp_path / "run")]
     assert main([*args, "--server", server.address]) == 0
-    other = start_server("127.0.0.1:0")  # a fresh server: it never saw this run
+    other = start_app(ServeConfig(listen="127.0.0.1:0"))  # a fresh server: it never saw this run
     try:
         start = time.monotonic()
         assert main([*args, "--server", other.address]) == 2
@@ -188,7 +190,8 @@ def test_socket_bytes_of_a_ca_run_are_within_1_1x_of_its_payload(tmp_path, serve
                        "test_batch_size": 32})
     proxy = CountingProxy(server.port)
     try:
-        endpoint = connect(cfg, f"127.0.0.1:{proxy.port}", out=str(tmp_path / "run"), measure=True)
+        endpoint = connect(cfg, ConnectConfig(server=f"127.0.0.1:{proxy.port}", measure_socket=True),
+                           out=str(tmp_path / "run"))
         try:
             summary = Trainer(cfg, tmp_path / "run", endpoint=endpoint, show_progress=False).run()
         finally:
@@ -209,10 +212,9 @@ def test_socket_bytes_of_a_ca_run_are_within_1_1x_of_its_payload(tmp_path, serve
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
 def test_tls_mismatch_is_one_fast_clear_message(tmp_path, server):
     certs = make_certificates(tmp_path / "certs")
-    from splitprune.transport.protocol import TlsFiles
 
     cfg = make_config({**SMALL, "method": "ca", "epochs": 1})
-    tls_server = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key)
+    tls_server = start_app(ServeConfig(listen="127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key))
     try:
         start = time.monotonic()
         with pytest.raises(RemoteError) as info:
@@ -223,13 +225,14 @@ def test_tls_mismatch_is_one_fast_clear_message(tmp_path, server):
         tls_server.stop(grace=0.5)
     start = time.monotonic()
     with pytest.raises(RemoteError) as info:
-        connect(cfg, server.address, tls=TlsFiles(ca=certs.ca), client_id="tls", fresh_start=True)
+        connect(cfg, ConnectConfig(server=server.address, tls_ca=certs.ca), client_id="tls", fresh_start=True)
     assert "does not use TLS" in str(info.value) and time.monotonic() - start < 5
 
 
 def test_a_token_in_clear_off_loopback_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="splitprune.client"):
-        Connection("127.0.0.1:5", token="secret").close()
+        Connection(ConnectConfig(server="127.0.0.1:5", token="secret")).close()
         assert not caplog.records
-        Connection("192.0.2.7:5", token="secret").close()  # never connects: a warning before anything is sent
+        # never connects: a warning before anything is sent
+        Connection(ConnectConfig(server="192.0.2.7:5", token="secret")).close()
     assert any("clear text" in r.getMessage() for r in caplog.records)

@@ -11,19 +11,22 @@ import time
 import grpc
 import pytest
 
-from splitprune.bench.scale_replicas import SYNC_LINE, RecordingLink, bench_config, first_batch, start_tier
+from splitprune.bench.systems.scale_replicas import SYNC_LINE, RecordingLink, bench_config, first_batch, start_tier
 from splitprune.cli import build_parser, main
-from splitprune.cli.replicas import EXIT_TIER_LOST, _serve_argv, replica_listen
+from splitprune.client.channel import Connection
+from splitprune.client.config import ConnectConfig
+from splitprune.client.connect import RemoteError, connect, make_hello
+from splitprune.client.remote import RemoteEndpoint
 from splitprune.errors import UserError
+from splitprune.flags import flag_values, to_argv
 from splitprune.proto import service_pb2 as spb
+from splitprune.server.config import ServeConfig
+from splitprune.server.replicas.averaging import plan_weights
+from splitprune.server.replicas.launch import EXIT_TIER_LOST, replica_listen
+from splitprune.server.replicas.tier import TierEnv
+from splitprune.training.link import OptimizerSettings
 from splitprune.training.setup import build_device_worker
-from splitprune.training.step import OptimizerSettings
-from splitprune.transport.averaging import plan_weights
-from splitprune.transport.channel import Connection
-from splitprune.transport.client import RemoteError, connect, make_hello
-from splitprune.transport.protocol import DESCRIBE_METHOD
-from splitprune.transport.remote import RemoteServer
-from splitprune.transport.replicas import TierEnv
+from splitprune.wire.envelopes import DESCRIBE_METHOD
 
 STEPS = 3  # per client before the checkpoint
 
@@ -58,7 +61,8 @@ def _identical(addresses: list[str], fingerprint: str, timeout: float = 60.0) ->
 def _train(cfg, batch, address: str, index: int, out: dict) -> None:
     try:
         device, _ = build_device_worker(cfg, 10, 1)
-        endpoint = connect(cfg, address, client_id=f"client-{index}", fresh_start=False, reconnect_s=2.0)
+        endpoint = connect(cfg, ConnectConfig(server=address, reconnect=2.0), client_id=f"client-{index}",
+                           fresh_start=False)
         device.start_phase(endpoint.link, 0, cfg.budget, OptimizerSettings(0.01, 0.9, 5e-4), True)
         for _ in range(STEPS):
             device.train_step(*batch, endpoint.link)
@@ -114,7 +118,7 @@ def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
         step = record.identity["step_id"]
         hello = make_hello(cfg, "client-1", fresh_start=False)
         hello.resume_step_id, hello.resume_state_sha256 = step, record.identity["state_sha256"]
-        endpoint = RemoteServer(Connection(addresses[1]), hello, reconnect_s=5.0)
+        endpoint = RemoteEndpoint(Connection(ConnectConfig(server=addresses[1], reconnect=5.0)), hello)
         assert endpoint.welcome.state_sha256 == record.identity["state_sha256"]  # its checkpoint, restored
         assert endpoint.welcome.last_step_id == step                            # no step lost
         link = RecordingLink(endpoint.link)
@@ -154,10 +158,11 @@ def test_tier_environment_and_command_line(capsys):
     assert replica_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
     args = build_parser("serve").parse_args(["serve", "--replicas", "2", "--listen", "127.0.0.1:5000", "--model", "a",
                                              "--model", "b", "--quiet", "--sync-every", "8"])
-    assert _serve_argv(args) == ["--distributed", "--listen", "127.0.0.1:5000", "--model", "a", "--model", "b",
-                                 "--quiet", "--sync-every", "8"]  # what each launched replica runs
+    values = {**flag_values(args, ServeConfig), "replicas": None, "distributed": True}
+    assert to_argv(ServeConfig, values) == ["--listen", "127.0.0.1:5000", "--model", "a", "--model", "b", "--quiet",
+                                            "--distributed", "--sync-every", "8"]  # what each launched replica runs
     for argv, message in ((["serve", "--replicas", "2", "--listen", "127.0.0.1:0"], "explicit --listen port"),
-                          (["serve", "--replicas", "0"], "at least 1")):
+                          (["serve", "--replicas", "0"], "--replicas must be an integer >= 1")):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}

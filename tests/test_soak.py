@@ -1,7 +1,7 @@
 """The soak benchmark, briefly: concurrent clients against a real server process, failures and RSS recorded."""
 import json
 
-from splitprune.bench.soak import soak
+from splitprune.bench.systems.soak import soak
 from splitprune.cli import main
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from splitprune.errors import UserError
-from splitprune.transport.link import LinkProfile, LinkProxy
-from splitprune.transport.trace import LinkTrace, builtin_traces
+from splitprune.link.proxy import LinkProfile, LinkProxy
+from splitprune.link.trace import LinkTrace, builtin_traces
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "seconds,rate_mbit,delay_ms\n"
@@ -68,7 +68,7 @@ def test_builtin_traces_load_and_match_their_descriptions():
 
 def test_builtin_traces_are_what_the_generator_writes(tmp_path):
     """The shipped files are reproducible from scripts/make_traces.py."""
-    before = {p.name: p.read_text() for p in (REPO / "splitprune/transport/traces").glob("*.csv")}
+    before = {p.name: p.read_text() for p in (REPO / "splitprune/link/traces").glob("*.csv")}
     code = ("import runpy, pathlib, sys; g = runpy.run_path(sys.argv[1]); "
             "g['OUT'] = pathlib.Path(sys.argv[2]); g['main'].__globals__['OUT'] = g['OUT']; g['main']()")
     subprocess.run([sys.executable, "-c", code, str(REPO / "scripts/make_traces.py"), str(tmp_path)], check=True)

@@ -11,8 +11,9 @@ from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import read_meta, read_tensors
 from splitprune.training.evaluation import evaluate_checkpoint
+from splitprune.training.link import OptimizerSettings
+from splitprune.training.server_worker import LocalLink
 from splitprune.training.setup import build_run
-from splitprune.training.step import LocalLink, OptimizerSettings
 from splitprune.training.trainer import Trainer, lr_scale
 
 
@@ -186,7 +187,7 @@ def _cli(capsys, *argv):
     (["--method", "prune"], "needs --from"),
     (["--method", "prune", "--from", "/nonexistent"], "no checkpoint at /nonexistent"),
     (["--model", "vgg99"], "vgg11_bn_compact"),
-    (["--dtype-up", "int3"], "dtype_up must be one of fp32, fp16, int8, int4"),
+    (["--dtype-up", "int3"], "--dtype-up must be one of fp32, fp16, int8, int4"),
 ])
 def test_bad_input_gets_one_clear_message_and_exit_2(capsys, tmp_path, argv, message):
     code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "run"), "--train-subset", "32",

@@ -9,21 +9,34 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import make_certificates
 
 from splitprune.cli import main
+from splitprune.client.config import ConnectConfig
+from splitprune.client.connect import RemoteError, connect, make_hello
+from splitprune.client.inference import InferenceClient
 from splitprune.compression import ChannelCodec, encode_labels
 from splitprune.config import make_config
-from splitprune.proto import pb
+from splitprune.proto import pb, service_pb2_grpc
 from splitprune.proto import service_pb2 as spb
-from splitprune.proto import service_pb2_grpc
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
+from splitprune.training.checkpoint import state_from_bytes, state_to_bytes, weights_digest
 from splitprune.training.trainer import Trainer
-from splitprune.transport.client import RemoteError, connect, make_hello
-from splitprune.transport.inference import InferenceClient
-from splitprune.transport.protocol import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
-                                           PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, state_from_bytes,
-                                           state_to_bytes, unframe, weights_digest)
-from splitprune.transport.server import start_server
-from splitprune.transport.testing import make_certificates
+from splitprune.wire.envelopes import (
+    CHECKPOINT,
+    DESCRIBE_METHOD,
+    ERROR_KEY,
+    EVAL,
+    HELLO,
+    INFER_METHOD,
+    PHASE,
+    PUSH_STATE_METHOD,
+    TRAIN,
+    TRAIN_METHOD,
+    frame,
+    unframe,
+)
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=48, test_subset=32, batch_size=16,
              test_batch_size=32, threads=1, seed=0)
@@ -35,7 +48,7 @@ def small_config(**overrides):
 
 @pytest.fixture(scope="module")
 def server():
-    handle = start_server("127.0.0.1:0", max_sessions=32)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=32))
     yield handle
     handle.stop(grace=0.5)
 
@@ -92,7 +105,7 @@ SERVER_SIDE = ("server.", "opt.server.", "rng.server")
 def _train_locally_and_remotely(cfg, tmp_path, server, measure=False) -> tuple[dict, dict]:
     """The same run in-process (tmp_path/local) and against the server (tmp_path/remote): both summaries."""
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"), measure=measure)
+    endpoint = connect(cfg, ConnectConfig(server=server.address, measure_socket=measure), out=str(tmp_path / "remote"))
     try:
         remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
     finally:
@@ -158,12 +171,12 @@ def test_summary_is_identical_from_the_cli(tmp_path, server, capsys):
 
 # ---------------------------------------------------------------- authentication and TLS
 def test_missing_or_wrong_token_is_refused_with_a_clear_status(tmp_path):
-    handle = start_server("127.0.0.1:0", token="open-sesame")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", token="open-sesame"))
     try:
         cfg = small_config()
         for token in (None, "wrong"):
             with pytest.raises(RemoteError) as info:
-                connect(cfg, handle.address, token=token, client_id="intruder", fresh_start=False)
+                connect(cfg, ConnectConfig(server=handle.address, token=token), client_id="intruder", fresh_start=False)
             assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
             assert "token" in str(info.value)
         # every RPC checks it, not only Train
@@ -171,7 +184,8 @@ def test_missing_or_wrong_token_is_refused_with_a_clear_status(tmp_path):
             with pytest.raises(grpc.RpcError) as rpc:
                 ch.unary_unary(DESCRIBE_METHOD)(b"", timeout=10)
             assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        endpoint = connect(cfg, handle.address, token="open-sesame", client_id="friend", fresh_start=True)
+        endpoint = connect(cfg, ConnectConfig(server=handle.address, token="open-sesame"), client_id="friend",
+                           fresh_start=True)
         endpoint.close()
         rc = main(["train", "--method", "ca", "--epochs", "1", "--train-subset", "16", "--test-subset", "16",
                    "--out", str(tmp_path / "cli"), "--server", handle.address, "--token", "bad", "--quiet"])
@@ -183,32 +197,34 @@ def test_missing_or_wrong_token_is_refused_with_a_clear_status(tmp_path):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
 def test_tls_and_mutual_tls(tmp_path):
     certs = make_certificates(tmp_path / "certs")
-    from splitprune.transport.protocol import TlsFiles
 
     cfg = small_config()
-    handle = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key, token="t")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key,
+                                   token="t"))
     try:
-        endpoint = connect(cfg, handle.address, token="t", tls=TlsFiles(ca=certs.ca), client_id="tls-1",
-                           fresh_start=True, measure=True)
+        endpoint = connect(cfg, ConnectConfig(server=handle.address, token="t", tls_ca=certs.ca, measure_socket=True),
+                           client_id="tls-1", fresh_start=True)
         endpoint.start_phase(pb.PhaseRequest(phase=0, budget=4, lr=0.01, weight_decay=5e-4).SerializeToString())
         stats = endpoint.transport_stats()
         endpoint.close()
         assert stats["tls"] and stats["purposes"]["control"]["socket_bytes_up"] > 1000  # TLS handshake included
         with pytest.raises(RemoteError):  # plaintext client against a TLS server
-            connect(cfg, handle.address, token="t", client_id="tls-2", fresh_start=False, connect_timeout=2)
+            connect(cfg, ConnectConfig(server=handle.address, token="t", connect_timeout=2), client_id="tls-2",
+                    fresh_start=False)
         with pytest.raises(RemoteError):  # the server's certificate is not signed by this CA
-            connect(cfg, handle.address, token="t", tls=TlsFiles(ca=certs.other_ca), client_id="tls-3",
-                    fresh_start=False, connect_timeout=2)
+            connect(cfg, ConnectConfig(server=handle.address, token="t", tls_ca=certs.other_ca, connect_timeout=2),
+                    client_id="tls-3", fresh_start=False)
     finally:
         handle.stop(grace=0.5)
-    mutual = start_server("127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key,
-                          tls_client_ca=certs.ca)
+    mutual = start_app(ServeConfig(listen="127.0.0.1:0", tls_cert=certs.server_cert, tls_key=certs.server_key,
+                                   tls_client_ca=certs.ca))
     try:
         with pytest.raises(RemoteError):  # no client certificate
-            connect(cfg, mutual.address, tls=TlsFiles(ca=certs.ca), client_id="m-1", fresh_start=False,
-                    connect_timeout=2)
-        endpoint = connect(cfg, mutual.address, tls=TlsFiles(certs.ca, certs.client_cert, certs.client_key),
-                           client_id="m-2", fresh_start=False)
+            connect(cfg, ConnectConfig(server=mutual.address, tls_ca=certs.ca, connect_timeout=2), client_id="m-1",
+                    fresh_start=False)
+        mutual_tls = ConnectConfig(server=mutual.address, tls_ca=certs.ca, tls_cert=certs.client_cert,
+                                   tls_key=certs.client_key)
+        endpoint = connect(cfg, mutual_tls, client_id="m-2", fresh_start=False)
         assert endpoint.transport_stats()["mutual_tls"]
         endpoint.close()
     finally:
@@ -332,7 +348,7 @@ def test_handshake_and_ordering_errors(server):
 
 
 def test_oversized_messages_are_refused_by_the_size_limit():
-    handle = start_server("127.0.0.1:0", max_message=256 * 1024)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_message_mb=0.25))
     try:
         cfg = small_config()
         big = train_bytes(1, n=32)  # the largest batch this config allows
@@ -465,7 +481,7 @@ def test_split_inference_concurrent_requests_and_budget_checks(tmp_path, server)
 def test_infer_command_prints_accuracy_and_latency(tmp_path, capsys):
     cfg = small_config(seed=5)
     Trainer(cfg, tmp_path / "run", show_progress=False).run()
-    handle = start_server("127.0.0.1:0", models=(str(tmp_path / "run"),))
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", model=(str(tmp_path / "run"),)))
     try:
         out = tmp_path / "infer.json"
         rc = main(["infer", "--server", handle.address, "--checkpoint", str(tmp_path / "run"), "--test-subset", "16",
@@ -499,19 +515,18 @@ def test_serve_refuses_bad_flags(capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_unreachable_server_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    from splitprune.transport.testing import free_port
+def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
+    from splitprune.bench.core.processes import free_port
 
-    monkeypatch.setenv("SPLITPRUNE_CONNECT_TIMEOUT", "1")
     rc = main(["train", "--method", "ca", "--epochs", "1", "--train-subset", "16", "--out", str(tmp_path / "x"),
-               "--server", f"127.0.0.1:{free_port()}", "--quiet"])
+               "--server", f"127.0.0.1:{free_port()}", "--connect-timeout", "1", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot reach the server" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- typed refusals and server limits
 def test_every_error_reason_has_one_refusal_class():
-    from splitprune.transport.errors import REFUSALS
+    from splitprune.wire.refusals import REFUSALS
 
     names = set(spb.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED", "INTERNAL_ERROR"}
     assert set(REFUSALS) == names
@@ -520,7 +535,7 @@ def test_every_error_reason_has_one_refusal_class():
 
 
 def test_server_batch_limit_is_enforced_at_the_handshake_and_per_request():
-    handle = start_server("127.0.0.1:0", max_batch=20)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_batch=20))
     try:
         _, exc = raw_stream(handle.address, [hello_bytes(small_config(), "b1", fresh=True)])  # test batches of 32
         assert reason(exc) == "BAD_HANDSHAKE" and "--max-batch" in exc.details()
@@ -539,7 +554,7 @@ def test_training_batches_are_sized_for_every_forward_the_objective_keeps():
     # its training limit is a third of the evaluation one's share of the memory; a gated half has one limit
     from math import prod
 
-    from splitprune.transport.hosting import HostedHalf
+    from splitprune.server.hosting import HostedHalf
 
     memory = 32 << 20
     gated = HostedHalf(small_config(), 10, 1, request_memory=memory)
@@ -552,13 +567,14 @@ def test_training_batches_are_sized_for_every_forward_the_objective_keeps():
     n = nested.max_train_batch
     assert n == memory // nested.train_sample_bytes and 16 <= n < nested.max_batch / 2
 
-    handle = start_server("127.0.0.1:0", request_memory=memory // 2)  # training batches of 16 no longer fit
+    # training batches of 16 no longer fit
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_request_mb=(memory // 2) / 2**20))
     try:
         _, exc = raw_stream(handle.address, [hello_bytes(nested_cfg, "t1", fresh=True)])
         assert reason(exc) == "BAD_HANDSHAKE" and "training batch of 16" in exc.details()
     finally:
         handle.stop(grace=0.5)
-    handle = start_server("127.0.0.1:0", request_memory=memory)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_request_mb=(memory) / 2**20))
     try:
         evaluation = frame(EVAL, pb.EvalRequest(request_id=1, activations=_prefix(n + 1)).SerializeToString())
         replies, exc = raw_stream(handle.address, [
@@ -580,7 +596,7 @@ def _prefix(n):
 
 
 def test_client_records_per_half_are_bounded(server):
-    from splitprune.transport import hosting
+    from splitprune.server import hosting
 
     cfg = small_config()  # the module's server already hosts as many halves as it may
     replies, exc = raw_stream(server.address, [hello_bytes(cfg, "keeper")])

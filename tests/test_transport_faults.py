@@ -11,16 +11,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from splitprune.bench.core.processes import ServeSubprocess, free_port
+from splitprune.client.config import ConnectConfig
+from splitprune.client.connect import RemoteError, connect, make_hello
 from splitprune.config import make_config
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.server.app import start_app
+from splitprune.server.config import ServeConfig
 from splitprune.training.setup import build_workers
 from splitprune.training.trainer import Trainer
-from splitprune.transport.client import RemoteError, connect, make_hello
-from splitprune.transport.protocol import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, HELLO, PHASE, TRAIN, TRAIN_METHOD,
-                                           frame, unframe)
-from splitprune.transport.server import start_server
-from splitprune.transport.testing import ServerProcess, free_port
+from splitprune.wire.envelopes import (
+    CHECKPOINT,
+    DESCRIBE_METHOD,
+    ERROR_KEY,
+    HELLO,
+    PHASE,
+    TRAIN,
+    TRAIN_METHOD,
+    frame,
+    unframe,
+)
 
 BASE = dict(model="vgg11_bn_compact", dataset="fashion-mnist", test_batch_size=32, batch_size=16, threads=1, seed=0)
 
@@ -70,7 +81,7 @@ class RawStream:
 
 # ---------------------------------------------------------------- many clients
 def test_eight_concurrent_training_clients_share_one_server_half(tmp_path):
-    handle = start_server("127.0.0.1:0", max_sessions=8)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=8))
     try:
         cfg = config()
         endpoints = [connect(cfg, handle.address, out=str(tmp_path / f"c{i}")) for i in range(8)]
@@ -105,7 +116,7 @@ def test_eight_concurrent_training_clients_share_one_server_half(tmp_path):
 
 
 def test_stalled_and_dead_clients_do_not_block_others(tmp_path):
-    handle = start_server("127.0.0.1:0", idle_timeout_s=2.0)
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", idle_timeout=2.0))
     try:
         cfg = config()
         stalled = RawStream(handle.address)
@@ -132,7 +143,7 @@ def test_stalled_and_dead_clients_do_not_block_others(tmp_path):
 
 
 def test_client_disconnecting_mid_step_leaves_the_model_consistent():
-    handle = start_server("127.0.0.1:0")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         cfg = config(seed=11)
         phase = pb.PhaseRequest(phase=0, budget=4, lr=0.01, weight_decay=5e-4)
@@ -210,8 +221,8 @@ def test_server_restart_with_sigterm_resumes_the_session_exactly(tmp_path):
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
     port = free_port()
     args = ("--checkpoint", str(tmp_path / "server"))
-    server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
-    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"), reconnect_s=90)
+    server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
+    endpoint = connect(cfg, ConnectConfig(server=server.address, reconnect=90), out=str(tmp_path / "remote"))
     try:
         thread, result = _train_in_thread(cfg, tmp_path / "remote", endpoint)
         deadline = time.monotonic() + 120
@@ -219,7 +230,7 @@ def test_server_restart_with_sigterm_resumes_the_session_exactly(tmp_path):
             time.sleep(0.02)
         assert server.stop() == 0  # SIGTERM mid-training: the server saves its half and exits
         assert (tmp_path / "server" / "halves" / cfg.fingerprint() / "meta.json").exists()
-        server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+        server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
         thread.join(timeout=300)
         assert "error" not in result, result.get("error")
         remote = result["summary"]
@@ -238,15 +249,15 @@ def test_killed_server_is_detected_and_a_rerun_resumes_from_the_checkpoint(tmp_p
     local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
     port = free_port()
     args = ("--checkpoint", str(tmp_path / "server"), "--save-every", "1000")
-    server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
-    endpoint = connect(cfg, server.address, out=str(tmp_path / "remote"), reconnect_s=90)
+    server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
+    endpoint = connect(cfg, ConnectConfig(server=server.address, reconnect=90), out=str(tmp_path / "remote"))
     try:
         thread, result = _train_in_thread(cfg, tmp_path / "remote", endpoint)
         deadline = time.monotonic() + 120
         while not (tmp_path / "remote" / "checkpoint" / "meta.json").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         server.kill()  # a crash: the server's unsaved steps are gone
-        server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+        server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
         thread.join(timeout=300)
         assert isinstance(result.get("error"), RemoteError), result
         assert "lost training steps" in str(result["error"])
@@ -276,7 +287,7 @@ def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path
             values, torch.tensor([0, 2, 4, 6]), 512), labels=encode_labels(torch.arange(8))).SerializeToString())
 
     hello = lambda fresh: frame(HELLO, make_hello(cfg, "saver", fresh, 10, 1).SerializeToString())  # noqa: E731
-    first = start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"), save_every_s=0.2)
+    first = start_app(ServeConfig(listen="127.0.0.1:0", checkpoint=str(tmp_path / "srv"), save_every=0.2))
     stream = RawStream(first.address)
     stream.exchange(hello(True))
     stream.exchange(phase)
@@ -291,7 +302,7 @@ def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path
     first.stop(grace=0.5)
     weights = {k: v.clone() for k, v in first.service.halves[cfg.fingerprint()].worker.half.state_dict().items()}
 
-    second = start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
+    second = start_app(ServeConfig(listen="127.0.0.1:0", checkpoint=str(tmp_path / "srv")))
     try:
         half = second.service.halves[cfg.fingerprint()]
         assert all(torch.equal(half.worker.half.state_dict()[k], v) for k, v in weights.items())
@@ -354,7 +365,7 @@ def test_server_side_checkpoint_resumes_exactly_after_a_client_and_a_server_cras
     cfg = config(seed=31, momentum=0.9)
     port = free_port()
     args = ("--checkpoint", str(tmp_path / "srv"), "--save-every", "1000")
-    server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+    server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
     try:
         stream = RawStream(server.address)
         assert _welcome(stream, _hello(cfg, "dev", fresh=True)).last_step_id == 0
@@ -377,7 +388,7 @@ def test_server_side_checkpoint_resumes_exactly_after_a_client_and_a_server_cras
         again.close()
 
         server.kill()  # the server crashes: checkpoints were written when asked, not at shutdown
-        server = ServerProcess(port, *args, log_path=tmp_path / "serve.log").start()
+        server = ServeSubprocess(port, *args, log_path=tmp_path / "serve.log").start()
         third = RawStream(server.address)
         assert _welcome(third, _hello(cfg, "dev", resume=2, sha=saved.state_sha256)).state_sha256 == saved.state_sha256
         third.exchange(PHASE_0)
@@ -403,7 +414,7 @@ def test_server_side_checkpoint_resumes_exactly_after_a_client_and_a_server_cras
 
 def test_checkpoints_without_a_folder_last_as_long_as_the_server(tmp_path):
     cfg = config(seed=32)
-    handle = start_server("127.0.0.1:0")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         stream = RawStream(handle.address)
         _welcome(stream, _hello(cfg, "tmp", fresh=True))
@@ -434,7 +445,7 @@ def test_checkpoints_without_a_folder_last_as_long_as_the_server(tmp_path):
         handle.stop(grace=0.5)
     assert not folder.exists()  # a temporary folder: gone with the server
     code, reason, details = None, None, ""
-    handle = start_server("127.0.0.1:0")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         code, reason, details = _refusal(handle.address, [_hello(cfg, "tmp", resume=1, sha=saved.state_sha256)])
     finally:
@@ -456,7 +467,7 @@ def test_a_small_message_cannot_make_the_server_allocate_more_than_its_bound(tmp
     memory grow by M MiB or more; a sub-megabyte int4 message at that batch stays under it, and one
     sample more is refused before anything is decoded."""
     bound = 64 << 20
-    server = ServerProcess(free_port(), "--max-request-mb", "64", log_path=tmp_path / "serve.log").start()
+    server = ServeSubprocess(free_port(), "--max-request-mb", "64", log_path=tmp_path / "serve.log").start()
     cfg = config(seed=33, dtype_up="int4")
     try:
         with grpc.insecure_channel(server.address) as ch:
@@ -485,7 +496,7 @@ def test_a_small_message_cannot_make_the_server_allocate_more_than_its_bound(tmp
 
 
 def test_token_is_checked_before_any_message_is_read():
-    handle = start_server("127.0.0.1:0", token="secret")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", token="secret"))
     try:
         gate = threading.Event()
 
@@ -516,7 +527,7 @@ def test_token_is_checked_before_any_message_is_read():
 def test_refused_calls_are_logged_at_a_bounded_rate(caplog):
     import logging
 
-    from splitprune.transport.ratelog import BoundedLog
+    from splitprune.server.telemetry.ratelog import BoundedLog
 
     now = [0.0]
     refusals = BoundedLog(logging.getLogger("splitprune.serve"), "refused calls", burst=5, period_s=60,
@@ -535,7 +546,7 @@ def test_serve_on_a_busy_port_is_one_clear_error(tmp_path):
     import subprocess
     import sys
 
-    handle = start_server("127.0.0.1:0")
+    handle = start_app(ServeConfig(listen="127.0.0.1:0"))
     try:
         proc = subprocess.run([sys.executable, "-m", "splitprune", "serve", "--listen", handle.address],
                               capture_output=True, text=True, timeout=120)
@@ -547,7 +558,7 @@ def test_serve_on_a_busy_port_is_one_clear_error(tmp_path):
 
 
 def test_exposed_servers_warn():
-    from splitprune.transport.server import exposure_warnings
+    from splitprune.server.app import exposure_warnings
 
     assert exposure_warnings("127.0.0.1", None, False) == []
     both = exposure_warnings("0.0.0.0", None, False)
@@ -563,7 +574,7 @@ def test_a_saved_phase_out_of_range_is_refused_at_start(tmp_path):
     from splitprune.errors import UserError
 
     cfg = config(seed=34)
-    handle = start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
+    handle = start_app(ServeConfig(listen="127.0.0.1:0", checkpoint=str(tmp_path / "srv")))
     stream = RawStream(handle.address)
     _welcome(stream, _hello(cfg, "p", fresh=True))
     stream.exchange(PHASE_0)
@@ -574,12 +585,12 @@ def test_a_saved_phase_out_of_range_is_refused_at_start(tmp_path):
     meta["phase"]["phase"] = 1 << 31
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="phase 2147483648 does not exist"):
-        start_server("127.0.0.1:0", checkpoint=str(tmp_path / "srv"))
+        start_app(ServeConfig(listen="127.0.0.1:0", checkpoint=str(tmp_path / "srv")))
 
 
 def test_checkpoint_rotation_keeps_the_newest_and_every_kept_model(tmp_path):
     """Two saves may share a step id (a phase start changes the half without a step); kept ones outlive the rotation."""
-    from splitprune.transport.store import KEEP_CHECKPOINTS, HalfStore
+    from splitprune.server.store import KEEP_CHECKPOINTS, HalfStore
 
     store = HalfStore(tmp_path)
     saved = [store.save_checkpoint("0123456789abcdef", "dev", step, 1, f"state {step} {i}".encode(), None,

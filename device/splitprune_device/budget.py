@@ -11,7 +11,7 @@ from splitprune.adaptive.budgets import model_options
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
-from splitprune.wire import encode_label_array
+from splitprune.wire.codec import encode_label_array
 from splitprune_device.model import DeviceModel
 
 

@@ -112,7 +112,7 @@ def print_report(names: list[str], r, s: dict, classes: list[str] | None) -> Non
 
 def run_infer(args: argparse.Namespace) -> int:
     from splitprune_device.budget import make_policy
-    from splitprune_device.client import ServerClient
+    from splitprune_device.client import InferenceClient
     from splitprune_device.model import DeviceModel
     from splitprune_device.runner import check_server, run_inference
 
@@ -129,7 +129,7 @@ def run_infer(args: argparse.Namespace) -> int:
     policy = None if auto else make_policy(args.budget, model.budgets, int(model.manifest.get("trained_budget", 0)))
     names, images, y = load_inputs(args.inputs, args.labels, args.limit)
     model.prepare(images[:1])  # a wrong size or channel count is refused before connecting
-    client = ServerClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
+    client = InferenceClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
                           connect_timeout_s=args.connect_timeout)
     try:
         info = check_server(model, client)

@@ -9,7 +9,7 @@ import grpc
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
-from splitprune.wire import MAX_MESSAGE_BYTES
+from splitprune.wire.codec import MAX_MESSAGE_BYTES
 
 _SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
 ERROR_KEY = "splitprune-error"  # trailing metadata holding the ErrorReason name (docs/protocol.md §8)
@@ -38,7 +38,7 @@ class InferResult:
     bytes_down: int        # the serialized InferReply
 
 
-class ServerClient:
+class InferenceClient:
     """One channel to the server; the token travels as `authorization: Bearer T`, TLS when a CA is given."""
 
     def __init__(self, server: str, token: str | None = None, tls_ca: str | None = None,

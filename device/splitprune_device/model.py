@@ -9,7 +9,7 @@ from splitprune.errors import UserError
 from splitprune.inputs import normalise_images
 from splitprune.manifest import INPUT_NAME, OUTPUT_NAME, onnx_session, read_manifest
 from splitprune.proto import pb
-from splitprune.wire import check_dtype_name, encode_values
+from splitprune.wire.codec import check_dtype_name, encode_values
 
 
 class DeviceModel:

@@ -11,15 +11,15 @@ from splitprune.adaptive import Option
 from splitprune.adaptive.stream import Outcome
 from splitprune.errors import UserError
 from splitprune.proto import pb
-from splitprune.wire import decode_label_array
+from splitprune.wire.codec import decode_label_array
 from splitprune_device.budget import BudgetPolicy
-from splitprune_device.client import ServerClient
+from splitprune_device.client import InferenceClient
 from splitprune_device.model import DeviceModel
 
 STAGES = ("preprocess", "device", "encode", "round_trip", "server", "total")
 
 
-def check_server(model: DeviceModel, client: ServerClient):
+def check_server(model: DeviceModel, client: InferenceClient):
     """Refuse a server whose half is not the one this device half was exported with."""
     m = model.manifest
     info = client.describe(model.fingerprint)
@@ -50,7 +50,7 @@ class Results:
     requests: int = 0
 
 
-def infer_one(model: DeviceModel, client: ServerClient, images: np.ndarray, budget: int, request_id: int,
+def infer_one(model: DeviceModel, client: InferenceClient, images: np.ndarray, budget: int, request_id: int,
               num_classes: int, dtype: str | None = None) -> tuple[np.ndarray, dict[str, float], tuple[int, int, int]]:
     """One request: predictions, stage times (ms) and (payload up, message up, message down) bytes."""
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def infer_one(model: DeviceModel, client: ServerClient, images: np.ndarray, budg
     return predictions, ms, (req.ByteSize(), res.bytes_up, res.bytes_down)
 
 
-def run_inference(model: DeviceModel, client: ServerClient, images: np.ndarray, policy: BudgetPolicy,
+def run_inference(model: DeviceModel, client: InferenceClient, images: np.ndarray, policy: BudgetPolicy,
                   batch_size: int = 1, warmup: int = 1) -> Results:
     """Predictions for uint8 images [N,H,W,C]; the first `warmup` requests are repeated and left out of the
     timings (they load the session and open the connection)."""
@@ -97,7 +97,7 @@ def run_inference(model: DeviceModel, client: ServerClient, images: np.ndarray, 
     return out
 
 
-def make_send(model: DeviceModel, client: ServerClient, images: np.ndarray, labels: np.ndarray | None):
+def make_send(model: DeviceModel, client: InferenceClient, images: np.ndarray, labels: np.ndarray | None):
     """`send` of splitprune.adaptive.stream: image `index` (cycling) as one request with the option's budget and
     dtype; the latency is the whole request on this device (preprocess, ONNX, encode, call, decode)."""
     num_classes = model.manifest["num_classes"]

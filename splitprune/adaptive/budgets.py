@@ -10,7 +10,7 @@ from typing import Callable
 
 from splitprune.adaptive.controller import PRECISION_BITS, Option, option_ladder
 from splitprune.errors import UserError
-from splitprune.wire import WIRE_DTYPES
+from splitprune.wire.codec import WIRE_DTYPES
 
 
 def model_budgets(meta: dict) -> list[int]:

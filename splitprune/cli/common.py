@@ -7,9 +7,11 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from splitprune.client.config import ConnectConfig
 from splitprune.config import RunConfig, load_yaml, make_config
 from splitprune.errors import UserError
-from splitprune.options import describe, field_specs, parse_text, show
+from splitprune.flags import add_flags, flag_values
+from splitprune.wire.addresses import TOKEN_ENV
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -23,62 +25,33 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def flag_name(name: str) -> str:
-    spec = field_specs(RunConfig)[name][0]
-    return spec.flag if spec.flag is not None else "--" + name.replace("_", "-")
-
-
-def flag_help(name: str, default_text: str | None = None) -> str:
-    spec, kind, _ = field_specs(RunConfig)[name]
-    default = RunConfig.__dataclass_fields__[name].default
-    shown = default_text or spec.default_text or ("on" if default is True else "off" if default is False
-                                                  else show(default))
-    accepts = "" if kind in (str, bool) or spec.choices else f"; {describe(RunConfig, name)}"
-    return f"{spec.help}{accepts} (default: {shown})".replace("%", "%%")
-
-
-# Flags that take a value, flag -> (field, type, help); bench.runs writes `splitprune train` commands from it.
-CONFIG_FLAGS = {flag_name(name): (name, kind, spec.help)
-                for name, (spec, kind, _) in field_specs(RunConfig).items() if flag_name(name) and kind in (int, float, str)}
-
-
-METAVARS = {int: "N", float: "X"}
-
-
 def add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
                      default_text: dict[str, str] | None = None, yaml_file: bool = True,
                      title: str = "run configuration") -> None:
-    """One flag per RunConfig field (or per field in `names`); their text is checked by config.parse_text."""
-    names = [n for n in (names or field_specs(RunConfig)) if flag_name(n)]
-    group = parser.add_argument_group(title, "any of these can also be set in a --config YAML file"
-                                      if yaml_file else None)
-    for name in names:
-        spec, kind, _ = field_specs(RunConfig)[name]
-        text = flag_help(name, (default_text or {}).get(name))
-        if kind is bool:
-            group.add_argument(flag_name(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
-        else:
-            metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else spec.metavar or METAVARS.get(kind, "TEXT")
-            group.add_argument(flag_name(name), dest=name, default=None, metavar=metavar, help=text)
+    """One flag per RunConfig field (or per field in `names`), and --config FILE.yaml."""
+    group = add_flags(parser, RunConfig, names, default_text=default_text, title=title,
+                      description="any of these can also be set in a --config YAML file" if yaml_file else None)
     if yaml_file:
         group.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (flags given here win)")
-    parser.set_defaults(config_options=tuple(names))
 
 
-def flag_values(args: argparse.Namespace) -> dict:
-    """The run-config flags given on the command line, as checked values."""
-    values = {}
-    for name in args.config_options:
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = parse_text(RunConfig, name, value) if isinstance(value, str) else value
-    return values
+def add_connect_flags(parser: argparse.ArgumentParser, server_help: str | None = None) -> None:
+    """--server and how to reach it (ConnectConfig); `server_help` given: --server is required (pull, infer)."""
+    add_flags(parser, ConnectConfig, required=("server",) if server_help else (),
+              help_text={"server": server_help} if server_help else None, title="the server")
+
+
+def connect_config(args: argparse.Namespace) -> ConnectConfig:
+    """The ConnectConfig of the flags given; the token from $SPLITPRUNE_TOKEN when --token is not."""
+    values = flag_values(args, ConnectConfig)
+    if "token" not in values and os.environ.get(TOKEN_ENV):
+        values["token"] = os.environ[TOKEN_ENV]
+    return ConnectConfig(**values)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update(flag_values(args))
+    values.update(flag_values(args, RunConfig))
     return make_config(values)
 
 

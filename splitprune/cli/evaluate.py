@@ -5,9 +5,9 @@ import argparse
 import json
 from pathlib import Path
 
-from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_file, flag_values, percent,
-                                   write_text_atomic)
-from splitprune.errors import UserError
+from splitprune.cli.common import HelpFormatter, add_config_flags, check_out_file, percent, write_text_atomic
+from splitprune.config import RunConfig
+from splitprune.flags import flag_values
 
 # run-config fields eval can change from the checkpoint's own (everything else is as trained)
 OVERRIDES = ("dtype_up", "data_dir", "test_subset", "test_batch_size", "threads")
@@ -26,25 +26,9 @@ def add_parser(subparsers, name: str) -> None:
     p.set_defaults(run=run)
 
 
-def parse_budget(text: str | None, trained: int, channels: int) -> int:
-    if text is None:
-        return trained
-    if text == "all":
-        budget = channels
-    else:
-        try:
-            budget = int(text)
-        except ValueError:
-            raise UserError(f"--budget must be an integer or 'all', got {text!r}") from None
-    if budget < 1 or budget > trained:
-        raise UserError(f"--budget {text}: this model was trained for budget {trained}; "
-                        f"evaluate it at 1..{trained} channels")
-    return budget
-
-
 def run(args: argparse.Namespace) -> int:
-    overrides = flag_values(args)  # bad flags are refused before torch is imported
-    from splitprune.training.checkpoint import read_meta
+    overrides = flag_values(args, RunConfig)  # bad flags are refused before torch is imported
+    from splitprune.training.checkpoint import parse_budget, read_meta
     from splitprune.training.evaluation import evaluate_checkpoint
 
     meta = read_meta(args.checkpoint)

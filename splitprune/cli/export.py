@@ -25,7 +25,7 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def parse_budgets(text: str | None, trained: int, channels: int) -> list[int] | None:
-    from splitprune.cli.evaluate import parse_budget
+    from splitprune.training.checkpoint import parse_budget
 
     if text is None:
         return None

@@ -7,9 +7,9 @@ import threading
 import time
 
 from splitprune.errors import UserError
-from splitprune.transport.addresses import format_hostport, parse_hostport
-from splitprune.transport.link import LinkProfile, LinkProxy
-from splitprune.transport.trace import LinkTrace, builtin_traces
+from splitprune.link.proxy import LinkProfile, LinkProxy
+from splitprune.link.trace import LinkTrace, builtin_traces
+from splitprune.wire.addresses import format_hostport, parse_hostport
 
 DEFAULT_HOST = "127.0.0.1"
 

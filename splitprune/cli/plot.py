@@ -44,7 +44,7 @@ def read_run(run_dir: Path) -> tuple[list[dict], dict]:
 
 
 def plot_run(rows: list[dict], summary: dict, out: Path) -> Path:
-    from splitprune.bench.plots import COLORS, figure, save
+    from splitprune.bench.core.plots import COLORS, figure, save
 
     epochs = [r["epoch"] for r in rows]
     fig, (acc, traffic) = figure(2, width=6.0, height=4.2)
@@ -98,8 +98,8 @@ def _all_channels_fp32(summary: dict) -> float | None:
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.is_file():
-        from splitprune.bench.adaptive_plot import plot_stream, read_log
-        from splitprune.transport.trace import LinkTrace
+        from splitprune.bench.adaptive.plot import plot_stream, read_log
+        from splitprune.link.trace import LinkTrace
 
         doc = read_log(run_dir)
         trace = LinkTrace.load(args.trace) if args.trace else None

@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import argparse
 
+from splitprune.cli.common import (
+    HelpFormatter,
+    add_config_flags,
+    add_connect_flags,
+    check_out_folder,
+    config_from_args,
+    connect_config,
+    percent,
+    print_table,
+)
 from splitprune.config import make_config, short_run_warning
 from splitprune.errors import UserError
-
-from splitprune.cli.common import (HelpFormatter, add_config_flags, check_out_folder, config_from_args, percent,
-                                   print_table)
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -16,25 +23,12 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--out", required=True, help="run folder: summary.json, metrics.csv, checkpoint/ "
                                                 "(a run started again with the same --out resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    add_remote_flags(p)
+    add_connect_flags(p)
     add_config_flags(p)
     p.add_argument("--step-ms", type=float, metavar="T",
                    help="the step-time target of budget 'auto' (remote runs): each step the device sends the most "
                         "channels (up to the phase's budget) whose predicted step time is within T ms")
     p.set_defaults(run=run)
-
-
-def add_remote_flags(p: argparse.ArgumentParser, server_help: str | None = None) -> None:
-    """--server and how to reach it; `server_help` given: --server is required (pull, infer)."""
-    p.add_argument("--server", required=server_help is not None, metavar="HOST:PORT",
-                   help=server_help or "a `splitprune serve` server (default: train in-process)")
-    p.add_argument("--token", help="bearer token for the server (default: $SPLITPRUNE_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the server (enables TLS)")
-    p.add_argument("--tls-cert", help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", help="client key for mutual TLS")
-    p.add_argument("--measure-socket", action="store_true",
-                   help="also count the bytes on the TCP socket, through an in-process relay (it adds latency); "
-                        "without it every message is counted, framing and connection setup are not")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,18 +42,19 @@ def run(args: argparse.Namespace) -> int:
     elif args.step_ms is not None:
         raise UserError("--step-ms goes with --budget auto")
     cfg = config_from_args(args)
-    if args.measure_socket and not args.server:
+    remote = connect_config(args)
+    if remote.measure_socket and not remote.server:
         raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
     check_out_folder(args.out)
     endpoint = None
-    if args.server:
-        from splitprune.transport.client import connect_for_training
+    if remote.server:
+        from splitprune.client.connect import connect
 
-        endpoint = connect_for_training(cfg, args)
+        endpoint = connect(cfg, remote, out=args.out)
     try:
         parts = step_budget = None
         if auto:
-            from splitprune.cli.auto import step_budget as make_step_budget
+            from splitprune.client.auto import step_budget as make_step_budget
             from splitprune.training.setup import build_run
 
             parts = build_run(cfg, server=endpoint is None)
@@ -110,7 +105,7 @@ def step_budget_line(auto, step_ms: float) -> str:
 
 def traffic_lines(t: dict) -> str:
     """Network traffic of a remote run by purpose, as the summary's `transport` counted it."""
-    from splitprune.transport.accounting import PURPOSES, totals
+    from splitprune.wire.accounting import PURPOSES, totals
 
     key = "socket_bytes" if t["counted"] == "socket" else "message_bytes"
     up, down = totals(t)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 
-from splitprune.errors import UserError
+from splitprune.errors import ProtocolError, UserError
 from splitprune.files import replace_folder
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "meta.json"
@@ -140,3 +142,44 @@ def check_start_budget(checkpoint: str | Path, budget: int) -> None:
     if budget > trained:
         raise UserError(f"checkpoint {checkpoint} was trained for budget {trained}: a first phase at budget {budget} "
                         f"would send channels it never learned to use; start at {trained} or fewer")
+
+
+def parse_budget(text: str | None, trained: int, channels: int) -> int:
+    if text is None:
+        return trained
+    if text == "all":
+        budget = channels
+    else:
+        try:
+            budget = int(text)
+        except ValueError:
+            raise UserError(f"--budget must be an integer or 'all', got {text!r}") from None
+    if budget < 1 or budget > trained:
+        raise UserError(f"--budget {text}: this model was trained for budget {trained}; "
+                        f"evaluate it at 1..{trained} channels")
+    return budget
+
+
+# ---------------------------------------------------------------- state as bytes (transfers, digests)
+def weights_digest(tensors: dict[str, torch.Tensor], prefix: str = "server.") -> str:
+    """sha256 over the `prefix` tensors sorted by name: name NUL dtype NUL shape NUL raw-bytes, each."""
+    h = hashlib.sha256()
+    for name in sorted(k for k in tensors if k.startswith(prefix)):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode() + b"\0" + str(t.dtype).removeprefix("torch.").encode() + b"\0"
+                 + ",".join(str(d) for d in t.shape).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- state transfer
+def state_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(bytes(data))
+    except Exception as exc:  # safetensors raises SafetensorsError and others on garbage
+        raise ProtocolError(f"state is not a valid safetensors file: {exc}") from None
+

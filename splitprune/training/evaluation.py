@@ -1,15 +1,67 @@
-"""Evaluate a saved checkpoint at a chosen budget and uplink dtype, through the real codec."""
+"""Evaluation through the real codec: a model on a loader at one budget or at many (the device half run once
+per batch), and a saved checkpoint at a chosen budget and uplink dtype (`splitprune eval`)."""
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
+from tqdm import tqdm
 
 from splitprune.compression import ChannelCodec
 from splitprune.config import make_config
 from splitprune.data import make_loaders
 from splitprune.training.checkpoint import load_module, read_tensors
+from splitprune.training.device_worker import DeviceWorker
+from splitprune.training.link import Link
+from splitprune.training.server_worker import LocalLink
 from splitprune.training.setup import build_workers
-from splitprune.training.step import LocalLink
-from splitprune.training.trainer import evaluate
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    samples: int
+    bytes_up: int
+    bytes_down: int
+    single_sample_bytes_up: int    # one inference request holding one sample
+
+
+def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None,
+             progress: bool = False) -> EvalResult:
+    correct = samples = up = down = 0
+    for x, y in progress_bar(loader, "evaluating", progress):
+        predictions, sent, received = device.predict(x, link, budget)
+        correct += int((predictions == y).sum())
+        samples, up, down = samples + len(y), up + sent, down + received
+    x, _ = next(iter(loader))
+    single = device.predict(x[:1], link, budget)[1]
+    return EvalResult(correct / max(samples, 1), samples, up, down, single)
+
+
+@dataclass
+class BudgetResult:
+    accuracy: float
+    samples: int
+    bytes_up: int
+
+
+def evaluate_budgets(device: DeviceWorker, link: Link, loader, budgets: list[int | None],
+                     progress: bool = False) -> dict[int | None, BudgetResult]:
+    """Accuracy and uplink bytes at each budget (None: all) on `loader`, the device half run once per batch."""
+    correct, up, samples = dict.fromkeys(budgets, 0), dict.fromkeys(budgets, 0), 0
+    for x, y in progress_bar(loader, f"accuracy at {len(budgets)} budgets", progress):
+        for budget, (predictions, sent, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
+            correct[budget] += int((predictions == y).sum())
+            up[budget] += sent
+        samples += len(y)
+    return {b: BudgetResult(correct[b] / max(samples, 1), samples, up[b]) for b in budgets}
+
+
+def progress_bar(loader, desc: str, show: bool) -> tqdm:
+    return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not show, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
+
 
 
 def evaluate_checkpoint(meta: dict, budget: int, dtype_up: str | None = None, data_dir: str | None = None,

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from splitprune.compression.bottleneck import ladder
 from splitprune.compression.codec import Decoded
 from splitprune.config import NESTED_SAMPLINGS
-from splitprune.transport.errors import BadTensor
+from splitprune.wire.refusals import BadTensor
 
 SAMPLINGS = NESTED_SAMPLINGS
 
 
-class ServerObjective(Protocol):
+class Objective(Protocol):
     """The server's loss on a received batch: (loss to backpropagate, logits reported as the step's)."""
 
     passes: int  # most forward passes of the server half per step (each kept for the backward)

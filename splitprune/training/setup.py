@@ -15,16 +15,17 @@ from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig
 from splitprune.data import DATASETS, BatchLoader, make_loaders
 from splitprune.errors import UserError
-from splitprune.training.checkpoint import (load_module, load_optimizer, module_tensors, optimizer_tensors,
-                                            read_meta, read_tensors)
+from splitprune.training.checkpoint import load_module, read_meta, read_tensors
+from splitprune.training.device_worker import DeviceWorker
 from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_halves
+from splitprune.training.link import Link
 from splitprune.training.objectives import NestedPrefixes
 from splitprune.training.reorder import gated_to_anybudget
-from splitprune.training.step import DeviceWorker, Link, LocalLink, ServerWorker
+from splitprune.training.server_worker import LocalLink, ServerWorker
 
 
 @dataclass
-class ServerHalfRecord:
+class HalfSnapshot:
     """What a device checkpoint keeps of the server half at a step.
 
     `tensors`: its weights ("server.*") and training state ("opt.server.*", "rng.server") when the half
@@ -36,48 +37,34 @@ class ServerHalfRecord:
     identity: dict | None = None
 
 
-class ServerEndpoint(Protocol):
+class Endpoint(Protocol):
     """Where the server half runs, as the trainer sees it: a link, checkpoints of the half, and closing."""
 
     link: Link
 
-    def checkpoint(self, step_id: int, keep: bool = False) -> ServerHalfRecord: ...
+    def checkpoint(self, step_id: int, keep: bool = False) -> HalfSnapshot: ...
 
-    def restore(self, record: ServerHalfRecord, step_id: int) -> None: ...
+    def restore(self, record: HalfSnapshot, step_id: int) -> None: ...
 
     def close(self) -> None: ...
 
 
-class InProcessServer:
+class LocalEndpoint:
     """The server half in this process, reached through LocalLink (serialized messages all the same)."""
 
     def __init__(self, worker: ServerWorker) -> None:
         self.worker = worker
         self.link = LocalLink(worker)
 
-    def checkpoint(self, step_id: int, keep: bool = False) -> ServerHalfRecord:
-        return ServerHalfRecord(self.server_state())
+    def checkpoint(self, step_id: int, keep: bool = False) -> HalfSnapshot:
+        return HalfSnapshot(self.worker.state_tensors())
 
-    def restore(self, record: ServerHalfRecord, step_id: int) -> None:
+    def restore(self, record: HalfSnapshot, step_id: int) -> None:
         if not any(k.startswith("server.") for k in record.tensors):
             where = (record.identity or {}).get("server", "a server")
             raise UserError(f"this run's server half was trained on {where} and is not in its checkpoint: resume "
                             "it with --server, or fetch the whole model first with `splitprune pull`")
-        self.load_server_state(record.tensors)
-
-    def server_state(self) -> dict[str, torch.Tensor]:
-        tensors = module_tensors("server", self.worker.half)
-        if self.worker.optimizer is not None:
-            tensors.update(optimizer_tensors("opt.server", self.worker.optimizer, self.worker.half))
-        tensors["rng.server"] = self.worker.rng.state.clone()
-        return tensors
-
-    def load_server_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_module("server", self.worker.half, tensors)
-        if self.worker.optimizer is not None:
-            load_optimizer("opt.server", self.worker.optimizer, self.worker.half, tensors)
-        if "rng.server" in tensors:
-            self.worker.rng.state = tensors["rng.server"].clone()
+        self.worker.load_state(record.tensors)
 
     def close(self) -> None:
         pass

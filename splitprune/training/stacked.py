@@ -26,9 +26,11 @@ from splitprune.compression import decode_labels, encode_labels
 from splitprune.compression.codec import Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
+from splitprune.training.link import set_lr
 from splitprune.training.objectives import CrossEntropy
-from splitprune.training.step import ServerWorker, check_lr_scale, set_lr
-from splitprune.transport.errors import BadTensor, NoPhase, Refusal
+from splitprune.training.server_worker import ServerWorker, check_lr_scale
+from splitprune.wire.refusals import BadTensor, NoPhase, Refusal
+
 
 @dataclass(frozen=True)
 class Request:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,58 +15,26 @@ from tqdm import tqdm
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
 from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
-from splitprune.errors import ProtocolError, UserError
-from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
-                                            optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.data import validation_loader
+from splitprune.errors import ProtocolError, UserError
 from splitprune.models import cut_shape
-from splitprune.training.setup import (InProcessServer, RunParts, ServerEndpoint, ServerHalfRecord, build_run,
-                                       input_channels)
-from splitprune.transport.accounting import add_counts
-from splitprune.training.step import DeviceWorker, Link, OptimizerSettings
+from splitprune.training.checkpoint import (
+    check_start_budget,
+    load_module,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    read_meta,
+    read_tensors,
+    write_checkpoint,
+)
+from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar
+from splitprune.training.link import OptimizerSettings
+from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
+from splitprune.wire.accounting import add_counts
 
 METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up",
                  "bytes_down", "eval_bytes_up", "eval_bytes_down", "seconds", "eval_seconds"]
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    samples: int
-    bytes_up: int
-    bytes_down: int
-    single_sample_bytes_up: int    # one inference request holding one sample
-
-
-def evaluate(device: DeviceWorker, link: Link, loader, budget: int | None = None,
-             progress: bool = False) -> EvalResult:
-    correct = samples = up = down = 0
-    for x, y in _bar(loader, "evaluating", progress):
-        predictions, sent, received = device.predict(x, link, budget)
-        correct += int((predictions == y).sum())
-        samples, up, down = samples + len(y), up + sent, down + received
-    x, _ = next(iter(loader))
-    single = device.predict(x[:1], link, budget)[1]
-    return EvalResult(correct / max(samples, 1), samples, up, down, single)
-
-
-@dataclass
-class BudgetResult:
-    accuracy: float
-    samples: int
-    bytes_up: int
-
-
-def evaluate_budgets(device: DeviceWorker, link: Link, loader, budgets: list[int | None],
-                     progress: bool = False) -> dict[int | None, BudgetResult]:
-    """Accuracy and uplink bytes at each budget (None: all) on `loader`, the device half run once per batch."""
-    correct, up, samples = dict.fromkeys(budgets, 0), dict.fromkeys(budgets, 0), 0
-    for x, y in _bar(loader, f"accuracy at {len(budgets)} budgets", progress):
-        for budget, (predictions, sent, _) in zip(budgets, device.predict_budgets(x, link, budgets)):
-            correct[budget] += int((predictions == y).sum())
-            up[budget] += sent
-        samples += len(y)
-    return {b: BudgetResult(correct[b] / max(samples, 1), samples, up[b]) for b in budgets}
 
 
 @dataclass
@@ -95,7 +62,7 @@ class Trainer:
     (default: shown with the progress bars, silent without them).
     """
 
-    def __init__(self, cfg: RunConfig, out: str | Path, endpoint: ServerEndpoint | None = None,
+    def __init__(self, cfg: RunConfig, out: str | Path, endpoint: Endpoint | None = None,
                  parts: RunParts | None = None, show_progress: bool = True,
                  callbacks: Sequence[EpochCallback] = (), checkpoints: bool = True,
                  log: Callable[[str], None] | None = None, step_budget: StepBudget | None = None) -> None:
@@ -108,7 +75,7 @@ class Trainer:
         self._clock = min(time.perf_counter(), getattr(endpoint, "opened_at", math.inf))  # connecting counts too
         self._wall_before = 0.0  # wall seconds of earlier processes of this run
         self.parts = parts or build_run(cfg, server=endpoint is None)  # a remote run builds the device side only
-        self.endpoint = endpoint or InProcessServer(self.parts.server_worker)
+        self.endpoint = endpoint or LocalEndpoint(self.parts.server_worker)
         self.device = self.parts.device
         self.show_progress = show_progress
         self.progress = Progress()
@@ -117,7 +84,7 @@ class Trainer:
         self._writer = None
 
     # ---------------------------------------------------------------- checkpoints
-    def _meta(self, server_half: ServerHalfRecord) -> dict:
+    def _meta(self, server_half: HalfSnapshot) -> dict:
         geometry = self.parts.geometry
         progress = self._clock_wall()
         return {
@@ -173,7 +140,7 @@ class Trainer:
         model = read_tensors(meta["_folder"])
         state = read_tensors(meta["_folder"], "state.safetensors")
         step_id = int(state["step_id"][0])
-        record = ServerHalfRecord({k: v for k, v in {**model, **state}.items()
+        record = HalfSnapshot({k: v for k, v in {**model, **state}.items()
                                    if k.startswith(("server.", "opt.server.", "rng.server"))}, meta.get("server_half"))
         if self.progress.phase < len(self.phases):
             self._start_phase(self.progress.phase, fresh=False)
@@ -260,7 +227,7 @@ class Trainer:
         loader.set_epoch(p.epoch)
         totals = {"samples": 0, "loss": 0.0, "correct": 0, "up": 0, "down": 0}
         start = time.perf_counter()
-        bar = _bar(loader, f"epoch {p.epoch + 1} B={phase.label()}", self.show_progress)
+        bar = progress_bar(loader, f"epoch {p.epoch + 1} B={phase.label()}", self.show_progress)
         done = p.epoch_in_phase * len(loader)
         for index, (x, y) in enumerate(bar):
             scale = lr_scale(self.cfg.lr_schedule, done + index, phase.epochs * len(loader))
@@ -378,11 +345,6 @@ def lr_scale(schedule: str, step: int, steps: int) -> float:
     if schedule == "cosine":
         return max(0.5 * (1.0 + math.cos(math.pi * step / steps)), 1e-6)
     return 1.0
-
-
-def _bar(loader, desc: str, show: bool) -> tqdm:
-    return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not show, dynamic_ncols=True,
-                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # logs get a line every 10 s, not per batch
 
 
 def _megabytes(n: int) -> str:

@@ -1,0 +1,205 @@
+"""Replaying a `--budget auto` run's trace for other policies: every fixed option, an oracle, the controller.
+
+Real time is too dear to run every policy over every trace, so only `--budget auto` runs for real; the
+others are SIMULATED on the same trace with what the real run measured. For the real request i sent at
+trace time t_i with option o_i, the network part is modelled as the proxy does it (uplink serialized at
+the trace's rate, the one-way delay, the server's reported compute, the downlink serialized, the delay)
+and everything else it took (device compute, encoding, gRPC and HTTP/2 overhead, scheduling) is its
+residual: `residual_i = latency_i - network(t_i, o_i, server_i)`. A simulated request i of any option o
+at any time t then takes `residual_i + network(t, o, server_i)`, and the next one starts after the gap
+the real run left between requests. Accuracy comes from the model's real predictions: each request
+counts the accuracy of its option (computed beforehand) over ALL the same test images, so every policy
+is scored on the same images (scoring the sample each request happened to carry compared
+policies on different subsets: a policy sending 240 requests saw images 0-239, one sending 350 saw
+0-349, a difference of a point or two from the images alone). Torch-free.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from splitprune.adaptive.controller import BudgetController, Observation, Option
+from splitprune.adaptive.stream import warmup_option
+
+
+class LinkTrace(Protocol):
+    """A link's rate and delay over time, as splitprune.link.trace.LinkTrace gives them (seconds, bytes)."""
+
+    times: list[float]   # when each row of the schedule starts
+
+    def finish(self, start: float, nbytes: float) -> float: ...
+
+    def delay_at(self, t: float) -> float: ...
+
+    def mbit_at(self, t: float) -> float: ...
+
+
+def network_seconds(trace: LinkTrace, t: float, option: Option, server: float) -> float:
+    """Send at trace time t: uplink serialization, delay, server compute, downlink serialization, delay."""
+    sent = trace.finish(t, option.bytes_up)
+    answered = sent + trace.delay_at(sent) + server
+    back = trace.finish(answered, option.bytes_down)
+    return back + trace.delay_at(back) - t
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the real run measured for request i."""
+
+    t: float          # trace seconds when it was sent
+    residual: float   # latency minus the modelled network part (>= 0)
+    server: float     # the server's reported compute, seconds
+    compute: float    # what the controller was told was not on the link (device + server compute)
+    gap: float        # seconds from its answer to the next request
+
+
+def measured(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float) -> list[Measured]:
+    """The per-request residuals of a real run's log rows (see the module docstring)."""
+    by_label = {(o.budget, o.dtype): o for o in options}
+    out = []
+    for i, r in enumerate(rows):
+        t = r["unix"] - trace_start_unix
+        server = r["server_ms"] / 1e3
+        latency = r["latency_ms"] / 1e3
+        residual = max(latency - network_seconds(trace, t, by_label[r["budget"], r["dtype"]], server), 0.0)
+        following = rows[i + 1]["unix"] - trace_start_unix if i + 1 < len(rows) else t + latency
+        out.append(Measured(t, residual, server, r["compute_ms"] / 1e3, max(following - t - latency, 0.0)))
+    return out
+
+
+Chooser = Callable[[int, float, Measured], int]          # (request, trace time, measured) -> option index
+
+
+def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose: Chooser, target: float,
+           observe: Callable[[int, float, float, Measured], None] | None = None) -> list[tuple[int, float, int, float]]:
+    """Requests one after another over the real run's window: (request, trace time, option index, latency)."""
+    t, end, out = real[0].t, real[-1].t, []
+    i = 0
+    while t <= end:
+        m = real[i % len(real)]
+        k = choose(i, t, m)
+        latency = m.residual + network_seconds(trace, t, options[k], m.server)
+        out.append((i, t, k, latency))
+        if observe:
+            observe(k, t + latency, latency, m)
+        t += latency + m.gap
+        i += 1
+    return out
+
+
+def fixed(k: int) -> Chooser:
+    return lambda i, t, m: k
+
+
+def oracle(trace: LinkTrace, options: list[Option], target: float) -> Chooser:
+    """Knows the trace and each request's own residual: the best option that meets the target (the smallest
+    when none does). An upper bound no causal controller reaches."""
+    def choose(i: int, t: float, m: Measured) -> int:
+        fits = [k for k, o in enumerate(options) if m.residual + network_seconds(trace, t, o, m.server) <= target]
+        return max(fits) if fits else 0
+    return choose
+
+
+def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measured], target: float, **settings):
+    """The same BudgetController as the real run, on the simulated link (checks the simulator against reality).
+
+    Like the real stream (adaptive.stream.run_stream, warm-up 3) it first observes one request of the largest
+    and one of the smallest option, here as they would have gone at the first request's time: without them
+    it starts from the prior rate and, on cellular-fades at 200 ms, never left B=1 (81.5% against the real
+    run's 83.3%)."""
+    controller = BudgetController(options, target, **settings)
+    first = real[0]
+    for o in (warmup_option(1, options), warmup_option(2, options)):
+        latency = first.residual + network_seconds(trace, first.t, o, first.server)
+        controller.observe(Observation(first.t, o.bytes_up, o.bytes_down, latency, min(first.compute, latency)))
+
+    def observe(k: int, done: float, latency: float, m: Measured) -> None:
+        o = options[k]
+        controller.observe(Observation(done, o.bytes_up, o.bytes_down, latency, min(m.compute, latency)))
+
+    return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe)
+
+
+def score(requests: list[tuple[int, float, int, float]], options: list[Option], accuracy: list[float],
+          target: float) -> dict:
+    """Share within the target, accuracy (the mean over requests of their option's accuracy on the same test
+    images), bytes, mean budget, and the share of the requests each option served."""
+    n = len(requests)
+    return {"requests": n, "share_within_target": sum(lat <= target for *_, lat in requests) / max(n, 1),
+            "accuracy": sum(accuracy[k] for _, _, k, _ in requests) / max(n, 1),
+            "bytes_up": sum(options[k].bytes_up for _, _, k, _ in requests),
+            "bytes_down": sum(options[k].bytes_down for _, _, k, _ in requests),
+            "mean_budget": sum(options[k].budget for _, _, k, _ in requests) / max(n, 1),
+            "option_share": shares([options[k].label() for _, _, k, _ in requests])}
+
+
+def shares(labels: list[str]) -> dict[str, float]:
+    """How often each option (by its label) was used, as a share of the requests."""
+    return {label: c / len(labels) for label, c in sorted(Counter(labels).items())}
+
+
+def rate_changes(trace: LinkTrace, start: float, end: float, factor: float = 2.0) -> list[tuple[float, float, float]]:
+    """(trace time, rate before, rate after) of every step in the trace's rate by `factor` or more in
+    (start, end)."""
+    rates = [trace.mbit_at(t) for t in trace.times]
+    return [(t, before, after) for t, before, after in zip(trace.times[1:], rates, rates[1:])
+            if start < t < end and max(after / before, before / after) >= factor]
+
+
+def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], best: list[int], target: float,
+              factor: float = 2.0) -> list[dict]:
+    """How long a policy took to react to each rate step of `factor` or more, from (request, trace time,
+    option index, latency) and the option the oracle would have used for each request (`best`, same length).
+
+    A fall is answered by the first request sent after it that was in time: the seconds from the step to
+    it, and the requests before it that were late (the one in flight at the step cannot be helped). A rise
+    is answered by the first request sent after it at the oracle's option or a better one, in time."""
+    out = []
+    end = requests[-1][1] if requests else 0.0
+    for at, before, after in rate_changes(trace, requests[0][1] if requests else 0.0, end, factor):
+        following = [(r, b) for r, b in zip(requests, best) if r[1] >= at]
+        if after < before:
+            answer = next((r for r, _ in following if r[3] <= target), None)
+        else:
+            answer = next((r for r, b in following if r[2] >= b and r[3] <= target), None)
+        late = sum(1 for r, _ in following if (answer is None or r[1] < answer[1]) and r[3] > target)
+        out.append({"at": at, "from_mbit": before, "to_mbit": after, "direction": "fall" if after < before else "rise",
+                    "seconds": None if answer is None else answer[1] - at, "late": late})
+    return out
+
+
+def switches_per_100(chosen: list[int]) -> float:
+    """How often consecutive requests changed option, per 100 requests (oscillation)."""
+    return 100 * sum(a != b for a, b in zip(chosen, chosen[1:])) / max(len(chosen), 1)
+
+
+def reaction_stats(steps: list[dict]) -> dict[str, dict]:
+    """Per direction ("fall", "rise"), over `reactions` steps (of one run or pooled): how many, the median
+    and the longest seconds to the answer (None: never answered, as JSON has no infinity), how many within
+    1 s, how many never answered, and the late requests on the way."""
+    out = {}
+    for direction in ("fall", "rise"):
+        own = [s for s in steps if s["direction"] == direction]
+        seconds = sorted(math.inf if s["seconds"] is None else s["seconds"] for s in own)
+        finite = [None if x == math.inf else x for x in seconds]
+        out[direction] = {"count": len(own), "median_seconds": finite[len(finite) // 2] if finite else None,
+                          "max_seconds": finite[-1] if finite else None,
+                          "within_1s": sum(x <= 1.0 for x in seconds),
+                          "unanswered": sum(s["seconds"] is None for s in own),
+                          "late": sum(s["late"] for s in own)}
+    return out
+
+
+def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float,
+                     target: float) -> dict:
+    """A real run's reactions (`reactions`, the oracle given each request's own residual), their
+    `reaction_stats` and its option switches per 100 requests."""
+    real = measured(trace, rows, options, trace_start_unix)
+    index = {(o.budget, o.dtype): k for k, o in enumerate(options)}
+    requests = [(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3) for i, (r, m) in enumerate(zip(rows, real))]
+    best = oracle(trace, options, target)
+    steps = reactions(trace, requests, [best(i, m.t, m) for i, m in enumerate(real)], target)
+    return {"steps": steps, "switches_per_100": switches_per_100([k for _, _, k, _ in requests]),
+            **reaction_stats(steps)}

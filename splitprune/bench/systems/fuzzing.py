@@ -1,0 +1,304 @@
+"""Structured fuzzing of the server: valid sessions whose fields are mutated one at a time.
+
+Each case opens a real session (Hello, PhaseRequest, as a client would) or reuses the client's open
+one, then sends one message with one field changed to a value at the edge of its type or of the
+session (0, 2^31, 2^63, NaN, a truncated or flipped byte string, an unknown enum, ...), or the
+serialized bytes of a valid message damaged. Describe, Infer and FetchState requests are mutated the
+same way. A case passes when the server answers with a status that is not INTERNAL or UNKNOWN. The
+test suite drives the cases with Hypothesis (tests/test_fuzz.py); `splitprune bench fuzz`
+(splitprune/bench/fuzz.py) sends many of them to a server subprocess.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+import grpc
+import torch
+
+from splitprune.client.connect import make_hello
+from splitprune.compression import ChannelCodec, encode_labels
+from splitprune.proto import pb
+from splitprune.proto import service_pb2 as spb
+from splitprune.wire.envelopes import DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER_METHOD, TRAIN_METHOD, frame, unframe
+
+T = TypeVar("T")
+Choose = Callable[[Sequence[T]], T]
+KINDS = ("hello", "phase", "train", "eval", "checkpoint", "envelope", "describe", "infer", "fetch")
+FAILURES = ("INTERNAL", "UNKNOWN")
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+INTS = {"uint32": (0, 1, 2, 3, 255, 256, 4096, 4097, 65535, 65536, (1 << 31) - 1, 1 << 31, U32),
+        "uint64": (0, 1, 2, 1 << 31, U32, 1 << 32, (1 << 63) - 1, 1 << 63, U64),
+        "int32": (0, -1, 1, -(1 << 31), (1 << 31) - 1),
+        "enum": (0, 1, 2, 3, 4, 5, 99, -1)}
+FLOATS = (0.0, -0.0, -1.0, 1.0, 0.5, 1.5, 1e-45, 1e38, float("inf"), float("-inf"), float("nan"))
+STRINGS = ("", "x", "..", "../../etc", "0" * 16, "0123456789abcdef", "f" * 64, "\u00e9\u4e2d", "{", "{}",
+           "[]", '{"model": "vgg11"}', "a" * 129, "a" * 5000, "[" * 100_000, '{"a": ' * 50_000)
+
+
+def _bytes_variants(value: bytes, choose: Choose) -> bytes:
+    cut = choose((0, 1, 2, 3))
+    what = choose(("empty", "truncate", "extend", "flip", "double", "odd", "random"))
+    if what == "empty":
+        return b""
+    if what == "truncate":
+        return value[: len(value) * cut // 4]
+    if what == "extend":
+        return value + b"\x00" * (1 + cut * 7)
+    if what == "flip" and value:
+        i = len(value) * cut // 4
+        return value[:i] + bytes([value[i] ^ 0xFF]) + value[i + 1:]
+    if what == "double":
+        return value * 2
+    if what == "odd":
+        return value + b"\x01"
+    return bytes(random.Random(cut).randrange(256) for _ in range(1 + 13 * cut))
+
+
+def _fields(msg, prefix: str = "") -> list[tuple[object, object, str]]:
+    """(parent message, field descriptor, dotted path) of every field, nested messages included."""
+    out = []
+    for fd in msg.DESCRIPTOR.fields:
+        path = prefix + fd.name
+        out.append((msg, fd, path))
+        if fd.message_type is not None and not fd.is_repeated and msg.HasField(fd.name):
+            out.extend(_fields(getattr(msg, fd.name), path + "."))
+    return out
+
+
+def mutate(msg, choose: Choose) -> str:
+    """Change one field of `msg` in place to an edge value of its type; a description of the change."""
+    parent, fd, path = choose(_fields(msg))
+    t = fd.type
+    if fd.is_repeated:
+        values = list(getattr(parent, fd.name))
+        action = choose(("clear", "drop", "append", "edge"))
+        del getattr(parent, fd.name)[:]
+        if action == "drop":
+            values = values[:-1]
+        elif action in ("append", "edge") and fd.message_type is None:
+            edge = choose(INTS["uint64" if t == fd.TYPE_UINT64 else "uint32"])
+            values = values + [edge] if action == "append" or not values else [edge] + values[1:]
+        if action != "clear" and fd.message_type is None:
+            getattr(parent, fd.name).extend(values)
+        return f"{path}: {action}"
+    if fd.message_type is not None:
+        parent.ClearField(fd.name)
+        return f"{path}: cleared"
+    if t == fd.TYPE_BOOL:
+        value = not getattr(parent, fd.name)
+    elif t in (fd.TYPE_FLOAT, fd.TYPE_DOUBLE):
+        value = choose(FLOATS)
+    elif t == fd.TYPE_STRING:
+        value = choose(STRINGS + (getattr(parent, fd.name)[:-1], getattr(parent, fd.name) + "x"))
+    elif t == fd.TYPE_BYTES:
+        value = _bytes_variants(getattr(parent, fd.name), choose)
+    elif t == fd.TYPE_ENUM:
+        value = choose(INTS["enum"])
+    else:
+        kind = {fd.TYPE_UINT64: "uint64", fd.TYPE_INT32: "int32"}.get(t, "uint32")
+        value = choose(INTS[kind])
+    try:
+        setattr(parent, fd.name, value)
+    except (ValueError, TypeError):  # not representable in this field (e.g. a negative enum): leave it out
+        return f"{path}: unrepresentable {value!r}"
+    return f"{path} = {value!r}"[:120]
+
+
+class Fuzzer:
+    """Builds valid sessions against a server and sends one mutated message per case."""
+
+    def __init__(self, address: str, cfg, clients: int = 4, token: str | None = None) -> None:
+        self.cfg, self.clients = cfg, clients
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.channel = grpc.insecure_channel(address)
+        self.train = self.channel.stream_stream(TRAIN_METHOD)
+        self.unary = {"describe": self.channel.unary_unary(DESCRIBE_METHOD),
+                      "infer": self.channel.unary_unary(INFER_METHOD)}
+        self.fetch = self.channel.unary_stream(FETCH_STATE_METHOD)
+        self.live: dict[str, _Session] = {}
+        self.codes: Counter = Counter()
+        self.failures: list[dict] = []
+        self.messages = 0
+
+    def end_sessions(self, timeout_s: float = 30.0) -> None:
+        """Close every stream and wait until the server has none attached to the half."""
+        for client in list(self.live):
+            self._end(client)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = spb.DescribeReply.FromString(self.unary["describe"](
+                spb.DescribeRequest(fingerprint=self.cfg.fingerprint()).SerializeToString(),
+                metadata=self.metadata, timeout=30))
+            if info.attached_clients == 0:
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for client in list(self.live):
+            self._end(client)
+        self.channel.close()
+
+    # ---------------------------------------------------------------- valid messages
+    def _hello(self, client: str, fresh: bool = False):
+        return make_hello(self.cfg, client, fresh, 10, 1)
+
+    def _phase(self):
+        return pb.PhaseRequest(phase=0, budget=self.cfg.budget, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def _tensor(self, n: int = 2):
+        values = torch.linspace(-1, 1, n * self.cfg.budget * 16).reshape(n, self.cfg.budget, 4, 4)
+        return ChannelCodec(self.cfg.dtype_up).encode(values, torch.arange(self.cfg.budget) * 3, 512)
+
+    def _train(self, step_id: int):
+        return pb.TrainRequest(step_id=step_id, activations=self._tensor(), labels=encode_labels(torch.tensor([1, 7])))
+
+    # ---------------------------------------------------------------- one case
+    def _session(self, client: str) -> "_Session":
+        """This client's open stream (Hello and the valid phase sent), opened when it has none."""
+        live = self.live.get(client)
+        if live is not None:
+            return live
+        stream = _Stream(self)
+        welcome = spb.Welcome.FromString(unframe(stream.exchange(frame(1, self._hello(client).SerializeToString())))[1])
+        if welcome.last_step_id >= 1 << 62:  # a mutated step id used this client's range up: start afresh
+            stream.close()
+            stream = _Stream(self)
+            welcome = spb.Welcome.FromString(unframe(stream.exchange(
+                frame(1, self._hello(client, fresh=True).SerializeToString())))[1])
+        stream.exchange(frame(2, self._phase().SerializeToString()))
+        self.live[client] = live = _Session(stream, welcome.session_id, welcome.version, welcome.last_step_id)
+        return live
+
+    def _end(self, client: str) -> None:
+        live = self.live.pop(client, None)
+        if live is not None:
+            live.stream.close()
+
+    def reset(self) -> None:
+        """Close every stream; a fresh start re-initialises the half (whatever the cases did to it)."""
+        for client in list(self.live):
+            self._end(client)
+        stream = _Stream(self)
+        try:
+            stream.exchange(frame(1, self._hello("fuzz-reset", fresh=True).SerializeToString()))
+        except _Refused:
+            pass
+        finally:
+            stream.close()
+
+    def case(self, choose: Choose) -> tuple[str, str, str]:
+        """(kind, mutation, status name) of one mutated message, sent on a live session of the client
+        (one is opened when needed; a refusal ends it, a mutated phase too, so the next one is valid)."""
+
+        kind = choose(KINDS)
+        client = f"fuzz-{choose(range(self.clients))}"
+        if kind in ("describe", "infer"):
+            msg = spb.DescribeRequest(fingerprint=self.cfg.fingerprint()) if kind == "describe" else spb.InferRequest(
+                fingerprint=self.cfg.fingerprint(), budget=self.cfg.budget,
+                eval=pb.EvalRequest(request_id=1, activations=self._tensor()))
+            change = mutate(msg, choose)
+            return kind, change, self._unary(kind, msg.SerializeToString())
+        change = ""
+        try:
+            if kind == "hello":
+                self._end(client)
+                hello = self._hello(client)
+                change = mutate(hello, choose)
+                stream = _Stream(self)
+                try:
+                    stream.exchange(frame(1, hello.SerializeToString()))
+                finally:
+                    stream.close()
+                return kind, change, "OK"
+            live = self._session(client)
+            if kind == "fetch":
+                req = spb.FetchStateRequest(session_id=live.session_id, known_version=live.version)
+                change = mutate(req, choose)
+                if req.session_id == live.session_id:
+                    req.known_version = live.version  # a whole state transfer per case would be slow
+                return kind, change, self._fetch(req.SerializeToString())
+            step = live.last_step + 1
+            msg = {"phase": self._phase(), "train": self._train(step), "envelope": self._train(step),
+                   "eval": pb.EvalRequest(request_id=step, activations=self._tensor()),
+                   "checkpoint": spb.CheckpointRequest(step_id=live.last_step)}[kind]
+            field = {"phase": 2, "train": 3, "envelope": 3, "eval": 4, "checkpoint": 5}[kind]
+            if kind == "envelope":
+                data = _bytes_variants(frame(field, msg.SerializeToString()), choose)
+                change = f"envelope of {len(data)} bytes"
+            else:
+                change = mutate(msg, choose)
+                data = frame(field, msg.SerializeToString())
+            live.stream.exchange(data)
+            if kind == "phase":
+                self._end(client)
+            elif kind in ("train", "envelope"):
+                live.last_step = max(live.last_step, msg.step_id)
+            return kind, change, "OK"
+        except _Refused as refused:
+            self._end(client)
+            return kind, change, refused.code
+
+    def _unary(self, kind: str, data: bytes) -> str:
+        self.messages += 1
+        try:
+            self.unary[kind](data, metadata=self.metadata, timeout=60)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    def _fetch(self, data: bytes) -> str:
+        self.messages += 1
+        try:
+            for _ in self.fetch(data, metadata=self.metadata, timeout=60):
+                pass
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    def run(self, choose: Choose) -> str:
+        kind, change, code = self.case(choose)
+        self.codes[code] += 1
+        if code in FAILURES:
+            self.failures.append({"kind": kind, "mutation": change, "status": code})
+        return code
+
+
+@dataclass
+class _Session:
+    stream: "_Stream"
+    session_id: str
+    version: int
+    last_step: int
+
+
+class _Refused(Exception):
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+
+class _Stream:
+    """A Train stream driven one message at a time; a refusal raises _Refused with the status name."""
+
+    def __init__(self, fuzzer: Fuzzer) -> None:
+        self.fuzzer = fuzzer
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.call = fuzzer.train(iter(self.requests.get, None), metadata=fuzzer.metadata, timeout=120)
+
+    def exchange(self, data: bytes) -> bytes:
+        self.fuzzer.messages += 1
+        self.requests.put(data)
+        try:
+            return next(self.call)
+        except grpc.RpcError as exc:
+            raise _Refused(exc.code().name) from None
+        except StopIteration:
+            raise _Refused("OK") from None
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()

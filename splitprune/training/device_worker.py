@@ -1,0 +1,150 @@
+"""The device part of a split-training step (DeviceWorker): the backbone layers up to the cut, the gated encoder,
+the budget and its loss, the uplink codec; and split inference from the device side. It shares no objects with
+the server part: only serialized messages pass between them, through a Link."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitprune.adaptive.policy import StepBudget
+from splitprune.compression import (
+    ChannelCodec,
+    budget_loss,
+    channel_mask,
+    decode_labels,
+    decode_tensor,
+    encode_labels,
+    keep_channels,
+    reset_gate,
+)
+from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+from splitprune.training.halves import DeviceHalf, Geometry
+from splitprune.training.link import Link, OptimizerSettings, as_float32, parse_message, set_lr
+from splitprune.training.rng import RngStream
+
+
+@dataclass
+class StepStats:
+    samples: int
+    loss: float
+    correct: int
+    bytes_up: int
+    bytes_down: int
+
+
+class DeviceWorker:
+    """The device part: backbone layers, the gated encoder, the budget and its loss, the codec uplink."""
+
+    def __init__(self, half: DeviceHalf, geometry: Geometry, num_classes: int, codec_up: ChannelCodec,
+                 scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0,
+                 selector: ChannelSelector | None = None) -> None:
+        self.half = half
+        self.selector: ChannelSelector = selector or TopBByGate()
+        self.geometry = geometry
+        self.num_classes = num_classes
+        self.codec = codec_up
+        self.scaling = scaling
+        self.budget_eps, self.budget_delta = budget_eps, budget_delta
+        self.rng = RngStream(seed + 2)
+        self.optimizer: torch.optim.SGD | None = None
+        self.phase_lr = 0.0
+        self.budget: int | None = None      # None = every channel
+        self.use_budget_loss = False
+        self.step_id = 0
+
+    @property
+    def channels(self) -> int:
+        return self.geometry.channels
+
+    @property
+    def accelerator(self) -> torch.device:
+        return self.half.gate_logits.device
+
+    def start_phase(self, link: Link, phase: int, budget: int | None, optimizer: OptimizerSettings,
+                    use_budget_loss: bool) -> None:
+        self.budget, self.use_budget_loss = budget, use_budget_loss and self.selector.uses_budget_loss
+        self.optimizer = optimizer.build(self.half)
+        self.phase_lr = as_float32(optimizer.lr)
+        req = pb.PhaseRequest(phase=phase, budget=budget or self.channels, lr=optimizer.lr,
+                              momentum=optimizer.momentum, weight_decay=optimizer.weight_decay)
+        reply = parse_message(pb.PhaseReply, link.start_phase(req.SerializeToString()))
+        if reply.phase != phase:
+            raise ProtocolError(f"server acknowledged phase {reply.phase}, expected {phase}")
+
+    def reset_gate(self, threshold: float, low_max: float, high: float) -> int:
+        with self.rng.active():
+            return reset_gate(self.half.gate_logits, threshold, low_max, high)
+
+    def kept_channels(self, budget: int | None = None) -> torch.Tensor | None:
+        budget = self.budget if budget is None else budget
+        if budget is None or budget >= self.channels:
+            return None
+        return self.selector.select(self.half.gate_logits, budget)
+
+    def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
+        kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
+        return kept, self.codec.encode(kept, channels, self.channels, self.selector.prefix)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0,
+                   step_budget: StepBudget | None = None) -> StepStats:
+        """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step.
+
+        `step_budget` (train --budget auto) picks this step's channels, at most the phase's budget, and is told
+        the sizes of the step's messages when it is done; without it every step sends the phase's budget."""
+        assert self.optimizer is not None, "start_phase first"
+        limit = self.budget or self.channels
+        budget = None if step_budget is None else min(step_budget.next_budget(limit), limit)
+        lr_scale = as_float32(lr_scale)
+        self.step_id += 1
+        self.half.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.rng.active():
+            z = self.half(x.to(self.accelerator))
+        channels = self.kept_channels(budget)
+        kept, activations = self._encode(z, channels)
+        request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y),
+                                  lr_scale=0.0 if lr_scale == 1.0 else lr_scale)
+        up = request.SerializeToString()
+        down = link.train(up)
+        reply = parse_message(pb.TrainReply, down)
+        if reply.step_id != self.step_id:
+            raise ProtocolError(f"reply to step {reply.step_id} received for step {self.step_id}")
+        gradient = decode_tensor(reply.gradient)
+        if tuple(gradient.values.shape) != tuple(kept.shape):
+            raise ProtocolError(f"gradient shape {tuple(gradient.values.shape)} != sent {tuple(kept.shape)}")
+        tensors, grads = [kept], [gradient.values.to(self.accelerator)]
+        if self.use_budget_loss:
+            tensors.append(budget_loss(self.half.gate_logits, self.budget or self.channels,
+                                       self.budget_eps, self.budget_delta))
+            grads.append(torch.ones((), device=self.accelerator))
+        torch.autograd.backward(tensors, grads)
+        set_lr(self.optimizer, self.phase_lr * lr_scale)  # a scale the server refused never gets here
+        self.optimizer.step()
+        if step_budget is not None:
+            step_budget.observe(len(up), len(down))
+        return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
+
+    def predict(self, x: torch.Tensor, link: Link, budget: int | None = None) -> tuple[torch.Tensor, int, int]:
+        """Split inference: predicted classes, uplink and downlink bytes."""
+        return self.predict_budgets(x, link, [budget])[0]
+
+    @torch.no_grad()
+    def predict_budgets(self, x: torch.Tensor, link: Link,
+                        budgets: list[int | None]) -> list[tuple[torch.Tensor, int, int]]:
+        """`predict` at each budget, one request each, the device half run once."""
+        self.half.eval()
+        z = self.half(x.to(self.accelerator))
+        out = []
+        for budget in budgets:
+            self.step_id += 1
+            _, activations = self._encode(z, self.kept_channels(budget))
+            up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
+            down = link.evaluate(up)
+            reply = parse_message(pb.EvalReply, down)
+            if reply.request_id != self.step_id:
+                raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
+            out.append((decode_labels(reply.predictions, len(x), self.num_classes), len(up), len(down)))
+        return out
