@@ -11,7 +11,7 @@ from splitprune.adaptive.budgets import budget_quality
 from splitprune.bench.adaptive.accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
 from splitprune.client.connect import connect
-from splitprune.compression import ChannelCodec, decode_tensor, encode_labels, keep_channels
+from splitprune.compression import ChannelCodec, encode_labels, keep_channels
 from splitprune.compression.bottleneck import ladder, rung
 from splitprune.compression.budget import channel_mask
 from splitprune.compression.codec import Decoded
@@ -43,17 +43,17 @@ def _values(n=3, k=5, seed=0):
 @pytest.mark.parametrize("dtype", list(WIRE_DTYPES))
 def test_prefix_round_trip_is_byte_identical_in_both_codecs_and_names_no_index(dtype):
     values = _values()
-    torch_bytes = ChannelCodec(dtype).compress(values, torch.arange(5), 512, prefix=True)
+    torch_bytes = ChannelCodec(dtype).compress(values, torch.arange(5), 512, prefix=True).SerializeToString()
     numpy_bytes = encode_values(values.numpy(), np.arange(5), 512, WIRE_DTYPES[dtype], prefix=True).SerializeToString()
     assert torch_bytes == numpy_bytes
     assert encode_values(values.numpy(), None, 512, WIRE_DTYPES[dtype], prefix=True).SerializeToString() == numpy_bytes
     msg = pb.EncodedTensor.FromString(torch_bytes)
     assert msg.prefix == 5 and msg.channels == b"" and kept_count(msg) == 5
-    indexed = ChannelCodec(dtype).compress(values, torch.arange(5), 512)  # a gated model: indices as before
+    indexed = ChannelCodec(dtype).compress(values, torch.arange(5), 512).SerializeToString()  # gated: indices
     assert pb.EncodedTensor.FromString(indexed).prefix == 0 and len(indexed) > len(torch_bytes)
-    decoded = decode_tensor(msg)
+    decoded = ChannelCodec.decompress(msg)
     assert decoded.prefix and torch.equal(decoded.channels, torch.arange(5))
-    reference = decode_tensor(pb.EncodedTensor.FromString(indexed))
+    reference = ChannelCodec.decompress(pb.EncodedTensor.FromString(indexed))
     assert not reference.prefix and torch.equal(decoded.dense(), reference.dense())
 
 
@@ -63,7 +63,7 @@ def test_all_channels_as_a_prefix_are_the_plain_message():
 
 
 def _prefix_message(**changes):
-    msg = ChannelCodec("fp16").encode(_values(2, 2), None if "channels" in changes else torch.arange(2), 8, prefix=True)
+    msg = ChannelCodec("fp16").compress(_values(2, 2), None if "channels" in changes else torch.arange(2), 8, prefix=True)
     for key, value in changes.items():
         setattr(msg, key, value)
     return msg
@@ -76,12 +76,12 @@ def _prefix_message(**changes):
 ])
 def test_decoder_range_checks_the_prefix(changes, match):
     with pytest.raises(ProtocolError, match=match):
-        decode_tensor(_prefix_message(**changes))
+        ChannelCodec.decompress(_prefix_message(**changes))
 
 
 def test_encoder_refuses_a_prefix_that_is_not_one():
     with pytest.raises(ProtocolError, match="prefix message carries channels 0..1"):
-        ChannelCodec("fp16").encode(_values(2, 2), torch.tensor([0, 2]), 8, prefix=True)
+        ChannelCodec("fp16").compress(_values(2, 2), torch.tensor([0, 2]), 8, prefix=True)
 
 
 # ---------------------------------------------------------------- the objective
@@ -156,7 +156,7 @@ def _server(objective, steps=1):
 
 def _train_request(channels, prefix):
     values = torch.rand(4, len(channels), 4, 4, generator=torch.Generator().manual_seed(1))
-    act = ChannelCodec("fp32").encode(values, torch.tensor(channels), 512, prefix=prefix)
+    act = ChannelCodec("fp32").compress(values, torch.tensor(channels), 512, prefix=prefix)
     return pb.TrainRequest(step_id=1, activations=act, labels=encode_labels(torch.tensor([0, 1, 2, 3])))
 
 
@@ -164,13 +164,13 @@ def test_one_gradient_for_the_received_prefix_and_indices_refused():
     server = _server(NestedPrefixes())
     reply = server.train(_train_request(list(range(8)), prefix=True))
     assert reply.gradient.prefix == 8 and reply.gradient.channels == b""
-    grad = decode_tensor(reply.gradient).values
+    grad = ChannelCodec.decompress(reply.gradient).values
     assert grad.shape == (4, 8, 4, 4) and all(grad[:, c].abs().sum() > 0 for c in range(8))
     with pytest.raises(BadTensor, match="prefix of its channels"):
         server.train(_train_request([0, 2, 5], prefix=False))
     # the budget of a prefix is read from its header, before anything is decoded
     with pytest.raises(BudgetExceeded, match="5 channels sent but the budget is 4"):
-        server._decode(ChannelCodec("fp16").encode(_values(2, 5), None, 512, prefix=True), None, 4)
+        server._decode(ChannelCodec("fp16").compress(_values(2, 5), None, 512, prefix=True), None, 4)
 
 
 def test_a_second_server_step_is_the_same_request_applied_again_with_the_first_gradient_returned():

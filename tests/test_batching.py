@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from splitprune.client.connect import RemoteError, connect
 from splitprune.client.inference import InferenceClient
-from splitprune.compression import ChannelCodec, decode_tensor, encode_labels
+from splitprune.compression import ChannelCodec, encode_labels
 from splitprune.config import make_config
 from splitprune.data import make_loaders
 from splitprune.errors import ProtocolError, UserError
@@ -50,7 +50,7 @@ def encoded(cfg, x, channels, codec=None):
     with torch.no_grad():
         z = device_half(cfg)(x)
     kept = z if channels is None else z[:, list(channels)]
-    return ChannelCodec(codec or cfg.dtype_up).encode(kept, None if channels is None else torch.tensor(channels),
+    return ChannelCodec(codec or cfg.dtype_up).compress(kept, None if channels is None else torch.tensor(channels),
                                                       z.shape[1])
 
 
@@ -128,7 +128,7 @@ def test_stacked_inference_of_an_anybudget_model_normalises_each_prefix_by_its_o
     x = images[0][0]
     with torch.no_grad():
         z = device_half(cfg)(x)
-    requests = [pb.EvalRequest(request_id=k + 1, activations=ChannelCodec("fp16").encode(
+    requests = [pb.EvalRequest(request_id=k + 1, activations=ChannelCodec("fp16").compress(
         z[:, :k], None if k == 512 else torch.arange(k), 512, prefix=True)) for k in (1, 4, 512, 4)]
     stacked = evaluate_stacked(worker, [Request(r) for r in requests])
     alone = [worker.evaluate(r) for r in requests]
@@ -143,7 +143,7 @@ def test_stacked_steps_of_an_anybudget_half_run_alone_with_its_nested_objective(
         worker.start_phase(pb.PhaseRequest(phase=0, budget=512, lr=PHASE.lr, momentum=PHASE.momentum))
     with torch.no_grad():
         zs = [device_half(cfg)(images[i][0]) for i in range(2)]
-    requests = [_step(i + 1, ChannelCodec("fp16").encode(z[:, :k], torch.arange(k), 512, prefix=True), images[i][1])
+    requests = [_step(i + 1, ChannelCodec("fp16").compress(z[:, :k], torch.arange(k), 512, prefix=True), images[i][1])
                 for i, (z, k) in enumerate(zip(zs, (8, 32)))]
     assert train_stacked(stacked, [Request(r) for r in requests]) == [alone.train(r) for r in requests]
     assert weights_digest(module_tensors("s", stacked.half), "s.") == weights_digest(module_tensors("s", alone.half), "s.")
@@ -187,7 +187,7 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
 
     by_hand, _ = build_server_worker(cfg, 10, 1)
     by_hand.start_phase(PHASE)
-    decoded = [decode_tensor(r.activations) for r in reqs]
+    decoded = [ChannelCodec.decompress(r.activations) for r in reqs]
     leaves = [d.values.clone().requires_grad_() for d in decoded]
     dense = torch.cat([torch.zeros(4, d.num_channels, *d.values.shape[2:]).index_copy(1, d.channels, v)
                        for d, v in zip(decoded, leaves)])
@@ -201,17 +201,17 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
     union_worker, _ = build_server_worker(cfg, 10, 1)
     union_worker.start_phase(pb.PhaseRequest(phase=0, budget=8, lr=PHASE.lr, momentum=PHASE.momentum,
                                              weight_decay=PHASE.weight_decay))
-    union = ChannelCodec("fp32").encode(dense.detach()[:, :8], torch.arange(8), dense.shape[1])
-    union_grad = decode_tensor(union_worker.train(_step(1, union, torch.cat([ya, yb]))).gradient).values
+    union = ChannelCodec("fp32").compress(dense.detach()[:, :8], torch.arange(8), dense.shape[1])
+    union_grad = ChannelCodec.decompress(union_worker.train(_step(1, union, torch.cat([ya, yb]))).gradient).values
 
     for i, (reply, d, leaf) in enumerate(zip(got, decoded, leaves)):
         assert reply.step_id == 1
-        gradient = decode_tensor(reply.gradient)
+        gradient = ChannelCodec.decompress(reply.gradient)
         assert gradient.channels.tolist() == d.channels.tolist()
         codec = ChannelCodec(cfg.dtype_down)
-        assert torch.equal(gradient.values, decode_tensor(codec.encode(leaf.grad, d.channels, d.num_channels)).values)
+        assert torch.equal(gradient.values, ChannelCodec.decompress(codec.compress(leaf.grad, d.channels, d.num_channels)).values)
         own_union = union_grad[4 * i:4 * i + 4][:, d.channels]
-        assert torch.equal(gradient.values, decode_tensor(codec.encode(own_union, d.channels, d.num_channels)).values)
+        assert torch.equal(gradient.values, ChannelCodec.decompress(codec.compress(own_union, d.channels, d.num_channels)).values)
     assert weights_digest(module_tensors("server", by_hand.half)) == weights_digest(
         module_tensors("server", union_worker.half))
     # The served half: equal up to the order of the weight-gradient sums, which the server's own thread may
@@ -242,7 +242,7 @@ def test_a_bad_step_in_a_stack_fails_alone(images):
         handle.stop(grace=0.5)
     assert isinstance(got[2], RemoteError) and got[2].reason == "BAD_TENSOR", got[2]
     for reply, req in zip(got[:2], reqs):
-        gradient = decode_tensor(pb.TrainReply.FromString(reply).gradient)
+        gradient = ChannelCodec.decompress(pb.TrainReply.FromString(reply).gradient)
         assert gradient.values.shape[0] == 2 and bool(torch.isfinite(gradient.values).all())
 
 
@@ -264,7 +264,7 @@ def test_a_diverging_step_undoes_the_stack_and_the_others_run_alone(images):
     x, y = images[0]
     first = encoded(cfg, x[:2], (0, 1, 2, 3))
     noise = torch.randn(2, 4, *first.shape[2:], generator=torch.Generator().manual_seed(0)).clamp(-3, 3)
-    huge = ChannelCodec("fp32").encode(noise * 3e29, torch.arange(4), first.shape[1])
+    huge = ChannelCodec("fp32").compress(noise * 3e29, torch.arange(4), first.shape[1])
     reqs = [_step(1, first, y[:2]), _step(1, huge, y[2:4]), _step(1, encoded(cfg, x[4:6], (4, 5, 6, 7)), y[4:6])]
     stacked = _diverging_worker(cfg)
     got = train_stacked(stacked, [Request(r) for r in reqs])

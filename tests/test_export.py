@@ -60,7 +60,7 @@ def test_numpy_codec_is_byte_identical_to_the_pytorch_device_at_every_budget(exp
             indices = None if torch_channels is None else np.asarray(torch_channels.tolist())
             for batch in (kept[:1], kept):  # one sample, and a batch
                 ours = encode_values(batch.numpy(), indices, channels, WIRE_DTYPES[dtype]).SerializeToString()
-                assert ours == device.codec.encode(batch, torch_channels, channels).SerializeToString()
+                assert ours == device.codec.compress(batch, torch_channels, channels).SerializeToString()
             assert encode_values(kept.numpy(), indices, channels, WIRE_DTYPES[dtype]) == message
             if budget in (1, 7, channels):  # the exported function gives the very values that are encoded
                 assert torch.equal(FoldedDeviceHalf(device.half, torch_channels, cfg.scaling)(x), kept)

@@ -94,7 +94,7 @@ def test_metrics_count_real_training_and_inference_requests(server):
         phase = stream.send(PHASE0)
         reply = stream.send(step)
         during = scrape(server.metrics_address)
-        tensor = ChannelCodec("fp16").encode(torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2, 3]), 512)
+        tensor = ChannelCodec("fp16").compress(torch.randn(3, 4, 4, 4), torch.tensor([0, 1, 2, 3]), 512)
         infer = spb.InferRequest(fingerprint=cfg.fingerprint(), budget=4,
                                  eval=pb.EvalRequest(request_id=1, activations=tensor)).SerializeToString()
         answer = channel.unary_unary(INFER_METHOD)(infer, metadata=AUTH, timeout=30)

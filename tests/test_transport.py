@@ -88,7 +88,7 @@ PHASE0 = frame(PHASE, pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.0, 
 def train_bytes(step_id=1, n=2, channels=(0, 1, 2, 3), labels=None, tensor=None, codec="fp16", lr_scale=0.0):
     if tensor is None:
         values = torch.randn(n, len(channels), 4, 4, generator=torch.Generator().manual_seed(step_id))
-        tensor = ChannelCodec(codec).encode(values, torch.tensor(channels), 512)
+        tensor = ChannelCodec(codec).compress(values, torch.tensor(channels), 512)
     y = torch.tensor(labels if labels is not None else [i % 10 for i in range(n)])
     req = pb.TrainRequest(step_id=step_id, activations=tensor, labels=encode_labels(y), lr_scale=lr_scale)
     return frame(TRAIN, req.SerializeToString())
@@ -592,7 +592,7 @@ def test_training_batches_are_sized_for_every_forward_the_objective_keeps():
 def _prefix(n):
     """n samples of the first 4 channels, as a prefix message."""
     values = torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(n))
-    return ChannelCodec("fp16").encode(values, None, 512, prefix=True)
+    return ChannelCodec("fp16").compress(values, None, 512, prefix=True)
 
 
 def test_client_records_per_half_are_bounded(server):

@@ -150,7 +150,7 @@ def test_client_disconnecting_mid_step_leaves_the_model_consistent():
         values = torch.randn(16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
         from splitprune.compression import ChannelCodec, encode_labels
 
-        request = pb.TrainRequest(step_id=1, activations=ChannelCodec("fp16").encode(values, torch.tensor([1, 5, 7, 9]), 512),
+        request = pb.TrainRequest(step_id=1, activations=ChannelCodec("fp16").compress(values, torch.tensor([1, 5, 7, 9]), 512),
                                   labels=encode_labels(torch.arange(16) % 10))
         # what one application of that step does, in-process
         _, reference, _ = build_workers(cfg, 10, 1)
@@ -283,7 +283,7 @@ def test_saved_server_remembers_steps_and_answers_a_retry_after_restart(tmp_path
 
     def step(i):
         values = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(i))
-        return frame(TRAIN, pb.TrainRequest(step_id=i, activations=ChannelCodec("fp16").encode(
+        return frame(TRAIN, pb.TrainRequest(step_id=i, activations=ChannelCodec("fp16").compress(
             values, torch.tensor([0, 2, 4, 6]), 512), labels=encode_labels(torch.arange(8))).SerializeToString())
 
     hello = lambda fresh: frame(HELLO, make_hello(cfg, "saver", fresh, 10, 1).SerializeToString())  # noqa: E731
@@ -323,7 +323,7 @@ def _step(i, n=8, codec="fp16", channels=(0, 2, 4, 6)):
     from splitprune.compression import ChannelCodec, encode_labels
 
     values = torch.randn(n, len(channels), 4, 4, generator=torch.Generator().manual_seed(i))
-    tensor = ChannelCodec(codec).encode(values, torch.tensor(channels), 512)
+    tensor = ChannelCodec(codec).compress(values, torch.tensor(channels), 512)
     return frame(TRAIN, pb.TrainRequest(step_id=i, activations=tensor, labels=encode_labels(torch.arange(n) % 10))
                  .SerializeToString())
 

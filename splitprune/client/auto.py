@@ -103,10 +103,10 @@ def training_bytes(parts, budget: int) -> tuple[int, int]:
     channels = device.kept_channels(budget)
     labels = encode_labels(torch.zeros(cfg.batch_size, dtype=torch.long))
     prefix = device.selector.prefix   # an any-budget model's channels travel as a prefix length, both ways
-    up = pb.TrainRequest(step_id=1, activations=device.codec.encode(values, channels, device.channels, prefix),
+    up = pb.TrainRequest(step_id=1, activations=device.codec.compress(values, channels, device.channels, prefix),
                          labels=labels, lr_scale=0.5)
     down = pb.TrainReply(step_id=1, loss=1.0, correct=1,
-                         gradient=ChannelCodec(cfg.dtype_down).encode(values, channels, device.channels, prefix))
+                         gradient=ChannelCodec(cfg.dtype_down).compress(values, channels, device.channels, prefix))
     return up.ByteSize(), down.ByteSize()
 
 

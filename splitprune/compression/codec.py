@@ -1,9 +1,8 @@
-"""Wire codec for cut tensors: only the kept channels travel, as fp32, fp16 or 8-bit affine values.
+"""Wire codec for cut tensors: only the kept channels travel, as fp32, fp16, int8 or int4 values.
 
-Like CompressAI's latent codecs, one object has three verbs: `forward` (the round trip used in
-training, returning what the receiver sees and how many bytes it cost), `compress` (tensor -> bytes)
-and `decompress` (bytes -> tensor). The bytes are a serialized `EncodedTensor` protobuf message, the
-same message the network runtime carries, so byte counts are those of real messages.
+Like CompressAI's latent codecs, one object per codec with the verbs of the hot path: `compress` (tensor ->
+the EncodedTensor message a request or reply carries) and `decompress` (message -> tensor, every field
+checked first). Byte counts are those of the serialized messages the runtime sends, in-process or not.
 """
 from __future__ import annotations
 
@@ -65,7 +64,11 @@ class Decoded:
 
 
 class ChannelCodec:
-    """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16" or "int8")."""
+    """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16", "int8" or "int4").
+
+    `compress` makes the EncodedTensor message that requests and replies carry (the device's activations, the
+    server's gradients); `decompress` checks a received one completely against a TensorSpec and gives its values.
+    Both are what every step calls, in-process and over the network alike."""
 
     def __init__(self, dtype: str = "fp16") -> None:
         self.dtype_name = dtype
@@ -74,37 +77,19 @@ class ChannelCodec:
     def __repr__(self) -> str:
         return f"ChannelCodec({self.dtype_name!r})"
 
-    def encode(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
-               prefix: bool = False) -> pb.EncodedTensor:
+    def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
+                 prefix: bool = False) -> pb.EncodedTensor:
         """kept: [N, K, H, W] values of the channels `channels` (ascending; None = all C channels);
-        `prefix`: they are channels 0..K-1, sent as a prefix length (see splitprune.wire.encode_values)."""
+        `prefix`: they are channels 0..K-1, sent as a prefix length (see splitprune.wire.codec.encode_values)."""
         values = kept.detach().to(torch.float32).cpu().contiguous().numpy()
         indices = None if channels is None else channels.detach().cpu().numpy()
         return encode_values(values, indices, num_channels, self.dtype, prefix)
 
-    def compress(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
-                 prefix: bool = False) -> bytes:
-        return self.encode(kept, channels, num_channels, prefix).SerializeToString()
-
-    def decompress(self, data: bytes, spec: TensorSpec | None = None) -> Decoded:
-        return decode_tensor(parse_tensor(data), spec)
-
-    def forward(self, kept: torch.Tensor, channels: torch.Tensor | None, num_channels: int,
-                prefix: bool = False) -> tuple[Decoded, int]:
-        """The round trip: what the receiver decodes, and the message size in bytes."""
-        data = self.compress(kept, channels, num_channels, prefix)
-        return self.decompress(data), len(data)
-
-
-def parse_tensor(data: bytes) -> pb.EncodedTensor:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"tensor message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    msg = pb.EncodedTensor()
-    try:
-        msg.ParseFromString(data)
-    except Exception as exc:  # protobuf raises DecodeError, and others on garbage
-        raise ProtocolError(f"malformed tensor message: {exc}") from None
-    return msg
+    @staticmethod
+    def decompress(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Decoded:
+        """A received message, validated completely (against `spec` when given), as float32 values; whatever
+        dtype it was sent in (the spec says which ones are allowed)."""
+        return decode_tensor(msg, spec)
 
 
 def _check_shape(msg: pb.EncodedTensor, spec: TensorSpec | None) -> tuple[int, int, int, int]:

@@ -13,7 +13,6 @@ from splitprune.compression import (
     budget_loss,
     channel_mask,
     decode_labels,
-    decode_tensor,
     encode_labels,
     keep_channels,
     reset_gate,
@@ -86,7 +85,7 @@ class DeviceWorker:
 
     def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
-        return kept, self.codec.encode(kept, channels, self.channels, self.selector.prefix)
+        return kept, self.codec.compress(kept, channels, self.channels, self.selector.prefix)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0,
                    step_budget: StepBudget | None = None) -> StepStats:
@@ -112,7 +111,7 @@ class DeviceWorker:
         reply = parse_message(pb.TrainReply, down)
         if reply.step_id != self.step_id:
             raise ProtocolError(f"reply to step {reply.step_id} received for step {self.step_id}")
-        gradient = decode_tensor(reply.gradient)
+        gradient = self.codec.decompress(reply.gradient)
         if tuple(gradient.values.shape) != tuple(kept.shape):
             raise ProtocolError(f"gradient shape {tuple(gradient.values.shape)} != sent {tuple(kept.shape)}")
         tensors, grads = [kept], [gradient.values.to(self.accelerator)]

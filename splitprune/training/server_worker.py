@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from splitprune.compression import ChannelCodec, TensorSpec, decode_labels, decode_tensor, encode_labels
+from splitprune.compression import ChannelCodec, TensorSpec, decode_labels, encode_labels
 from splitprune.compression.codec import Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
@@ -111,7 +111,7 @@ class ServerWorker:
         if training:
             spec = replace(spec, max_batch=min(spec.max_batch, self.max_train_batch))
         try:
-            return decode_tensor(t, spec)
+            return self.codec.decompress(t, spec)
         except ProtocolError as exc:
             raise BadTensor(str(exc)) from None
 
@@ -137,7 +137,7 @@ class ServerWorker:
                 set_lr(self.optimizer, self.phase_lr * lr_scale)
                 loss.backward()
                 # encoding refuses a non-finite gradient: a diverged step is reported, never applied
-                gradient = self.codec.encode(compact.grad, received.channels.cpu() if partial else None,
+                gradient = self.codec.compress(compact.grad, received.channels.cpu() if partial else None,
                                              received.num_channels, received.prefix)
                 self.optimizer.step()
                 for _ in range(self.steps - 1):

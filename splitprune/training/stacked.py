@@ -131,7 +131,7 @@ def _union_step(worker: ServerWorker, requests: list[Request],
         set_lr(worker.optimizer, worker.phase_lr * lr_scale)
         loss.backward()
         try:
-            gradients = [worker.codec.encode(v.grad, d.channels.cpu() if d.channels.numel() < d.num_channels
+            gradients = [worker.codec.compress(v.grad, d.channels.cpu() if d.channels.numel() < d.num_channels
                                              else None, d.num_channels) for (d, _), v in zip(received, leaves)]
         except ProtocolError:  # the codec refuses a non-finite gradient
             gradients = None

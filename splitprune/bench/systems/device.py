@@ -44,7 +44,7 @@ def train_model(out: Path) -> Path:
 
 def agreement(run: Path, export: Path, chunk: int = 250) -> list[dict]:
     """Per budget: byte-identical uplink messages and agreeing predictions, ONNX vs PyTorch, full test set."""
-    from splitprune.compression import Decoded, channel_mask, decode_tensor, keep_channels
+    from splitprune.compression import ChannelCodec, Decoded, channel_mask, keep_channels
     from splitprune.export import kept_indices, load_workers, sample_inputs
     from splitprune.manifest import INPUT_NAME, onnx_session, read_manifest
     from splitprune.wire.codec import check_dtype_name, encode_values
@@ -59,7 +59,7 @@ def agreement(run: Path, export: Path, chunk: int = 250) -> list[dict]:
                  "onnx_correct": 0, "max_abs_diff": 0.0, "torch_bytes": 0, "onnx_bytes": 0} for b in budgets}
 
     def predict(messages) -> np.ndarray:
-        decoded = [decode_tensor(m) for m in messages]
+        decoded = [ChannelCodec.decompress(m) for m in messages]
         values = torch.cat([d.values for d in decoded])
         dense = Decoded(values, decoded[0].channels, decoded[0].num_channels).dense()
         return server.half(dense).argmax(1).numpy()
@@ -75,7 +75,7 @@ def agreement(run: Path, export: Path, chunk: int = 250) -> list[dict]:
                 got = sessions[b].run(None, {INPUT_NAME: x.numpy()})[0]
                 indices = manifest["budgets"][str(b)]["channels"]
                 ours = [encode_values(got[i:i + 1], indices, device.channels, dtype) for i in range(len(x))]
-                theirs = [device.codec.encode(ref[i:i + 1], channels, device.channels) for i in range(len(x))]
+                theirs = [device.codec.compress(ref[i:i + 1], channels, device.channels) for i in range(len(x))]
                 p_onnx, p_torch = predict(ours), predict(theirs)
                 s = stats[b]
                 s["images"] += len(x)

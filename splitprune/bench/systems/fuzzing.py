@@ -152,7 +152,7 @@ class Fuzzer:
 
     def _tensor(self, n: int = 2):
         values = torch.linspace(-1, 1, n * self.cfg.budget * 16).reshape(n, self.cfg.budget, 4, 4)
-        return ChannelCodec(self.cfg.dtype_up).encode(values, torch.arange(self.cfg.budget) * 3, 512)
+        return ChannelCodec(self.cfg.dtype_up).compress(values, torch.arange(self.cfg.budget) * 3, 512)
 
     def _train(self, step_id: int):
         return pb.TrainRequest(step_id=step_id, activations=self._tensor(), labels=encode_labels(torch.tensor([1, 7])))

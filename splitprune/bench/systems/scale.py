@@ -172,7 +172,7 @@ def _inputs(cfg, samples: int):
         z = device.half.eval()(x[:samples])
     channels = device.kept_channels(cfg.budget)
     kept = z[:, channels]
-    return ChannelCodec(cfg.dtype_up).encode(kept, channels, z.shape[1]), encode_labels(y[:samples])
+    return ChannelCodec(cfg.dtype_up).compress(kept, channels, z.shape[1]), encode_labels(y[:samples])
 
 
 def scale(out: Path, profile: str = "quick", accelerator: str = "cpu", data_dir: str | None = None) -> list[Cell]:

@@ -19,7 +19,7 @@ import torch
 
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.profiles import Profile, profile_name
-from splitprune.compression import budget_loss, decode_tensor
+from splitprune.compression import ChannelCodec, budget_loss
 from splitprune.config import make_config
 from splitprune.training.link import OptimizerSettings
 from splitprune.training.server_worker import LocalLink
@@ -71,7 +71,7 @@ def overhead_seconds(model: str, batch: int, budget: int, steps: int, device_nam
     for _ in range(steps):
         channels = device.kept_channels()
         _, message = device._encode(z, channels)
-        decode_tensor(message)
+        ChannelCodec.decompress(message)
         budget_loss(device.half.gate_logits, budget, device.budget_eps, device.budget_delta).backward()
     return (time.perf_counter() - start) / steps
 
