@@ -135,9 +135,17 @@ def measure(out: Path, s: Settings = Settings()) -> dict:
     best = max(fixed, key=lambda r: r["final_accuracy"])
     return {"settings": s.__dict__, "trace": TRACE, "common_accuracy": common, "rows": rows, "curves": curves,
             "auto": auto, "fastest_fixed": fastest["budget"], "most_accurate_fixed": best["budget"],
-            "auto_no_slower": auto["time_to_common_s"] <= fastest["time_to_common_s"],
+            "auto_no_slower": speed_verdict(auto["time_to_common_s"], fastest["time_to_common_s"]),
             "auto_no_less_accurate": auto["final_accuracy"] >= best["final_accuracy"],
             "accuracy_verdict": accuracy_verdict(auto["final_accuracy"], best["final_accuracy"], s.test_subset)}
+
+
+def speed_verdict(auto: float | None, fastest: float | None) -> str:
+    """auto's time to the common accuracy <= the fastest fixed budget's, by the verdict rule; one run each, so
+    no noise is counted (a run that never reaches it has no time: not measured)."""
+    from splitprune.bench.core.verdict import at_most, interval
+
+    return at_most(interval([auto]), fastest) if fastest is not None else "not measured"
 
 
 def accuracy_verdict(auto: float, best: float, images: int) -> str:
