@@ -28,17 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import make_traces  # noqa: E402
 
 from splitprune.adaptive.controller import Option  # noqa: E402
-from splitprune.adaptive.replay import (
-    Measured,
-    controller_replay,
-    measured,
-    oracle,
-    reaction_stats,
-    reactions,
-    replay,
-    score,
-    switches_per_100,
-)
+from splitprune.adaptive.replay import (Measured, controller_replay, measured, oracle, reaction_stats, reactions,
+                                        replay, score, switches_per_100)
 from splitprune.link.trace import LinkTrace
 
 # settle None: no settled step up (every step up within up_margin), as before it existed. Session 16 chose

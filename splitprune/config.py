@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from splitprune.errors import UserError
-from splitprune.options import Option, check_value, field_specs, option, show
+from splitprune.options import NO_LEGACY, Option, check_value, field_specs, option, show
 
 METHODS = ("sl", "ca", "deprune", "prune", "anybudget")
 NESTED_SAMPLINGS = ("sandwich", "random")  # anybudget's server objective (training.objectives.NestedPrefixes)
@@ -40,6 +40,7 @@ METHOD_DEFAULTS = {
     "anybudget": {"schedule": "{budget}:22", "lr": 1e-2, "momentum": 0.0, "dtype_up": "fp16", "server_steps": 2},
 }
 DEFAULT_BUDGET = 4  # every method's --budget but anybudget's (all channels)
+SEEDING = 2         # how a fresh run draws its initial weights (RunConfig.seeding)
 
 
 def _per_method(key: str) -> str:
@@ -111,6 +112,11 @@ class RunConfig:
                          "(1, all it received, one random ladder budget between) or random (one ladder budget: "
                          "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
 
+    seeding: int = option(SEEDING, "how initial weights are drawn: 2: each half from a random stream of its own, "
+                          "seeded from (seed, side), so a side builds only its own half; 1: both halves from one "
+                          "stream (runs made before it, which can be resumed and loaded, not started anew)",
+                          choices=(1, 2), legacy=1)
+
     server_steps: int | None = option(None, "optimizer steps the server half takes per training batch it receives; "
                                       "the extra ones run its objective again on the same activations (server "
                                       "compute, no traffic, the device's gradient from the first)", ge=1, le=4,
@@ -144,12 +150,22 @@ class RunConfig:
 
 
 def model_fields(values: dict) -> dict:
-    """The values that decide what a run computes: the local ones (data_dir, threads) left out, and fields
-    added later left out at their default, so that runs made before them keep their fingerprints."""
+    """The values that decide what a run computes: the local ones (data_dir, threads) left out, fields added
+    later left out at their default, and fields with a legacy value left out at it, so that runs made before
+    them keep their fingerprints."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     skip = {name for name, (spec, _, _) in field_specs(RunConfig).items()
-            if spec.local or (spec.added and values.get(name, defaults[name]) == defaults[name])}
+            if spec.local or (spec.added and values.get(name, defaults[name]) == defaults[name])
+            or (spec.legacy is not NO_LEGACY and values.get(name, spec.legacy) == spec.legacy)}
     return {k: v for k, v in values.items() if k not in skip}
+
+
+def stored_config(values: dict) -> RunConfig:
+    """The RunConfig of a config saved by `RunConfig.to_dict` (a checkpoint's meta, a summary): a field it lacks
+    was added since, and takes the value runs had before it (its legacy value) instead of today's default."""
+    legacy = {name: spec.legacy for name, (spec, _, _) in field_specs(RunConfig).items()
+              if spec.legacy is not NO_LEGACY and name not in values}
+    return make_config({**values, **legacy})
 
 
 # ---------------------------------------------------------------------------------------------- schedules

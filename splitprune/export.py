@@ -180,21 +180,10 @@ def sample_inputs(cfg, in_channels: int, count: int | None) -> tuple[torch.Tenso
 
 def load_workers(checkpoint: str, data_dir: str | None = None):
     """The PyTorch device and server workers of a trained checkpoint (eval mode), its config, meta and tensors."""
-    from splitprune.config import make_config
-    from splitprune.training.checkpoint import load_module, read_meta, read_tensors
-    from splitprune.training.setup import build_workers
+    from splitprune.training.setup import load_checkpoint
 
-    meta = read_meta(checkpoint)
-    if "config" not in meta or "num_classes" not in meta:
-        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
-    cfg = make_config({**meta["config"], **({"data_dir": data_dir} if data_dir else {})})
-    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
-    tensors = read_tensors(meta["_folder"])
-    load_module("device", device.half, tensors)
-    load_module("server", server.half, tensors)
-    device.half.eval()
-    server.half.eval()
-    return device, server, cfg, meta, tensors
+    loaded = load_checkpoint(checkpoint, data_dir=data_dir)
+    return loaded.device, loaded.server, loaded.cfg, loaded.meta, loaded.tensors
 
 
 def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = None, data_dir: str | None = None,

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from splitprune.errors import UserError
 
 
+NO_LEGACY = type("NoLegacy", (), {"__repr__": lambda self: "NO_LEGACY"})()  # a field every saved config has
+
+
 @dataclass(frozen=True)
 class Option:
     """How one field is checked and offered as a flag."""
@@ -28,6 +31,7 @@ class Option:
     local: bool = False               # where/how a run executes, not what it computes: not in the fingerprint
     added: bool = False               # added after fingerprints were published: in it only when not the default
     repeat: bool = False              # a tuple of values: the flag may be given several times
+    legacy: object = NO_LEGACY        # the value of configs saved before the field existed (config.stored_config)
 
 
 def option(default, help: str, **spec) -> typing.Any:

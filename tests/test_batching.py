@@ -119,21 +119,24 @@ def test_stacked_inference_equals_one_at_a_time_and_a_bad_request_fails_alone(im
 def test_stacked_inference_of_an_anybudget_model_normalises_each_prefix_by_its_own_budget(images):
     cfg = config(method="anybudget", budget=None)
     worker = build_server_worker(cfg, 10, 1)[0]
-    with torch.no_grad():   # distinct decoder statistics per rung, as training leaves them
-        bn = worker.half.decoder.bn
-        gen = torch.Generator().manual_seed(0)
-        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
-        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) ** 4 + 1e-3)
-        worker.half.layers.classifier.weight.mul_(30)
     x = images[0][0]
     with torch.no_grad():
         z = device_half(cfg)(x)
     requests = [pb.EvalRequest(request_id=k + 1, activations=ChannelCodec("fp16").compress(
         z[:, :k], None if k == 512 else torch.arange(k), 512, prefix=True)) for k in (1, 4, 512, 4)]
-    stacked = evaluate_stacked(worker, [Request(r) for r in requests])
-    alone = [worker.evaluate(r) for r in requests]
-    assert stacked == alone
+    with torch.no_grad():
+        worker.half.layers.classifier.weight.mul_(30)
+        bn = worker.half.decoder.bn
+        for seed in range(20):  # distinct decoder statistics per rung, as training leaves them, that make the
+            gen = torch.Generator().manual_seed(seed)  # budgets predict differently (else the check shows nothing)
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) ** 4 + 1e-3)
+            alone = [worker.evaluate(r) for r in requests]
+            if len({r.predictions.SerializeToString() for r in alone[:3]}) > 1:
+                break
     assert len({r.predictions.SerializeToString() for r in alone[:3]}) > 1   # the budgets predict differently here
+    stacked = evaluate_stacked(worker, [Request(r) for r in requests])
+    assert stacked == alone
 
 
 def test_stacked_steps_of_an_anybudget_half_run_alone_with_its_nested_objective(images):

@@ -178,16 +178,8 @@ def test_random_channels_and_bottleneck_send_what_they_claim(smoke):
 
 
 def test_verdict_counts_the_noise_against_the_claim():
-    from splitprune.bench.core.verdict import (
-        FAILS,
-        HOLDS,
-        NOT_RESOLVED,
-        Interval,
-        at_most,
-        difference,
-        interval,
-        verdict,
-    )
+    from splitprune.bench.core.verdict import (FAILS, HOLDS, NOT_RESOLVED, Interval, at_most, difference, interval,
+                                               verdict)
 
     need = -0.005
     assert verdict(interval([-0.004, -0.001]), need) == HOLDS           # the worse seed meets it

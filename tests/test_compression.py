@@ -1,17 +1,8 @@
 import pytest
 import torch
 
-from splitprune.compression import (
-    Decoder,
-    GatedEncoder,
-    budget_loss,
-    channel_mask,
-    encoded_shape,
-    keep_channels,
-    reset_gate,
-    select_top_b,
-    soft_count,
-)
+from splitprune.compression import (Decoder, GatedEncoder, budget_loss, channel_mask, encoded_shape, keep_channels,
+                                    reset_gate, select_top_b, soft_count)
 from splitprune.errors import UserError
 
 

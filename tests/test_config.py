@@ -36,11 +36,14 @@ def test_every_field_has_its_help_and_a_type_the_checks_know():
 
 
 def test_default_config_passes_its_own_checks_and_keeps_its_fingerprint():
-    """Fingerprints decide resume and server sessions: the same values hash as before the metadata rewrite."""
-    assert make_config({}).fingerprint() == "86ead5b3205d0e80"
-    assert make_config({"method": "ca", "budget": 8, "lr": 0.05, "data_dir": "/x", "threads": 2}).fingerprint() \
+    """Fingerprints decide resume and server sessions: the same values hash as before the metadata rewrite, and
+    runs saved before `seeding` existed (their weights drawn with seeding 1) keep theirs."""
+    old = {"seeding": 1}
+    assert make_config(old).fingerprint() == "86ead5b3205d0e80"
+    assert make_config({**old, "method": "ca", "budget": 8, "lr": 0.05, "data_dir": "/x", "threads": 2}).fingerprint() \
         == "70a0af6a61913621"
-    assert make_config({"method": "sl", "epochs": 3, "extra": {"a": 1}}).fingerprint() == "4ae9598d884235cb"
+    assert make_config({**old, "method": "sl", "epochs": 3, "extra": {"a": 1}}).fingerprint() == "4ae9598d884235cb"
+    assert make_config({}).fingerprint() == "34132f8187494e1c"  # seeding 2: each half from its own stream
 
 
 def test_integers_widen_to_floats_but_not_the_reverse():

@@ -6,16 +6,8 @@ from torch import nn
 
 from splitprune.cli import main
 from splitprune.errors import UserError
-from splitprune.models import (
-    SplitModel,
-    build_split_model,
-    check_server_input,
-    cut_shape,
-    list_models,
-    list_split_points,
-    resnet,
-    vgg,
-)
+from splitprune.models import (SplitModel, build_split_model, check_server_input, cut_shape, list_models,
+                               list_split_points, resnet, vgg)
 
 BUILDERS = {"vgg11_bn": vgg.vgg11_bn, "vgg11_bn_compact": vgg.vgg11_bn_compact, "resnet18": resnet.resnet18}
 

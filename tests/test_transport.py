@@ -23,20 +23,8 @@ from splitprune.server.app import start_app
 from splitprune.server.config import ServeConfig
 from splitprune.training.checkpoint import state_from_bytes, state_to_bytes, weights_digest
 from splitprune.training.trainer import Trainer
-from splitprune.wire.envelopes import (
-    CHECKPOINT,
-    DESCRIBE_METHOD,
-    ERROR_KEY,
-    EVAL,
-    HELLO,
-    INFER_METHOD,
-    PHASE,
-    PUSH_STATE_METHOD,
-    TRAIN,
-    TRAIN_METHOD,
-    frame,
-    unframe,
-)
+from splitprune.wire.envelopes import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
+                                       PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, unframe)
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=48, test_subset=32, batch_size=16,
              test_batch_size=32, threads=1, seed=0)

@@ -21,17 +21,8 @@ from splitprune.server.app import start_app
 from splitprune.server.config import ServeConfig
 from splitprune.training.setup import build_workers
 from splitprune.training.trainer import Trainer
-from splitprune.wire.envelopes import (
-    CHECKPOINT,
-    DESCRIBE_METHOD,
-    ERROR_KEY,
-    HELLO,
-    PHASE,
-    TRAIN,
-    TRAIN_METHOD,
-    frame,
-    unframe,
-)
+from splitprune.wire.envelopes import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, HELLO, PHASE, TRAIN, TRAIN_METHOD, frame,
+                                       unframe)
 
 BASE = dict(model="vgg11_bn_compact", dataset="fashion-mnist", test_batch_size=32, batch_size=16, threads=1, seed=0)
 

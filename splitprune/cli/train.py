@@ -3,17 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import (
-    HelpFormatter,
-    add_config_flags,
-    add_connect_flags,
-    check_out_folder,
-    config_from_args,
-    connect_config,
-    percent,
-    print_table,
-)
-from splitprune.config import make_config, short_run_warning
+from splitprune.cli.common import (HelpFormatter, add_config_flags, add_connect_flags, check_out_folder,
+                                   config_from_args, connect_config, percent, print_table)
+from splitprune.config import stored_config, short_run_warning
 from splitprune.errors import UserError
 
 
@@ -85,7 +77,7 @@ def print_summary(s: dict) -> None:
     transport = s.get("transport")
     if transport:
         print(traffic_lines(transport))
-    advice = short_run_warning(make_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
+    advice = short_run_warning(stored_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
     if advice:
         print(f"warning: {advice}")
 

@@ -20,7 +20,7 @@ def pull(checkpoint: str, server: ConnectConfig | str, out: str) -> dict:
     """Write `out`: the checkpoint's device half and the server half fetched from `server` (a ConnectConfig or
     HOST:PORT); returns what was pulled and the traffic it took."""
     server = ConnectConfig(server=server) if isinstance(server, str) else server
-    from splitprune.config import make_config
+    from splitprune.config import stored_config
     from splitprune.training.checkpoint import read_meta, read_tensors, state_from_bytes, write_checkpoint
     from splitprune.wire.accounting import totals
 
@@ -32,7 +32,7 @@ def pull(checkpoint: str, server: ConnectConfig | str, out: str) -> dict:
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--out {out} exists and is not empty: give a new folder")
-    cfg = make_config(meta["config"])
+    cfg = stored_config(meta["config"])
     hello = make_hello(cfg, identity["client_id"], False, int(meta["num_classes"]), int(meta["in_channels"]))
     hello.resume_step_id, hello.resume_state_sha256 = int(identity["step_id"]), identity["state_sha256"]
     endpoint = RemoteEndpoint(Connection(server), hello)  # the server restores that save

@@ -24,24 +24,9 @@ from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.training.checkpoint import state_to_bytes
 from splitprune.training.setup import HalfSnapshot
-from splitprune.wire.envelopes import (
-    CHECKPOINT,
-    EVAL,
-    FETCH_STATE_METHOD,
-    HELLO,
-    KIND_NAMES,
-    PHASE,
-    PROTOCOL_VERSION,
-    PUSH_STATE_METHOD,
-    TRAIN,
-    TRAIN_METHOD,
-    WELCOME,
-    frame,
-    join_chunks,
-    leading_step_id,
-    state_chunks,
-    unframe,
-)
+from splitprune.wire.envelopes import (CHECKPOINT, EVAL, FETCH_STATE_METHOD, HELLO, KIND_NAMES, PHASE, PROTOCOL_VERSION,
+                                       PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, WELCOME, frame, join_chunks,
+                                       leading_step_id, state_chunks, unframe)
 
 log = logging.getLogger("splitprune.client")
 PURPOSE = {TRAIN: "training", EVAL: "evaluation", PHASE: "control", CHECKPOINT: "control"}

@@ -28,33 +28,20 @@ def open_session(checkpoint: str, server: ConnectConfig | str, dtype_up: str | N
     just HOST:PORT."""
     server = ConnectConfig(server=server) if isinstance(server, str) else server
     from splitprune.client.inference import InferenceClient
-    from splitprune.compression import ChannelCodec
-    from splitprune.config import make_config
     from splitprune.data import make_loaders
-    from splitprune.training.checkpoint import load_module, read_meta, read_tensors, weights_digest
-    from splitprune.training.setup import build_device_worker
+    from splitprune.training.checkpoint import read_meta, weights_digest
+    from splitprune.training.setup import load_checkpoint
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    meta = read_meta(checkpoint)
-    if "config" not in meta or "num_classes" not in meta:
-        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
-    if meta.get("server_half"):  # without the server weights, nothing says the server's half is this run's
+    if read_meta(checkpoint).get("server_half"):  # without the server weights, nothing says the server's is this run's
         raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
                         f"`splitprune pull --server {server.server} --checkpoint {checkpoint} --out DIR`, then infer "
                         "with --checkpoint DIR")
-    values = {**meta["config"], "test_subset": test_subset, "test_batch_size": batch_size}
-    if dtype_up:
-        values["dtype_up"] = dtype_up
-    if data_dir:
-        values["data_dir"] = data_dir
-    cfg = make_config(values)
-    tensors = read_tensors(meta["_folder"])
+    loaded = load_checkpoint(checkpoint, ("device",), dtype_up=dtype_up, data_dir=data_dir, test_batch_size=batch_size)
+    cfg, meta, tensors, device = loaded.cfg, loaded.meta, loaded.tensors, loaded.device
     _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
-                              meta["in_channels"], cfg.seed, 1, cfg.test_subset, False, batch_size)
-    device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
-    load_module("device", device.half, tensors)
-    device.codec = ChannelCodec(cfg.dtype_up)
+                              meta["in_channels"], cfg.seed, 1, test_subset, False, batch_size)
     client = InferenceClient(server, meta["fingerprint"])  # connect last: all else is ready
     try:
         info = client.describe()

@@ -13,19 +13,9 @@ import torch
 
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
-from splitprune.wire.codec import (
-    LEVELS,
-    MAX_CHANNELS,
-    MAX_MESSAGE_BYTES,
-    NUMPY_DTYPES,
-    WIRE_DTYPES,
-    check_dtype_name,
-    decode_channels,
-    decode_label_array,
-    encode_label_array,
-    encode_values,
-    unpack_nibbles,
-)
+from splitprune.wire.codec import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES, check_dtype_name,
+                                   decode_channels, decode_label_array, encode_label_array, encode_values,
+                                   unpack_nibbles)
 
 # WIRE_DTYPES and MAX_MESSAGE_BYTES are imported from here by the runtime; their home is
 # splitprune.wire.codec, the torch-free core shared with the device package.

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from splitprune.errors import UserError
-from splitprune.models import resnet, vgg
+from splitprune.models import materialize, resnet, vgg
 
-__all__ = ["SplitModel", "build_split_model", "list_models", "list_split_points", "cut_shape", "check_server_input"]
+__all__ = ["SplitModel", "build_split_model", "build_part", "list_models", "list_split_points", "cut_shape",
+           "check_server_input"]
+SIDES = ("device", "server")
 
 
 class Splittable(Protocol):
@@ -68,6 +70,17 @@ def build_split_model(
     shape = cut_shape(name, split, in_channels, input_size)
     device, server = _split(name, split, num_classes, in_channels)
     return SplitModel(device=device, server=server, cut_shape=shape)
+
+
+def build_part(name: str, split: str, num_classes: int, in_channels: int, side: str) -> nn.Module:
+    """One side's part of `name` cut at `split` ("device": the layers up to the cut, "server": the rest), its
+    weights drawn from the current random stream in the order the model's constructor draws them; the other
+    part is never allocated (splitprune.models.materialize)."""
+    _check_split(name, split)
+    _check_positive(num_classes=num_classes, in_channels=in_channels)
+    index = SIDES.index(side)
+    return materialize.build_part(lambda: _BUILDERS[name](num_classes=num_classes, in_channels=in_channels),
+                                  lambda model: model.split(split)[index])
 
 
 def check_server_input(server: nn.Module, shape: tuple[int, int, int]) -> None:

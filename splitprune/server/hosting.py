@@ -12,20 +12,13 @@ from math import prod
 
 import torch
 
-from splitprune.config import RunConfig, make_config
+from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.server.config import DEFAULT_REQUEST_MB, MIB
-from splitprune.training.checkpoint import (
-    load_module,
-    module_tensors,
-    read_meta,
-    read_tensors,
-    state_to_bytes,
-    weights_digest,
-)
+from splitprune.training.checkpoint import module_tensors, state_to_bytes, weights_digest
 from splitprune.training.server_worker import ServerWorker
-from splitprune.training.setup import build_workers
+from splitprune.training.setup import build_server_worker, load_checkpoint
 from splitprune.wire.refusals import BadState
 
 MAX_CLIENT_RECORDS = 1024  # per half; the least recently used record of a detached client goes first
@@ -75,7 +68,8 @@ class HostedHalf:
 
     def __init__(self, cfg: RunConfig, num_classes: int, in_channels: int, read_only: bool = False,
                  source: str = "", accelerator: str = "cpu", max_batch: int | None = None,
-                 request_memory: int = DEFAULT_REQUEST_MEMORY) -> None:
+                 request_memory: int = DEFAULT_REQUEST_MEMORY, worker: ServerWorker | None = None) -> None:
+        """`worker`: a server worker of `cfg` already loaded (a trained model); default: a fresh one."""
         self.cfg = cfg
         self.accelerator = accelerator
         self.fingerprint = cfg.fingerprint()
@@ -88,10 +82,12 @@ class HostedHalf:
         self.version = 1
         self.saved_version = 0
         self._digest_cache: tuple[int, str] | None = None
-        self._build()
+        self._build(worker)
 
-    def _build(self) -> None:
-        _, worker, geometry = build_workers(self.cfg, self.num_classes, self.in_channels)
+    def _build(self, worker: ServerWorker | None = None) -> None:
+        if worker is None:
+            worker, _ = build_server_worker(self.cfg, self.num_classes, self.in_channels)
+        geometry = worker.geometry
         if self.accelerator == "cuda":  # the server's choice (serve --accelerator), whatever the client's config says
             worker.half.cuda()
         self.worker: ServerWorker = worker
@@ -197,13 +193,10 @@ class HostedHalf:
     def from_model(cls, path: str, accelerator: str = "cpu", max_batch: int | None = None,
                    request_memory: int = DEFAULT_REQUEST_MEMORY) -> "HostedHalf":
         """A trained model checkpoint (from `splitprune train`), hosted read-only for inference."""
-        meta = read_meta(path)
-        if "config" not in meta or "num_classes" not in meta:
-            raise UserError(f"{path} is not a model checkpoint of `splitprune train`")
-        half = cls(make_config(meta["config"]), int(meta["num_classes"]), int(meta["in_channels"]),
-                   read_only=True, source=meta["_folder"], accelerator=accelerator, max_batch=max_batch,
-                   request_memory=request_memory)
-        if meta.get("fingerprint") and meta["fingerprint"] != half.fingerprint:
+        loaded = load_checkpoint(path, ("server",))
+        meta = loaded.meta
+        if meta.get("fingerprint") and meta["fingerprint"] != loaded.cfg.fingerprint():
             raise UserError(f"{path}: the config's fingerprint does not match the recorded one")
-        load_module("server", half.worker.half, read_tensors(meta["_folder"]))
-        return half
+        return cls(loaded.cfg, int(meta["num_classes"]), int(meta["in_channels"]), read_only=True,
+                   source=meta["_folder"], accelerator=accelerator, max_batch=max_batch,
+                   request_memory=request_memory, worker=loaded.server)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from splitprune.config import make_config
+from splitprune.config import stored_config
 from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.server.hosting import ClientRecord, HostedHalf
@@ -138,7 +138,7 @@ class HalfStore:
         meta = read_meta(folder)
         if meta.get("kind") != HALF_KIND:
             raise UserError(f"{folder} is not a server-half checkpoint")
-        half = HostedHalf(make_config(meta["config"]), int(meta["num_classes"]), int(meta["in_channels"]),
+        half = HostedHalf(stored_config(meta["config"]), int(meta["num_classes"]), int(meta["in_channels"]),
                           source=str(folder), **options)
         state = read_tensors(meta["_folder"], "state.safetensors")
         tensors = {**read_tensors(meta["_folder"]), **state}

@@ -8,15 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from splitprune.adaptive.policy import StepBudget
-from splitprune.compression import (
-    ChannelCodec,
-    budget_loss,
-    channel_mask,
-    decode_labels,
-    encode_labels,
-    keep_channels,
-    reset_gate,
-)
+from splitprune.compression import (ChannelCodec, budget_loss, channel_mask, decode_labels, encode_labels,
+                                    keep_channels, reset_gate)
 from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb

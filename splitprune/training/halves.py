@@ -1,7 +1,10 @@
 """The two halves of a split network with the compression module at the cut."""
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -9,7 +12,7 @@ from torch import nn
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
 from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_budget_norms
 from splitprune.config import RunConfig
-from splitprune.models import build_split_model, check_server_input
+from splitprune.models import build_part, check_server_input, cut_shape
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,44 @@ class ServerHalf(nn.Module):
         return self.layers(self.decoder(z, budget))
 
 
-def build_halves(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, ServerHalf, Geometry]:
-    """Build both halves with weights drawn from cfg.seed; refuses impossible shapes with a UserError.
+def side_seed(seed: int, side: str) -> int:
+    """The seed of one side's random stream of initial weights: a function of (seed, side) alone, so the two
+    halves never share a stream and a side builds its half without the other's."""
+    digest = hashlib.sha256(f"splitprune-init/{seed}/{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    Both halves are always drawn, in one seeded stream: the encoder's initial weights come after the
-    server layers' in it, so a side that needs only one half builds both and drops the other.
-    """
+
+def geometry(cfg: RunConfig, in_channels: int) -> Geometry:
+    """The cut tensor's shape and what travels of it (computed without memory); UserError when impossible."""
+    cut = cut_shape(cfg.model, cfg.split, in_channels, cfg.input_size)
+    return Geometry(cut, encoded_shape(cut, cfg.resolution))
+
+
+@contextmanager
+def _stream(cfg: RunConfig, side: str) -> Iterator[None]:
+    """The side's own random stream of initial weights (the process's stream is left as it was)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        split = build_split_model(cfg.model, cfg.split, num_classes, in_channels, cfg.input_size)
-        channels = split.cut_shape[0]
-        wire = encoded_shape(split.cut_shape, cfg.resolution)
-        encoder = GatedEncoder(channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
+        torch.manual_seed(side_seed(cfg.seed, side))
+        yield
+
+
+def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, Geometry]:
+    """The device half alone: the backbone up to the cut and the gated encoder, drawn from the device's stream."""
+    shape = geometry(cfg, in_channels)
+    with _stream(cfg, "device"):
+        layers = build_part(cfg.model, cfg.split, num_classes, in_channels, "device")
+        encoder = GatedEncoder(shape.channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
+    return DeviceHalf(layers, encoder), shape
+
+
+def build_server_half(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[ServerHalf, Geometry]:
+    """The server half alone: the decoder and the rest of the backbone, drawn from the server's stream."""
+    shape = geometry(cfg, in_channels)
+    channels = shape.channels
+    with _stream(cfg, "server"):
+        layers = build_part(cfg.model, cfg.split, num_classes, in_channels, "server")
         decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution)
     if cfg.method == "anybudget":
-        per_budget_norms(split.server, channels)
-    check_server_input(split.server, split.cut_shape)
-    return DeviceHalf(split.device, encoder), ServerHalf(decoder, split.server), Geometry(split.cut_shape, wire)
+        per_budget_norms(layers, channels)
+    check_server_input(layers, shape.cut_shape)
+    return ServerHalf(decoder, layers), shape

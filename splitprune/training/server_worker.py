@@ -67,6 +67,7 @@ class ServerWorker:
         self.steps = steps
         self.num_classes = num_classes
         self.codec = codec_down
+        self.geometry = geometry
         self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
         # a training request keeps the objective's forward passes for its backward: the network server
         # sizes its limit apart from the evaluation one (server.hosting)

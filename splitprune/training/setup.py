@@ -6,18 +6,19 @@ A remote run's device process builds only the device worker; the server half is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from splitprune.compression import ChannelCodec
 from splitprune.compression.bottleneck import PrefixChannels
-from splitprune.config import RunConfig
+from splitprune.config import RunConfig, stored_config
 from splitprune.data import DATASETS, BatchLoader, make_loaders
 from splitprune.errors import UserError
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
-from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_halves
+from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_device_half, build_server_half
 from splitprune.training.link import Link
 from splitprune.training.objectives import NestedPrefixes
 from splitprune.training.reorder import gated_to_anybudget
@@ -102,22 +103,58 @@ def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_cla
 
 
 def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, Geometry]:
-    """The device side alone (a remote run); its weights are those build_workers gives."""
-    device_half, _, geometry = build_halves(cfg, num_classes, in_channels)  # the server half is dropped here
+    """The device side alone (a remote run, a device): the server half is never built."""
+    device_half, geometry = build_device_half(cfg, num_classes, in_channels)
     return _device_worker(cfg, device_half, geometry, num_classes), geometry
 
 
 def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[ServerWorker, Geometry]:
-    """The server side alone (what `splitprune serve` hosts)."""
-    _, server_half, geometry = build_halves(cfg, num_classes, in_channels)
+    """The server side alone (what `splitprune serve` hosts): the device half is never built."""
+    server_half, geometry = build_server_half(cfg, num_classes, in_channels)
     return _server_worker(cfg, server_half, geometry, num_classes), geometry
 
 
 def build_workers(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, ServerWorker, Geometry]:
-    """Both sides in one process (in-process runs, evaluation, benchmarks)."""
-    device_half, server_half, geometry = build_halves(cfg, num_classes, in_channels)
-    return (_device_worker(cfg, device_half, geometry, num_classes),
-            _server_worker(cfg, server_half, geometry, num_classes), geometry)
+    """Both sides in one process (in-process runs, evaluation, benchmarks): each half the same as built alone."""
+    device, geometry = build_device_worker(cfg, num_classes, in_channels)
+    return device, build_server_worker(cfg, num_classes, in_channels)[0], geometry
+
+
+@dataclass
+class Loaded:
+    """A trained checkpoint loaded into the workers of the sides a command needs (the others None)."""
+
+    cfg: RunConfig
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    device: DeviceWorker | None
+    server: ServerWorker | None
+
+
+def load_checkpoint(checkpoint: str | Path, sides: tuple[str, ...] = ("device", "server"),
+                    **changes) -> Loaded:
+    """The one loader of a trained model: its checkpoint (or run folder) read, its config as trained with
+    `changes` on top (e.g. data_dir, dtype_up, test_subset; None values ignored), and its weights put into the
+    workers of `sides` only, in eval mode. A half that the checkpoint lacks (a remote run's server half) is a
+    UserError naming how to get it."""
+    meta = read_meta(checkpoint)
+    if "config" not in meta or "num_classes" not in meta:
+        raise UserError(f"{checkpoint} is not a model checkpoint of `splitprune train`")
+    if "server" in sides and meta.get("server_half"):
+        raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
+                        f"`splitprune pull --server HOST:PORT --checkpoint {checkpoint} --out DIR` first")
+    cfg = stored_config({**meta["config"], **{k: v for k, v in changes.items() if v is not None}})
+    tensors = read_tensors(meta["_folder"])
+    device = server = None
+    if "device" in sides:
+        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
+        load_module("device", device.half, tensors)
+        device.half.eval()
+    if "server" in sides:
+        server, _ = build_server_worker(cfg, meta["num_classes"], meta["in_channels"])
+        load_module("server", server.half, tensors)
+        server.half.eval()
+    return Loaded(cfg, meta, tensors, device, server)
 
 
 def build_run(cfg: RunConfig, server: bool = True) -> RunParts:

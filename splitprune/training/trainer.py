@@ -5,7 +5,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,20 +14,12 @@ from tqdm import tqdm
 
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
-from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
+from splitprune.config import SEEDING, Phase, RunConfig, resolve_schedule, short_run_warning, stored_config
 from splitprune.data import validation_loader
 from splitprune.errors import ProtocolError, UserError
 from splitprune.models import cut_shape
-from splitprune.training.checkpoint import (
-    check_start_budget,
-    load_module,
-    load_optimizer,
-    module_tensors,
-    optimizer_tensors,
-    read_meta,
-    read_tensors,
-    write_checkpoint,
-)
+from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
+                                            optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar
 from splitprune.training.link import OptimizerSettings
 from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
@@ -72,6 +64,9 @@ class Trainer:
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         if cfg.method == "prune":
             check_start_budget(cfg.from_checkpoint, self.phases[0].budget or channels)
+        if cfg.seeding != SEEDING and not (self.out / "checkpoint" / "meta.json").exists():
+            raise UserError(f"--seeding {cfg.seeding} is kept to resume and load runs made with it; a new run draws "
+                            f"its weights with --seeding {SEEDING}")
         self._clock = min(time.perf_counter(), getattr(endpoint, "opened_at", math.inf))  # connecting counts too
         self._wall_before = 0.0  # wall seconds of earlier processes of this run
         self.parts = parts or build_run(cfg, server=endpoint is None)  # a remote run builds the device side only
@@ -130,6 +125,10 @@ class Trainer:
             return False
         meta = read_meta(self.out / "checkpoint")
         if meta.get("fingerprint") != self.cfg.fingerprint():
+            saved = stored_config(meta.get("config") or {})
+            if replace(saved, seeding=self.cfg.seeding).fingerprint() == self.cfg.fingerprint():
+                raise UserError(f"{self.out} holds a run whose weights were drawn with --seeding {saved.seeding}: "
+                                f"resume it with --seeding {saved.seeding}")
             raise UserError(f"{self.out} holds a run with another configuration; "
                             "pass another --out or remove that folder to start afresh")
         saved = meta["progress"]

@@ -28,16 +28,8 @@ from splitprune.bench.core.plan import RunSpec, plan, run_dir, seed_names
 from splitprune.bench.core.profiles import Profile, get_profile
 from splitprune.bench.core.report import load_profile
 from splitprune.bench.core.runs import full_test_loader, headline_accuracy, load_record
-from splitprune.bench.core.verdict import (
-    FAILS,
-    HOLDS,
-    NOT_MEASURED,
-    NOT_RESOLVED,
-    difference,
-    explain,
-    interval,
-    verdict,
-)
+from splitprune.bench.core.verdict import (FAILS, HOLDS, NOT_MEASURED, NOT_RESOLVED, difference, explain, interval,
+                                           verdict)
 from splitprune.errors import UserError
 
 LADDER: tuple[int | None, ...] = (1, 2, 4, 8, 16, 32, 64, None)  # None: all channels
@@ -71,7 +63,7 @@ def accuracy_at_budgets(checkpoint: str | Path, budgets: tuple[int | None, ...],
 
 def anybudget_accuracy(spec: RunSpec, root: Path, profile, budgets=LADDER) -> dict[str, dict] | None:
     """The finished run's final model at `budgets` on the profile's full test set (cached); None if unfinished."""
-    from splitprune.config import make_config
+    from splitprune.config import stored_config
     from splitprune.training.checkpoint import read_meta
 
     folder = run_dir(root, spec)
@@ -84,7 +76,7 @@ def anybudget_accuracy(spec: RunSpec, root: Path, profile, budgets=LADDER) -> di
     done = cache.get(key, {})
     todo = tuple(b for b in budgets if label(b) not in done)
     if todo:
-        loader = full_test_loader(make_config(meta["config"]), profile)
+        loader = full_test_loader(stored_config(meta["config"]), profile)
         done.update(accuracy_at_budgets(folder / "checkpoint", todo, loader))
         cache_path.write_text(json.dumps({key: done}, indent=2))
     return done
@@ -142,12 +134,12 @@ def compare(root: Path, rivals_root: Path | None = None, profile: str | Profile 
 def one_run(run: str | Path, budgets: tuple[int | None, ...], split: str = "validation") -> dict[str, dict]:
     """Any run's final model at `budgets` on its validation images (held out by its validation_size) or the
     full test set: for choosing between configurations on validation data."""
-    from splitprune.config import make_config
+    from splitprune.config import stored_config
     from splitprune.data import validation_loader
     from splitprune.training.checkpoint import read_meta
 
     meta = read_meta(run)
-    cfg = make_config(meta["config"])
+    cfg = stored_config(meta["config"])
     if split == "validation":
         loader = validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, meta["in_channels"],
                                    cfg.validation_size, 256)

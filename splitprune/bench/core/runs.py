@@ -18,7 +18,7 @@ from pathlib import Path
 
 from splitprune.bench.core.plan import RunSpec, cli_command, plan, run_config, run_dir
 from splitprune.bench.core.profiles import Profile
-from splitprune.config import RunConfig, make_config, resolve_schedule
+from splitprune.config import RunConfig, make_config, resolve_schedule, stored_config
 from splitprune.errors import UserError
 from splitprune.flags import add_flags, flag_values
 
@@ -129,7 +129,7 @@ def _check_planned(record: dict, planned, no_train: bool = False) -> None:
     saved = record["summary"].get("config") or {}
     want = planned.to_dict()
     try:
-        made = make_config({k: v for k, v in saved.items() if k in want})
+        made = stored_config({k: v for k, v in saved.items() if k in want})
     except UserError:
         made = None
     if made is not None and made.fingerprint() == planned.fingerprint():

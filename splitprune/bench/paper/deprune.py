@@ -11,22 +11,9 @@ from pathlib import Path
 
 from splitprune.bench.core import plots
 from splitprune.bench.core.profiles import Profile
-from splitprune.bench.core.report import (
-    accuracy_interval,
-    curve,
-    final_curve_accuracy,
-    first_reaching,
-    load_profile,
-    markdown_table,
-    megabytes,
-    partial_note,
-    pts,
-    ratio,
-    run_row,
-    seeded_records,
-    write_csv,
-    write_suite,
-)
+from splitprune.bench.core.report import (accuracy_interval, curve, final_curve_accuracy, first_reaching, load_profile,
+                                          markdown_table, megabytes, partial_note, pts, ratio, run_row, seeded_records,
+                                          write_csv, write_suite)
 from splitprune.bench.core.verdict import FAILS, difference, explain, verdict
 
 BASES = ["sl", "ca4", "deprune", "ca1_i8"]

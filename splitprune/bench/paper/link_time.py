@@ -22,15 +22,8 @@ from splitprune.bench.core import plots
 from splitprune.bench.core.plan import plan
 from splitprune.bench.core.processes import ServeSubprocess, free_port
 from splitprune.bench.core.profiles import Profile
-from splitprune.bench.core.report import (
-    curve,
-    final_curve_accuracy,
-    load_profile,
-    markdown_table,
-    pct,
-    write_csv,
-    write_suite,
-)
+from splitprune.bench.core.report import (curve, final_curve_accuracy, load_profile, markdown_table, pct, write_csv,
+                                          write_suite)
 from splitprune.bench.core.runs import ensure
 from splitprune.config import make_config
 

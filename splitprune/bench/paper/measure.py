@@ -14,7 +14,7 @@ import torch
 
 from splitprune.bench.paper.baselines import Baseline, TopKCodec, install
 from splitprune.compression import ChannelCodec, channel_mask, decode_labels, keep_channels
-from splitprune.config import make_config
+from splitprune.config import stored_config
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
@@ -39,7 +39,7 @@ class LoadedModel:
 def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = None) -> LoadedModel:
     """A checkpoint (a run's, a prune phase's models/budget_B, or a baseline's, given its parts) ready to evaluate."""
     meta = read_meta(folder)
-    cfg = make_config({**meta["config"], "accelerator": accelerator})  # from_checkpoint is never loaded here
+    cfg = stored_config({**meta["config"], "accelerator": accelerator})  # from_checkpoint is never loaded here
     device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
     if baseline is not None:
         install(baseline, cfg, device, server, int(meta["budget"]))

@@ -12,22 +12,9 @@ from pathlib import Path
 
 from splitprune.bench.core import plots
 from splitprune.bench.core.profiles import Profile
-from splitprune.bench.core.report import (
-    accuracy_interval,
-    curve,
-    final_curve_accuracy,
-    first_reaching,
-    load_profile,
-    markdown_table,
-    partial_note,
-    pct,
-    pts,
-    ratio,
-    run_row,
-    seeded_records,
-    write_csv,
-    write_suite,
-)
+from splitprune.bench.core.report import (accuracy_interval, curve, final_curve_accuracy, first_reaching, load_profile,
+                                          markdown_table, partial_note, pct, pts, ratio, run_row, seeded_records,
+                                          write_csv, write_suite)
 from splitprune.bench.core.runs import headline_accuracy
 from splitprune.bench.core.verdict import Interval, difference, explain, interval, verdict
 

@@ -18,16 +18,8 @@ from pathlib import Path
 from splitprune.bench.core import plots
 from splitprune.bench.core.plan import plan
 from splitprune.bench.core.profiles import Profile
-from splitprune.bench.core.report import (
-    accuracy_interval,
-    load_profile,
-    markdown_table,
-    pct,
-    pts,
-    seeded_records,
-    write_csv,
-    write_suite,
-)
+from splitprune.bench.core.report import (accuracy_interval, load_profile, markdown_table, pct, pts, seeded_records,
+                                          write_csv, write_suite)
 from splitprune.bench.core.runs import ensure, full_test_loader
 from splitprune.bench.core.verdict import difference, explain, interval, verdict
 from splitprune.bench.paper.baselines import TopKCodec

@@ -10,20 +10,8 @@ from pathlib import Path
 
 from splitprune.bench.core import plots
 from splitprune.bench.core.profiles import Profile
-from splitprune.bench.core.report import (
-    accuracy_interval,
-    curve,
-    load_profile,
-    markdown_table,
-    megabytes,
-    partial_note,
-    pts,
-    ratio,
-    run_row,
-    seeded_records,
-    write_csv,
-    write_suite,
-)
+from splitprune.bench.core.report import (accuracy_interval, curve, load_profile, markdown_table, megabytes,
+                                          partial_note, pts, ratio, run_row, seeded_records, write_csv, write_suite)
 from splitprune.bench.core.verdict import difference
 from splitprune.compression import encoded_shape
 from splitprune.errors import UserError

@@ -101,20 +101,14 @@ def _wire(run: dict) -> dict:
 def _local_latency(checkpoint: Path, budget: int, requests: int, warmup: int = 5) -> dict:
     """Single-sample split inference in-process (LocalLink): what gRPC adds is the difference."""
     from splitprune.adaptive.stream import percentile
-    from splitprune.config import make_config
     from splitprune.data import make_loaders
-    from splitprune.training.checkpoint import load_module, read_meta, read_tensors
     from splitprune.training.server_worker import LocalLink
-    from splitprune.training.setup import build_workers
+    from splitprune.training.setup import load_checkpoint
 
-    meta = read_meta(checkpoint)
-    cfg = make_config({**meta["config"], "test_subset": requests, "test_batch_size": 1})
-    _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, meta["in_channels"],
+    loaded = load_checkpoint(checkpoint, test_subset=requests, test_batch_size=1)
+    cfg, device, server = loaded.cfg, loaded.device, loaded.server
+    _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, loaded.meta["in_channels"],
                               cfg.seed, 1, cfg.test_subset, False, 1)
-    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
-    tensors = read_tensors(meta["_folder"])
-    load_module("device", device.half, tensors)
-    load_module("server", server.half, tensors)
     link = LocalLink(server)
     batches = list(test)
     for x, _ in batches[:warmup]:

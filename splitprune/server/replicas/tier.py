@@ -213,10 +213,10 @@ class Tier:
 
     def _build(self, entry: dict) -> HostedHalf:
         """A half another replica hosts and this one does not yet: built as a Hello would build it."""
-        from splitprune.config import make_config
+        from splitprune.config import stored_config
 
         hello = spb.Hello(num_classes=entry["num_classes"], in_channels=entry["in_channels"])
-        return self.service._get_or_build(make_config(entry["config"]), hello)
+        return self.service._get_or_build(stored_config(entry["config"]), hello)
 
     def _round(self) -> None:
         headers = self._gather_headers()
