@@ -1,7 +1,8 @@
 """Benchmark profiles: a table of named profiles, and the settings a user may put on top of one.
 
 `quick` (CPU, vgg11_bn_compact, a Fashion-MNIST subset, schedules of the paper's shape scaled to a few
-epochs) and `paper` (vgg11_bn and the paper's schedules, for a GPU). The settings a user may change are the
+epochs), `paper-cpu` (the paper's schedules to the end on this machine's CPU: the same model on 2,500 images)
+and `paper` (vgg11_bn and the paper's schedules, for a GPU). The settings a user may change are the
 Profile fields declared with `option(...)`; `splitprune bench` and `python -m splitprune.bench` make their
 flags from them (splitprune.flags), and `get_profile` takes them as arguments.
 """
@@ -65,6 +66,12 @@ PROFILES: dict[str, Profile] = {
                      chain_subset=1000, finetune_epochs=2, accelerator="cpu", test_batch_size=256, topk=(8, 32, 512),
                      link_steps=30, train_subset=2500, epochs=4, threads=2, lr_schedule="cosine",
                      chain_dtypes=("int8", "int4")),
+    # the paper's schedules exactly (22 epochs: sl all:22, ca 4:22, deprune 4:15,all:7, prune 32:10,4:10; constant lr,
+    # batch 16, the paper's momentum) on this machine's CPU: the quick profile's model on 2,500 images, one thread
+    "paper-cpu": Profile("paper-cpu", "vgg11_bn_compact", curve_subset=1000, full_subset=None, full_last=1,
+                         prune_epochs=20, chain_subset=1000, finetune_epochs=2, accelerator="cpu", test_batch_size=256,
+                         topk=(8, 32, 512), link_steps=30, train_subset=2500, epochs=PAPER_EPOCHS, threads=1,
+                         chain_dtypes=("int8", "int4")),
     "paper": Profile("paper", "vgg11_bn", curve_subset=2000, full_subset=None, full_last=1, prune_epochs=20,
                      chain_subset=2000, finetune_epochs=3, accelerator="cuda", test_batch_size=500,
                      topk=(4, 8, 32, 128, 512), link_steps=30, train_subset=4000, epochs=PAPER_EPOCHS, threads=2),
@@ -107,7 +114,9 @@ def profile_name(profile: str | Profile) -> str:
 def add_profile_flags(parser: argparse.ArgumentParser) -> None:
     """--profile and the settings on top of it (the Profile fields a user may change)."""
     parser.add_argument("--profile", choices=list(PROFILES), default="quick",
-                        help="quick: CPU, Fashion-MNIST subset, vgg11_bn_compact; paper: the paper's model (GPU)")
+                        help="quick: CPU, Fashion-MNIST subset, vgg11_bn_compact, schedules scaled to 4 epochs; "
+                             "paper-cpu: the paper's schedules to the end on the CPU (2,500 images); paper: the "
+                             "paper's model (GPU)")
     add_flags(parser, Profile, SETTINGS, title="profile settings (without them: the profile's own)")
 
 
