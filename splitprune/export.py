@@ -26,11 +26,11 @@ from torch import nn
 from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
 from splitprune.files import replace_folder
-from splitprune.manifest import INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, onnx_file, onnx_session
+from splitprune.manifest import (INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, TOLERANCE,
+                                 check_export_folder, onnx_file, onnx_session)
 from splitprune.training.device_worker import DeviceWorker
 from splitprune.training.halves import DeviceHalf
 
-TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output (values in [0, 1])
 OPSET = 18
 
 
@@ -114,15 +114,10 @@ def export_budget(device: DeviceWorker, budget: int, dtype: int, images: torch.T
     return ExportedBudget(budget, None if channels is None else channels.tolist(), onnx_bytes, diff, same)
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
-        raise UserError(f"--out {out} exists and is not an export folder: choose a new or empty folder")
-
-
 def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]) -> Path:
     """Write the ONNX files and the manifest aside, then swap the folder in: nothing half-written."""
     out = Path(out)
-    check_out(out)
+    check_export_folder(out)
     def fill(tmp: Path) -> None:
         for e in exported:
             (tmp / onnx_file(e.budget)).write_bytes(e.onnx)
@@ -195,7 +190,7 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
         raise UserError(f"--check-images must be at least 1, got {check_images}")
     if not tolerance >= 0:
         raise UserError(f"--tolerance must be 0 or more, got {tolerance}")
-    check_out(Path(out))  # before the work, not after
+    check_export_folder(Path(out))  # before the work, not after
     device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
     images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)

@@ -12,17 +12,27 @@ import json
 from pathlib import Path
 
 from splitprune.errors import UserError
+from splitprune.files import check_out_folder
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "splitprune-device-model/1"
 INPUT_NAME, OUTPUT_NAME = "images", "kept"  # the ONNX graph's input and output
 MAX_MANIFEST_BYTES = 1 << 20
+TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output at export (values in [0, 1])
 _REQUIRED = ("protocol_version", "fingerprint", "server_weights_sha256", "num_classes", "input", "cut_shape",
              "wire_shape", "codec", "budgets")
 
 
 def onnx_file(budget: int) -> str:
     return f"device_b{budget}.onnx"
+
+
+def check_export_folder(out: Path) -> None:
+    """An export's --out: writable, and new, empty or holding an earlier export (it is replaced whole)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).exists())):
+        raise UserError(f"--out {out} exists and is not an export folder: choose a new or empty folder")
+    check_out_folder(out)
+    check_out_folder(out.parent)  # the new folder is written next to it, then swapped in
 
 
 def file_sha256(path: Path) -> str:

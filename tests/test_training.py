@@ -14,7 +14,8 @@ from splitprune.training.evaluation import evaluate_checkpoint
 from splitprune.training.link import OptimizerSettings
 from splitprune.training.server_worker import LocalLink
 from splitprune.training.setup import build_run
-from splitprune.training.trainer import Trainer, lr_scale
+from splitprune.training.link import lr_scale
+from splitprune.training.trainer import Trainer
 
 
 def _train(out, **values):
@@ -216,9 +217,9 @@ def test_cli_train_then_eval_at_a_smaller_budget(capsys, tmp_path):
         assert key in summary
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     code, stdout, _ = _cli(capsys, "eval", "--checkpoint", str(out), "--budget", "4", "--dtype-up", "int8",
-                           "--test-subset", "64")
-    assert code == 0
-    result = json.loads((out / "checkpoint" / "eval_budget4_int8.json").read_text())
+                           "--test-subset", "64", "--out", str(out.parent / "eval.json"))
+    assert code == 0 and not list((out / "checkpoint").glob("eval*"))  # nothing written into the checkpoint
+    result = json.loads((out.parent / "eval.json").read_text())
     assert result["test_samples"] == 64 and result["budget"] == 4
     assert 64 < result["bytes_per_sample"] < 64 + 4   # 4 channels x 16 positions x 1 byte + header
     code, _, err = _cli(capsys, "eval", "--checkpoint", str(out), "--budget", "9")

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 from splitprune.client.config import ConnectConfig
 from splitprune.config import RunConfig, load_yaml, make_config
-from splitprune.errors import UserError
 from splitprune.flags import add_flags, flag_values
 from splitprune.wire.addresses import TOKEN_ENV
 
@@ -55,44 +52,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return make_config(values)
 
 
-# ---------------------------------------------------------------------------------------------- output
-def check_out_folder(path: str | Path, flag: str = "--out") -> Path:
-    """Refuse a folder that cannot be created or written, before any work; leaves nothing behind."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag} {path} exists and is not a folder")
-    created = []
-    try:
-        for missing in reversed([p for p in (folder, *folder.parents) if not p.exists()]):
-            missing.mkdir()
-            created.append(missing)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:
-        raise UserError(f"{flag} {path} cannot be written: {exc.strerror or exc}") from None
-    finally:
-        for made in reversed(created):
-            made.rmdir()
-    return folder
+def idle_cores(load: float | None = None, cores: int | None = None) -> int:
+    """CPU cores the other processes leave free (the 1-minute load average off the core count), at least 1: a
+    thread setting that does not collapse when another job runs (two processes that each use every core slow
+    each other down about tenfold on 2 cores)."""
+    import os
 
-
-def check_out_file(path: str | Path, flag: str = "--out") -> Path:
-    file = Path(path)
-    if file.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give a file name")
-    check_out_folder(file.parent, flag)
-    return file
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: readers never see half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    cores = cores or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None else load
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 # ---------------------------------------------------------------------------------------------- printing

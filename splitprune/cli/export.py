@@ -9,7 +9,7 @@ from splitprune.errors import UserError
 
 
 def add_parser(subparsers, name: str) -> None:
-    from splitprune.export import TOLERANCE
+    from splitprune.manifest import TOLERANCE
 
     p = subparsers.add_parser(name, help="export the device half as ONNX for splitprune-device", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or run folder) of the trained model")
@@ -36,6 +36,11 @@ def parse_budgets(text: str | None, trained: int, channels: int) -> list[int] | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from splitprune.manifest import check_export_folder
+
+    check_export_folder(Path(args.out))  # before anything is loaded
     from splitprune.export import export_checkpoint
     from splitprune.training.checkpoint import read_meta
 

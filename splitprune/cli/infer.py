@@ -33,18 +33,29 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # every flag is checked before data, model or connection are loaded
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
+    for name in ("batch_size", "test_subset"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_auto_args(args, args.budget == "auto")
+    remote = connect_config(args)
+    from splitprune.training.checkpoint import parse_budget, read_meta
+
+    meta = read_meta(args.checkpoint)
+    if args.budget != "auto":
+        parse_budget(args.budget, int(meta.get("budget", 0)), int(meta.get("cut_shape", [0])[0]))
     import torch
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-    check_auto_args(args, args.budget == "auto")
     if args.budget == "auto":
-        return run_auto(args, connect_config(args))
+        return run_auto(args, remote)
     from splitprune.client.split_inference import run_inference
 
-    r = run_inference(args.checkpoint, connect_config(args), args.budget, args.dtype_up, args.batch_size,
+    r = run_inference(args.checkpoint, remote, args.budget, args.dtype_up, args.batch_size,
                       args.test_subset, args.data_dir, max(args.warmup, 0))
     lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
     print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
@@ -65,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 def run_auto(args: argparse.Namespace, remote) -> int:
     from splitprune.adaptive.budgets import uplink_dtypes
     from splitprune.adaptive.stream import summary_lines
-    from splitprune.cli.common import check_out_file, write_text_atomic
     from splitprune.client.auto import run_auto as stream
+    from splitprune.files import check_out_file, write_text_atomic
 
     if args.dtype_up:
         raise UserError("--budget auto chooses the uplink dtype: give the candidates with --dtypes-up")

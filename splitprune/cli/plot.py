@@ -1,4 +1,6 @@
 """`splitprune plot RUN`: a run's test accuracy and cumulative training traffic per epoch, its phases marked.
+`splitprune plot RUN RUN...`: several runs on the same axes: test accuracy per epoch, and against the training
+traffic it cost (the trade at a glance, e.g. plain split learning against a compression-aware run).
 `splitprune plot LOG.json`: the link rate, chosen budget and latency over time of `infer --budget auto --log`."""
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import csv
 import json
 from pathlib import Path
 
-from splitprune.cli.common import HelpFormatter, check_out_file
+from splitprune.cli.common import HelpFormatter
 from splitprune.errors import UserError
+from splitprune.files import check_out_file
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -16,7 +19,9 @@ def add_parser(subparsers, name: str) -> None:
                               description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("run_dir", metavar="RUN", help="a `splitprune train` run folder (holds metrics.csv), or the "
                                                   "--log file of `splitprune infer --budget auto`")
-    p.add_argument("--out", help="PNG file to write (default: RUN/plot.png; LOG.png for a log)")
+    p.add_argument("others", metavar="RUN", nargs="*", help="more run folders: all of them compared on the same axes")
+    p.add_argument("--out", help="PNG file to write (default: RUN/plot.png; LOG.png for a log; with several runs, "
+                                 "compare.png next to the first one)")
     p.add_argument("--trace", metavar="FILE|NAME", help="with a log: the link trace it ran over, drawn as the rate")
     p.add_argument("--trace-start", type=float, metavar="UNIX",
                    help="with --trace: when the link started its trace, in Unix seconds (default: with the log)")
@@ -86,6 +91,42 @@ def plot_run(rows: list[dict], summary: dict, out: Path) -> Path:
     return save(fig, out)
 
 
+def plot_compare(runs: list[tuple[Path, list[dict], dict]], out: Path) -> Path:
+    """Runs on the same axes: test accuracy per epoch, and test accuracy against the cumulative training traffic
+    (up + down, log scale) it took to get there."""
+    from splitprune.bench.core.plots import COLORS, figure, save
+
+    fig, (per_epoch, per_byte) = figure(2, width=6.0, height=4.2)
+    finals = []
+    for i, (folder, rows, summary) in enumerate(runs):
+        label = summary.get("method", folder.name) + (f" B={summary['final_budget']}" if summary.get(
+            "final_budget") not in (None, "all") else " (all channels)") + f", {summary.get('dtype_up', '?')} up"
+        accuracy = [100 * r["test_accuracy"] for r in rows]
+        traffic, total = [], 0.0
+        for r in rows:
+            total += r["bytes_up"] + r["bytes_down"]
+            traffic.append(total / 1e6)
+        color = COLORS[i % len(COLORS)]
+        per_epoch.plot([r["epoch"] for r in rows], accuracy, "o-", color=color, label=label)
+        per_byte.plot(traffic, accuracy, "o-", color=color, label=label)
+        per_byte.annotate(f"{accuracy[-1]:.1f}% for {traffic[-1]:,.1f} MB", (traffic[-1], accuracy[-1]),
+                          textcoords="offset points", xytext=(-6, -4), ha="right", va="top", fontsize=8, color=color)
+        finals.append((label, accuracy[-1], traffic[-1]))
+    if len(finals) == 2:
+        (a, acc_a, mb_a), (b, acc_b, mb_b) = sorted(finals, key=lambda f: -f[2])
+        fig.suptitle(f"{b.split(',')[0]}: {acc_b:.1f}% with {mb_a / mb_b:,.0f}x less training traffic than "
+                     f"{a.split(',')[0]} ({acc_a:.1f}%)", fontsize=10)
+    per_epoch.set_xticks(sorted({r["epoch"] for _, rows, _ in runs for r in rows}))
+    per_byte.set_xlim(left=min(r["bytes_up"] + r["bytes_down"] for _, rows, _ in runs for r in rows[:1]) / 1e6 / 4)
+    per_epoch.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy per epoch")
+    per_byte.set(xlabel="training traffic so far, MB up + down (log scale)", ylabel="test accuracy (%)",
+                 xscale="log", title="accuracy against the bytes it cost")
+    for ax in (per_epoch, per_byte):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="lower right", fontsize=8)
+    return save(fig, out)
+
+
 def _all_channels_fp32(summary: dict) -> float | None:
     """Uplink payload bytes per epoch if every channel of the cut went as fp32 (plain split learning)."""
     try:
@@ -108,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.trace or args.trace_start is not None:
         raise UserError("--trace and --trace-start go with the log of `splitprune infer --budget auto`")
+    if args.others:
+        runs = [(Path(d), *read_run(Path(d))) for d in [run_dir, *args.others]]
+        out = check_out_file(args.out or run_dir.parent / "compare.png")
+        print(f"plot: {plot_compare(runs, out)}")
+        return 0
     rows, summary = read_run(run_dir)
     out = check_out_file(args.out or run_dir / "plot.png")
     print(f"plot: {plot_run(rows, summary, out)}")

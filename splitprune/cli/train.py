@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import (HelpFormatter, add_config_flags, add_connect_flags, check_out_folder,
-                                   config_from_args, connect_config, percent, print_table)
-from splitprune.config import stored_config, short_run_warning
+from splitprune.cli.common import (HelpFormatter, add_config_flags, add_connect_flags, config_from_args, connect_config,
+                                   percent, print_table)
+from splitprune.config import short_run_warning, stored_config
 from splitprune.errors import UserError
+from splitprune.files import check_out_folder
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -24,20 +25,25 @@ def add_parser(subparsers, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitprune.training.trainer import Trainer
-
     auto = args.budget == "auto"   # a CLI value, not a RunConfig one: the phases keep the schedule's budgets
     if auto:
         args.budget = None
         if args.step_ms is None:
             raise UserError("--budget auto needs a --step-ms target")
+        if not args.step_ms > 0:
+            raise UserError(f"--step-ms must be a positive number of milliseconds, got {args.step_ms:g}")
     elif args.step_ms is not None:
         raise UserError("--step-ms goes with --budget auto")
     cfg = config_from_args(args)
     remote = connect_config(args)
     if remote.measure_socket and not remote.server:
         raise UserError("--measure-socket counts the bytes on the socket to a server: it needs --server")
+    if auto and not remote.server:
+        raise UserError("--budget auto fits each step's budget to the link it measures: it needs --server (in "
+                        "process there is no link to measure)")
     check_out_folder(args.out)
+    from splitprune.training.trainer import Trainer
+
     endpoint = None
     if remote.server:
         from splitprune.client.connect import connect
@@ -64,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: dict) -> None:
-    rows = [[p["budget"], p["epochs"], f"{p['bytes_up'] / 1e6:.2f}", f"{p['bytes_down'] / 1e6:.2f}",
-             percent(p["final_test_accuracy"])] for p in s["phases"]]
+    auto = s.get("budget_auto")
+    rows = [[f"auto <= {p['budget']}" if auto else p["budget"], p["epochs"], f"{p['bytes_up'] / 1e6:.2f}",
+             f"{p['bytes_down'] / 1e6:.2f}", percent(p["final_test_accuracy"])] for p in s["phases"]]
     print(f"\n{s['method']} on {s['dataset']} ({s['train_samples']} train images), {s['model']} cut at {s['split']}, "
           f"up {s['dtype_up']} / down {s['dtype_down']}")
     print_table(rows, ["budget", "epochs", "MB up", "MB down", "test acc"])

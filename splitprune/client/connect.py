@@ -40,22 +40,29 @@ def max_budget(cfg: RunConfig) -> int:
     return 0 if any(p.budget is None for p in phases) else max(p.budget for p in phases)
 
 
+CLIENT_ID_FILE = ".splitprune-client-id"
+
+
 def client_id_for(out: str | None) -> str:
-    """A stable id per run folder (kept in OUT/.splitprune-client-id), so a rerun resumes as the same client."""
+    """A stable id per run folder (kept in OUT/.splitprune-client-id once a session opened, `keep_client_id`),
+    so a rerun resumes as the same client."""
+    if out:
+        try:
+            text = (Path(out) / CLIENT_ID_FILE).read_text().strip()
+            if text:
+                return text
+        except OSError:
+            pass
     fresh = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:16]}"
-    fresh = "".join(c if c.isalnum() or c in "._:-" else "-" for c in fresh)
-    if not out:
-        return fresh
-    path = Path(out) / ".splitprune-client-id"
-    try:
-        text = path.read_text().strip()
-        if text:
-            return text
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(fresh + "\n")
-    return fresh
+    return "".join(c if c.isalnum() or c in "._:-" else "-" for c in fresh)
+
+
+def keep_client_id(out: str | None, client_id: str) -> None:
+    """Remember the client id in the run folder: written only once the server took the session, so a command
+    that fails to connect leaves nothing behind."""
+    if out and not (Path(out) / CLIENT_ID_FILE).exists():
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / CLIENT_ID_FILE).write_text(client_id + "\n")
 
 
 def make_hello(cfg: RunConfig, client_id: str, fresh_start: bool, num_classes: int | None = None,
@@ -98,6 +105,7 @@ def connect(cfg: RunConfig, config: ConnectConfig | str, *, out: str | None = No
     except BaseException:
         conn.close()
         raise
+    keep_client_id(out, hello.client_id)
     if fresh_start and cfg.from_checkpoint:
         try:
             _push_pretrained(endpoint, cfg)

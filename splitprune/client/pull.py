@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from splitprune.client.channel import Connection
+from splitprune.client.channel import Connection, RemoteError
 from splitprune.client.config import ConnectConfig
 from splitprune.client.connect import make_hello
 from splitprune.client.remote import RemoteEndpoint
@@ -35,7 +35,14 @@ def pull(checkpoint: str, server: ConnectConfig | str, out: str) -> dict:
     cfg = stored_config(meta["config"])
     hello = make_hello(cfg, identity["client_id"], False, int(meta["num_classes"]), int(meta["in_channels"]))
     hello.resume_step_id, hello.resume_state_sha256 = int(identity["step_id"]), identity["state_sha256"]
-    endpoint = RemoteEndpoint(Connection(server), hello)  # the server restores that save
+    try:
+        endpoint = RemoteEndpoint(Connection(server), hello)  # the server restores that save
+    except RemoteError as exc:
+        if exc.reason != "NO_CHECKPOINT":
+            raise
+        raise UserError(f"the server at {server.server} holds no checkpoint of this run (client "
+                        f"{identity['client_id']}, step {identity['step_id']}): is it the server the run trained on? "
+                        "(a server keeps them across its restarts only with serve --checkpoint DIR)") from None
     try:
         _, data = endpoint.fetch_state()
     finally:

@@ -111,6 +111,9 @@ class SplitService:
             raise BadHandshake("the first message of a Train stream must be a Hello")
         hello = msg.hello
         cfg = check_hello(hello, self.config.max_message_bytes)
+        if hello.resume_step_id and cfg.fingerprint() not in self.halves and not self.store.has_checkpoint(
+                cfg.fingerprint(), hello.client_id, hello.resume_step_id, hello.resume_state_sha256):
+            raise self._no_checkpoint(hello)  # nothing to resume here: no half is built for it
         half = self._get_or_build(cfg, hello)
         check_session(hello, half)
         if self.tier is not None:
@@ -150,11 +153,7 @@ class SplitService:
         is shared with attached clients and was kept (the client's step count is set either way)."""
         found = self.store.read_checkpoint(half, hello.client_id, hello.resume_step_id, hello.resume_state_sha256)
         if found is None:
-            hint = "" if self.persistent else (" (this server keeps checkpoints only while it runs: "
-                                               "serve --checkpoint DIR)")
-            raise NoCheckpoint(f"this server holds no checkpoint of client {hello.client_id} at step "
-                               f"{hello.resume_step_id}" + (f" with digest {hello.resume_state_sha256[:12]}..."
-                                                            if hello.resume_state_sha256 else "") + hint)
+            raise self._no_checkpoint(hello)
         tensors, phase, digest = found
         half.clients[hello.client_id] = ClientRecord(last_step=hello.resume_step_id)
         if not alone:
@@ -168,6 +167,12 @@ class SplitService:
         self.sessions.log("half %s: restored from the checkpoint of client %s at step %d", half.fingerprint,
                           hello.client_id, hello.resume_step_id)
         return digest
+
+    def _no_checkpoint(self, hello: spb.Hello) -> NoCheckpoint:
+        hint = "" if self.persistent else " (this server keeps checkpoints only while it runs: serve --checkpoint DIR)"
+        return NoCheckpoint(f"this server holds no checkpoint of client {hello.client_id} at step "
+                            f"{hello.resume_step_id}" + (f" with digest {hello.resume_state_sha256[:12]}..."
+                                                         if hello.resume_state_sha256 else "") + hint)
 
     def close(self, session: Session) -> None:
         self.sessions.detach(session)

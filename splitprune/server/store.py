@@ -205,6 +205,11 @@ class HalfStore:
         for old in clients[:-KEEP_CHECKPOINT_CLIENTS]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def has_checkpoint(self, fingerprint: str, client_id: str, step_id: int, sha256: str) -> bool:
+        """Whether a checkpoint of that client at that step (with that digest) was saved (nothing is read)."""
+        pattern = f"{step_id}-{sha256[:16]}.json" if sha256 else f"{step_id}-*.json"
+        return any(self._client_folder(fingerprint, client_id).glob(pattern))
+
     def read_checkpoint(self, half: HostedHalf, client_id: str, step_id: int,
                         sha256: str) -> tuple[dict[str, torch.Tensor], pb.PhaseRequest | None, str] | None:
         """(state tensors, phase in force, digest) of the checkpoint saved at step_id, or None if there is

@@ -3,6 +3,7 @@ LocalLink, or the gRPC client's RemoteEndpoint over a network: the same bytes ei
 settings both halves step with."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -55,3 +56,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def as_float32(value: float) -> float:
     """A value as a protobuf float field carries it, so both halves step with the very same lr."""
     return float(torch.tensor(value, dtype=torch.float32))
+
+
+def lr_scale(schedule: str, step: int, steps: int) -> float:
+    """The fraction of the phase's lr at a step of the phase (0-based) of `steps` steps."""
+    if schedule == "cosine":
+        return max(0.5 * (1.0 + math.cos(math.pi * step / steps)), 1e-6)
+    return 1.0

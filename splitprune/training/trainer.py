@@ -21,7 +21,7 @@ from splitprune.models import cut_shape
 from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
                                             optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar
-from splitprune.training.link import OptimizerSettings
+from splitprune.training.link import OptimizerSettings, lr_scale
 from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
 from splitprune.wire.accounting import add_counts
 
@@ -329,7 +329,12 @@ class Trainer:
             "train_seconds": round(sum(r["seconds"] for r in rows), 3),
             "phases": phases, "config": cfg.to_dict(),
             "transport": self.transport(),
+            **({"budget_auto": self._auto_summary()} if self.step_budget is not None else {}),
         }
+
+    def _auto_summary(self) -> dict:
+        steps = self.step_budget.steps_per_budget()
+        return {"steps_per_budget": {str(b): n for b, n in steps.items()}, "eval_budget": self.step_budget.eval_budget()}
 
     def transport(self) -> dict | None:
         """Network traffic of the whole run (this process's plus the earlier ones'); None in-process."""
@@ -337,13 +342,6 @@ class Trainer:
         if stats is None:
             return self.progress.transport
         return add_counts(self.progress.transport, stats())
-
-
-def lr_scale(schedule: str, step: int, steps: int) -> float:
-    """The fraction of the phase's lr at a step of the phase (0-based) of `steps` steps."""
-    if schedule == "cosine":
-        return max(0.5 * (1.0 + math.cos(math.pi * step / steps)), 1e-6)
-    return 1.0
 
 
 def _megabytes(n: int) -> str:
