@@ -2,6 +2,7 @@
 fields are mutated one at a time. No mutation may end in INTERNAL (or UNKNOWN), the server goes on
 serving, and a normal training run afterwards equals one on a fresh server."""
 import json
+import math
 
 import pytest
 
@@ -9,7 +10,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from splitprune.bench.systems.fuzzing import FAILURES, Fuzzer, mutate
+from splitprune.bench.systems.fuzzing import FAILURES, INTS, Fuzzer, mutate
 from splitprune.client.connect import connect
 from splitprune.config import make_config  # noqa: E402
 from splitprune.proto import pb  # noqa: E402
@@ -30,18 +31,123 @@ def fuzzed():
     handle.stop(grace=0.5)
 
 
+def _as_float32(value: float) -> float:
+    import struct
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _differs(old, new) -> bool:
+    """NaN != NaN: a field that is NaN after the mutation counts as changed."""
+    return old != new or _is_nan(new)
+
+
+def _leaves(msg, prefix: str = "") -> dict:
+    """Every field's value by dotted path; a message field as its presence, then its own fields (when set)."""
+    out = {}
+    for fd in msg.DESCRIPTOR.fields:
+        path, value = prefix + fd.name, getattr(msg, fd.name)
+        if fd.is_repeated:
+            out[path] = [v.SerializeToString(deterministic=True) if fd.message_type else v for v in value]
+        elif fd.message_type is not None:
+            out[path] = msg.HasField(fd.name)
+            if out[path]:
+                out.update(_leaves(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _changed_fields(before: dict, after: dict) -> list[str]:
+    missing = object()
+    return [path for path in {**before, **after}
+            if _differs(before.get(path, missing), after.get(path, missing))]
+
+
 def test_mutate_changes_exactly_one_field():
     import random
 
     rng = random.Random(0)
-    for _ in range(200):
+    changed = unchanged = 0
+    for _ in range(300):
         req = pb.PhaseRequest(phase=0, budget=4, lr=0.01, momentum=0.9, weight_decay=5e-4)
-        before = req.SerializeToString()
+        old = _leaves(req)
         change = mutate(req, rng.choice)
-        differs = [f.name for f in req.DESCRIPTOR.fields
-                   if getattr(req, f.name) != getattr(pb.PhaseRequest.FromString(before), f.name)
-                   and not (getattr(req, f.name) != getattr(req, f.name))]  # NaN != NaN: compare as changed
-        assert len(differs) <= 1, (change, differs)
+        # every PhaseRequest field is a number: the description is "NAME = VALUE" with the value set
+        name, text = change.split(" = ")
+        fd = req.DESCRIPTOR.fields_by_name[name]
+        value = int(text) if fd.type == fd.TYPE_UINT32 else _as_float32(float(text))  # float32 as stored
+        now = getattr(req, name)
+        assert now == value or (_is_nan(value) and _is_nan(now)), (change, now)  # the value was set
+        differs = _changed_fields(old, _leaves(req))
+        if _differs(old[name], value):
+            assert differs == [name], (change, differs)
+            changed += 1
+        else:  # the value drawn equals the old one (phase = 0): legitimately nothing changes
+            assert differs == [], (change, differs)
+            unchanged += 1
+    assert changed > 250 and unchanged > 0, (changed, unchanged)  # both cases are reached
+
+
+def test_mutate_changes_one_field_of_every_message_the_fuzzer_sends():
+    import random
+
+    import torch
+
+    from splitprune.client.connect import make_hello
+    from splitprune.compression import ChannelCodec, encode_labels
+    from splitprune.proto import service_pb2 as spb
+
+    cfg = make_config(CFG)
+    values = torch.linspace(-1, 1, 2 * cfg.budget * 16).reshape(2, cfg.budget, 4, 4)
+    tensor = ChannelCodec(cfg.dtype_up).encode(values, torch.arange(cfg.budget) * 3, 512)
+    messages = [lambda: make_hello(cfg, "fuzz-0", False, 10, 1),
+                lambda: pb.TrainRequest(step_id=7, activations=tensor, labels=encode_labels(torch.tensor([1, 7]))),
+                lambda: pb.EvalRequest(request_id=7, activations=tensor),
+                lambda: spb.CheckpointRequest(step_id=7),
+                lambda: spb.DescribeRequest(fingerprint=cfg.fingerprint()),
+                lambda: spb.InferRequest(fingerprint=cfg.fingerprint(), budget=cfg.budget,
+                                         eval=pb.EvalRequest(request_id=1, activations=tensor)),
+                lambda: spb.FetchStateRequest(session_id="0123", known_version=3)]
+    rng = random.Random(1)
+    changed = 0
+    for _ in range(400):
+        msg = rng.choice(messages)()
+        before = type(msg)()
+        before.CopyFrom(msg)
+        old = _leaves(msg)
+        change = mutate(msg, rng.choice)
+        path = change.split(" = ")[0].split(": ")[0]
+        assert path in old, change
+        differs = _changed_fields(old, _leaves(msg))
+        if differs:
+            if change.endswith(": cleared"):  # a set message field: it and what it held, nothing else
+                assert differs[0] == path and all(d.startswith(path + ".") for d in differs[1:]), (change, differs)
+            else:
+                assert differs == [path], (change, differs)
+            changed += 1
+            continue
+        # nothing changed: only where the mutation cannot change anything, each case named
+        *parents, leaf = path.split(".")
+        was, now = before, msg
+        for part in parents:
+            was, now = getattr(was, part), getattr(now, part)
+        if "unrepresentable" in change:           # e.g. a negative enum: left out
+            continue
+        if change.endswith((": clear", ": drop")):  # a repeated field that was empty
+            assert not getattr(was, leaf), change
+        elif change.endswith(": edge"):             # its first value replaced by an edge value equal to it
+            first = getattr(was, leaf)[0]
+            assert first == getattr(now, leaf)[0] and first in INTS["uint32"] + INTS["uint64"], change
+        elif change.endswith(": cleared"):         # a message field that was unset
+            assert not was.HasField(leaf), change
+        else:                                      # a scalar set to the value it had (e.g. 0 on 0)
+            assert change == f"{path} = {getattr(now, leaf)!r}"[:120], change
+            assert not _differs(getattr(was, leaf), getattr(now, leaf)), change
+    assert changed > 350, changed
 
 
 @settings(max_examples=200, deadline=None, derandomize=True, database=None,
