@@ -25,9 +25,9 @@ from splitprune.server.config import ServeConfig
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.objectives import NestedPrefixes, prefix_input
 from splitprune.training.rng import RngStream
-from splitprune.training.server_worker import LocalLink, ServerWorker
+from splitprune.training.server_worker import ServerWorker
 from splitprune.training.setup import build_workers, load_pretrained
-from splitprune.training.trainer import Trainer, evaluate
+from splitprune.training.trainer import Trainer
 from splitprune.wire.codec import WIRE_DTYPES, encode_values, kept_count
 from splitprune.wire.refusals import BadTensor, BudgetExceeded
 
@@ -208,16 +208,38 @@ def anybudget_run(tmp_path_factory):
     return out
 
 
+@torch.no_grad()
+def _direct_predictions(device_half, server_half, x: torch.Tensor, budget: int, channels: int = 512) -> torch.Tensor:
+    """What the split model predicts at `budget`, computed without the code under test (no codec, link, worker
+    or evaluate): the device half's cut, each channel times its mask (sigmoid(gate)^2, "paper" scaling), the
+    first `budget` channels rounded to fp16 (the uplink dtype), the others zeros, the server half at that rung."""
+    device_half.eval(), server_half.eval()
+    z = device_half(x)
+    mask = torch.sigmoid(device_half.gate_logits.reshape(-1)) ** 2
+    sent = (z * mask.view(1, -1, 1, 1))[:, :budget].half().float()
+    received = torch.cat([sent, sent.new_zeros(len(x), channels - budget, *sent.shape[2:])], 1)
+    return server_half(received, budget).argmax(1)
+
+
+def _direct_accuracy(device_half, server_half, loader, budget: int) -> float:
+    correct = samples = 0
+    for x, y in loader:
+        correct += int((_direct_predictions(device_half, server_half, x, budget) == y).sum())
+        samples += len(y)
+    return correct / samples
+
+
 def test_the_run_measures_every_ladder_budget_on_its_validation_images(anybudget_run):
     meta = read_meta(anybudget_run)
     table = meta["budget_validation"]
     assert table["samples"] == 24 and table["dtype_up"] == "fp16"
     assert list(table["accuracy"]) == [str(b) for b in ladder(512)]
+    assert meta["config"]["scaling"] == "paper" and meta["config"]["dtype_up"] == "fp16"   # as _direct_predictions
     device, server, *_ = load_workers(str(anybudget_run))
     held_out = validation_loader("fashion-mnist", None, 32, 1, 24, 16)   # two batches
-    for budget in (2, 512):
-        expected = evaluate(device, LocalLink(server), held_out, budget).accuracy
-        assert table["accuracy"][str(budget)] == round(expected, 6)
+    for budget in ladder(512):
+        expected = round(_direct_accuracy(device.half, server.half, held_out, budget), 6)
+        assert table["accuracy"][str(budget)] == expected, budget
     assert budget_quality(meta, [1, 2, 512]) is not None   # what --budget auto ranks this model's options by
 
 
@@ -245,7 +267,9 @@ def test_one_anybudget_model_evaluates_at_every_budget(anybudget_run, capsys):
         values = b * 16 * 2 * 32  # fp16, 4x4 positions, 32 images in one request
         assert values < r["bytes_per_sample"] * 32 < values + 24, b  # a prefix: no channel index travels
     device, server, *_ = load_workers(str(anybudget_run))
-    assert evaluate(device, LocalLink(server), loader, 3).accuracy == results["3"]["accuracy"]
+    for b in (1, 3, 64, 512):
+        expected = _direct_accuracy(device.half, server.half, loader, b)
+        assert results[str(b) if b < 512 else "all"]["accuracy"] == expected, b
     assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "5", "--test-subset", "32", "--quiet"]) == 0
     assert "budget 5 of 512 channels" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(anybudget_run), "--budget", "513", "--quiet"]) == 2
@@ -352,6 +376,15 @@ def test_rescoring_computes_every_accuracy_again_on_the_whole_test_set_and_sends
     (tmp_path / "adaptive_infer.json").write_text(json.dumps(stored))
     summary = rescore(anybudget_run / "checkpoint", tmp_path)
     assert summary["accuracy_images"] == 10_000 and json.loads((tmp_path / "adaptive_infer.json").read_text())
+    # each option's per-image correctness, checked on the first test images against the model's own predictions
+    # computed here without the codec or the workers; its accuracy is the share of images it gets right
+    assert [(o["budget"], o["dtype"]) for o in summary["option_accuracy"]] == [(1, "fp16"), (2, "fp16"), (8, "fp16")]
+    device, server, *_ = load_workers(str(anybudget_run))
+    x, y = next(iter(make_loaders("fashion-mnist", None, 16, 32, 1, 0, 1, None, False, 250)[1]))
+    for o in summary["option_accuracy"]:
+        hits = (_direct_predictions(device.half, server.half, x[:128], o["budget"]) == y[:128]).tolist()
+        assert o["correct"][:128] == "".join("1" if h else "0" for h in hits), o["budget"]
+        assert len(o["correct"]) == 10_000 and o["accuracy"] == o["correct"].count("1") / 10_000
     accuracy = {(o["budget"], o["dtype"]): o["accuracy"] for o in summary["option_accuracy"]}
     policies = summary["traces"][0]["policies"]
     assert [p["policy"] for p in policies] == ["auto (real run)", "auto (controller, simulated)",

@@ -63,10 +63,38 @@ def test_a_share_of_requests_is_a_wilson_interval_that_does_not_collapse_at_the_
 
 
 def test_paired_differences_cancel_what_both_got_right_or_wrong():
+    import math
+
     from splitprune.bench.core.verdict import paired
-    assert paired([0.5] * 10) == paired([0.5] * 10) and paired([0.5] * 10).spread == 0
-    one_flip = paired([1.0] + [0.0] * 99)
-    assert abs(one_flip.mid - 0.01) < 1e-12 and 0.0 < one_flip.low < 0.01 < one_flip.high < 0.03
+
+    def differences(a: list[int], b: list[int]) -> list[float]:
+        return [float(x - y) for x, y in zip(a, b)]
+
+    # expected values by hand: mean of the differences +- z * sqrt(sum((d - mean)^2) / (n - 1) / n)
+    # both right or both wrong on every image: every difference is 0, so the mean and its error are 0
+    same = paired(differences([1, 1, 0, 1, 0, 0, 1, 1], [1, 1, 0, 1, 0, 0, 1, 1]))
+    assert (same.low, same.high, same.mid, same.spread) == (0.0, 0.0, 0.0, 0.0)
+    # a constant difference has no spread either: the interval is that one value
+    constant = paired([0.5] * 10)
+    assert (constant.low, constant.high) == (0.5, 0.5)
+    # one flip in 100 images: mean 0.01; squared deviations 0.99^2 + 99 * 0.01^2 = 0.99,
+    # / 99 / 100 = 1e-4, standard error 0.01: [0.00, 0.02]
+    one_flip = paired(differences([1] + [0] * 99, [0] * 100))
+    assert math.isclose(one_flip.mid, 0.01, abs_tol=1e-12)
+    assert math.isclose(one_flip.low, 0.0, abs_tol=1e-12) and math.isclose(one_flip.high, 0.02, abs_tol=1e-12)
+    # one flip each way in 5 images: [0, 1, 0, -1, 0], mean 0; squared deviations 2, / 4 / 5 = 0.1
+    both_ways = paired(differences([1, 1, 0, 0, 1], [1, 0, 0, 1, 1]))
+    assert math.isclose(both_ways.mid, 0.0, abs_tol=1e-12)
+    assert math.isclose(both_ways.high, math.sqrt(0.1), rel_tol=1e-12) and both_ways.low == -both_ways.high
+    # two flips in 4 images: [1, 1, 0, 0], mean 0.5; squared deviations 4 * 0.25 = 1, / 3 / 4 = 1/12;
+    # z = 2 standard errors: 0.5 +- 2 / sqrt(12)
+    two = paired([1.0, 1.0, 0.0, 0.0], z=2.0)
+    assert math.isclose(two.mid, 0.5, rel_tol=1e-12)
+    assert math.isclose(two.low, 0.5 - 2 / math.sqrt(12), rel_tol=1e-12)
+    assert math.isclose(two.high, 0.5 + 2 / math.sqrt(12), rel_tol=1e-12)
+    # one image: no spread can be estimated; no image: nothing measured
+    assert paired([1.0]) == paired([1.0], z=5.0) and (paired([1.0]).low, paired([1.0]).high) == (1.0, 1.0)
+    assert paired([]) is None
 
 
 def _policy(name: str, requests: int, within: float, option_share: dict) -> dict:

@@ -164,7 +164,6 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
     """A fresh virtualenv with only the device wheel (dependencies from the package registry): no torch in it,
     and one inference end to end against the real server."""
     _, out = exported
-    start = time.monotonic()
     wheels, venv = tmp_path / "wheels", tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(DEVICE_DIR)], check=True, capture_output=True)
@@ -178,6 +177,7 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
     assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0
     path, _ = batch_file(tmp_path, 4)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the repository
+    start = time.monotonic()   # the two inferences, not the wheel build and the install (their time is pip's)
     res = subprocess.run([str(venv / "bin" / "splitprune-device"), "infer", "--server", server.address,
                           "--model", str(out), str(path)], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)
@@ -188,7 +188,7 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "4 requests, 100.0% within the target" in res.stdout     # the controller shipped without torch
-    assert time.monotonic() - start < 150
+    assert time.monotonic() - start < 90   # a stall guard: two short runs of 4 images each
 
 
 def test_device_over_tls_with_a_token(exported, tmp_path, capsys):

@@ -110,7 +110,9 @@ class _Sink:
 
 
 def test_proxy_rate_follows_a_step_down():
-    """Upper bounds hold on any machine (a rate limit never delivers more); the lower one is generous."""
+    """Upper bounds hold on any machine (a rate limit never delivers more); the lower one is generous: it asks
+    only that the first second delivered more than the slow row could, not a share of the fast row's rate,
+    which a loaded machine need not reach."""
     trace = LinkTrace.from_rows([(0, 8, 0), (1.0, 0.4, 0)])       # 1 MB/s for 1 s, then 50 kB/s
     sink = _Sink()
     with LinkProxy(("127.0.0.1", 0), sink.address, LinkProfile(), trace=trace) as proxy:
@@ -122,9 +124,12 @@ def test_proxy_rate_follows_a_step_down():
             time.sleep(2.6)
         fast = sink.received_by(t0 + 1.0)
         slow = sink.received_by(t0 + 2.5) - sink.received_by(t0 + 1.5)
+    slow_second = 50_000 * 1.0 * 1.1 + 3000                 # one second of the slow row, a chunk of slack
     assert fast <= 1_000_000 * 1.0 + 300_000                # at most the fast row's bytes (+ buffers)
-    assert slow <= 50_000 * 1.0 * 1.1 + 3000                # one second of the slow row, a chunk of slack
-    assert fast > 5 * slow                                  # the step is visible
+    assert slow <= slow_second
+    # the step is visible: before it the link ran faster than the slow row allows (twice its second's bytes in
+    # the first second; only a stall of most of that second, or the slow rate from the start, falls short)
+    assert fast > 2 * slow_second, (fast, slow)
 
 
 def _send_quietly(sock: socket.socket, n: int) -> None:
