@@ -119,6 +119,9 @@ class SimulatedLink:
     def start_phase(self, request: bytes) -> bytes:
         return self.inner.start_phase(request)
 
+    def calibrate(self, request: bytes) -> bytes:
+        return self.inner.calibrate(request)
+
 
 AUTO_TRAINING = {"model": "vgg11_bn_compact", "split": "conv5", "dataset": "fashion-mnist", "train_subset": 80,
                  "test_subset": 8, "batch_size": 8, "test_batch_size": 8, "threads": 1, "method": "ca", "budget": 16}

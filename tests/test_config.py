@@ -38,12 +38,12 @@ def test_every_field_has_its_help_and_a_type_the_checks_know():
 def test_default_config_passes_its_own_checks_and_keeps_its_fingerprint():
     """Fingerprints decide resume and server sessions: the same values hash as before the metadata rewrite, and
     runs saved before `seeding` existed (their weights drawn with seeding 1) keep theirs."""
-    old = {"seeding": 1}
+    old = {"seeding": 1, "bn_calibration": 0}   # the legacy values of the fields added since
     assert make_config(old).fingerprint() == "86ead5b3205d0e80"
     assert make_config({**old, "method": "ca", "budget": 8, "lr": 0.05, "data_dir": "/x", "threads": 2}).fingerprint() \
         == "70a0af6a61913621"
     assert make_config({**old, "method": "sl", "epochs": 3, "extra": {"a": 1}}).fingerprint() == "4ae9598d884235cb"
-    assert make_config({}).fingerprint() == "34132f8187494e1c"  # seeding 2: each half from its own stream
+    assert make_config({"bn_calibration": 0}).fingerprint() == "34132f8187494e1c"  # each half from its own stream
 
 
 def test_integers_widen_to_floats_but_not_the_reverse():
@@ -109,6 +109,8 @@ def test_name_lists_match_the_modules_that_use_them():
 def test_a_short_run_at_a_constant_lr_is_told_why_test_accuracy_lags():
     from splitprune.config import short_run_warning
 
-    assert "BatchNorm running statistics" in short_run_warning(make_config({}), 57)
-    assert short_run_warning(make_config({}), 5000) is None
-    assert short_run_warning(make_config({"lr_schedule": "cosine"}), 57) is None
+    uncalibrated = {"bn_calibration": 0}
+    assert "BatchNorm running statistics" in short_run_warning(make_config(uncalibrated), 57)
+    assert short_run_warning(make_config(uncalibrated), 5000) is None
+    assert short_run_warning(make_config({**uncalibrated, "lr_schedule": "cosine"}), 57) is None
+    assert short_run_warning(make_config({}), 57) is None  # calibrated before every evaluation: nothing lags

@@ -103,7 +103,7 @@ def test_mutate_changes_one_field_of_every_message_the_fuzzer_sends():
 
     cfg = make_config(CFG)
     values = torch.linspace(-1, 1, 2 * cfg.budget * 16).reshape(2, cfg.budget, 4, 4)
-    tensor = ChannelCodec(cfg.dtype_up).encode(values, torch.arange(cfg.budget) * 3, 512)
+    tensor = ChannelCodec(cfg.dtype_up).compress(values, torch.arange(cfg.budget) * 3, 512)
     messages = [lambda: make_hello(cfg, "fuzz-0", False, 10, 1),
                 lambda: pb.TrainRequest(step_id=7, activations=tensor, labels=encode_labels(torch.tensor([1, 7]))),
                 lambda: pb.EvalRequest(request_id=7, activations=tensor),

@@ -199,7 +199,8 @@ def test_socket_bytes_of_a_ca_run_are_within_1_1x_of_its_payload(tmp_path, serve
         time.sleep(0.2)
     finally:
         proxy.stop()
-    payload = summary["bytes_up"] + summary["bytes_down"] + summary["eval_bytes_up"] + summary["eval_bytes_down"]
+    payload = sum(summary[f"{kind}_{side}"] for kind in ("bytes", "eval_bytes", "calibration_bytes")
+                  for side in ("up", "down"))
     socket_total = proxy.up + proxy.down
     assert socket_total <= 1.1 * payload, (socket_total, payload)
     t = summary["transport"]

@@ -83,3 +83,6 @@ class InferenceLink:
 
     def start_phase(self, request: bytes) -> bytes:
         raise UserError("an inference connection cannot train")
+
+    def calibrate(self, request: bytes) -> bytes:
+        raise UserError("an inference connection cannot calibrate a model: it serves the model as it is")

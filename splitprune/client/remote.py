@@ -24,12 +24,12 @@ from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.training.checkpoint import state_to_bytes
 from splitprune.training.setup import HalfSnapshot
-from splitprune.wire.envelopes import (CHECKPOINT, EVAL, FETCH_STATE_METHOD, HELLO, KIND_NAMES, PHASE, PROTOCOL_VERSION,
-                                       PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, WELCOME, frame, join_chunks,
-                                       leading_step_id, state_chunks, unframe)
+from splitprune.wire.envelopes import (CALIBRATE, CHECKPOINT, EVAL, FETCH_STATE_METHOD, HELLO, KIND_NAMES, PHASE,
+                                       PROTOCOL_VERSION, PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, WELCOME, frame,
+                                       join_chunks, leading_step_id, state_chunks, unframe)
 
 log = logging.getLogger("splitprune.client")
-PURPOSE = {TRAIN: "training", EVAL: "evaluation", PHASE: "control", CHECKPOINT: "control"}
+PURPOSE = {TRAIN: "training", EVAL: "evaluation", CALIBRATE: "evaluation", PHASE: "control", CHECKPOINT: "control"}
 
 
 class RemoteEndpoint:
@@ -219,6 +219,9 @@ class RemoteEndpoint:
 
     def evaluate(self, request: bytes) -> bytes:
         return self._request(EVAL, request)
+
+    def calibrate(self, request: bytes) -> bytes:
+        return self._request(CALIBRATE, request)
 
     def start_phase(self, request: bytes) -> bytes:
         reply = self._request(PHASE, request)

@@ -86,6 +86,7 @@ class RungBatchNorm(nn.Module):
         rungs = len(ladder(sent))
         self.sent, self.momentum, self.eps, self.track_forward = sent, momentum, eps, track_forward
         self.budget: int | None = None   # a layer inside a Sequential is told its budget (per_budget_norms)
+        self.calibrating: set[int] | None = None  # rungs recomputed from scratch in a calibration round (precise BN)
         self.weight = nn.Parameter(torch.ones(rungs, channels))
         self.bias = nn.Parameter(torch.zeros(rungs, channels))
         self.register_buffer("running_mean", torch.zeros(rungs, channels))
@@ -110,10 +111,18 @@ class RungBatchNorm(nn.Module):
 
     @torch.no_grad()
     def track_rung(self, r: int, y: torch.Tensor) -> None:
+        """Update rung r with the batch statistics of y: a running average, or while `calibrating`, the plain
+        average of the round's batches (a rung starts afresh at its first batch of the round)."""
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=True)
-        self.running_mean[r].lerp_(mean, self.momentum)
-        self.running_var[r].lerp_(var, self.momentum)
+        if self.calibrating is not None and r not in self.calibrating:
+            self.calibrating.add(r)
+            self.running_mean[r].zero_()
+            self.running_var[r].fill_(1.0)
+            self.num_batches_tracked[r] = 0
         self.num_batches_tracked[r] += 1
+        weight = 1.0 / float(self.num_batches_tracked[r]) if self.calibrating is not None else self.momentum
+        self.running_mean[r].lerp_(mean, weight)
+        self.running_var[r].lerp_(var, weight)
 
 
 def per_budget_norms(layers: nn.Module, sent: int) -> None:

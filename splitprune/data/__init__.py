@@ -210,6 +210,7 @@ class BatchLoader:
         self.dataset = ds
         self.batch_size, self.input_size, self.in_channels = batch_size, input_size, in_channels
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
+        self.mean, self.std = tuple(mean), tuple(std)
         self.transform = BatchTransform(input_size, in_channels, mean, std, augment)
         self.images = torch.from_numpy(np.ascontiguousarray(ds.images))
         self.labels = torch.from_numpy(ds.labels.astype(np.int64, copy=False))
@@ -267,6 +268,18 @@ def make_loaders(
     train_loader = BatchLoader(train_set, batch_size, shuffle=True, augment=augment, drop_last=lone_last, **common)
     test_loader = BatchLoader(test_set, test_batch_size, shuffle=False, augment=False, **common)
     return train_loader, test_loader, train_set.num_classes
+
+
+def calibration_batches(train: BatchLoader, images: int, batch_size: int) -> list[torch.Tensor]:
+    """The first `images` of a seeded, class-stratified order of the training set, prepared like the test set
+    (no augmentation) in batches of `batch_size`: what a calibration round (precise BN) feeds the model."""
+    chosen = subset(train.dataset, images, train.seed)
+    loader = BatchLoader(chosen, batch_size, train.input_size, train.in_channels, train.mean, train.std,
+                         shuffle=False, augment=False, seed=train.seed)
+    batches = [x for x, _ in loader]
+    if batches and len(batches[-1]) == 1 and len(batches) > 1:  # BatchNorm cannot average a batch of one
+        batches = batches[:-1]
+    return batches
 
 
 def validation_loader(name: str, data_dir: str | None, input_size: int, in_channels: int, validation_size: int,

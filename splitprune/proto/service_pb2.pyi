@@ -108,32 +108,36 @@ class Welcome(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., wire_shape: _Optional[_Iterable[int]] = ..., last_step_id: _Optional[int] = ..., phase: _Optional[int] = ..., budget: _Optional[int] = ..., attached_clients: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., version: _Optional[int] = ..., state_sha256: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("hello", "phase", "train", "eval", "checkpoint")
+    __slots__ = ("hello", "phase", "train", "eval", "checkpoint", "calibrate")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     phase: _splitprune_pb2.PhaseRequest
     train: _splitprune_pb2.TrainRequest
     eval: _splitprune_pb2.EvalRequest
     checkpoint: CheckpointRequest
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseRequest, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainRequest, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalRequest, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ...) -> None: ...
+    calibrate: _splitprune_pb2.CalibrateRequest
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseRequest, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainRequest, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalRequest, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointRequest, _Mapping]] = ..., calibrate: _Optional[_Union[_splitprune_pb2.CalibrateRequest, _Mapping]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "phase", "train", "eval", "checkpoint")
+    __slots__ = ("welcome", "phase", "train", "eval", "checkpoint", "calibrate")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     phase: _splitprune_pb2.PhaseReply
     train: _splitprune_pb2.TrainReply
     eval: _splitprune_pb2.EvalReply
     checkpoint: CheckpointReply
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseReply, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainReply, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointReply, _Mapping]] = ...) -> None: ...
+    calibrate: _splitprune_pb2.CalibrateReply
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., phase: _Optional[_Union[_splitprune_pb2.PhaseReply, _Mapping]] = ..., train: _Optional[_Union[_splitprune_pb2.TrainReply, _Mapping]] = ..., eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointReply, _Mapping]] = ..., calibrate: _Optional[_Union[_splitprune_pb2.CalibrateReply, _Mapping]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ("step_id", "keep")

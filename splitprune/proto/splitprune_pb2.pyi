@@ -86,6 +86,26 @@ class EvalReply(_message.Message):
     predictions: Labels
     def __init__(self, request_id: _Optional[int] = ..., predictions: _Optional[_Union[Labels, _Mapping]] = ...) -> None: ...
 
+class CalibrateRequest(_message.Message):
+    __slots__ = ("request_id", "activations", "first", "last")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    activations: EncodedTensor
+    first: bool
+    last: bool
+    def __init__(self, request_id: _Optional[int] = ..., activations: _Optional[_Union[EncodedTensor, _Mapping]] = ..., first: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class CalibrateReply(_message.Message):
+    __slots__ = ("request_id", "batches")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    batches: int
+    def __init__(self, request_id: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
+
 class PhaseRequest(_message.Message):
     __slots__ = ("phase", "budget", "lr", "momentum", "weight_decay")
     PHASE_FIELD_NUMBER: _ClassVar[int]

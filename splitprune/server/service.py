@@ -23,7 +23,8 @@ from splitprune.server.hosting import ClientRecord, HostedHalf
 from splitprune.server.sessions import Session, SessionRegistry, stored_reply
 from splitprune.server.store import HalfStore
 from splitprune.server.validation import check_buildable, check_hello, check_phase_number, check_session, check_step_id
-from splitprune.wire.envelopes import CHECKPOINT, EVAL, PHASE, PROTOCOL_VERSION, TRAIN, WELCOME, frame, request_digest
+from splitprune.wire.envelopes import (CALIBRATE, CHECKPOINT, EVAL, PHASE, PROTOCOL_VERSION, TRAIN, WELCOME, frame,
+                                       request_digest)
 from splitprune.wire.refusals import (BadHandshake, BadMessage, NoCheckpoint, ReadOnlyModel, ShuttingDown,
                                       StepOutOfOrder, TooManySessions, UnknownModel)
 
@@ -192,6 +193,12 @@ class SplitService:
             return frame(EVAL, out.SerializeToString())
         if kind == "phase":
             return self._phase(s, msg.phase)
+        if kind == "calibrate":
+            with s.half.mutex:
+                self.check_draining()
+                out = s.half.worker.calibrate(msg.calibrate, s.dtype_up, s.kept_limit)
+                s.half.bump()  # its BatchNorm statistics changed
+            return frame(CALIBRATE, out.SerializeToString())
         if kind == "checkpoint":
             return self._checkpoint(s, msg.checkpoint)
         if kind == "hello":

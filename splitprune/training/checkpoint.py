@@ -136,6 +136,29 @@ def check_seal(meta: dict) -> None:
                         "saving, or files from two checkpoints); its budget and settings cannot be trusted")
 
 
+def check_run_folder(cfg, out: str | Path) -> None:
+    """A run folder `splitprune train` may use for `cfg`: new (and then --seeding is today's), or holding a run of
+    the same configuration to resume; else one message saying what to do."""
+    from dataclasses import replace
+
+    from splitprune.config import SEEDING, stored_config
+
+    if not (Path(out) / "checkpoint" / META_FILE).exists():
+        if cfg.seeding != SEEDING:
+            raise UserError(f"--seeding {cfg.seeding} is kept to resume and load runs made with it; a new run draws "
+                            f"its weights with --seeding {SEEDING}")
+        return
+    meta = read_meta(Path(out) / "checkpoint")
+    if meta.get("fingerprint") == cfg.fingerprint():
+        return
+    saved = stored_config(meta.get("config") or {})
+    if replace(saved, seeding=cfg.seeding).fingerprint() == cfg.fingerprint():
+        raise UserError(f"{out} holds a run whose weights were drawn with --seeding {saved.seeding}: resume it with "
+                        f"--seeding {saved.seeding}")
+    raise UserError(f"{out} holds a run with another configuration; pass another --out or remove that folder to "
+                    "start afresh")
+
+
 def check_start_budget(checkpoint: str | Path, budget: int) -> None:
     """A run starting from `checkpoint` (prune) may keep at most the channels that model was trained to send."""
     trained = int(read_meta(checkpoint)["budget"])

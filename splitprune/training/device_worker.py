@@ -13,7 +13,7 @@ from splitprune.compression import (ChannelCodec, budget_loss, channel_mask, dec
 from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
-from splitprune.training.halves import DeviceHalf, Geometry
+from splitprune.training.halves import DeviceHalf, Geometry, end_calibration, start_calibration
 from splitprune.training.link import Link, OptimizerSettings, as_float32, parse_message, set_lr
 from splitprune.training.rng import RngStream
 
@@ -118,6 +118,33 @@ class DeviceWorker:
         if step_budget is not None:
             step_budget.observe(len(up), len(down))
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
+
+    def calibrate(self, batches: list[torch.Tensor], link: Link, budget: int | None = None) -> tuple[int, int]:
+        """Recompute the BatchNorm statistics of both halves for the weights as they are (precise BN): the
+        batches through the device half in train mode, every BatchNorm averaging them from scratch, their
+        channels at `budget` on to the server, which does the same with its half. Nothing is trained and no
+        random state of either side is used up. Returns (bytes up, bytes down)."""
+        if not batches:
+            return 0, 0
+        channels = self.kept_channels(budget)
+        up = down = 0
+        saved = start_calibration(self.half)
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                self.half.train()
+                for i, x in enumerate(batches):
+                    self.step_id += 1
+                    _, activations = self._encode(self.half(x.to(self.accelerator)), channels)
+                    request = pb.CalibrateRequest(request_id=self.step_id, activations=activations, first=i == 0,
+                                                  last=i == len(batches) - 1).SerializeToString()
+                    answer = link.calibrate(request)
+                    reply = parse_message(pb.CalibrateReply, answer)
+                    if reply.request_id != self.step_id:
+                        raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
+                    up, down = up + len(request), down + len(answer)
+        finally:
+            end_calibration(saved)
+        return up, down
 
     def predict(self, x: torch.Tensor, link: Link, budget: int | None = None) -> tuple[torch.Tensor, int, int]:
         """Split inference: predicted classes, uplink and downlink bytes."""

@@ -57,6 +57,33 @@ class ServerHalf(nn.Module):
         return self.layers(self.decoder(z, budget))
 
 
+Calibration = list[tuple[nn.Module, float | None]]
+
+
+def start_calibration(module: nn.Module) -> Calibration:
+    """From now on every BatchNorm of `module` averages the statistics of the batches it sees, from scratch (a
+    plain average, torch's momentum=None; per rung for any-budget layers), instead of its running update: the
+    statistics of the weights as they are ("precise BN"). Returns what `end_calibration` restores."""
+    saved: Calibration = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.momentum))
+            m.reset_running_stats()
+            m.momentum = None
+        elif isinstance(m, RungBatchNorm):
+            saved.append((m, None))
+            m.calibrating = set()
+    return saved
+
+
+def end_calibration(saved: Calibration) -> None:
+    for m, momentum in saved:
+        if isinstance(m, RungBatchNorm):
+            m.calibrating = None
+        else:
+            m.momentum = momentum
+
+
 def side_seed(seed: int, side: str) -> int:
     """The seed of one side's random stream of initial weights: a function of (seed, side) alone, so the two
     halves never share a stream and a side builds its half without the other's."""

@@ -36,6 +36,8 @@ class Link(Protocol):
 
     def start_phase(self, request: bytes) -> bytes: ...
 
+    def calibrate(self, request: bytes) -> bytes: ...
+
 
 @dataclass(frozen=True)
 class OptimizerSettings:

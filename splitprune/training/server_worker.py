@@ -14,7 +14,7 @@ from splitprune.compression.codec import Decoded
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, load_optimizer, module_tensors, optimizer_tensors
-from splitprune.training.halves import Geometry, ServerHalf
+from splitprune.training.halves import Calibration, Geometry, ServerHalf, end_calibration, start_calibration
 from splitprune.training.link import OptimizerSettings, parse_message, set_lr
 from splitprune.training.objectives import CrossEntropy, Objective
 from splitprune.training.rng import RngStream
@@ -74,6 +74,8 @@ class ServerWorker:
         self.max_train_batch = max_batch
         self.rng = RngStream(seed + 1)
         self.optimizer: torch.optim.SGD | None = None
+        self._calibration: Calibration | None = None   # a calibration round in progress (its BatchNorms' momenta)
+        self._calibrated = 0
         self.phase_lr = 0.0
         self.budget: int | None = None
         self.phase = -1
@@ -116,9 +118,33 @@ class ServerWorker:
         except ProtocolError as exc:
             raise BadTensor(str(exc)) from None
 
+    def calibrate(self, req: pb.CalibrateRequest, dtype: int | None = None,
+                  max_kept: int | None = None) -> pb.CalibrateReply:
+        """One batch of a calibration round (precise BN): its activations through the half in train mode, every
+        BatchNorm averaging the round's batches from scratch; nothing is trained, no random state is used up."""
+        received = self._decode(req.activations, dtype, max_kept).to(self.accelerator)
+        if req.first or self._calibration is None:
+            self.end_calibration()
+            self._calibration, self._calibrated = start_calibration(self.half), 0
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self.half.train()
+            self.half(received.dense(), received.channels.numel())
+        self._calibrated += 1
+        batches = self._calibrated
+        if req.last:
+            self.end_calibration()
+        return pb.CalibrateReply(request_id=req.request_id, batches=batches)
+
+    def end_calibration(self) -> None:
+        """Back to running statistics (a round a client left unfinished ends at the next step or evaluation)."""
+        if self._calibration is not None:
+            end_calibration(self._calibration)
+            self._calibration = None
+
     def train(self, req: pb.TrainRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.TrainReply:
         if self.optimizer is None:
             raise NoPhase("no training phase started: send a PhaseRequest first")
+        self.end_calibration()
         lr_scale = check_lr_scale(req.lr_scale)
         budget = self.budget if max_kept is None else min(max_kept, self.budget or max_kept)
         received = self._decode(req.activations, dtype, budget, training=True)
@@ -172,6 +198,7 @@ class ServerWorker:
     @torch.no_grad()
     def evaluate(self, req: pb.EvalRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.EvalReply:
         received = self._decode(req.activations, dtype, max_kept).to(self.accelerator)
+        self.end_calibration()
         with self.rng.active():
             self.half.eval()
             logits = self.half(received.dense(), received.channels.numel())
@@ -192,3 +219,6 @@ class LocalLink:
 
     def start_phase(self, request: bytes) -> bytes:
         return self.server.start_phase(parse_message(pb.PhaseRequest, request)).SerializeToString()
+
+    def calibrate(self, request: bytes) -> bytes:
+        return self.server.calibrate(parse_message(pb.CalibrateRequest, request)).SerializeToString()

@@ -14,7 +14,7 @@ import torch
 from splitprune.compression import ChannelCodec
 from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig, stored_config
-from splitprune.data import DATASETS, BatchLoader, make_loaders
+from splitprune.data import DATASETS, BatchLoader, calibration_batches, make_loaders
 from splitprune.errors import UserError
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
@@ -81,6 +81,7 @@ class RunParts:
     in_channels: int
     train_loader: BatchLoader
     test_loader: BatchLoader
+    calibration: list[torch.Tensor] = field(default_factory=list)  # precise BN's batches (cfg.bn_calibration)
 
 
 def input_channels(cfg: RunConfig) -> int:
@@ -177,7 +178,8 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
         device.half.cuda()
         if worker is not None:
             worker.half.cuda()
-    return RunParts(cfg, device, worker, geometry, num_classes, in_channels, train, test)
+    calibration = calibration_batches(train, cfg.bn_calibration, cfg.test_batch_size) if cfg.bn_calibration else []
+    return RunParts(cfg, device, worker, geometry, num_classes, in_channels, train, test, calibration)
 
 
 def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:

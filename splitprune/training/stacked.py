@@ -57,6 +57,7 @@ def _dense(received: Decoded, values: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.EvalReply | Refusal]:
     """Predictions for every request from one eval-mode forward over the stack of the valid ones."""
+    worker.end_calibration()
     out: list[pb.EvalReply | Refusal | None] = [None] * len(requests)
     valid: list[tuple[int, Decoded]] = []
     for i, r in enumerate(requests):
@@ -95,6 +96,7 @@ def train_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.Trai
     carry the same lr_scale (the batcher stacks only those)."""
     if worker.optimizer is None:
         return [NoPhase("no training phase started: send a PhaseRequest first") for _ in requests]
+    worker.end_calibration()
     out: list[pb.TrainReply | Refusal | None] = [None] * len(requests)
     valid: list[tuple[int, Decoded, torch.Tensor]] = []
     for i, r in enumerate(requests):

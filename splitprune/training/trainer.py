@@ -5,7 +5,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,19 +14,20 @@ from tqdm import tqdm
 
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
-from splitprune.config import SEEDING, Phase, RunConfig, resolve_schedule, short_run_warning, stored_config
+from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
 from splitprune.data import validation_loader
 from splitprune.errors import ProtocolError, UserError
 from splitprune.models import cut_shape
-from splitprune.training.checkpoint import (check_start_budget, load_module, load_optimizer, module_tensors,
+from splitprune.training.checkpoint import (check_run_folder, check_start_budget, load_module, load_optimizer, module_tensors,
                                             optimizer_tensors, read_meta, read_tensors, write_checkpoint)
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar
 from splitprune.training.link import OptimizerSettings, lr_scale
 from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
 from splitprune.wire.accounting import add_counts
 
-METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up",
-                 "bytes_down", "eval_bytes_up", "eval_bytes_down", "seconds", "eval_seconds"]
+METRIC_FIELDS = ["epoch", "phase", "budget", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "bytes_down",
+                 "eval_bytes_up", "eval_bytes_down", "seconds", "eval_seconds", "calibration_bytes_up",
+                 "calibration_bytes_down"]
 
 
 @dataclass
@@ -64,9 +65,7 @@ class Trainer:
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         if cfg.method == "prune":
             check_start_budget(cfg.from_checkpoint, self.phases[0].budget or channels)
-        if cfg.seeding != SEEDING and not (self.out / "checkpoint" / "meta.json").exists():
-            raise UserError(f"--seeding {cfg.seeding} is kept to resume and load runs made with it; a new run draws "
-                            f"its weights with --seeding {SEEDING}")
+        check_run_folder(cfg, self.out)
         self._clock = min(time.perf_counter(), getattr(endpoint, "opened_at", math.inf))  # connecting counts too
         self._wall_before = 0.0  # wall seconds of earlier processes of this run
         self.parts = parts or build_run(cfg, server=endpoint is None)  # a remote run builds the device side only
@@ -124,13 +123,6 @@ class Trainer:
         if not (self.out / "checkpoint" / "meta.json").exists():
             return False
         meta = read_meta(self.out / "checkpoint")
-        if meta.get("fingerprint") != self.cfg.fingerprint():
-            saved = stored_config(meta.get("config") or {})
-            if replace(saved, seeding=self.cfg.seeding).fingerprint() == self.cfg.fingerprint():
-                raise UserError(f"{self.out} holds a run whose weights were drawn with --seeding {saved.seeding}: "
-                                f"resume it with --seeding {saved.seeding}")
-            raise UserError(f"{self.out} holds a run with another configuration; "
-                            "pass another --out or remove that folder to start afresh")
         saved = meta["progress"]
         self.progress = Progress(saved["phase"], saved["epoch_in_phase"], saved["epoch"], saved["rows"],
                                  saved["wall_seconds"], saved.get("last_eval", {}), saved.get("transport"),
@@ -245,6 +237,7 @@ class Trainer:
                             refresh=False)  # the bar redraws at its own interval: logs stay short
         seconds = time.perf_counter() - start
         eval_budget = None if self.step_budget is None else self.step_budget.eval_budget()
+        calibration = self.device.calibrate(self.parts.calibration, self.endpoint.link, eval_budget)
         result = evaluate(self.device, self.endpoint.link, self.parts.test_loader, eval_budget,
                           progress=self.show_progress)
         eval_seconds = time.perf_counter() - start - seconds
@@ -253,7 +246,8 @@ class Trainer:
                "train_loss": round(totals["loss"] / n, 6), "train_accuracy": round(totals["correct"] / n, 6),
                "test_accuracy": round(result.accuracy, 6), "bytes_up": totals["up"], "bytes_down": totals["down"],
                "eval_bytes_up": result.bytes_up, "eval_bytes_down": result.bytes_down,
-               "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
+               "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3),
+               "calibration_bytes_up": calibration[0], "calibration_bytes_down": calibration[1]}
         p.rows.append(row)
         p.last_eval = {"samples": result.samples, "bytes_up": result.bytes_up,
                        "single_sample_bytes_up": result.single_sample_bytes_up, "budget": phase.label()}
@@ -320,6 +314,8 @@ class Trainer:
             "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
             "eval_bytes_up": sum(r["eval_bytes_up"] for r in rows),
             "eval_bytes_down": sum(r["eval_bytes_down"] for r in rows),
+            "calibration_bytes_up": sum(r.get("calibration_bytes_up") or 0 for r in rows),
+            "calibration_bytes_down": sum(r.get("calibration_bytes_down") or 0 for r in rows),
             "inference_bytes_per_sample": last["bytes_up"] / last["samples"] if last else None,
             "inference_bytes_single_sample": last.get("single_sample_bytes_up"),
             "final_budget": last.get("budget"), "dtype_up": cfg.dtype_up, "dtype_down": cfg.dtype_down,

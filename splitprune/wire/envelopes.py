@@ -36,7 +36,9 @@ PHASE = 2
 TRAIN = 3
 EVAL = 4
 CHECKPOINT = 5
-KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval", CHECKPOINT: "checkpoint"}
+CALIBRATE = 6
+KIND_NAMES = {HELLO: "hello", PHASE: "phase", TRAIN: "train", EVAL: "eval", CHECKPOINT: "checkpoint",
+              CALIBRATE: "calibrate"}
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

@@ -44,7 +44,7 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
     common = {"model": p.model, "dataset": "fashion-mnist", "train_subset": p.train_subset,
               "test_subset": p.curve_subset, "test_batch_size": p.test_batch_size, "batch_size": 16, "seed": 0,
               "threads": p.threads, "accelerator": p.accelerator, "lr_schedule": p.lr_schedule,
-              "validation_size": p.validation, "data_dir": p.data_dir}
+              "validation_size": p.validation, "data_dir": p.data_dir, "bn_calibration": p.bn_calibration}
 
     def scratch(method: str, schedule: str, up: str, down: str, **more) -> dict:
         return {**common, "method": method, "schedule": schedule, "epochs": E, "dtype_up": up, "dtype_down": down,

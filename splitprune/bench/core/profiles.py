@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, replace
 
+from splitprune.config import CALIBRATION
 from splitprune.errors import UserError
 from splitprune.flags import add_flags, flag_values
 from splitprune.options import check_value, option
@@ -52,6 +53,7 @@ class Profile:
     lr_schedule: str = "constant"  # the paper's constant lr, or "cosine" per phase (quick: short runs settle)
     chain_dtypes: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")  # dtypes the rate suite evaluates chain models at
     validation: int = 2000         # training images held out for choosing configurations (never trained on)
+    bn_calibration: int = CALIBRATION  # training images that recompute BatchNorm statistics before each evaluation
     seeds: tuple[int, ...] = field(default=(0, 1))  # every headline run at each seed
 
     def settings(self) -> dict:
@@ -71,10 +73,11 @@ PROFILES: dict[str, Profile] = {
     "paper-cpu": Profile("paper-cpu", "vgg11_bn_compact", curve_subset=1000, full_subset=None, full_last=1,
                          prune_epochs=20, chain_subset=1000, finetune_epochs=2, accelerator="cpu", test_batch_size=256,
                          topk=(8, 32, 512), link_steps=30, train_subset=2500, epochs=PAPER_EPOCHS, threads=1,
-                         chain_dtypes=("int8", "int4")),
+                         chain_dtypes=("int8", "int4"), bn_calibration=0),
     "paper": Profile("paper", "vgg11_bn", curve_subset=2000, full_subset=None, full_last=1, prune_epochs=20,
                      chain_subset=2000, finetune_epochs=3, accelerator="cuda", test_batch_size=500,
-                     topk=(4, 8, 32, 128, 512), link_steps=30, train_subset=4000, epochs=PAPER_EPOCHS, threads=2),
+                     topk=(4, 8, 32, 128, 512), link_steps=30, train_subset=4000, epochs=PAPER_EPOCHS, threads=2,
+                     bn_calibration=0),
 }
 
 

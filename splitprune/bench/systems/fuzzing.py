@@ -28,7 +28,7 @@ from splitprune.wire.envelopes import DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER
 
 T = TypeVar("T")
 Choose = Callable[[Sequence[T]], T]
-KINDS = ("hello", "phase", "train", "eval", "checkpoint", "envelope", "describe", "infer", "fetch")
+KINDS = ("hello", "phase", "train", "eval", "checkpoint", "calibrate", "envelope", "describe", "infer", "fetch")
 FAILURES = ("INTERNAL", "UNKNOWN")
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 INTS = {"uint32": (0, 1, 2, 3, 255, 256, 4096, 4097, 65535, 65536, (1 << 31) - 1, 1 << 31, U32),
@@ -225,8 +225,10 @@ class Fuzzer:
             step = live.last_step + 1
             msg = {"phase": self._phase(), "train": self._train(step), "envelope": self._train(step),
                    "eval": pb.EvalRequest(request_id=step, activations=self._tensor()),
-                   "checkpoint": spb.CheckpointRequest(step_id=live.last_step)}[kind]
-            field = {"phase": 2, "train": 3, "envelope": 3, "eval": 4, "checkpoint": 5}[kind]
+                   "checkpoint": spb.CheckpointRequest(step_id=live.last_step),
+                   "calibrate": pb.CalibrateRequest(request_id=step, activations=self._tensor(), first=True,
+                                                    last=True)}[kind]
+            field = {"phase": 2, "train": 3, "envelope": 3, "eval": 4, "checkpoint": 5, "calibrate": 6}[kind]
             if kind == "envelope":
                 data = _bytes_variants(frame(field, msg.SerializeToString()), choose)
                 change = f"envelope of {len(data)} bytes"
