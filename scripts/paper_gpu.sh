@@ -25,7 +25,7 @@
 # PAPER_THREADS (torch CPU threads per run, default 1), DATA_DIR (Fashion-MNIST IDX files; default
 # ./.gpu_data/fashion-mnist, then /usr/share/datasets/fashion-mnist), PYTHON (default python3).
 # SMOKE=1: the same logic on CPU with tiny sizes (vgg11_bn_compact) to check the script itself.
-# The profile's knobs (PAPER_*, SMOKE, the data folder) reach every `python -m splitprune.bench.runs`
+# The profile's knobs (PAPER_*, SMOKE, the data folder) reach every `python -m splitprune.bench`
 # process started here as flags (PROFILE_FLAGS: --train-subset, --epochs, --threads, --smoke, --data-dir).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,8 +69,8 @@ $PYTHON - "${PROFILE_FLAGS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
 import platform, sys, torch
 print("torch", torch.__version__, "python", platform.python_version(), "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-from splitprune.bench.runs import build_parser
-from splitprune.cli.bench import profile_from_args
+from splitprune.bench.__main__ import build_parser
+from splitprune.bench.core.profiles import profile_from_args
 print("profile", profile_from_args(build_parser().parse_args(sys.argv[1:])).settings())
 EOF
 
@@ -86,7 +86,7 @@ declare -A PIDS
 launch() {  # launch NAME: train one run in its own process until the training deadline
   local name=$1 left=$(( TRAIN_END - $(date +%s) ))
   if [ "$left" -le 5 ]; then log "no time left for $name"; return; fi
-  timeout -s INT -k 20 "$left" $PYTHON -m splitprune.bench.runs "${PROFILE_FLAGS[@]}" ${USE_PARTIAL:+--use-partial} \
+  timeout -s INT -k 20 "$left" $PYTHON -m splitprune.bench "${PROFILE_FLAGS[@]}" ${USE_PARTIAL:+--use-partial} \
     --out "$ROOT" "$name" > "$WORK/logs/$name.log" 2>&1 &
   PIDS[$name]=$!
   log "started $name (pid ${PIDS[$name]}, ${left}s left)"
@@ -127,7 +127,7 @@ done
 log "reports"
 SUITE_LEFT=$(( START + TOTAL_S - $(date +%s) - 10 ))
 timeout -s INT -k 10 "$(( SUITE_LEFT > 20 ? SUITE_LEFT : 20 ))" \
-  $PYTHON -m splitprune.bench.runs "${PROFILE_FLAGS[@]}" --no-train --out "$ROOT" --suite deprune prune resolution rate \
+  $PYTHON -m splitprune.bench "${PROFILE_FLAGS[@]}" --no-train --out "$ROOT" --suite deprune prune resolution rate \
   >> "$LOG" 2>&1
 REPORTS_RC=$?
 log "reports done (exit $REPORTS_RC)"

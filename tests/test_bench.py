@@ -266,8 +266,11 @@ def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
                                         -max(p["bytes_per_sample"] for p in fits[c]), c))
         assert choice["config"] == best
         assert len(choice["test_accuracy"]) == len(smoke.seeds)
-        cached = [json.loads((root / "rate" / "evals" / f"{n}.test.json").read_text())["points"][0]
-                  for n in planning.seed_names(best.split(" ")[0], smoke)]
+        cached = []
+        for n in planning.seed_names(best.split(" ")[0], smoke):  # the test evaluation of the chosen point
+            files = [json.loads(f.read_text()) for f in (root / "rate" / "evals").glob(f"{n}.test.*.json")]
+            (entry,) = [f for f in files if f["points"][0]["point"] == choice["point"]]
+            cached.append(entry["points"][0])
         assert choice["test_accuracy"] == [c["accuracy"] for c in cached]
         assert {c["samples"] for c in cached} == {smoke.full_subset}
         gap = _seed_difference(choice["test_accuracy"], sl)

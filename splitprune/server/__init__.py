@@ -1,7 +1,7 @@
 """The gRPC server: five concepts, each named once.
 
 - ServerHalf (training.halves): the decoder and the rest of the network, an nn.Module;
-- ServerWorker (training.step): runs steps on a ServerHalf, decodes and checks every message, saves and
+- ServerWorker (training.server_worker): runs steps on a ServerHalf, decodes and checks every message, saves and
   loads its own state;
 - HostedHalf (hosting): a ServerWorker hosted for one config fingerprint, its lock and client records;
 - SplitService (service): the hosted halves, the sessions on them, and what each message does;

@@ -1,6 +1,6 @@
 """Checks of every field the server receives, against its type and against the session; typed refusals.
 
-Tensor and label rules, the budget, the lr and phase settings live in ServerWorker (training/step.py),
+Tensor and label rules, the budget, the lr and phase settings live in ServerWorker (training/server_worker.py),
 which applies them once for in-process and network training alike; this module checks what only a
 network session has: the handshake, step and phase numbers, checkpoint requests, inference budgets.
 Everything here runs before the server allocates anything for the request.

@@ -12,6 +12,7 @@ chosen, and only it is evaluated on the full test set, at every seed, against sl
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def _cached_points(out: Path, name: str, folder: Path, prof, plan: tuple, points
                    baseline=None) -> list[dict]:
     """Evaluate a model's points once on `data` ("validation" or "test"); cached under rate/evals/ keyed by the
     checkpoint, the data and `plan` (what decides the points), so a cache hit loads no model."""
-    cache = out / "evals" / f"{name}.{data}.json"
+    # one file per model and data, and per chosen point on the test images (two limits may choose two points)
+    label = "" if data == "validation" else "." + hashlib.sha256(json.dumps(plan, default=str).encode()).hexdigest()[:8]
+    cache = out / "evals" / f"{name}.{data}{label}.json"
     if not (Path(folder) / "meta.json").exists() and cache.exists():
         return json.loads(cache.read_text())["points"]  # results copied without weights: keep what was measured
     if not (Path(folder) / "meta.json").exists():

@@ -1,6 +1,6 @@
 """The report of `splitprune bench scale`: per-cell rows -> medians, batched/alone ratios, the verdict,
 scale.{json,csv,md,png}. merge_rows() is where rows of other server layouts (e.g. 1 vs 2 replicas,
-splitprune/bench/scale_replicas.py) join the same table and plot: same keys as scale.Cell, their own
+splitprune/bench/systems/scale_replicas.py) join the same table and plot: same keys as scale.Cell, their own
 `replicas`.
 """
 from __future__ import annotations
