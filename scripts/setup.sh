@@ -24,4 +24,4 @@ fi
 echo "== installing splitprune and its dependencies into .venv"
 # torch is pinned (a CPU wheel): an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check --progress-bar off "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check --progress-bar off -e ".[dev,export]"
+.venv/bin/python -m pip install -q --disable-pip-version-check --progress-bar off -e ".[dev,export,models]"

@@ -26,7 +26,8 @@ NESTED_SAMPLINGS = ("sandwich", "random")  # anybudget's server objective (train
 LR_SCHEDULES = ("constant", "cosine")
 ALL = "all"
 # Names defined next to the code that uses them (which imports torch); tests/test_config.py keeps these in step.
-MODEL_NAMES = ("vgg11_bn", "vgg11_bn_compact", "resnet18")                       # splitprune.models
+MODEL_NAMES = ("vgg11_bn", "vgg11_bn_compact", "resnet18")                       # splitprune.models.sources
+MODEL_KINDS = ("torchvision", "timm", "py")                                      # splitprune.models.sources
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")      # splitprune.data.DATASETS
 WIRE_DTYPE_NAMES = ("fp32", "fp16", "int8", "int4")                              # compression.codec.WIRE_DTYPES
 
@@ -54,9 +55,11 @@ class RunConfig:
                          "relaxed; prune: from a trained model (--from) to smaller budgets; anybudget: one model "
                          "whose first B channels serve every budget B (from scratch, or from a trained model: --from)",
                          choices=METHODS)
-    model: str = option("vgg11_bn_compact", "backbone (see `splitprune models`)", choices=MODEL_NAMES)
-    split: str = option("conv5", "split point, e.g. conv5 (the paper's) or pool2 (see `splitprune models`)",
-                       metavar="NAME")
+    model: str = option("vgg11_bn_compact", f"the network: a built-in backbone ({', '.join(MODEL_NAMES)}), "
+                        "torchvision:NAME, timm:NAME or py:package.module:factory (your own function returning an "
+                        "nn.Module)", metavar="SOURCE")
+    split: str = option("conv5", "the layer after which the network is cut, e.g. conv5 (the paper's), layer2 or "
+                        "features.6 (`splitprune models` lists a model's valid cuts)", metavar="NAME")
     dataset: str = option("fashion-mnist", "image dataset (folder: class-per-folder images under --data-dir)",
                           choices=DATASET_NAMES)
     data_dir: str | None = option(None, "where the dataset's files are", default_text="the dataset's standard place",
@@ -128,6 +131,16 @@ class RunConfig:
                                       "compute, no traffic, the device's gradient from the first)", ge=1, le=4,
                                       default_text=_per_method("server_steps"), added=True)
 
+    weights: str | None = option(None, "start from these weights of the whole model (a .pth/.pt state_dict, read "
+                                 "without unpickling, or .safetensors); a head that does not fit the data's classes "
+                                 "starts fresh", metavar="FILE", default_text="none: random initial weights", local=True)
+    weights_sha256: str | None = option(None, "the SHA-256 of --weights (set from the file; a run, its resume and its "
+                                        "server must agree on it)", flag="", added=True)
+    mean: str | None = option(None, "per-channel input mean the images are normalised by, e.g. 0.485,0.456,0.406",
+                              metavar="M[,M,M]", default_text="the dataset's", added=True)
+    std: str | None = option(None, "per-channel input standard deviation, e.g. 0.229,0.224,0.225", metavar="S[,S,S]",
+                             default_text="the dataset's", added=True)
+
     def __post_init__(self) -> None:
         if self.budget is None and self.method != "anybudget":
             self.budget = DEFAULT_BUDGET
@@ -137,6 +150,11 @@ class RunConfig:
             # resolved, so in the fingerprint: any-budget runs made with one step are other runs; left None
             # for the methods whose default is the one step every run made before the field existed
             self.server_steps = METHOD_DEFAULTS[self.method]["server_steps"]
+
+    def normalisation(self) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """(mean, std) from --mean/--std; None where the dataset's are used."""
+        return tuple(_floats(self.mean, "mean")) if self.mean else None, \
+            tuple(_floats(self.std, "std")) if self.std else None
 
     def lr_value(self) -> float:
         return self.lr if self.lr is not None else METHOD_DEFAULTS[self.method]["lr"]
@@ -283,8 +301,28 @@ def make_config(values: dict) -> RunConfig:
     return cfg
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} must be 1 or 3 numbers separated by commas, e.g. 0.485,0.456,0.406, "
+                        f"got {text!r}") from None
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise UserError(f"--{name} must be 1 or 3 finite numbers separated by commas, got {text!r}")
+    if name == "std" and min(values) <= 0:
+        raise UserError(f"--std values must be positive, got {text!r}")
+    return values
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _validate(cfg: RunConfig) -> None:
-    """What no single field decides."""
+    """What no single field decides (nothing here reads a file or imports a model)."""
+    from_source_text(cfg.model)
+    cfg.normalisation()
+    if cfg.weights_sha256 is not None and not _SHA256.match(cfg.weights_sha256):
+        raise UserError("weights_sha256 must be 64 lowercase hexadecimal digits")
     if cfg.method == "prune" and not cfg.from_checkpoint:
         raise UserError("method prune needs --from CHECKPOINT (a trained model)")
     if cfg.nested != "sandwich" and cfg.method != "anybudget":
@@ -294,21 +332,14 @@ def _validate(cfg: RunConfig) -> None:
     _check_schedule(cfg)
 
 
-# ---------------------------------------------------------------------------------------------- advice
-SETTLED_STEPS = 1000  # below this many steps at a constant lr, BatchNorm running statistics lag (measured, README)
+def from_source_text(text: str) -> None:
+    """A --model text must name a built-in backbone or KIND:NAME (what it names is checked when it is built)."""
+    kind, sep, name = text.partition(":")
+    if text in MODEL_NAMES or (sep and kind in MODEL_KINDS and name and len(text) <= 200):
+        return
+    import difflib
 
-
-def short_run_warning(cfg: RunConfig, steps: int) -> str | None:
-    """Why a short run's test accuracy reads far below its training accuracy, or None.
-
-    Every test evaluation uses BatchNorm running statistics (momentum 0.1 in the backbone and decoder), which
-    lag weights that still change fast at the end of a short run at a constant lr. Measured (ca B=4, Fashion-MNIST,
-    1 thread): 57 steps: 22% test, 66% with the statistics recomputed for the final weights; 189 steps: 57% vs
-    66%; with --lr-schedule cosine at 189 steps: 80.2% vs 80.7%.
-    """
-    if cfg.lr_schedule != "constant" or steps >= SETTLED_STEPS or cfg.bn_calibration:
-        return None
-    return (f"only {steps} training steps at a constant lr, evaluated with the BatchNorm running statistics "
-            "(--bn-calibration 0): they still lag the weights, so test accuracy reads far below what the model can "
-            "do (measured: 22% instead of 66% after 57 steps, 57% instead of 66% after 189). Calibrate them "
-            f"(--bn-calibration {CALIBRATION}, the default), use --lr-schedule cosine, or train for more steps.")
+    close = difflib.get_close_matches(text, MODEL_NAMES, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(f"model must be a built-in backbone ({', '.join(MODEL_NAMES)}), torchvision:NAME, timm:NAME or "
+                    f"py:package.module:factory, got {text!r}{hint}")

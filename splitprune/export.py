@@ -26,8 +26,16 @@ from torch import nn
 from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
 from splitprune.files import replace_folder
-from splitprune.manifest import (INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, TOLERANCE,
-                                 check_export_folder, onnx_file, onnx_session)
+from splitprune.manifest import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    OUTPUT_NAME,
+    TOLERANCE,
+    check_export_folder,
+    onnx_file,
+    onnx_session,
+)
 from splitprune.training.device_worker import DeviceWorker
 from splitprune.training.halves import DeviceHalf
 
@@ -165,10 +173,12 @@ def sample_inputs(cfg, in_channels: int, count: int | None) -> tuple[torch.Tenso
     info = DATASETS[cfg.dataset]
     ds = subset(load_dataset(cfg.dataset, cfg.data_dir, train=False,
                              image_size=cfg.input_size if cfg.dataset == "folder" else None), count, cfg.seed)
-    mean, std = adapt_stats(info.mean, in_channels), adapt_stats(info.std, in_channels)
+    mean_set, std_set = cfg.normalisation()
+    mean, std = adapt_stats(mean_set or info.mean, in_channels), adapt_stats(std_set or info.std, in_channels)
     images = BatchTransform(cfg.input_size, in_channels, mean, std, False)(torch.from_numpy(ds.images))
     spec = {"size": cfg.input_size, "in_channels": in_channels, "mean": list(mean), "std": list(std),
-            "layout": "NCHW float32 = (uint8 / 255 - mean) / std, images centre-padded to size",
+            "layout": "NCHW float32 = (uint8 / 255 - mean) / std, images centre-padded (up to 8 pixels smaller) or "
+                      "resized (bilinear, antialiased) to size",
             "classes": ds.classes or CLASS_NAMES.get(cfg.dataset)}
     return images, ds.labels, spec
 

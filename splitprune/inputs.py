@@ -67,29 +67,53 @@ def pad_box(height: int, width: int, size: int) -> tuple[int, int] | None:
     return (size - height) // 2, (size - width) // 2
 
 
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of a bilinear resize with antialiasing, as torch's F.interpolate(mode="bilinear",
+    antialias=True, align_corners=False) computes them (a triangle filter widened by the scale when shrinking)."""
+    scale = in_size / out_size
+    support, invscale = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
+    weights = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        taps = np.clip(1.0 - np.abs((np.arange(lo, hi) - center + 0.5) * invscale), 0.0, None)
+        weights[i, lo:hi] = taps / taps.sum()
+    return weights.astype(np.float32)
+
+
+def fit_images(x: np.ndarray, size: int) -> np.ndarray:
+    """float32 [N,C,H,W] -> [N,C,size,size]: centre zero-padding when at most PAD_LIMIT pixels smaller (Fashion-MNIST
+    28 -> 32), otherwise a bilinear antialiased resize (what the training data went through)."""
+    n, c, height, width = x.shape
+    if height == width == size:
+        return x
+    box = pad_box(height, width, size)
+    if box is not None:
+        top, left = box
+        padded = np.zeros((n, c, size, size), np.float32)
+        padded[:, :, top:top + height, left:left + width] = x
+        return padded
+    rows, cols = resize_weights(height, size), resize_weights(width, size)
+    return np.einsum("oh,nchw,pw->ncop", rows, x, cols, optimize=True).astype(np.float32)
+
+
 def normalise_images(images: np.ndarray, size: int, in_channels: int, mean: Sequence[float],
                      std: Sequence[float]) -> np.ndarray:
-    """uint8 [N,H,W,C] -> float32 [N,in_channels,size,size]: 3->1 by luma, centre zero-padding, 1->3 by copy,
-    then (x / 255 - mean) / std per channel (mean, std: one value per input channel). No resizing: an image
-    that does not fit is refused with a UserError."""
+    """uint8 [N,H,W,C] -> float32 [N,in_channels,size,size]: 3->1 by luma, centre zero-padding or an antialiased
+    bilinear resize to size x size, 1->3 by copy, then (x / 255 - mean) / std per channel (mean, std: one value
+    per input channel)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"images must be uint8 [N,H,W,C], got {images.dtype} {list(images.shape)}")
     n, height, width, channels = images.shape
     if channels != in_channels and (channels, in_channels) not in ((1, 3), (3, 1)):
         raise UserError(f"cannot feed {channels}-channel images to a model with {in_channels} input channels")
-    box = pad_box(height, width, size)
-    if box is None:
-        raise UserError(f"images are {height}x{width} pixels; this model takes {size}x{size} (or up to "
-                        f"{PAD_LIMIT} pixels smaller, padded): resize them first")
     x = images.transpose(0, 3, 1, 2).astype(np.float32)
     if channels == 3 and in_channels == 1:
         x = (x * np.asarray(LUMA_WEIGHTS, np.float32).reshape(1, 3, 1, 1)).sum(axis=1, keepdims=True)
-    top, left = box
-    padded = np.zeros((n, x.shape[1], size, size), np.float32)
-    padded[:, :, top:top + height, left:left + width] = x
-    if padded.shape[1] == 1 and in_channels == 3:
-        padded = np.repeat(padded, 3, axis=1)
+    x = fit_images(x, size)
+    if x.shape[1] == 1 and in_channels == 3:
+        x = np.repeat(x, 3, axis=1)
     mean32, std32 = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
     scale, bias = np.float32(1.0) / (np.float32(255.0) * std32), -mean32 / std32
     # one rounding of x * scale + bias, like torch.addcmul's fused multiply-add: the same float32 bits
-    return (padded.astype(np.float64) * scale.astype(np.float64) + bias.astype(np.float64)).astype(np.float32)
+    return (x.astype(np.float64) * scale.astype(np.float64) + bias.astype(np.float64)).astype(np.float32)

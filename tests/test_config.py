@@ -107,7 +107,7 @@ def test_name_lists_match_the_modules_that_use_them():
 
 
 def test_a_short_run_at_a_constant_lr_is_told_why_test_accuracy_lags():
-    from splitprune.config import short_run_warning
+    from splitprune.training.evaluation import short_run_warning
 
     uncalibrated = {"bn_calibration": 0}
     assert "BatchNorm running statistics" in short_run_warning(make_config(uncalibrated), 57)

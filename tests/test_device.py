@@ -120,9 +120,9 @@ def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, t
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
 
-    big = tmp_path / "big.npy"
-    np.save(big, np.zeros((1, 40, 40), np.uint8))
-    refused(["--model", str(out), str(big)], "images are 40x40 pixels; this model takes 32x32")
+    colour = tmp_path / "colour.npy"  # any size is resized (tests/test_your_model.py); a channel count is not
+    np.save(colour, np.zeros((1, 40, 40, 4), np.uint8))
+    refused(["--model", str(out), str(colour)], "expected images [N,H,W] or [N,H,W,C] (C = 1 or 3)")
     refused(["--model", str(out), "--budget", "2", "--batch-size", "0", str(path)], "at least 1")
     refused(["--model", str(out), "--budget", "3", str(path)], "budget 3 was not exported")
     refused(["--model", str(out), "--budget", "auto", str(path)], "--budget auto needs")

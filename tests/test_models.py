@@ -1,15 +1,30 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
 
 from splitprune.cli import main
 from splitprune.errors import UserError
-from splitprune.models import (SplitModel, build_split_model, check_server_input, cut_shape, list_models,
-                               list_split_points, resnet, vgg)
+from splitprune.models import build_part, check_server_input, cut_shape, list_cuts, list_models, resnet, vgg
 
 BUILDERS = {"vgg11_bn": vgg.vgg11_bn, "vgg11_bn_compact": vgg.vgg11_bn_compact, "resnet18": resnet.resnet18}
+
+
+@dataclass
+class SplitModel:
+    device: nn.Module
+    server: nn.Module
+    cut_shape: tuple[int, ...]
+
+
+def build_split_model(name: str, split: str, num_classes: int, in_channels: int = 3,
+                      input_size: int = 32) -> SplitModel:
+    shape = cut_shape(name, split, in_channels, input_size)
+    return SplitModel(build_part(name, split, num_classes, in_channels, "device"),
+                      build_part(name, split, num_classes, in_channels, "server"), shape)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,11 +79,15 @@ def reference_full(name: str, split_model: SplitModel, num_classes: int, in_chan
 
 def test_registry():
     assert list_models() == ["vgg11_bn", "vgg11_bn_compact", "resnet18"]
-    assert list(list_split_points("vgg11_bn")) == ["pool1", "pool2", "pool3", "conv5", "conv6", "pool4"]
-    assert list(list_split_points("resnet18")) == ["stem", "layer1", "layer2", "layer3"]
+    named = {name: [c.name for c in list_cuts(name) if c.description] for name in list_models()}
+    assert named["vgg11_bn"] == ["pool1", "pool2", "pool3", "conv5", "conv6", "pool4"]
+    assert named["resnet18"] == ["stem", "layer1", "layer2", "layer3"]
     for name in list_models():
-        for split, description in list_split_points(name).items():
-            assert description and "\n" not in description, (name, split)
+        for cut in list_cuts(name):
+            assert "\n" not in cut.description, (name, cut)
+    # the graph finds the built-in names' layers: conv5 is features.17, the 5th conv block's ReLU
+    assert {c.name: c.layer for c in list_cuts("vgg11_bn")}["conv5"] == "features.17"
+    assert cut_shape("vgg11_bn", "features.17") == cut_shape("vgg11_bn", "conv5")
 
 
 def test_vgg11_bn_parameter_count(vgg_conv5: SplitModel):
@@ -143,8 +162,8 @@ def test_vgg11_bn_split_equals_full_forward(vgg_conv5: SplitModel):
 
 @pytest.mark.parametrize(
     "name, split, in_channels, size",
-    [(name, split, 3, 32) for split in vgg.SPLIT_POINTS for name in ["vgg11_bn_compact"]]
-    + [("resnet18", split, 3, 16) for split in resnet.SPLIT_POINTS]
+    [(name, split, 3, 32) for split in vgg.CUTS for name in ["vgg11_bn_compact"]]
+    + [("resnet18", split, 3, 16) for split in resnet.CUTS]
     + [("vgg11_bn_compact", "conv5", 1, 32), ("resnet18", "layer2", 1, 16)],
 )
 def test_split_equals_full_forward(name: str, split: str, in_channels: int, size: int):
@@ -184,22 +203,22 @@ def test_gradients_flow_through_the_cut():
 def test_unknown_model_lists_choices():
     with pytest.raises(UserError, match="vgg11_bn, vgg11_bn_compact, resnet18"):
         build_split_model("vgg16", "conv5", num_classes=10)
-    with pytest.raises(UserError, match="unknown model 'alexnet'"):
-        list_split_points("alexnet")
+    with pytest.raises(UserError, match="got 'vgg11_b'; did you mean vgg11_bn"):
+        list_cuts("vgg11_b")
 
 
-def test_unknown_split_lists_choices():
-    with pytest.raises(UserError, match="pool1, pool2, pool3, conv5, conv6, pool4"):
+def test_unknown_or_invalid_cuts_name_the_nearest_valid_ones():
+    with pytest.raises(UserError, match="has no module 'conv9'"):
         build_split_model("vgg11_bn", "conv9", num_classes=10)
-    with pytest.raises(UserError, match="stem, layer1, layer2, layer3"):
-        cut_shape("resnet18", "conv5")
+    with pytest.raises(UserError, match=r"resnet18 at 'layer2\.0\.conv1'.*more than one tensor crosses.*layer2\.0"):
+        cut_shape("resnet18", "layer2.0.conv1")
 
 
 @pytest.mark.parametrize("name, split, size", [("vgg11_bn", "conv5", 16), ("vgg11_bn_compact", "pool2", 8)])
 def test_too_small_input(name: str, split: str, size: int):
-    with pytest.raises(UserError, match=rf"{size}x{size} is too small.*smallest input size that works is 32"):
+    with pytest.raises(UserError, match=rf"{size}x{size} does not fit.*smallest input size that works is 32"):
         cut_shape(name, split, input_size=size)
-    with pytest.raises(UserError, match="too small"):
+    with pytest.raises(UserError, match="does not fit"):
         build_split_model(name, split, num_classes=10, input_size=size)
     assert cut_shape(name, split, input_size=32)
 
@@ -224,7 +243,7 @@ def test_check_server_input():
         check_server_input(model.server, (256, 4, 4))
     with pytest.raises(UserError, match="512 x 1 x 1"):
         check_server_input(model.server, (512, 1, 1))
-    with pytest.raises(UserError, match="three positive ints"):
+    with pytest.raises(UserError, match="512 x 4"):
         check_server_input(model.server, (512, 4))
     assert model.server.training
 
@@ -236,8 +255,8 @@ def test_cli_models(capsys: pytest.CaptureFixture[str]):
         assert f"{name}: " in out
     assert "128,812,810 parameters" in out and "11,173,962 parameters" in out
     conv5_row = next(line for line in out.splitlines() if line.split()[:1] == ["conv5"])
-    assert "512 x 4 x 4" in conv5_row and "32,768" in conv5_row and "2,143,488" in conv5_row
-    assert "126,669,322" in conv5_row and "5th conv block" in conv5_row
+    assert "(features.17)" in conv5_row and "512 x 4 x 4" in conv5_row and "32,768" in conv5_row
+    assert "2,143,488" in conv5_row and "126,669,322" in conv5_row and "5th conv block" in conv5_row
     assert "n/a (too small)" not in out
 
 
@@ -249,5 +268,7 @@ def test_cli_models_too_small_and_errors(capsys: pytest.CaptureFixture[str]):
     assert "input 1 x 16 x 16" in out and "resnet18" not in out
     assert main(["models", "--model", "nope"]) == 2
     assert "vgg11_bn_compact" in capsys.readouterr().err
+    assert main(["models", "--model", "torchvision:resnet1"]) == 2
+    assert "did you mean resnet18" in capsys.readouterr().err
     assert main(["models", "--num-classes", "0"]) == 2
     assert "--num-classes" in capsys.readouterr().err

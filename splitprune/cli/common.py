@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from splitprune.client.config import ConnectConfig
 from splitprune.config import RunConfig, load_yaml, make_config
+from splitprune.errors import UserError
 from splitprune.flags import add_flags, flag_values
 from splitprune.wire.addresses import TOKEN_ENV
 
@@ -49,7 +50,16 @@ def connect_config(args: argparse.Namespace) -> ConnectConfig:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update(flag_values(args, RunConfig))
-    return make_config(values)
+    cfg = make_config(values)
+    if cfg.weights:
+        from splitprune.models import file_digest
+
+        digest = file_digest(cfg.weights)
+        if cfg.weights_sha256 and cfg.weights_sha256 != digest:
+            raise UserError(f"--weights {cfg.weights} is not the file the config names (weights_sha256 "
+                            f"{cfg.weights_sha256[:16]}...)")
+        cfg.weights_sha256 = digest
+    return cfg
 
 
 def idle_cores(load: float | None = None, cores: int | None = None) -> int:

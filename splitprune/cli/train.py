@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import (HelpFormatter, add_config_flags, add_connect_flags, config_from_args, connect_config,
-                                   percent, print_table)
-from splitprune.config import short_run_warning, stored_config
+from splitprune.cli.common import (
+    HelpFormatter,
+    add_config_flags,
+    add_connect_flags,
+    config_from_args,
+    connect_config,
+    percent,
+    print_table,
+)
+from splitprune.config import stored_config
 from splitprune.errors import UserError
 from splitprune.files import check_out_folder
 
@@ -84,6 +91,8 @@ def print_summary(s: dict) -> None:
     transport = s.get("transport")
     if transport:
         print(traffic_lines(transport))
+    from splitprune.training.evaluation import short_run_warning
+
     advice = short_run_warning(stored_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])
     if advice:
         print(f"warning: {advice}")

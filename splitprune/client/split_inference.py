@@ -41,7 +41,8 @@ def open_session(checkpoint: str, server: ConnectConfig | str, dtype_up: str | N
     loaded = load_checkpoint(checkpoint, ("device",), dtype_up=dtype_up, data_dir=data_dir, test_batch_size=batch_size)
     cfg, meta, tensors, device = loaded.cfg, loaded.meta, loaded.tensors, loaded.device
     _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
-                              meta["in_channels"], cfg.seed, 1, test_subset, False, batch_size)
+                              meta["in_channels"], cfg.seed, 1, test_subset, False, batch_size,
+                              normalisation=cfg.normalisation())
     client = InferenceClient(server, meta["fingerprint"])  # connect last: all else is ready
     try:
         info = client.describe()

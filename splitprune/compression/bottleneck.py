@@ -11,6 +11,7 @@ from torch import nn
 
 from splitprune.adaptive.budgets import ladder as budget_ladder
 from splitprune.compression.budget import channel_mask, select_top_b
+from splitprune.compression.passthrough import IDENTITY_GATE, IDENTITY_SCALE, fit_norm, identity_kernel, set_norm
 from splitprune.errors import UserError
 
 
@@ -29,7 +30,22 @@ class GatedEncoder(nn.Module):
         self.gate_logits = nn.Parameter(gate_init * torch.rand(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.bn(self.conv(x))) * torch.sigmoid(self.gate_logits)
+        y = self.conv(x)
+        if self.training and "fit_pending" in self._buffers and self.fit_pending:
+            fit_norm(self.bn, y, IDENTITY_SCALE)
+            self.fit_pending.zero_()
+        return torch.sigmoid(self.bn(y)) * torch.sigmoid(self.gate_logits)
+
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """Start as a pass-through: every channel sent, sigmoid(s x) in sigmoid's nearly linear range, from which
+        IdentityDecoder gets x back. Exact in evaluation at once (the initial statistics); the BatchNorm's affine
+        transform is fitted to the first training batch (data-dependent, like ActNorm) so that it holds in
+        training too."""
+        identity_kernel(self.conv)
+        set_norm(self.bn, scale=IDENTITY_SCALE, shift=0.0)
+        self.gate_logits.fill_(IDENTITY_GATE)
+        self.register_buffer("fit_pending", torch.ones(()))
 
 
 class Decoder(nn.Module):
@@ -39,14 +55,27 @@ class Decoder(nn.Module):
     `budget` (how many channels were sent) is not used: one BatchNorm serves every budget.
     """
 
-    def __init__(self, channels: int, resolution: int = 1, in_channels: int | None = None) -> None:
+    def __init__(self, channels: int, resolution: int = 1, in_channels: int | None = None, relu: bool = True) -> None:
         super().__init__()
         self.deconv = nn.ConvTranspose2d(in_channels or channels, channels, **_geometry(resolution))
         self.bn = nn.BatchNorm2d(channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU(inplace=True) if relu else nn.Identity()
 
     def forward(self, x: torch.Tensor, budget: int | None = None) -> torch.Tensor:
-        return self.relu(self.bn(self.deconv(x)))
+        y = self.deconv(x)
+        if self.training and "fit_pending" in self._buffers and self.fit_pending:
+            fit_norm(self.bn, y, 1.0)
+            self.fit_pending.zero_()
+        return self.relu(self.bn(y))
+
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """The inverse of GatedEncoder.start_as_identity: (4 z - 2) / s undoes sigmoid(s x) to first order, and the
+        BatchNorm passes it through (in evaluation at once, in training from the first batch on)."""
+        identity_kernel(self.deconv, 4.0 / IDENTITY_SCALE)
+        self.deconv.bias.fill_(-2.0 / IDENTITY_SCALE)
+        set_norm(self.bn, scale=1.0, shift=0.0)
+        self.register_buffer("fit_pending", torch.ones(()))
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,8 +179,8 @@ class PrefixDecoder(Decoder):
     linear, so the outputs for the prefixes 1, 2, 4, ... are cumulative sums of the contributions of their
     channel groups, one extra deconvolution's worth of work (no gradient)."""
 
-    def __init__(self, channels: int, resolution: int = 1) -> None:
-        super().__init__(channels, resolution)
+    def __init__(self, channels: int, resolution: int = 1, relu: bool = True) -> None:
+        super().__init__(channels, resolution, relu=relu)
         self.bn = RungBatchNorm(channels, channels)
 
     def forward(self, x: torch.Tensor, budget: int | None = None) -> torch.Tensor:

@@ -251,10 +251,13 @@ def make_loaders(
     augment: bool | None = None,
     test_batch_size: int = 256,
     validation_size: int = 0,
+    normalisation: tuple[Sequence[float] | None, Sequence[float] | None] = (None, None),
 ) -> tuple[BatchLoader, BatchLoader, int]:
     """(train loader, test loader, number of classes); ``augment`` None uses the dataset's default. The
-    training subset is drawn from what is left after holding out ``validation_size`` images (:func:`hold_out`)."""
+    training subset is drawn from what is left after holding out ``validation_size`` images (:func:`hold_out`).
+    ``normalisation``: (mean, std), None for the dataset's."""
     info = dataset_info(name)
+    mean, std = normalisation[0] or info.mean, normalisation[1] or info.std
     load_size = input_size if info.native_size is None else None
     load_channels = in_channels if info.name == "folder" else info.in_channels
     train_all = load_split(name, data_dir, True, load_size, load_channels)
@@ -263,7 +266,7 @@ def make_loaders(
     train_set = subset(train_all, train_subset, seed)
     test_set = subset(load_split(name, data_dir, False, load_size, load_channels), test_subset, seed)
     augment = info.augment_by_default if augment is None else augment
-    common = dict(input_size=input_size, in_channels=in_channels, mean=info.mean, std=info.std, seed=seed)
+    common = dict(input_size=input_size, in_channels=in_channels, mean=mean, std=std, seed=seed)
     lone_last = len(train_set.labels) % batch_size == 1  # BatchNorm cannot train on a batch of one
     train_loader = BatchLoader(train_set, batch_size, shuffle=True, augment=augment, drop_last=lone_last, **common)
     test_loader = BatchLoader(test_set, test_batch_size, shuffle=False, augment=False, **common)
@@ -283,7 +286,9 @@ def calibration_batches(train: BatchLoader, images: int, batch_size: int) -> lis
 
 
 def validation_loader(name: str, data_dir: str | None, input_size: int, in_channels: int, validation_size: int,
-                      batch_size: int = 256) -> BatchLoader:
+                      batch_size: int = 256,
+                      normalisation: tuple[Sequence[float] | None, Sequence[float] | None] = (None, None)
+                      ) -> BatchLoader:
     """The held-out validation images (:func:`hold_out`), prepared like the test set (no augmentation)."""
     if validation_size <= 0:
         raise UserError("this run holds out no validation images (validation_size is 0)")
@@ -291,5 +296,6 @@ def validation_loader(name: str, data_dir: str | None, input_size: int, in_chann
     load_size = input_size if info.native_size is None else None
     load_channels = in_channels if info.name == "folder" else info.in_channels
     held = hold_out(load_split(name, data_dir, True, load_size, load_channels), validation_size)[1]
-    return BatchLoader(held, batch_size, input_size=input_size, in_channels=in_channels, mean=info.mean,
-                       std=info.std, shuffle=False, augment=False, seed=0)
+    return BatchLoader(held, batch_size, input_size=input_size, in_channels=in_channels,
+                       mean=normalisation[0] or info.mean, std=normalisation[1] or info.std, shuffle=False,
+                       augment=False, seed=0)

@@ -1,19 +1,16 @@
 """ResNet-18 with a CIFAR stem (3x3 stride-1 conv, no max-pool), laid out like torchvision's ResNet."""
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
-SPLIT_POINTS: dict[str, str] = {
-    "stem": "after the stem (conv3x3-BN-ReLU): 64 channels at H",
-    "layer1": "after stage 1 (2 BasicBlocks): 64 channels at H",
-    "layer2": "after stage 2 (2 BasicBlocks): 128 channels at H/2",
-    "layer3": "after stage 3 (2 BasicBlocks): 256 channels at H/4",
+# Names for cuts: name -> (the layer the cut follows, description)
+CUTS: dict[str, tuple[str, str]] = {
+    "stem": ("relu", "after the stem (conv3x3-BN-ReLU): 64 channels at H"),
+    "layer1": ("layer1", "after stage 1 (2 BasicBlocks): 64 channels at H"),
+    "layer2": ("layer2", "after stage 2 (2 BasicBlocks): 128 channels at H/2"),
+    "layer3": ("layer3", "after stage 3 (2 BasicBlocks): 256 channels at H/4"),
 }
-
-_LAST_DEVICE_CHILD = {"stem": "relu", "layer1": "layer1", "layer2": "layer2", "layer3": "layer3"}
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -60,13 +57,6 @@ class ResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.flatten(self.avgpool(x)))
-
-    def split(self, point: str) -> tuple[nn.Sequential, nn.Sequential]:
-        """Cut at a name of SPLIT_POINTS; both halves share this model's modules and state_dict keys."""
-        children = list(self.named_children())
-        names = [name for name, _ in children]
-        end = names.index(_LAST_DEVICE_CHILD[point]) + 1
-        return nn.Sequential(OrderedDict(children[:end])), nn.Sequential(OrderedDict(children[end:]))
 
 
 def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

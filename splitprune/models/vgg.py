@@ -1,20 +1,19 @@
 """VGG-11 with BatchNorm (Simonyan & Zisserman, cfg A), laid out like torchvision's VGG."""
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
 CFG_A: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
-SPLIT_POINTS: dict[str, str] = {
-    "pool1": "after the 1st max-pool: 64 channels at H/2 (device: 64 M)",
-    "pool2": "after the 2nd max-pool: 128 channels at H/4 (device: 64 M 128 M)",
-    "pool3": "after the 3rd max-pool: 256 channels at H/8 (device: 64 M 128 M 256 256 M)",
-    "conv5": "after the 5th conv block: 512 channels at H/8 (device: 64 M 128 M 256 256 M 512)",
-    "conv6": "after the 6th conv block: 512 channels at H/8 (device: 64 M 128 M 256 256 M 512 512)",
-    "pool4": "after the 4th max-pool: 512 channels at H/16 (device: 64 M 128 M 256 256 M 512 512 M)",
+# The paper's names for cuts: name -> (the layer the cut follows, description)
+CUTS: dict[str, tuple[str, str]] = {
+    "pool1": ("features.3", "after the 1st max-pool: 64 channels at H/2 (device: 64 M)"),
+    "pool2": ("features.7", "after the 2nd max-pool: 128 channels at H/4 (device: 64 M 128 M)"),
+    "pool3": ("features.14", "after the 3rd max-pool: 256 channels at H/8 (device: 64 M 128 M 256 256 M)"),
+    "conv5": ("features.17", "after the 5th conv block: 512 channels at H/8 (device: 64 M 128 M 256 256 M 512)"),
+    "conv6": ("features.20", "after the 6th conv block: 512 channels at H/8 (device: 64 M 128 M 256 256 M 512 512)"),
+    "pool4": ("features.21", "after the 4th max-pool: 512 channels at H/16 (device: 64 M 128 M 256 256 M 512 512 M)"),
 }
 
 
@@ -32,20 +31,6 @@ class VGG(nn.Module):
         x = self.avgpool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
 
-    def split(self, point: str) -> tuple[nn.Sequential, nn.Sequential]:
-        """Cut at a name of SPLIT_POINTS; both halves share this model's modules and state_dict keys."""
-        end = block_ends(CFG_A)[point]
-        device = nn.Sequential(OrderedDict(features=self.features[:end]))
-        server = nn.Sequential(
-            OrderedDict(
-                features=self.features[end:],
-                avgpool=self.avgpool,
-                flatten=nn.Flatten(1),
-                classifier=self.classifier,
-            )
-        )
-        return device, server
-
 
 def make_features(cfg: list[int | str], in_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -58,20 +43,6 @@ def make_features(cfg: list[int | str], in_channels: int) -> nn.Sequential:
             layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             channels = out
     return nn.Sequential(*layers)
-
-
-def block_ends(cfg: list[int | str]) -> dict[str, int]:
-    """Block name (conv1.., pool1..) -> number of `features` layers up to and including that block."""
-    ends: dict[str, int] = {}
-    n_layers = n_conv = n_pool = 0
-    for v in cfg:
-        if v == "M":
-            n_layers, n_pool = n_layers + 1, n_pool + 1
-            ends[f"pool{n_pool}"] = n_layers
-        else:
-            n_layers, n_conv = n_layers + 3, n_conv + 1
-            ends[f"conv{n_conv}"] = n_layers
-    return ends
 
 
 def _init_weights(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitprune.config import from_source_text
 from splitprune.errors import UserError
 from splitprune.options import Settings, option
 from splitprune.wire.addresses import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
@@ -23,6 +24,13 @@ class ServeConfig(Settings):
                                     default_text="a temporary folder, for as long as the server runs")
     model: tuple[str, ...] = option((), "also host this trained checkpoint (a `splitprune train` run or checkpoint "
                                     "folder) for inference; repeatable", metavar="CKPT", repeat=True)
+    allow_model: tuple[str, ...] = option((), "also build halves of this model source for clients (the built-in "
+                                          "backbones always are): torchvision:NAME, timm:NAME or "
+                                          "py:package.module:factory; torchvision:* or timm:* allows all of them. A "
+                                          "client never makes the server import anything else; repeatable",
+                                          metavar="SOURCE", repeat=True)
+    weights: tuple[str, ...] = option((), "a weights file runs may start from (--weights of `train`), matched to a "
+                                      "run by its SHA-256; repeatable", metavar="FILE", repeat=True)
     token: str | None = option(None, "require this bearer token from every client",
                                default_text=f"${TOKEN_ENV} when set, else no token")
     tls_cert: str | None = option(None, "server certificate (PEM); enables TLS", metavar="PEM",
@@ -74,8 +82,16 @@ class ServeConfig(Settings):
                                  "gone: the tier stops (a replica that dies is noticed at once)", gt=0, le=1e6,
                                  metavar="S")
 
+    def allows(self, model: str) -> bool:
+        """Whether this server builds halves of `model` for clients."""
+        kind, sep, _ = model.partition(":")
+        return not sep or model in self.allow_model or (kind != "py" and f"{kind}:*" in self.allow_model)
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        for text in self.allow_model:
+            if text not in ("torchvision:*", "timm:*"):
+                from_source_text(text)
         if self.batch_train and not self.batch_window_ms:
             raise UserError("--batch-train stacks the steps that arrive within a window: give --batch-window-ms")
         if self.token is not None and not self.token:

@@ -68,8 +68,12 @@ class HostedHalf:
 
     def __init__(self, cfg: RunConfig, num_classes: int, in_channels: int, read_only: bool = False,
                  source: str = "", accelerator: str = "cpu", max_batch: int | None = None,
-                 request_memory: int = DEFAULT_REQUEST_MEMORY, worker: ServerWorker | None = None) -> None:
-        """`worker`: a server worker of `cfg` already loaded (a trained model); default: a fresh one."""
+                 request_memory: int = DEFAULT_REQUEST_MEMORY, worker: ServerWorker | None = None,
+                 weights_files: dict[str, str] | None = None, initial: bool = True) -> None:
+        """`worker`: a server worker of `cfg` already loaded (a trained model); default: a fresh one, from the
+        file of `weights_files` (SHA-256 -> path) the config names, if any. `initial` False: its state is
+        loaded next (the weights file is not needed)."""
+        self.weights = (weights_files or {}).get(cfg.weights_sha256 or "")
         self.cfg = cfg
         self.accelerator = accelerator
         self.fingerprint = cfg.fingerprint()
@@ -82,11 +86,11 @@ class HostedHalf:
         self.version = 1
         self.saved_version = 0
         self._digest_cache: tuple[int, str] | None = None
-        self._build(worker)
+        self._build(worker, initial)
 
-    def _build(self, worker: ServerWorker | None = None) -> None:
+    def _build(self, worker: ServerWorker | None = None, initial: bool = True) -> None:
         if worker is None:
-            worker, _ = build_server_worker(self.cfg, self.num_classes, self.in_channels)
+            worker, _ = build_server_worker(self.cfg, self.num_classes, self.in_channels, self.weights, initial)
         geometry = worker.geometry
         if self.accelerator == "cuda":  # the server's choice (serve --accelerator), whatever the client's config says
             worker.half.cuda()
@@ -191,7 +195,7 @@ class HostedHalf:
 
     @classmethod
     def from_model(cls, path: str, accelerator: str = "cpu", max_batch: int | None = None,
-                   request_memory: int = DEFAULT_REQUEST_MEMORY) -> "HostedHalf":
+                   request_memory: int = DEFAULT_REQUEST_MEMORY, weights_files: dict | None = None) -> "HostedHalf":
         """A trained model checkpoint (from `splitprune train`), hosted read-only for inference."""
         loaded = load_checkpoint(path, ("server",))
         meta = loaded.meta

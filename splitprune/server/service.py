@@ -15,6 +15,7 @@ from typing import Callable
 
 from splitprune.config import RunConfig
 from splitprune.errors import UserError
+from splitprune.models import file_digest
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.batching import Batching
@@ -23,10 +24,27 @@ from splitprune.server.hosting import ClientRecord, HostedHalf
 from splitprune.server.sessions import Session, SessionRegistry, stored_reply
 from splitprune.server.store import HalfStore
 from splitprune.server.validation import check_buildable, check_hello, check_phase_number, check_session, check_step_id
-from splitprune.wire.envelopes import (CALIBRATE, CHECKPOINT, EVAL, PHASE, PROTOCOL_VERSION, TRAIN, WELCOME, frame,
-                                       request_digest)
-from splitprune.wire.refusals import (BadHandshake, BadMessage, NoCheckpoint, ReadOnlyModel, ShuttingDown,
-                                      StepOutOfOrder, TooManySessions, UnknownModel)
+from splitprune.wire.envelopes import (
+    CALIBRATE,
+    CHECKPOINT,
+    EVAL,
+    PHASE,
+    PROTOCOL_VERSION,
+    TRAIN,
+    WELCOME,
+    frame,
+    request_digest,
+)
+from splitprune.wire.refusals import (
+    BadHandshake,
+    BadMessage,
+    NoCheckpoint,
+    ReadOnlyModel,
+    ShuttingDown,
+    StepOutOfOrder,
+    TooManySessions,
+    UnknownModel,
+)
 
 log = logging.getLogger("splitprune.serve")
 
@@ -45,6 +63,7 @@ class SplitService:
         self._count_lock = threading.Lock()
         self.tier = None  # replicas.Tier when this server is one replica of a tier (serve --distributed)
         self.batching = Batching(config, self.check_draining, self._applied)
+        self.weights_files = {file_digest(path): path for path in config.weights}
         for path in config.model:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
@@ -56,7 +75,8 @@ class SplitService:
 
     def _half_options(self) -> dict:
         c = self.config
-        return {"accelerator": c.accelerator, "max_batch": c.max_batch, "request_memory": c.request_bytes}
+        return {"accelerator": c.accelerator, "max_batch": c.max_batch, "request_memory": c.request_bytes,
+                "weights_files": self.weights_files}
 
     def _add(self, half: HostedHalf) -> None:
         if half.fingerprint in self.halves:
@@ -91,7 +111,13 @@ class SplitService:
         if half is None:
             if count >= self.config.max_models:
                 raise TooManySessions(f"this server already hosts {count} models (limit {self.config.max_models})")
-            check_buildable(cfg, hello.in_channels, self.config.max_message_bytes)
+            if not self.config.allows(cfg.model):
+                raise BadHandshake(f"this server does not build model {cfg.model} for clients: start it with "
+                                   f"--allow-model {cfg.model}")
+            if cfg.weights_sha256 and cfg.weights_sha256 not in self.weights_files:
+                raise BadHandshake(f"this run starts from weights with SHA-256 {cfg.weights_sha256[:16]}..., which "
+                                   "this server was not given: start it with --weights FILE")
+            check_buildable(cfg, hello.num_classes, hello.in_channels, self.config.max_message_bytes)
             try:
                 built = HostedHalf(cfg, hello.num_classes, hello.in_channels, **self._half_options())
             except UserError as exc:

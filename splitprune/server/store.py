@@ -139,7 +139,7 @@ class HalfStore:
         if meta.get("kind") != HALF_KIND:
             raise UserError(f"{folder} is not a server-half checkpoint")
         half = HostedHalf(stored_config(meta["config"]), int(meta["num_classes"]), int(meta["in_channels"]),
-                          source=str(folder), **options)
+                          source=str(folder), initial=False, **options)
         state = read_tensors(meta["_folder"], "state.safetensors")
         tensors = {**read_tensors(meta["_folder"]), **state}
         half.load_state(tensors, _phase_req(meta.get("phase"), half.cfg, half.channels))

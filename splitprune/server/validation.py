@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from splitprune.compression.codec import WIRE_DTYPES
 from splitprune.config import RunConfig, make_config, resolve_schedule
 from splitprune.errors import UserError
-from splitprune.models import cut_shape
+from splitprune.models import check_model
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import CLIENT_ID_RE, PROTOCOL_VERSION
 from splitprune.wire.refusals import BadHandshake, BadMessage, BudgetExceeded, FingerprintMismatch, VersionMismatch
@@ -56,6 +56,7 @@ def check_hello(hello: spb.Hello, max_message: int) -> RunConfig:
         fingerprint = cfg.fingerprint()
     except (UserError, TypeError, ValueError) as exc:
         raise BadHandshake(f"bad config: {exc}") from None
+    cfg.weights = None  # a path on the client's machine: the server uses its own files (serve --weights)
     if hello.fingerprint and fingerprint != hello.fingerprint:  # empty: the client lets the server compute it
         raise FingerprintMismatch(f"fingerprint {hello.fingerprint[:32]!r} is not that of the config sent "
                                   f"({fingerprint})")
@@ -75,10 +76,11 @@ def check_hello(hello: spb.Hello, max_message: int) -> RunConfig:
     return cfg
 
 
-def check_buildable(cfg: RunConfig, in_channels: int, max_message: int) -> None:
-    """Before a new half is built: one sample's cut tensor must fit a message (computed on the meta device)."""
+def check_buildable(cfg: RunConfig, num_classes: int, in_channels: int, max_message: int) -> None:
+    """Before a new half is built (its model allowed): the model can be cut as asked, and one sample's cut tensor
+    fits a message (computed on the meta device)."""
     try:
-        c, h, w = cut_shape(cfg.model, cfg.split, in_channels, cfg.input_size)
+        c, h, w = check_model(cfg.model, cfg.split, num_classes, in_channels, cfg.input_size)
     except (UserError, TypeError, ValueError) as exc:
         raise BadHandshake(f"cannot build the server half: {exc}") from None
     if c * h * w * 4 > max_message:

@@ -21,6 +21,7 @@ from splitprune.files import replace_folder
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.safetensors", "meta.json"
 FORMAT = "splitprune-checkpoint/1"
+LAYOUT = 2  # how the parts' tensors are named: 2: by the whole model's module paths (splitprune.models.graph)
 
 
 def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def write_checkpoint(folder: str | Path, model: dict[str, torch.Tensor], meta: d
         save_file(model, str(tmp / MODEL_FILE))
         if state is not None:
             save_file(state, str(tmp / STATE_FILE))
-        sealed = {"format": FORMAT, **meta, SEAL_KEY: seal(tmp / MODEL_FILE, meta)}
+        sealed = {"format": FORMAT, "layout": LAYOUT, **meta, SEAL_KEY: seal(tmp / MODEL_FILE, meta)}
         (tmp / META_FILE).write_text(json.dumps(sealed, indent=2))
 
     return replace_folder(folder, fill)
@@ -96,9 +97,36 @@ def read_tensors(folder: str | Path, name: str = MODEL_FILE) -> dict[str, torch.
     if not path.exists():
         raise UserError(f"checkpoint file {path} is missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"checkpoint file {path} is damaged: {exc}") from None
+    try:
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return tensors
+    return upgrade_layout(tensors, meta) if isinstance(meta, dict) else tensors
+
+
+def upgrade_layout(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint written before LAYOUT 2, named as today. Then a VGG server half numbered its
+    layers from the cut (its features.0 was the model's features.N); today both parts keep the model's names."""
+    config = meta.get("config") or {}
+    if meta.get("layout", 1) >= LAYOUT or config.get("model") not in ("vgg11_bn", "vgg11_bn_compact"):
+        return tensors
+    from splitprune.models.vgg import CUTS
+
+    if config.get("split") not in CUTS:
+        return tensors
+    offset = int(CUTS[config["split"]][0].rsplit(".", 1)[1]) + 1
+    out = {}
+    for key, value in tensors.items():
+        for prefix in ("server.layers.features.", "opt.server.layers.features."):
+            if key.startswith(prefix):
+                index, _, rest = key[len(prefix):].partition(".")
+                key = f"{prefix}{int(index) + offset}.{rest}"
+                break
+        out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- seal: meta.json bound to the weights it describes
@@ -155,8 +183,18 @@ def check_run_folder(cfg, out: str | Path) -> None:
     if replace(saved, seeding=cfg.seeding).fingerprint() == cfg.fingerprint():
         raise UserError(f"{out} holds a run whose weights were drawn with --seeding {saved.seeding}: resume it with "
                         f"--seeding {saved.seeding}")
-    raise UserError(f"{out} holds a run with another configuration; pass another --out or remove that folder to "
-                    "start afresh")
+    from splitprune.config import model_fields
+
+    theirs, ours = model_fields(saved.to_dict()), model_fields(cfg.to_dict())
+    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    what = ", ".join(f"{k} {_short(theirs.get(k))} there, {_short(ours.get(k))} here" for k in differ[:3])
+    raise UserError(f"{out} holds a run with another configuration ({what}); pass another --out or remove that "
+                    "folder to start afresh")
+
+
+def _short(value) -> str:
+    text = "unset" if value is None else str(value)
+    return text if len(text) <= 24 else text[:16] + "..."
 
 
 def check_start_budget(checkpoint: str | Path, budget: int) -> None:

@@ -12,13 +12,15 @@ from torch import nn
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
 from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_budget_norms
 from splitprune.config import RunConfig
-from splitprune.models import build_part, check_server_input, cut_shape
+from splitprune.errors import UserError
+from splitprune.models import build_part, check_model, check_server_input, cut_nonnegative, load_part, load_weights
 
 
 @dataclass(frozen=True)
 class Geometry:
     cut_shape: tuple[int, int, int]    # (C, H, W) at the split point
     wire_shape: tuple[int, int, int]   # (C, H', W') after the encoder: what travels, per sample
+    nonnegative: bool = True           # the cut tensor is never negative (the decoder ends with a ReLU)
 
     @property
     def channels(self) -> int:
@@ -91,10 +93,35 @@ def side_seed(seed: int, side: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def geometry(cfg: RunConfig, in_channels: int) -> Geometry:
+def geometry(cfg: RunConfig, in_channels: int, num_classes: int = 10) -> Geometry:
     """The cut tensor's shape and what travels of it (computed without memory); UserError when impossible."""
-    cut = cut_shape(cfg.model, cfg.split, in_channels, cfg.input_size)
-    return Geometry(cut, encoded_shape(cut, cfg.resolution))
+    cut = check_model(cfg.model, cfg.split, num_classes, in_channels, cfg.input_size)
+    return Geometry(cut, encoded_shape(cut, cfg.resolution), cut_nonnegative(cfg.model, cfg.split, in_channels))
+
+
+def check_halves(cfg: RunConfig, in_channels: int, num_classes: int | None) -> Geometry:
+    """What building the halves would refuse, found before any data is loaded: the model, its cut, the input
+    size, the resolution factor, and the weights file against the model (`num_classes` None: not known yet)."""
+    shape = geometry(cfg, in_channels, num_classes or 10)
+    if cfg.weights_sha256 is not None and cfg.weights and num_classes is not None:
+        load_weights(cfg.model, num_classes, in_channels, cfg.weights, cfg.weights_sha256)
+    return shape
+
+
+def passes_through(cfg: RunConfig) -> bool:
+    """Whether the bottleneck starts as a pass-through: a model loaded from --weights keeps its accuracy with every
+    channel kept before fine-tuning (resolution 1 only: a smaller map cannot give the cut tensor back; not for
+    any-budget models, whose decoder keeps statistics per budget)."""
+    return cfg.weights_sha256 is not None and cfg.resolution == 1 and cfg.method != "anybudget"
+
+
+def _weights(cfg: RunConfig, num_classes: int, in_channels: int, path: str | None, initial: bool):
+    if cfg.weights_sha256 is None or not initial:
+        return None  # no file, or a checkpoint's weights will replace the initial ones
+    if path is None:
+        raise UserError("this run starts from a weights file (weights_sha256 "
+                        f"{cfg.weights_sha256[:16]}...): give it with --weights FILE")
+    return load_weights(cfg.model, num_classes, in_channels, str(path), cfg.weights_sha256)
 
 
 @contextmanager
@@ -105,22 +132,38 @@ def _stream(cfg: RunConfig, side: str) -> Iterator[None]:
         yield
 
 
-def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceHalf, Geometry]:
-    """The device half alone: the backbone up to the cut and the gated encoder, drawn from the device's stream."""
-    shape = geometry(cfg, in_channels)
+def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
+                      initial: bool = True) -> tuple[DeviceHalf, Geometry]:
+    """The device half alone: the backbone up to the cut and the gated encoder, drawn from the device's stream;
+    then the backbone's tensors from `weights` (the file of cfg.weights_sha256, default cfg.weights) when the run
+    starts from one. `initial` False: a checkpoint will replace the initial weights (the file is not needed)."""
+    shape = geometry(cfg, in_channels, num_classes)
+    loaded = _weights(cfg, num_classes, in_channels, weights or cfg.weights, initial)
     with _stream(cfg, "device"):
         layers = build_part(cfg.model, cfg.split, num_classes, in_channels, "device")
         encoder = GatedEncoder(shape.channels, cfg.resolution, cfg.bn_momentum, cfg.bn_eps, cfg.gate_init)
+    if loaded is not None:
+        load_part(layers, loaded)
+    if passes_through(cfg):
+        encoder.start_as_identity()
     return DeviceHalf(layers, encoder), shape
 
 
-def build_server_half(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[ServerHalf, Geometry]:
-    """The server half alone: the decoder and the rest of the backbone, drawn from the server's stream."""
-    shape = geometry(cfg, in_channels)
+def build_server_half(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
+                      initial: bool = True) -> tuple[ServerHalf, Geometry]:
+    """The server half alone: the decoder and the rest of the backbone, drawn from the server's stream; then the
+    backbone's tensors from `weights` (the file of cfg.weights_sha256) when the run starts from one."""
+    shape = geometry(cfg, in_channels, num_classes)
+    loaded = _weights(cfg, num_classes, in_channels, weights or cfg.weights, initial)
     channels = shape.channels
     with _stream(cfg, "server"):
         layers = build_part(cfg.model, cfg.split, num_classes, in_channels, "server")
-        decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution)
+        decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution,
+                                                                             relu=shape.nonnegative)
+    if loaded is not None:
+        load_part(layers, loaded)
+    if passes_through(cfg):
+        decoder.start_as_identity()
     if cfg.method == "anybudget":
         per_budget_norms(layers, channels)
     check_server_input(layers, shape.cut_shape)

@@ -16,9 +16,18 @@ from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig, stored_config
 from splitprune.data import DATASETS, BatchLoader, calibration_batches, make_loaders
 from splitprune.errors import UserError
+from splitprune.models import head_note, load_weights, model_in_channels
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
-from splitprune.training.halves import DeviceHalf, Geometry, ServerHalf, build_device_half, build_server_half
+from splitprune.training.halves import (
+    DeviceHalf,
+    Geometry,
+    ServerHalf,
+    build_device_half,
+    build_server_half,
+    check_halves,
+    passes_through,
+)
 from splitprune.training.link import Link
 from splitprune.training.objectives import NestedPrefixes
 from splitprune.training.reorder import gated_to_anybudget
@@ -82,12 +91,14 @@ class RunParts:
     train_loader: BatchLoader
     test_loader: BatchLoader
     calibration: list[torch.Tensor] = field(default_factory=list)  # precise BN's batches (cfg.bn_calibration)
+    notes: list[str] = field(default_factory=list)  # what the user is told once (a replaced head, ...)
 
 
 def input_channels(cfg: RunConfig) -> int:
+    """--in-channels, else the channels the model requires (torchvision's 3), else the dataset's."""
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
-    return cfg.in_channels or DATASETS[cfg.dataset].in_channels
+    return cfg.in_channels or model_in_channels(cfg.model) or DATASETS[cfg.dataset].in_channels
 
 
 def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int) -> DeviceWorker:
@@ -103,15 +114,19 @@ def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_cla
                         steps=cfg.server_steps_value())
 
 
-def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, Geometry]:
-    """The device side alone (a remote run, a device): the server half is never built."""
-    device_half, geometry = build_device_half(cfg, num_classes, in_channels)
+def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int,
+                        initial: bool = True) -> tuple[DeviceWorker, Geometry]:
+    """The device side alone (a remote run, a device): the server half is never built. `initial` False: a
+    checkpoint's weights replace the initial ones (a --weights file is not needed)."""
+    device_half, geometry = build_device_half(cfg, num_classes, in_channels, initial=initial)
     return _device_worker(cfg, device_half, geometry, num_classes), geometry
 
 
-def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[ServerWorker, Geometry]:
-    """The server side alone (what `splitprune serve` hosts): the device half is never built."""
-    server_half, geometry = build_server_half(cfg, num_classes, in_channels)
+def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
+                        initial: bool = True) -> tuple[ServerWorker, Geometry]:
+    """The server side alone (what `splitprune serve` hosts): the device half is never built. `weights`: the
+    file of cfg.weights_sha256 (default cfg.weights); `initial` as build_device_worker."""
+    server_half, geometry = build_server_half(cfg, num_classes, in_channels, weights, initial)
     return _server_worker(cfg, server_half, geometry, num_classes), geometry
 
 
@@ -148,11 +163,11 @@ def load_checkpoint(checkpoint: str | Path, sides: tuple[str, ...] = ("device", 
     tensors = read_tensors(meta["_folder"])
     device = server = None
     if "device" in sides:
-        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"])
+        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False)
         load_module("device", device.half, tensors)
         device.half.eval()
     if "server" in sides:
-        server, _ = build_server_worker(cfg, meta["num_classes"], meta["in_channels"])
+        server, _ = build_server_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False)
         load_module("server", server.half, tensors)
         server.half.eval()
     return Loaded(cfg, meta, tensors, device, server)
@@ -163,9 +178,10 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     in_channels = input_channels(cfg)
+    check_halves(cfg, in_channels, DATASETS[cfg.dataset].num_classes)
     train, test, num_classes = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, in_channels,
                                             cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment,
-                                            cfg.test_batch_size, cfg.validation_size)
+                                            cfg.test_batch_size, cfg.validation_size, cfg.normalisation())
     if server:
         device, worker, geometry = build_workers(cfg, num_classes, in_channels)
     else:
@@ -179,7 +195,21 @@ def build_run(cfg: RunConfig, server: bool = True) -> RunParts:
         if worker is not None:
             worker.half.cuda()
     calibration = calibration_batches(train, cfg.bn_calibration, cfg.test_batch_size) if cfg.bn_calibration else []
-    return RunParts(cfg, device, worker, geometry, num_classes, in_channels, train, test, calibration)
+    return RunParts(cfg, device, worker, geometry, num_classes, in_channels, train, test, calibration,
+                    run_notes(cfg, num_classes, in_channels))
+
+
+def run_notes(cfg: RunConfig, num_classes: int, in_channels: int) -> list[str]:
+    """What a run says once when it starts: a model's head replaced for the data's classes, how the bottleneck
+    starts when the model comes from a weights file."""
+    notes = [head_note(cfg.model, num_classes, in_channels)]
+    if cfg.weights_sha256 is not None and cfg.weights:
+        notes.append(load_weights(cfg.model, num_classes, in_channels, cfg.weights, cfg.weights_sha256).note)
+        notes.append("the bottleneck starts as a pass-through (every channel kept, the loaded model's accuracy "
+                     "unchanged)" if passes_through(cfg) else
+                     "the bottleneck starts from random weights (a pass-through start needs resolution 1 and a "
+                     "method other than anybudget)")
+    return [n for n in notes if n]
 
 
 def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +15,22 @@ from tqdm import tqdm
 
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
-from splitprune.config import Phase, RunConfig, resolve_schedule, short_run_warning
-from splitprune.data import validation_loader
+from splitprune.config import Phase, RunConfig, resolve_schedule
+from splitprune.data import DATASETS, validation_loader
 from splitprune.errors import ProtocolError, UserError
-from splitprune.models import cut_shape
-from splitprune.training.checkpoint import (check_run_folder, check_start_budget, load_module, load_optimizer, module_tensors,
-                                            optimizer_tensors, read_meta, read_tensors, write_checkpoint)
-from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar
+from splitprune.training.checkpoint import (
+    check_run_folder,
+    check_start_budget,
+    load_module,
+    load_optimizer,
+    module_tensors,
+    optimizer_tensors,
+    read_meta,
+    read_tensors,
+    write_checkpoint,
+)
+from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar, short_run_warning
+from splitprune.training.halves import check_halves
 from splitprune.training.link import OptimizerSettings, lr_scale
 from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
 from splitprune.wire.accounting import add_counts
@@ -61,7 +71,7 @@ class Trainer:
                  log: Callable[[str], None] | None = None, step_budget: StepBudget | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
-        channels = cut_shape(cfg.model, cfg.split, input_channels(cfg), cfg.input_size)[0]
+        channels = check_halves(cfg, input_channels(cfg), DATASETS[cfg.dataset].num_classes).channels
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         if cfg.method == "prune":
             check_start_budget(cfg.from_checkpoint, self.phases[0].budget or channels)
@@ -76,6 +86,8 @@ class Trainer:
         self.callbacks, self.checkpoints, self.log = tuple(callbacks), checkpoints, log
         self.step_budget = step_budget
         self._writer = None
+        for note in self.parts.notes:  # said even when quiet: the user decides what to do about them
+            (self.log or (lambda m: print(m, file=sys.stderr)))(f"note: {note}")
 
     # ---------------------------------------------------------------- checkpoints
     def _meta(self, server_half: HalfSnapshot) -> dict:
@@ -203,7 +215,7 @@ class Trainer:
         accuracy at every budget of the ladder on the held-out validation images, never the test set."""
         cfg = self.cfg
         loader = validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, self.parts.in_channels,
-                                   cfg.validation_size, cfg.test_batch_size)
+                                   cfg.validation_size, cfg.test_batch_size, cfg.normalisation())
         results = evaluate_budgets(self.device, self.endpoint.link, loader, ladder(self.parts.geometry.channels),
                                    self.show_progress)
         accuracy = {b: r.accuracy for b, r in results.items()}

@@ -22,8 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitprune.adaptive.controller import Option
-from splitprune.adaptive.replay import (controller_replay, fixed, measured, oracle, reaction_summary, replay, score,
-                                        shares)
+from splitprune.adaptive.replay import (
+    controller_replay,
+    fixed,
+    measured,
+    oracle,
+    reaction_summary,
+    replay,
+    score,
+    shares,
+)
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.verdict import Interval
 from splitprune.errors import UserError
@@ -60,19 +68,24 @@ def trace_started(proc: subprocess.Popen) -> float:
 
 
 @functools.lru_cache(maxsize=4)   # both targets' results of one model ask for the same options
-def option_correct(checkpoint: str | Path, options: tuple[Option, ...]) -> dict[tuple[int, str], list[bool]]:
-    """correct[budget, dtype]: which images of the model's whole test set it gets right at that option
-    (in-process, both halves, through the real codec)."""
+def option_correct(checkpoint: str | Path, options: tuple[Option, ...],
+                   images: int | None = None) -> dict[tuple[int, str], list[bool]]:
+    """correct[budget, dtype]: which images of the model's whole test set (its first `images`) it gets right at
+    that option (in-process, both halves, through the real codec)."""
     import torch
 
     from splitprune.compression import ChannelCodec
-    from splitprune.data import make_loaders
+    from splitprune.data import BatchLoader, make_loaders
     from splitprune.export import load_workers
     from splitprune.training.server_worker import LocalLink
 
     device, server, cfg, meta, _ = load_workers(str(checkpoint))
     _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, meta["in_channels"],
-                              cfg.seed, 1, None, False, 250)
+                              cfg.seed, 1, None, False, 250,
+                              normalisation=cfg.normalisation())
+    if images is not None:
+        test = BatchLoader(_first(test.dataset, images), test.batch_size, test.input_size, test.in_channels,
+                           test.mean, test.std, shuffle=False, augment=False, seed=test.seed)
     link, correct = LocalLink(server), {}
     with torch.no_grad():
         for dtype in dict.fromkeys(o.dtype for o in options):
@@ -234,9 +247,16 @@ def run_adaptive_inference(checkpoint: str | Path, out: str | Path, traces: list
     return _write(out, summary, correct)
 
 
-def rescore(checkpoint: str | Path, out: str | Path) -> dict:
+def _first(ds, n: int):
+    from splitprune.data import ImageDataset
+
+    return ImageDataset(ds.images[:n], ds.labels[:n], ds.num_classes, ds.classes)
+
+
+def rescore(checkpoint: str | Path, out: str | Path, images: int | None = None) -> dict:
     """The stored results under `out` (of this model) with every accuracy computed again as this module
-    now does, without sending a request again: the latencies and choices are the real run's."""
+    now does, without sending a request again: the latencies and choices are the real run's. `images`: score
+    on the first ones of the test set only (tests); default all."""
     out = Path(out)
     summary = json.loads((out / "adaptive_infer.json").read_text())
     runs = {r["trace"]: json.loads((out / r["log"]).read_text()) for r in summary["traces"]}
@@ -244,7 +264,7 @@ def rescore(checkpoint: str | Path, out: str | Path) -> dict:
                      for r in summary["traces"]}
     every = {o for run in runs.values() for o in (Option(**d) for d in run["options"])}
     every |= {o for options in fixed_options.values() for o in options}
-    correct = option_correct(str(checkpoint), tuple(sorted(every, key=Option.label)))
+    correct = option_correct(str(checkpoint), tuple(sorted(every, key=Option.label)), images)
     for r in summary["traces"]:
         run = {"options": [Option(**d) for d in runs[r["trace"]]["options"]], "rows": runs[r["trace"]]["rows"],
                "trace_start_unix": r["trace_start_unix"], "real": r["real"]}
