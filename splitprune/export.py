@@ -26,16 +26,8 @@ from torch import nn
 from splitprune.compression import channel_mask, keep_channels, select_top_b
 from splitprune.errors import UserError
 from splitprune.files import replace_folder
-from splitprune.manifest import (
-    INPUT_NAME,
-    MANIFEST_FILE,
-    MANIFEST_FORMAT,
-    OUTPUT_NAME,
-    TOLERANCE,
-    check_export_folder,
-    onnx_file,
-    onnx_session,
-)
+from splitprune.manifest import (INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, OUTPUT_NAME, TOLERANCE,
+                                 check_export_folder, onnx_file, onnx_session)
 from splitprune.training.device_worker import DeviceWorker
 from splitprune.training.halves import DeviceHalf
 

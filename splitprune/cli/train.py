@@ -3,15 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from splitprune.cli.common import (
-    HelpFormatter,
-    add_config_flags,
-    add_connect_flags,
-    config_from_args,
-    connect_config,
-    percent,
-    print_table,
-)
+from splitprune.cli.common import (HelpFormatter, add_config_flags, add_connect_flags, config_from_args, connect_config,
+                                   percent, print_table)
 from splitprune.config import stored_config
 from splitprune.errors import UserError
 from splitprune.files import check_out_folder

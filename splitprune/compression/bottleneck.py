@@ -13,6 +13,7 @@ from splitprune.adaptive.budgets import ladder as budget_ladder
 from splitprune.compression.budget import channel_mask, select_top_b
 from splitprune.compression.passthrough import IDENTITY_GATE, IDENTITY_SCALE, fit_norm, identity_kernel, set_norm
 from splitprune.errors import UserError
+from splitprune.models.randomness import private_rng
 
 
 def _geometry(resolution: int) -> dict[str, int]:
@@ -311,8 +312,7 @@ class NarrowBottleneck:
 
     def build(self, channels: int, resolution: int, bn_momentum: float, bn_eps: float,
               seed: int) -> tuple[NarrowEncoder, Decoder]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + self.seed_offset)
+        with private_rng(seed + self.seed_offset):
             encoder = NarrowEncoder(channels, self.width, resolution, bn_momentum, bn_eps)
             decoder = Decoder(channels, resolution, in_channels=self.width)
         return encoder, decoder

@@ -23,6 +23,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from splitprune.models.randomness import private_rng
+
 # ops that set every element of their first argument without reading it
 WRITERS = frozenset({"uniform_", "normal_", "fill_", "zero_", "bernoulli_", "random_", "exponential_", "geometric_",
                      "cauchy_", "log_normal_"})
@@ -99,7 +101,7 @@ def record(build: Callable[[], nn.Module]) -> tuple[nn.Module, Recording]:
     when the constructor needs real values; the caller's random stream is left as it was."""
     rec = Recording()
     try:
-        with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True), _Recorder(rec):
+        with private_rng(), FakeTensorMode(allow_non_fake_inputs=True), _Recorder(rec):
             model = build()
     except NotReplayable:
         raise

@@ -24,27 +24,10 @@ from splitprune.server.hosting import ClientRecord, HostedHalf
 from splitprune.server.sessions import Session, SessionRegistry, stored_reply
 from splitprune.server.store import HalfStore
 from splitprune.server.validation import check_buildable, check_hello, check_phase_number, check_session, check_step_id
-from splitprune.wire.envelopes import (
-    CALIBRATE,
-    CHECKPOINT,
-    EVAL,
-    PHASE,
-    PROTOCOL_VERSION,
-    TRAIN,
-    WELCOME,
-    frame,
-    request_digest,
-)
-from splitprune.wire.refusals import (
-    BadHandshake,
-    BadMessage,
-    NoCheckpoint,
-    ReadOnlyModel,
-    ShuttingDown,
-    StepOutOfOrder,
-    TooManySessions,
-    UnknownModel,
-)
+from splitprune.wire.envelopes import (CALIBRATE, CHECKPOINT, EVAL, PHASE, PROTOCOL_VERSION, TRAIN, WELCOME, frame,
+                                       request_digest)
+from splitprune.wire.refusals import (BadHandshake, BadMessage, NoCheckpoint, ReadOnlyModel, ShuttingDown,
+                                      StepOutOfOrder, TooManySessions, UnknownModel)
 
 log = logging.getLogger("splitprune.serve")
 

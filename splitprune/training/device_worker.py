@@ -12,6 +12,7 @@ from splitprune.compression import (ChannelCodec, budget_loss, channel_mask, dec
                                     keep_channels, reset_gate)
 from splitprune.compression.bottleneck import ChannelSelector, TopBByGate
 from splitprune.errors import ProtocolError
+from splitprune.models.randomness import private_rng
 from splitprune.proto import pb
 from splitprune.training.halves import DeviceHalf, Geometry, end_calibration, start_calibration
 from splitprune.training.link import Link, OptimizerSettings, as_float32, parse_message, set_lr
@@ -130,18 +131,18 @@ class DeviceWorker:
         up = down = 0
         saved = start_calibration(self.half)
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                self.half.train()
-                for i, x in enumerate(batches):
-                    self.step_id += 1
+            self.half.train()
+            for i, x in enumerate(batches):
+                self.step_id += 1
+                with private_rng(), torch.no_grad():  # not held across the link: the server may need it
                     _, activations = self._encode(self.half(x.to(self.accelerator)), channels)
-                    request = pb.CalibrateRequest(request_id=self.step_id, activations=activations, first=i == 0,
-                                                  last=i == len(batches) - 1).SerializeToString()
-                    answer = link.calibrate(request)
-                    reply = parse_message(pb.CalibrateReply, answer)
-                    if reply.request_id != self.step_id:
-                        raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
-                    up, down = up + len(request), down + len(answer)
+                request = pb.CalibrateRequest(request_id=self.step_id, activations=activations, first=i == 0,
+                                              last=i == len(batches) - 1).SerializeToString()
+                answer = link.calibrate(request)
+                reply = parse_message(pb.CalibrateReply, answer)
+                if reply.request_id != self.step_id:
+                    raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
+                up, down = up + len(request), down + len(answer)
         finally:
             end_calibration(saved)
         return up, down

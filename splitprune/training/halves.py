@@ -14,6 +14,7 @@ from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_
 from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.models import build_part, check_model, check_server_input, cut_nonnegative, load_part, load_weights
+from splitprune.models.randomness import private_rng
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,7 @@ def _weights(cfg: RunConfig, num_classes: int, in_channels: int, path: str | Non
 @contextmanager
 def _stream(cfg: RunConfig, side: str) -> Iterator[None]:
     """The side's own random stream of initial weights (the process's stream is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(side_seed(cfg.seed, side))
+    with private_rng(side_seed(cfg.seed, side)):
         yield
 
 

@@ -6,9 +6,13 @@ from typing import Iterator
 
 import torch
 
+from splitprune.models.randomness import RNG_LOCK
+
 
 class RngStream:
-    """A CPU random state of its own, swapped in around the code of one party (dropout, init, resets)."""
+    """A CPU random state of its own, swapped in around the code of one party (dropout, init, resets); the
+    process's generator is held (RNG_LOCK) while it is swapped in, so parties in other threads never draw from
+    this one's state, nor this one from theirs."""
 
     def __init__(self, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -16,10 +20,11 @@ class RngStream:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self.state)
-        try:
-            yield
-        finally:
-            self.state = torch.get_rng_state()
-            torch.set_rng_state(outer)
+        with RNG_LOCK:
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.state)
+            try:
+                yield
+            finally:
+                self.state = torch.get_rng_state()
+                torch.set_rng_state(outer)

@@ -12,6 +12,7 @@ import torch
 from splitprune.compression import ChannelCodec, TensorSpec, decode_labels, encode_labels
 from splitprune.compression.codec import Decoded
 from splitprune.errors import ProtocolError
+from splitprune.models.randomness import private_rng
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, load_optimizer, module_tensors, optimizer_tensors
 from splitprune.training.halves import Calibration, Geometry, ServerHalf, end_calibration, start_calibration
@@ -126,7 +127,7 @@ class ServerWorker:
         if req.first or self._calibration is None:
             self.end_calibration()
             self._calibration, self._calibrated = start_calibration(self.half), 0
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with private_rng(), torch.no_grad():
             self.half.train()
             self.half(received.dense(), received.channels.numel())
         self._calibrated += 1

@@ -19,15 +19,8 @@ from splitprune.errors import UserError
 from splitprune.models import head_note, load_weights, model_in_channels
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
-from splitprune.training.halves import (
-    DeviceHalf,
-    Geometry,
-    ServerHalf,
-    build_device_half,
-    build_server_half,
-    check_halves,
-    passes_through,
-)
+from splitprune.training.halves import (DeviceHalf, Geometry, ServerHalf, build_device_half, build_server_half,
+                                        check_halves, passes_through)
 from splitprune.training.link import Link
 from splitprune.training.objectives import NestedPrefixes
 from splitprune.training.reorder import gated_to_anybudget

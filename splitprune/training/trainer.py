@@ -18,17 +18,9 @@ from splitprune.compression.bottleneck import ladder
 from splitprune.config import Phase, RunConfig, resolve_schedule
 from splitprune.data import DATASETS, validation_loader
 from splitprune.errors import ProtocolError, UserError
-from splitprune.training.checkpoint import (
-    check_run_folder,
-    check_start_budget,
-    load_module,
-    load_optimizer,
-    module_tensors,
-    optimizer_tensors,
-    read_meta,
-    read_tensors,
-    write_checkpoint,
-)
+from splitprune.training.checkpoint import (check_run_folder, check_start_budget, load_module, load_optimizer,
+                                            module_tensors, optimizer_tensors, read_meta, read_tensors,
+                                            write_checkpoint)
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar, short_run_warning
 from splitprune.training.halves import check_halves
 from splitprune.training.link import OptimizerSettings, lr_scale

@@ -22,16 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from splitprune.adaptive.controller import Option
-from splitprune.adaptive.replay import (
-    controller_replay,
-    fixed,
-    measured,
-    oracle,
-    reaction_summary,
-    replay,
-    score,
-    shares,
-)
+from splitprune.adaptive.replay import (controller_replay, fixed, measured, oracle, reaction_summary, replay, score,
+                                        shares)
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.verdict import Interval
 from splitprune.errors import UserError
