@@ -81,6 +81,24 @@ def test_health_answers_serving_without_the_token_and_not_serving_once_draining(
     assert scrape(server.metrics_address)[("splitprune_draining", ())] == 1
 
 
+def test_a_malformed_health_request_is_refused_cleanly_and_logged_within_bounds(server, caplog):
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1 (service) claiming a 4 GB string
+    with grpc.insecure_channel(server.address) as channel:
+        raw = channel.unary_unary("/grpc.health.v1.Health/Check")
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as refused:
+                raw(garbage, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with pytest.raises(grpc.RpcError) as refused:
+            next(watch(garbage, metadata=AUTH, timeout=10))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert check(channel) == SERVING  # and it still answers
+    logged = [r.getMessage() for r in caplog.records]
+    assert not any("Traceback" in m or "deserializ" in m for m in logged) and not any(r.exc_info for r in caplog.records)
+    assert sum("malformed health request" in m for m in logged) <= 20  # the bounded log's burst
+
+
 def test_metrics_count_real_training_and_inference_requests(server):
     before = scrape(server.metrics_address)
     assert before[("splitprune_steps_total", ())] == 0
