@@ -78,6 +78,8 @@ def kept_indices(half: DeviceHalf, budget: int) -> torch.Tensor | None:
 def to_onnx(module: nn.Module, example: torch.Tensor) -> bytes:
     """ONNX bytes with a dynamic batch dimension (torch's dynamo exporter; needs onnxscript)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if example.shape[0] < 2:  # torch.export specialises a dimension of size 1 (convnext's device part then fails)
+        example = example.expand(2, *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's progress lines and deprecation notices

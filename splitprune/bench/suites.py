@@ -19,6 +19,7 @@ SUITES = {
     "adaptive": "adaptive.suite",     # any-budget model, --budget auto over traces (inference and training)
     "link": "paper.link_time",
     "device": "systems.device",
+    "models": "models.suite",         # real torchvision / timm networks at 224: cuts, bytes, device latency
     "step": "systems.step",           # the timing suites last (transport measures rate's chosen configurations)
     "transport": "systems.transport",
     "fuzz": "systems.fuzz",
@@ -26,7 +27,7 @@ SUITES = {
     "scale": "systems.scale",         # server samples/s and latency vs concurrent clients, with and without batching
 }
 STRESS = ("fuzz", "soak", "scale")    # long server stress runs: not part of 'all'
-SUITE_OPTIONS = {"soak": ("clients", "minutes"), "fuzz": ("messages",), "scale": ("accelerator",)}
+SUITE_OPTIONS = {"soak": ("clients", "minutes"), "fuzz": ("messages",), "scale": ("accelerator",), "models": ("part",)}
 
 
 def suite_names(name: str) -> list[str]:

@@ -19,6 +19,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--minutes", type=float, help="soak: how long (default 10)")
     p.add_argument("--messages", type=int, help="fuzz: structured fuzz cases (default 100000)")
     p.add_argument("--accelerator", choices=["cpu", "cuda"], help="scale: where the servers compute (default cpu)")
+    p.add_argument("--part", choices=["cuts", "bring"], help="models: only the cuts of real networks, or only "
+                                                          "bring-a-trained-model (default both)")
     add_profile_flags(p)
     p.set_defaults(run=run)
 
