@@ -105,6 +105,14 @@ def test_training_replicas_rendezvous_through_the_headless_service():
     service_ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert int(variables["MASTER_PORT"]) == ports(container)["rendezvous"] == service_ports["rendezvous"]["port"]
     assert service_ports["grpc"]["targetPort"] == "grpc"
+    assert variables["SPLITPRUNE_TIER_SECRET"]["secretKeyRef"]["name"] == "splitprune-tier"  # never a literal
+    policy = one("NetworkPolicy", "training")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    open_rule, peers_rule = policy["spec"]["ingress"]
+    assert {p["port"] for p in open_rule["ports"]} == {"grpc", "metrics"} and "from" not in open_rule
+    (peers,) = peers_rule["from"]
+    assert peers["podSelector"]["matchLabels"].items() <= labels.items() and "ports" not in peers_rule
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == args.checkpoint

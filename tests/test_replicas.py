@@ -23,7 +23,7 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.server.config import ServeConfig
 from splitprune.server.replicas.averaging import plan_weights
 from splitprune.server.replicas.launch import EXIT_TIER_LOST, replica_listen
-from splitprune.server.replicas.tier import TierEnv
+from splitprune.server.replicas.rendezvous import SECRET_ENV, TierEnv
 from splitprune.training.link import OptimizerSettings
 from splitprune.training.setup import build_device_worker
 from splitprune.wire.envelopes import DESCRIBE_METHOD
@@ -148,12 +148,20 @@ def test_weights_of_a_synchronisation():
 
 
 def test_tier_environment_and_command_line(capsys):
+    secret = "s" * 16
     assert TierEnv.from_environ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500",
-                                 "LOCAL_RANK": "1"}) == TierEnv(1, 2, 1, "h", 29500)
+                                 "LOCAL_RANK": "1", SECRET_ENV: secret}) == TierEnv(1, 2, 1, "h", 29500, secret.encode())
+    assert TierEnv.from_environ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+                                token="t" * 16).secret == b"t" * 16  # the serve token serves as the secret
+    for secret in ("", "short"):
+        with pytest.raises(UserError, match="shared secret of at least 16"):
+            TierEnv.from_environ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+                                  SECRET_ENV: secret})
     with pytest.raises(UserError, match="MASTER_ADDR, MASTER_PORT"):
         TierEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match="RANK must be in"):
-        TierEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+        TierEnv.from_environ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+                              SECRET_ENV: secret})
     assert replica_listen("127.0.0.1:50051", 3) == "127.0.0.1:50054"
     assert replica_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
     args = build_parser("serve").parse_args(["serve", "--replicas", "2", "--listen", "127.0.0.1:5000", "--model", "a",

@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if "token" not in values and os.environ.get(TOKEN_ENV):
         values["token"] = os.environ[TOKEN_ENV]
     config = ServeConfig(**values)   # every value checked before anything is loaded
+    tier_env = None
+    if config.distributed:
+        from splitprune.server.replicas.rendezvous import TierEnv
+
+        tier_env = TierEnv.from_environ(token=config.token)
     if config.replicas is not None:
         from splitprune.server.replicas.launch import launch
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if config.distributed:
         from splitprune.server.replicas.launch import join_tier
 
-        config, tier = join_tier(config)
+        config, tier = join_tier(config, tier_env)
     handle = start_app(config, tier)
     if tier is not None:
         tier.start(handle.service)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from splitprune.errors import UserError
 from splitprune.flags import to_argv
 from splitprune.server.config import ServeConfig
+from splitprune.server.replicas.rendezvous import SECRET_ENV, TierEnv
 from splitprune.wire.addresses import format_hostport, parse_hostport
 
 EXIT_TIER_LOST = 3  # a replica that stopped because the tier broke (a peer died or stopped answering)
@@ -22,12 +24,11 @@ def replica_listen(listen: str, local_rank: int) -> str:
     return format_hostport((host, port + local_rank if port else 0))
 
 
-def join_tier(config: ServeConfig):
+def join_tier(config: ServeConfig, env: TierEnv):
     """(this replica's config, its Tier): listen on --listen's port + LOCAL_RANK, keep its halves in
     --checkpoint/replica-RANK; the process group is joined."""
-    from splitprune.server.replicas.tier import Tier, TierEnv, join_process_group
+    from splitprune.server.replicas.tier import Tier, join_process_group
 
-    env = TierEnv.from_environ()
     own = dataclasses.replace(config, listen=replica_listen(config.listen, env.local_rank),
                               checkpoint=os.path.join(config.checkpoint, f"replica-{env.rank}")
                               if config.checkpoint else None)
@@ -57,6 +58,8 @@ def launch(config: ServeConfig) -> int:
     master = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
     base = {**os.environ, "WORLD_SIZE": str(n), "MASTER_ADDR": master, "MASTER_PORT": str(_free_port(master)),
             "PYTHONUNBUFFERED": "1"}
+    if not base.get(SECRET_ENV) and not config.token:
+        base[SECRET_ENV] = secrets.token_hex(32)  # this tier's own, for as long as it runs
     replica = dataclasses.replace(config, replicas=None, distributed=True)
     argv = [sys.executable, "-m", "splitprune", "serve",
             *to_argv(ServeConfig, {f.name: getattr(replica, f.name) for f in dataclasses.fields(replica)})]

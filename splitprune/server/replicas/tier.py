@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,39 +33,13 @@ from splitprune.errors import UserError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.hosting import HostedHalf
 from splitprune.server.replicas.averaging import average_half, plan_weights
+from splitprune.server.replicas.rendezvous import SECRET_ENV, TierEnv, open_store
 from splitprune.server.store import _phase_dict, _phase_req
 from splitprune.wire.refusals import ShuttingDown
 
 log = logging.getLogger("splitprune.serve")
 HEADER_BYTES = 256 * 1024   # a replica's header: up to 8 halves with their configs, as JSON
-
-
-@dataclass(frozen=True)
-class TierEnv:
-    """Where a replica stands in its tier: the standard torch.distributed variables (torchrun, Kubernetes)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-
-    @classmethod
-    def from_environ(cls, environ: dict | None = None) -> "TierEnv":
-        env = os.environ if environ is None else environ
-        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-        if missing:
-            raise UserError(f"serve --distributed needs the variables {', '.join(missing)} (set by torchrun, "
-                            "the Kubernetes StatefulSet of deploy/, or serve --replicas N)")
-        try:
-            values = {k: int(env.get(k, "0") or "0") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        except ValueError:
-            raise UserError("RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers") from None
-        if not 0 <= values["RANK"] < values["WORLD_SIZE"] or values["LOCAL_RANK"] < 0:
-            raise UserError(f"RANK must be in 0..WORLD_SIZE-1 and LOCAL_RANK >= 0, got RANK={values['RANK']}, "
-                            f"WORLD_SIZE={values['WORLD_SIZE']}, LOCAL_RANK={values['LOCAL_RANK']}")
-        return cls(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"], env["MASTER_ADDR"],
-                   values["MASTER_PORT"])
+_STORES: list = []
 
 
 def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None:
@@ -76,12 +48,20 @@ def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None
     if accelerator == "cuda":
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     try:
-        # env:// reads MASTER_ADDR / MASTER_PORT, and under torchrun joins its agent's store
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+        # kept here: the process group holds our Python store without keeping it alive
+        _STORES.append(open_store(env, timeout_s))
+        dist.init_process_group(backend, store=_STORES[-1], rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
+    except PermissionError as exc:
+        raise UserError(f"replica {env.rank}: refused the tier at {env.master_addr}:{env.master_port}: {exc} "
+                        f"(a replica or joiner with another ${SECRET_ENV})") from None
     except (RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not signed with this tier's secret" in text:
+            raise UserError(f"replica {env.rank}: refused the tier at {env.master_addr}:{env.master_port}: "
+                            f"{text} (a replica or joiner with another ${SECRET_ENV})") from None
         raise UserError(f"replica {env.rank}: cannot join the tier at {env.master_addr}:{env.master_port} "
-                        f"within {timeout_s:g} s: {str(exc).splitlines()[0]}") from None
+                        f"within {timeout_s:g} s: {text}") from None
 
 
 class Tier:
