@@ -97,6 +97,8 @@ def test_mutate_changes_one_field_of_every_message_the_fuzzer_sends():
 
     import torch
 
+    from grpc_health.v1 import health_pb2
+
     from splitprune.client.connect import make_hello
     from splitprune.compression import ChannelCodec, encode_labels
     from splitprune.proto import service_pb2 as spb
@@ -111,7 +113,9 @@ def test_mutate_changes_one_field_of_every_message_the_fuzzer_sends():
                 lambda: spb.DescribeRequest(fingerprint=cfg.fingerprint()),
                 lambda: spb.InferRequest(fingerprint=cfg.fingerprint(), budget=cfg.budget,
                                          eval=pb.EvalRequest(request_id=1, activations=tensor)),
-                lambda: spb.FetchStateRequest(session_id="0123", known_version=3)]
+                lambda: spb.FetchStateRequest(session_id="0123", known_version=3),
+                lambda: spb.StateChunk(session_id="0123", step_id=7, total_bytes=9, data=b"012345678"),
+                lambda: health_pb2.HealthCheckRequest(service="splitprune.v1.SplitPrune")]
     rng = random.Random(1)
     changed = 0
     for _ in range(400):

@@ -3,8 +3,9 @@
 Each case opens a real session (Hello, PhaseRequest, as a client would) or reuses the client's open
 one, then sends one message with one field changed to a value at the edge of its type or of the
 session (0, 2^31, 2^63, NaN, a truncated or flipped byte string, an unknown enum, ...), or the
-serialized bytes of a valid message damaged. Describe, Infer and FetchState requests are mutated the
-same way. A case passes when the server answers with a status that is not INTERNAL or UNKNOWN. The
+serialized bytes of a valid message damaged. Describe, Infer, FetchState and PushState requests, the
+health service's Check and Watch, and calls to methods the server does not have are mutated the same
+way: every service and method the server exposes. A case passes when the server answers with a status that is not INTERNAL or UNKNOWN. The
 test suite drives the cases with Hypothesis (tests/test_fuzz.py); `splitprune bench fuzz`
 (splitprune/bench/fuzz.py) sends many of them to a server subprocess.
 """
@@ -19,16 +20,23 @@ from typing import Callable, Sequence, TypeVar
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2
 
 from splitprune.client.connect import make_hello
 from splitprune.compression import ChannelCodec, encode_labels
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
-from splitprune.wire.envelopes import DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER_METHOD, TRAIN_METHOD, frame, unframe
+from splitprune.wire.envelopes import (DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER_METHOD, PUSH_STATE_METHOD,
+                                       TRAIN_METHOD, frame, unframe)
 
 T = TypeVar("T")
 Choose = Callable[[Sequence[T]], T]
-KINDS = ("hello", "phase", "train", "eval", "checkpoint", "calibrate", "envelope", "describe", "infer", "fetch")
+KINDS = ("hello", "phase", "train", "eval", "checkpoint", "calibrate", "envelope", "describe", "infer", "fetch",
+         "push", "health_check", "health_watch", "unknown")
+HEALTH_CHECK, HEALTH_WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
+UNKNOWN_METHODS = ("/splitprune.v1.SplitPrune/Nope", "/grpc.health.v1.Health/List", "/x/y",
+                   "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+PUSH_PREFIX = 4096  # a pushed state is the first bytes of a real one: the stream ends before the rest
 FAILURES = ("INTERNAL", "UNKNOWN")
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 INTS = {"uint32": (0, 1, 2, 3, 255, 256, 4096, 4097, 65535, 65536, (1 << 31) - 1, 1 << 31, U32),
@@ -118,8 +126,12 @@ class Fuzzer:
         self.channel = grpc.insecure_channel(address)
         self.train = self.channel.stream_stream(TRAIN_METHOD)
         self.unary = {"describe": self.channel.unary_unary(DESCRIBE_METHOD),
-                      "infer": self.channel.unary_unary(INFER_METHOD)}
+                      "infer": self.channel.unary_unary(INFER_METHOD),
+                      "health_check": self.channel.unary_unary(HEALTH_CHECK)}
         self.fetch = self.channel.unary_stream(FETCH_STATE_METHOD)
+        self.watch = self.channel.unary_stream(HEALTH_WATCH)
+        self.push = self.channel.stream_unary(PUSH_STATE_METHOD)
+        self._state_prefix: tuple[int, bytes] | None = None  # (total bytes, first bytes) of a real state
         self.live: dict[str, _Session] = {}
         self.codes: Counter = Counter()
         self.failures: list[dict] = []
@@ -197,6 +209,17 @@ class Fuzzer:
 
         kind = choose(KINDS)
         client = f"fuzz-{choose(range(self.clients))}"
+        if kind in ("health_check", "health_watch"):
+            msg = health_pb2.HealthCheckRequest(service=choose(("", "splitprune.v1.SplitPrune")))
+            if choose((True, False)):
+                change, data = mutate(msg, choose), msg.SerializeToString()
+            else:
+                data = _bytes_variants(msg.SerializeToString() + b"\x0a\x01x", choose)
+                change = f"request of {len(data)} bytes"
+            return kind, change, self._unary(kind, data) if kind == "health_check" else self._watch(data)
+        if kind == "unknown":
+            method = choose(UNKNOWN_METHODS)
+            return kind, method, self._call_unknown(method, _bytes_variants(b"\x0a\x01x", choose))
         if kind in ("describe", "infer"):
             msg = spb.DescribeRequest(fingerprint=self.cfg.fingerprint()) if kind == "describe" else spb.InferRequest(
                 fingerprint=self.cfg.fingerprint(), budget=self.cfg.budget,
@@ -222,6 +245,13 @@ class Fuzzer:
                 if req.session_id == live.session_id:
                     req.known_version = live.version  # a whole state transfer per case would be slow
                 return kind, change, self._fetch(req.SerializeToString())
+            if kind == "push":
+                total, prefix = self._prefix(live)
+                chunk = spb.StateChunk(session_id=live.session_id, step_id=live.last_step, total_bytes=total,
+                                       data=prefix)
+                change = mutate(chunk, choose)
+                chunks = [chunk.SerializeToString()] * choose((1, 2))
+                return kind, change, self._push(chunks)
             step = live.last_step + 1
             msg = {"phase": self._phase(), "train": self._train(step), "envelope": self._train(step),
                    "eval": pb.EvalRequest(request_id=step, activations=self._tensor()),
@@ -249,6 +279,43 @@ class Fuzzer:
         self.messages += 1
         try:
             self.unary[kind](data, metadata=self.metadata, timeout=60)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    def _prefix(self, live: "_Session") -> tuple[int, bytes]:
+        """(size, first PUSH_PREFIX bytes) of the half's real state, fetched once."""
+        if self._state_prefix is None:
+            req = spb.FetchStateRequest(session_id=live.session_id, known_version=0)
+            chunks = [spb.StateChunk.FromString(b) for b in self.fetch(req.SerializeToString(), metadata=self.metadata,
+                                                                         timeout=120)]
+            self._state_prefix = (chunks[0].total_bytes, b"".join(c.data for c in chunks)[:PUSH_PREFIX])
+        return self._state_prefix
+
+    def _push(self, chunks: list[bytes]) -> str:
+        self.messages += len(chunks)
+        try:
+            self.push(iter(chunks), metadata=self.metadata, timeout=60)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    def _watch(self, data: bytes) -> str:
+        """The first answer of a Watch (it stays open while the server runs), then cancelled."""
+        self.messages += 1
+        call = self.watch(data, metadata=self.metadata, timeout=60)
+        try:
+            next(call)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+        finally:
+            call.cancel()
+
+    def _call_unknown(self, method: str, data: bytes) -> str:
+        self.messages += 1
+        try:
+            self.channel.unary_unary(method)(data, metadata=self.metadata, timeout=60)
             return "OK"
         except grpc.RpcError as exc:
             return exc.code().name
