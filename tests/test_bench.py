@@ -239,6 +239,30 @@ def test_deprune_suite_verdicts_follow_the_rule_on_the_final_models(smoke, root)
     assert (root / "deprune" / "deprune.png").exists()
 
 
+def test_curves_show_the_four_methods_at_every_seed(smoke, root, monkeypatch):
+    import csv
+
+    from splitprune.bench.paper import curves
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the curves suite trained a run")
+
+    runs.ensure("prune", smoke, root)  # what the deprune and prune suites train
+    for base in ("sl", "ca4", "deprune", "prune"):
+        for name in planning.seed_names(base, smoke):
+            runs.ensure(name, smoke, root)
+    monkeypatch.setattr(runs, "train", fail)
+    curves.run(smoke, root / "curves")
+    with open(root / "curves" / "curves.csv") as fh:
+        points = list(csv.DictReader(fh))
+    seen = {(p["method"], p["seed"]) for p in points}
+    assert seen == {(b, str(s)) for b in curves.METHODS for s in smoke.seeds}
+    sl = [p for p in points if p["run"] == "sl"]
+    metrics = json.loads((root / "deprune" / "runs" / "sl" / "summary.json").read_text())
+    assert int(sl[-1]["bytes"]) == metrics["bytes_up"] + metrics["bytes_down"]  # cumulative, from the run's rows
+    assert (root / "curves" / "curves.png").stat().st_size > 10_000
+
+
 def test_rate_suite_chooses_on_validation_and_reports_test(smoke, root):
     from splitprune.bench.paper import rate
 

@@ -10,7 +10,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from splitprune.bench.systems.fuzzing import FAILURES, INTS, Fuzzer, mutate
+from splitprune.bench.systems.fuzzing import FAILURES, Fuzzer
+from splitprune.bench.systems.mutation import INTS, mutate
 from splitprune.client.connect import connect
 from splitprune.config import make_config  # noqa: E402
 from splitprune.proto import pb  # noqa: E402

@@ -243,3 +243,50 @@ def test_a_token_in_clear_off_loopback_is_warned_about(caplog):
         # never connects: a warning before anything is sent
         Connection(ConnectConfig(server="192.0.2.7:5", token="secret")).close()
     assert any("clear text" in r.getMessage() for r in caplog.records)
+
+
+def test_bytes_a_killed_client_sent_after_its_last_checkpoint_are_in_the_summary(tmp_path, server):
+    """issue 25 item 6: a client killed mid-epoch (SIGKILL) and rerun; what its socket carried after the
+    checkpoint it resumed from is reported (`transport.discarded`), so the run's totals match the bytes an
+    independent proxy counted."""
+    import signal
+    import subprocess
+    import sys
+
+    from splitprune.wire.accounting import totals
+
+    proxy = CountingProxy(server.port)
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "splitprune", "train", "--model", "vgg11_bn_compact", "--dataset", "fashion-mnist",
+            "--method", "ca", "--budget", "4", "--epochs", "2", "--train-subset", "320", "--test-subset", "32",
+            "--batch-size", "16", "--threads", "1", "--quiet", "--bn-calibration", "0",
+            "--server", f"127.0.0.1:{proxy.port}", "--measure-socket", "--out", str(out)]
+    try:
+        first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        journal = out / "transport.jsonl"
+        deadline = time.monotonic() + 300
+        while True:  # past epoch 1's checkpoint and 8 steps into epoch 2
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            if (out / "checkpoint" / "meta.json").exists() and journal.exists():
+                held = json.loads((out / "checkpoint" / "meta.json").read_text())["progress"]["journal"]
+                lines = journal.read_text().splitlines()
+                if held and len(lines) >= 20 + 8 + 1:
+                    break
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        second = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr
+        time.sleep(0.3)
+    finally:
+        proxy.stop()
+    summary = json.loads((out / "summary.json").read_text())
+    lost = summary["transport"]["discarded"]
+    assert lost["processes"] == 1 and lost["bytes_up"] > 8 * 16 * 4 and lost["bytes_down"] > 0, lost
+    up, down = totals(summary["transport"])
+    # without the journal the summary tells less than the socket carried; with it, the gap is one step's
+    # messages at most (a process killed mid-step) and the streams' ends
+    step_up = summary["bytes_up"] / (2 * 320 / 16)
+    assert proxy.up - up > lost["bytes_up"] - step_up
+    assert up + lost["bytes_up"] <= proxy.up <= up + lost["bytes_up"] + step_up + 4096, (up, lost, proxy.up)
+    assert down + lost["bytes_down"] <= proxy.down + 4096

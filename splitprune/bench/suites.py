@@ -14,6 +14,7 @@ from splitprune.errors import UserError
 SUITES = {
     "deprune": "paper.deprune",       # training suites first,
     "prune": "paper.prune",
+    "curves": "paper.curves",         # the four methods' curves in one figure (runs of deprune and prune)
     "resolution": "paper.resolution",
     "rate": "paper.rate",
     "adaptive": "adaptive.suite",     # any-budget model, --budget auto over traces (inference and training)

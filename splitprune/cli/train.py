@@ -84,6 +84,10 @@ def print_summary(s: dict) -> None:
     transport = s.get("transport")
     if transport:
         print(traffic_lines(transport))
+    lost = (transport or {}).get("discarded") or {}
+    if lost.get("processes"):
+        print(f"  besides: {lost['bytes_up'] / 1e6:.3f} MB up, {lost['bytes_down'] / 1e6:.3f} MB down sent by "
+              f"{lost['processes']} stopped process(es) after their last checkpoint (that work was redone)")
     from splitprune.training.evaluation import short_run_warning
 
     advice = short_run_warning(stored_config(s["config"]), s["train_samples"] // s["batch_size"] * s["epochs"])

@@ -30,6 +30,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_REPLACED: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
     NO_CHECKPOINT: _ClassVar[ErrorReason]
+    SERVER_BUSY: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 BAD_MESSAGE: ErrorReason
 BAD_HANDSHAKE: ErrorReason
@@ -50,6 +51,7 @@ SHUTTING_DOWN: ErrorReason
 SESSION_REPLACED: ErrorReason
 INTERNAL_ERROR: ErrorReason
 NO_CHECKPOINT: ErrorReason
+SERVER_BUSY: ErrorReason
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "client_id", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "dtype_up", "dtype_down", "max_budget", "fresh_start", "resume_step_id", "resume_state_sha256")

@@ -52,6 +52,13 @@ class ServeConfig(Settings):
                                                                "model's objective keeps")
     max_request_mb: float = option(DEFAULT_REQUEST_MB, "memory one request may make the server allocate, in MiB (sizes the "
                                    "default --max-batch)", gt=0, le=1_000_000)
+    max_inflight_mb: float | None = option(None, "memory all requests in flight may make the server allocate together, "
+                                           "in MiB (admission control across every half and client): a request "
+                                           "that does not fit waits up to --admission-wait seconds, then is refused "
+                                           "(RESOURCE_EXHAUSTED, SERVER_BUSY)", gt=0, le=10_000_000,
+                                           default_text="4 x --max-request-mb")
+    admission_wait: float = option(30.0, "how long a request waits for room under --max-inflight-mb", gt=0, le=3600,
+                                   metavar="S")
     batch_window_ms: float = option(0.0, "stack requests to one model that arrive within MS milliseconds into one "
                                     "server forward (inference; training too with --batch-train); 0: each request "
                                     "alone", ge=0, le=MAX_WINDOW_MS, metavar="MS")
@@ -94,6 +101,9 @@ class ServeConfig(Settings):
                 from_source_text(text)
         if self.batch_train and not self.batch_window_ms:
             raise UserError("--batch-train stacks the steps that arrive within a window: give --batch-window-ms")
+        if self.max_inflight_mb is not None and self.max_inflight_mb < self.max_request_mb:
+            raise UserError(f"--max-inflight-mb ({self.max_inflight_mb:g}) must be at least --max-request-mb "
+                            f"({self.max_request_mb:g}): one request of the largest batch must fit")
         if self.token is not None and not self.token:
             raise UserError("the token must not be empty")
 
@@ -106,6 +116,10 @@ class ServeConfig(Settings):
     @property
     def request_bytes(self) -> int:
         return int(self.max_request_mb * MIB)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return int((self.max_inflight_mb or 4 * self.max_request_mb) * MIB)
 
 
 # what `serve --help` groups under its own heading

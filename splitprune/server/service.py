@@ -18,6 +18,7 @@ from splitprune.errors import UserError
 from splitprune.models import file_digest
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.server.admission import Admission
 from splitprune.server.batching import Batching
 from splitprune.server.config import ServeConfig
 from splitprune.server.hosting import ClientRecord, HostedHalf
@@ -46,6 +47,7 @@ class SplitService:
         self._count_lock = threading.Lock()
         self.tier = None  # replicas.Tier when this server is one replica of a tier (serve --distributed)
         self.batching = Batching(config, self.check_draining, self._applied)
+        self.admission = Admission(config.inflight_bytes, config.admission_wait)
         self.weights_files = {file_digest(path): path for path in config.weights}
         for path in config.model:
             self._add(HostedHalf.from_model(path, **self._half_options()))
@@ -192,18 +194,20 @@ class SplitService:
         s.check_current()
         kind = msg.WhichOneof("body")
         if kind == "train":
-            return self._train(s, msg.train)
+            with self.admission.hold(request_memory(s.half, msg.train.activations, train=True)):
+                return self._train(s, msg.train)
         if kind == "eval":
-            if self.batching.evaluates:
-                out = self.batching.evaluate(s.half, msg.eval, s.dtype_up, s.kept_limit)
-            else:
-                with s.half.mutex:
-                    out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
+            with self.admission.hold(request_memory(s.half, msg.eval.activations)):
+                if self.batching.evaluates:
+                    out = self.batching.evaluate(s.half, msg.eval, s.dtype_up, s.kept_limit)
+                else:
+                    with s.half.mutex:
+                        out = s.half.worker.evaluate(msg.eval, s.dtype_up, s.kept_limit)
             return frame(EVAL, out.SerializeToString())
         if kind == "phase":
             return self._phase(s, msg.phase)
         if kind == "calibrate":
-            with s.half.mutex:
+            with self.admission.hold(request_memory(s.half, msg.calibrate.activations)), s.half.mutex:
                 self.check_draining()
                 out = s.half.worker.calibrate(msg.calibrate, s.dtype_up, s.kept_limit)
                 s.half.bump()  # its BatchNorm statistics changed
@@ -287,3 +291,11 @@ class SplitService:
         """Without --checkpoint, checkpoints live in a temporary folder for the server's lifetime."""
         if not self.persistent:
             shutil.rmtree(self.store.root, ignore_errors=True)
+
+
+def request_memory(half: HostedHalf, activations: pb.EncodedTensor, train: bool = False) -> int:
+    """What a request's batch may make the half allocate (its per-sample estimate times the batch, the batch
+    capped at the half's limit: a larger one is refused by validation)."""
+    limit = half.max_train_batch if train else half.max_batch
+    batch = min(activations.shape[0], limit) if len(activations.shape) else 0
+    return batch * (half.train_sample_bytes if train else half.sample_bytes)

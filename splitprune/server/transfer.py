@@ -10,7 +10,7 @@ from typing import Iterator
 from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.hosting import ClientRecord
-from splitprune.server.service import SplitService
+from splitprune.server.service import SplitService, request_memory
 from splitprune.server.validation import check_infer_budget, check_step_id
 from splitprune.training.checkpoint import state_from_bytes
 from splitprune.wire.envelopes import PROTOCOL_VERSION, STATE_CHUNK, join_chunks, state_chunks
@@ -77,10 +77,11 @@ def infer(service: SplitService, req: spb.InferRequest) -> spb.InferReply:
     start = time.perf_counter()
     half = service.half(req.fingerprint)
     check_infer_budget(req.budget, half.channels)
-    if service.batching.evaluates:
-        reply = service.batching.evaluate(half, req.eval, None, req.budget)
-    else:
-        with half.mutex:
-            reply = half.worker.evaluate(req.eval, max_kept=req.budget)
+    with service.admission.hold(request_memory(half, req.eval.activations)):
+        if service.batching.evaluates:
+            reply = service.batching.evaluate(half, req.eval, None, req.budget)
+        else:
+            with half.mutex:
+                reply = half.worker.evaluate(req.eval, max_kept=req.budget)
     service.count("infer")
     return spb.InferReply(eval=reply, server_ms=(time.perf_counter() - start) * 1e3)

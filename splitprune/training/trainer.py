@@ -24,6 +24,8 @@ from splitprune.training.checkpoint import (check_run_folder, check_start_budget
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar, short_run_warning
 from splitprune.training.halves import check_halves
 from splitprune.training.link import OptimizerSettings, lr_scale
+from splitprune.training.records.journal import ByteJournal
+from splitprune.training.records.summary import run_summary
 from splitprune.training.setup import Endpoint, HalfSnapshot, LocalEndpoint, RunParts, build_run, input_channels
 from splitprune.wire.accounting import add_counts
 
@@ -42,6 +44,7 @@ class Progress:
     last_eval: dict = field(default_factory=dict)
     transport: dict | None = None  # network traffic of the processes before this one (remote runs)
     budget_validation: dict | None = None   # anybudget: validation accuracy per ladder budget, after the last epoch
+    journal: dict | None = None    # remote runs: what `transport` holds of each process (training/journal.py)
 
 
 EpochCallback = Callable[["Trainer", dict], None]
@@ -78,6 +81,7 @@ class Trainer:
         self.callbacks, self.checkpoints, self.log = tuple(callbacks), checkpoints, log
         self.step_budget = step_budget
         self._writer = None
+        self.journal: ByteJournal | None = None
         for note in self.parts.notes:  # said even when quiet: the user decides what to do about them
             (self.log or (lambda m: print(m, file=sys.stderr)))(f"note: {note}")
 
@@ -94,6 +98,7 @@ class Trainer:
             "progress": {"phase": progress.phase, "epoch_in_phase": progress.epoch_in_phase,
                          "epoch": progress.epoch, "wall_seconds": progress.wall_seconds, "rows": progress.rows,
                          "last_eval": progress.last_eval, "transport": self.transport(),
+                         "journal": self.journal.included(self.endpoint.transport_stats()) if self.journal else None,
                          **({"step_budgets": {str(b): n for b, n in self.step_budget.steps_per_budget().items()}}
                             if self.step_budget is not None else {})},
             **({"budget_validation": progress.budget_validation} if progress.budget_validation else {}),
@@ -130,7 +135,7 @@ class Trainer:
         saved = meta["progress"]
         self.progress = Progress(saved["phase"], saved["epoch_in_phase"], saved["epoch"], saved["rows"],
                                  saved["wall_seconds"], saved.get("last_eval", {}), saved.get("transport"),
-                                 meta.get("budget_validation"))
+                                 meta.get("budget_validation"), saved.get("journal") or {})
         self._wall_before = saved["wall_seconds"]
         model = read_tensors(meta["_folder"])
         state = read_tensors(meta["_folder"], "state.safetensors")
@@ -170,6 +175,7 @@ class Trainer:
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         phase_started = self._resume()  # a resumed run restarts its current phase while loading
+        self.journal = ByteJournal.for_run(self.out, self.endpoint, self.progress.journal if phase_started else None)
         if phase_started:
             self._log(f"resuming {self.out} after epoch {self.progress.epoch}")
         self._open_tensorboard()
@@ -235,6 +241,7 @@ class Trainer:
             totals["correct"] += stats.correct
             totals["up"] += stats.bytes_up
             totals["down"] += stats.bytes_down
+            self._journal_bytes()
             bar.set_postfix(loss=f"{totals['loss'] / totals['samples']:.3f}",
                             acc=f"{totals['correct'] / totals['samples']:.3f}",
                             up=_megabytes(totals["up"]), down=_megabytes(totals["down"]),
@@ -245,6 +252,7 @@ class Trainer:
         result = evaluate(self.device, self.endpoint.link, self.parts.test_loader, eval_budget,
                           progress=self.show_progress)
         eval_seconds = time.perf_counter() - start - seconds
+        self._journal_bytes()
         n = max(totals["samples"], 1)
         row = {"epoch": p.epoch + 1, "phase": p.phase, "budget": phase.label(),
                "train_loss": round(totals["loss"] / n, 6), "train_accuracy": round(totals["correct"] / n, 6),
@@ -267,6 +275,10 @@ class Trainer:
         if self._writer is not None:
             for key in ("train_loss", "train_accuracy", "test_accuracy", "bytes_up", "bytes_down"):
                 self._writer.add_scalar(key, row[key], row["epoch"])
+
+    def _journal_bytes(self) -> None:
+        if self.journal is not None:
+            self.journal.record(self.endpoint.transport_stats())
 
     def _save_phase_model(self, phase: Phase) -> None:
         if not self.checkpoints:
@@ -298,39 +310,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- results
     def summary(self) -> dict:
-        rows = self.progress.rows
-        accuracies = [r["test_accuracy"] for r in rows]
-        last = self.progress.last_eval
-        phases = []
-        for index, phase in enumerate(self.phases):
-            own = [r for r in rows if r["phase"] == index]
-            phases.append({"budget": phase.label(), "epochs": phase.epochs,
-                           "bytes_up": sum(r["bytes_up"] for r in own), "bytes_down": sum(r["bytes_down"] for r in own),
-                           "final_test_accuracy": own[-1]["test_accuracy"] if own else None})
-        cfg = self.cfg
-        return {
-            "method": cfg.method, "model": cfg.model, "split": cfg.split, "dataset": cfg.dataset,
-            "epochs": len(rows), "train_samples": len(self.parts.train_loader.dataset.labels),
-            "test_samples": last.get("samples"),
-            "final_test_accuracy": accuracies[-1] if accuracies else None,
-            "best_test_accuracy": max(accuracies) if accuracies else None,
-            "mean_last3_test_accuracy": sum(accuracies[-3:]) / len(accuracies[-3:]) if accuracies else None,
-            "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
-            "eval_bytes_up": sum(r["eval_bytes_up"] for r in rows),
-            "eval_bytes_down": sum(r["eval_bytes_down"] for r in rows),
-            "calibration_bytes_up": sum(r.get("calibration_bytes_up") or 0 for r in rows),
-            "calibration_bytes_down": sum(r.get("calibration_bytes_down") or 0 for r in rows),
-            "inference_bytes_per_sample": last["bytes_up"] / last["samples"] if last else None,
-            "inference_bytes_single_sample": last.get("single_sample_bytes_up"),
-            "final_budget": last.get("budget"), "dtype_up": cfg.dtype_up, "dtype_down": cfg.dtype_down,
-            "resolution": cfg.resolution, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "cut_shape": list(self.parts.geometry.cut_shape), "wire_shape": list(self.parts.geometry.wire_shape),
-            "wall_seconds": round(self.progress.wall_seconds, 3),
-            "train_seconds": round(sum(r["seconds"] for r in rows), 3),
-            "phases": phases, "config": cfg.to_dict(),
-            "transport": self.transport(),
-            **({"budget_auto": self._auto_summary()} if self.step_budget is not None else {}),
-        }
+        return {**run_summary(self.cfg, self.phases, self.progress, len(self.parts.train_loader.dataset.labels),
+                              self.parts.geometry),
+                "transport": self.transport() if self.journal is None else
+                {**self.transport(), "discarded": self.journal.discarded},
+                **({"budget_auto": self._auto_summary()} if self.step_budget is not None else {})}
 
     def _auto_summary(self) -> dict:
         steps = self.step_budget.steps_per_budget()

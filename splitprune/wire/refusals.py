@@ -118,6 +118,12 @@ class SessionReplaced(Refusal):
     status, reason = "ABORTED", "SESSION_REPLACED"
 
 
+class ServerBusy(Refusal):
+    """The server-wide memory budget for requests in flight stayed full (serve --max-inflight-mb)."""
+
+    status, reason = "RESOURCE_EXHAUSTED", "SERVER_BUSY"
+
+
 class NoCheckpoint(Refusal):
     """No server-side checkpoint with this step id and digest."""
 

@@ -12,16 +12,15 @@ test suite drives the cases with Hypothesis (tests/test_fuzz.py); `splitprune be
 from __future__ import annotations
 
 import queue
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from splitprune.bench.systems.mutation import Choose, bytes_variant, mutate
 from splitprune.client.connect import make_hello
 from splitprune.compression import ChannelCodec, encode_labels
 from splitprune.proto import pb
@@ -29,8 +28,6 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import (DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER_METHOD, PUSH_STATE_METHOD,
                                        TRAIN_METHOD, frame, unframe)
 
-T = TypeVar("T")
-Choose = Callable[[Sequence[T]], T]
 KINDS = ("hello", "phase", "train", "eval", "checkpoint", "calibrate", "envelope", "describe", "infer", "fetch",
          "push", "health_check", "health_watch", "unknown")
 HEALTH_CHECK, HEALTH_WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
@@ -38,85 +35,6 @@ UNKNOWN_METHODS = ("/splitprune.v1.SplitPrune/Nope", "/grpc.health.v1.Health/Lis
                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
 PUSH_PREFIX = 4096  # a pushed state is the first bytes of a real one: the stream ends before the rest
 FAILURES = ("INTERNAL", "UNKNOWN")
-U32, U64 = (1 << 32) - 1, (1 << 64) - 1
-INTS = {"uint32": (0, 1, 2, 3, 255, 256, 4096, 4097, 65535, 65536, (1 << 31) - 1, 1 << 31, U32),
-        "uint64": (0, 1, 2, 1 << 31, U32, 1 << 32, (1 << 63) - 1, 1 << 63, U64),
-        "int32": (0, -1, 1, -(1 << 31), (1 << 31) - 1),
-        "enum": (0, 1, 2, 3, 4, 5, 99, -1)}
-FLOATS = (0.0, -0.0, -1.0, 1.0, 0.5, 1.5, 1e-45, 1e38, float("inf"), float("-inf"), float("nan"))
-STRINGS = ("", "x", "..", "../../etc", "0" * 16, "0123456789abcdef", "f" * 64, "\u00e9\u4e2d", "{", "{}",
-           "[]", '{"model": "vgg11"}', "a" * 129, "a" * 5000, "[" * 100_000, '{"a": ' * 50_000)
-
-
-def _bytes_variants(value: bytes, choose: Choose) -> bytes:
-    cut = choose((0, 1, 2, 3))
-    what = choose(("empty", "truncate", "extend", "flip", "double", "odd", "random"))
-    if what == "empty":
-        return b""
-    if what == "truncate":
-        return value[: len(value) * cut // 4]
-    if what == "extend":
-        return value + b"\x00" * (1 + cut * 7)
-    if what == "flip" and value:
-        i = len(value) * cut // 4
-        return value[:i] + bytes([value[i] ^ 0xFF]) + value[i + 1:]
-    if what == "double":
-        return value * 2
-    if what == "odd":
-        return value + b"\x01"
-    return bytes(random.Random(cut).randrange(256) for _ in range(1 + 13 * cut))
-
-
-def _fields(msg, prefix: str = "") -> list[tuple[object, object, str]]:
-    """(parent message, field descriptor, dotted path) of every field, nested messages included."""
-    out = []
-    for fd in msg.DESCRIPTOR.fields:
-        path = prefix + fd.name
-        out.append((msg, fd, path))
-        if fd.message_type is not None and not fd.is_repeated and msg.HasField(fd.name):
-            out.extend(_fields(getattr(msg, fd.name), path + "."))
-    return out
-
-
-def mutate(msg, choose: Choose) -> str:
-    """Change one field of `msg` in place to an edge value of its type; a description of the change."""
-    parent, fd, path = choose(_fields(msg))
-    t = fd.type
-    if fd.is_repeated:
-        values = list(getattr(parent, fd.name))
-        action = choose(("clear", "drop", "append", "edge"))
-        del getattr(parent, fd.name)[:]
-        if action == "drop":
-            values = values[:-1]
-        elif action in ("append", "edge") and fd.message_type is None:
-            edge = choose(INTS["uint64" if t == fd.TYPE_UINT64 else "uint32"])
-            values = values + [edge] if action == "append" or not values else [edge] + values[1:]
-        if action != "clear" and fd.message_type is None:
-            getattr(parent, fd.name).extend(values)
-        return f"{path}: {action}"
-    if fd.message_type is not None:
-        parent.ClearField(fd.name)
-        return f"{path}: cleared"
-    if t == fd.TYPE_BOOL:
-        value = not getattr(parent, fd.name)
-    elif t in (fd.TYPE_FLOAT, fd.TYPE_DOUBLE):
-        value = choose(FLOATS)
-    elif t == fd.TYPE_STRING:
-        value = choose(STRINGS + (getattr(parent, fd.name)[:-1], getattr(parent, fd.name) + "x"))
-    elif t == fd.TYPE_BYTES:
-        value = _bytes_variants(getattr(parent, fd.name), choose)
-    elif t == fd.TYPE_ENUM:
-        value = choose(INTS["enum"])
-    else:
-        kind = {fd.TYPE_UINT64: "uint64", fd.TYPE_INT32: "int32"}.get(t, "uint32")
-        value = choose(INTS[kind])
-    try:
-        setattr(parent, fd.name, value)
-    except (ValueError, TypeError):  # not representable in this field (e.g. a negative enum): leave it out
-        return f"{path}: unrepresentable {value!r}"
-    return f"{path} = {value!r}"[:120]
-
-
 class Fuzzer:
     """Builds valid sessions against a server and sends one mutated message per case."""
 
@@ -214,12 +132,12 @@ class Fuzzer:
             if choose((True, False)):
                 change, data = mutate(msg, choose), msg.SerializeToString()
             else:
-                data = _bytes_variants(msg.SerializeToString() + b"\x0a\x01x", choose)
+                data = bytes_variant(msg.SerializeToString() + b"\x0a\x01x", choose)
                 change = f"request of {len(data)} bytes"
             return kind, change, self._unary(kind, data) if kind == "health_check" else self._watch(data)
         if kind == "unknown":
             method = choose(UNKNOWN_METHODS)
-            return kind, method, self._call_unknown(method, _bytes_variants(b"\x0a\x01x", choose))
+            return kind, method, self._call_unknown(method, bytes_variant(b"\x0a\x01x", choose))
         if kind in ("describe", "infer"):
             msg = spb.DescribeRequest(fingerprint=self.cfg.fingerprint()) if kind == "describe" else spb.InferRequest(
                 fingerprint=self.cfg.fingerprint(), budget=self.cfg.budget,
@@ -260,7 +178,7 @@ class Fuzzer:
                                                     last=True)}[kind]
             field = {"phase": 2, "train": 3, "envelope": 3, "eval": 4, "checkpoint": 5, "calibrate": 6}[kind]
             if kind == "envelope":
-                data = _bytes_variants(frame(field, msg.SerializeToString()), choose)
+                data = bytes_variant(frame(field, msg.SerializeToString()), choose)
                 change = f"envelope of {len(data)} bytes"
             else:
                 change = mutate(msg, choose)

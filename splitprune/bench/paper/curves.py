@@ -1,0 +1,56 @@
+"""The four methods side by side (paper Fig. 6 and 10 in one figure): accuracy per epoch and cumulative
+training traffic per epoch of sl, ca B=4, deprune and prune 32->4, at every seed of the profile. Nothing is
+judged here (the deprune and prune suites do that); it trains nothing the two suites do not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from splitprune.bench.core import plots
+from splitprune.bench.core.profiles import Profile
+from splitprune.bench.core.report import curve, load_profile, megabytes, pct, seeded_records, write_csv, write_suite
+
+METHODS = ("sl", "ca4", "deprune", "prune")
+STYLES = ("-", "--", ":", "-.")  # per seed
+
+
+def run(profile: str | Profile, out: Path) -> dict:
+    prof = load_profile(profile)
+    root = Path(out).parent
+    records = {b: seeded_records(b, prof, root) for b in METHODS}
+    fig, (ax1, ax2) = plots.figure(2, width=6.8, height=4.8)
+    rows = []
+    for i, base in enumerate(METHODS):
+        for j, record in enumerate(records[base]):
+            points = curve(record)
+            seed = record["summary"]["config"]["seed"]
+            label = f"{record['label']} (seed {seed})" if seed else record["label"]
+            style = dict(color=plots.COLORS[i], linestyle=STYLES[j % len(STYLES)], marker="o", markersize=2.5,
+                         linewidth=1.4, label=label)
+            epochs = [p["epoch"] for p in points]
+            ax1.plot(epochs, [100 * p["accuracy"] for p in points], **style)
+            ax2.plot(epochs, [p["bytes"] / 1e6 for p in points], **style)
+            rows += [{"run": record["name"], "method": base, "seed": seed, **p} for p in points]
+    subset = records["sl"][0]["summary"]["config"].get("test_subset")
+    ax1.set_title(f"accuracy per epoch ({subset or 'all'} test images; prune: epochs after sl)", fontsize=10)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("test accuracy (%)")
+    accuracies = sorted(100 * r["accuracy"] for r in rows)
+    ax1.set_ylim(accuracies[len(accuracies) // 5] - 2, min(100, accuracies[-1] + 1))
+    ax2.set_yscale("log")
+    ax2.set_title("cumulative training traffic, up + down (prune: sl's own not counted)", fontsize=10)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("MB (log)")
+    for ax in (ax1, ax2):
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=7, loc="lower right", ncol=2)
+    plots.save(fig, Path(out) / "curves.png")
+
+    lines = [f"- {r['label']} (seed {r['summary']['config']['seed']}): last curve point "
+             f"{pct(curve(r)[-1]['accuracy'])}, {megabytes(curve(r)[-1]['bytes'])} MB up + down in "
+             f"{len(r['rows'])} epochs" for rs in records.values() for r in rs]
+    markdown = (f"### the four methods' curves ({prof.name} profile)\n\n![curves](curves.png)\n\n"
+                + "\n".join(lines) + "\n")
+    write_csv(Path(out) / "curves.csv", rows)
+    write_suite(Path(out), "curves", prof, {"points": len(rows)}, markdown)
+    return {"points": len(rows)}
