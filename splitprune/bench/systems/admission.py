@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-HALVES, ROUNDS, REQUEST_MB = 4, 5, 256
+HALVES, ROUNDS, REQUEST_MB = 4, 3, 256
 CONFIG = dict(model="vgg11_bn_compact", dataset="fashion-mnist", method="ca", budget=1, dtype_up="int4", epochs=1,
               train_subset=32, test_subset=16, batch_size=16, test_batch_size=16, threads=1)
 
@@ -49,7 +49,7 @@ def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
     try:
         for seed in range(halves):
             cfg = make_config({**CONFIG, "seed": seed})
-            fuzzer = Fuzzer(server.address, cfg)
+            fuzzer = Fuzzer(server.address, cfg, stream_timeout=3600)
             live = fuzzer._session(f"rss-{seed}")
             info = spb.DescribeReply.FromString(fuzzer.unary["describe"](
                 spb.DescribeRequest(fingerprint=cfg.fingerprint()).SerializeToString(), timeout=60))
@@ -67,7 +67,7 @@ def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
             live.stream.exchange(requests[0])
         time.sleep(1.0)
         before = _status(server.proc.pid)
-        start, errors, seconds = threading.Barrier(halves), [], []
+        start, errors, seconds = threading.Barrier(halves, timeout=1800), [], []
 
         def client(live, requests):
             try:
@@ -78,6 +78,7 @@ def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
                     seconds.append(time.perf_counter() - t)
             except (_Refused, threading.BrokenBarrierError) as exc:
                 errors.append(repr(exc))
+                start.abort()  # the others stop waiting for this one
 
         threads = [threading.Thread(target=client, args=(live, requests[1:])) for live, requests in streams]
         for t in threads:

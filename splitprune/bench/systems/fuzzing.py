@@ -38,8 +38,9 @@ FAILURES = ("INTERNAL", "UNKNOWN")
 class Fuzzer:
     """Builds valid sessions against a server and sends one mutated message per case."""
 
-    def __init__(self, address: str, cfg, clients: int = 4, token: str | None = None) -> None:
-        self.cfg, self.clients = cfg, clients
+    def __init__(self, address: str, cfg, clients: int = 4, token: str | None = None,
+                 stream_timeout: float = 120.0) -> None:
+        self.cfg, self.clients, self.stream_timeout = cfg, clients, stream_timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.channel = grpc.insecure_channel(address)
         self.train = self.channel.stream_stream(TRAIN_METHOD)
@@ -274,7 +275,8 @@ class _Stream:
     def __init__(self, fuzzer: Fuzzer) -> None:
         self.fuzzer = fuzzer
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.call = fuzzer.train(iter(self.requests.get, None), metadata=fuzzer.metadata, timeout=120)
+        self.call = fuzzer.train(iter(self.requests.get, None), metadata=fuzzer.metadata,
+                                 timeout=fuzzer.stream_timeout)
 
     def exchange(self, data: bytes) -> bytes:
         self.fuzzer.messages += 1
