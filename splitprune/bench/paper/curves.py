@@ -24,9 +24,8 @@ def run(profile: str | Profile, out: Path) -> dict:
         for j, record in enumerate(records[base]):
             points = curve(record)
             seed = record["summary"]["config"]["seed"]
-            label = f"{record['label']} (seed {seed})" if seed else record["label"]
             style = dict(color=plots.COLORS[i], linestyle=STYLES[j % len(STYLES)], marker="o", markersize=2.5,
-                         linewidth=1.4, label=label)
+                         linewidth=1.4, label=record["label"], zorder=3 if base == "ca4" else 2)
             epochs = [p["epoch"] for p in points]
             ax1.plot(epochs, [100 * p["accuracy"] for p in points], **style)
             ax2.plot(epochs, [p["bytes"] / 1e6 for p in points], **style)
@@ -43,8 +42,13 @@ def run(profile: str | Profile, out: Path) -> dict:
     ax2.set_ylabel("MB (log)")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=7, loc="lower right", ncol=2)
-    plots.save(fig, Path(out) / "curves.png")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.text(0.5, 0.115, "deprune is ca B=4 until its budget is relaxed (same seed, same steps): their lines "
+             "coincide there", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(Path(out) / "curves.png", dpi=110)
+    plots.plt.close(fig)
 
     lines = [f"- {r['label']} (seed {r['summary']['config']['seed']}): last curve point "
              f"{pct(curve(r)[-1]['accuracy'])}, {megabytes(curve(r)[-1]['bytes'])} MB up + down in "
