@@ -47,6 +47,7 @@ def run(profile: str | Profile, out: Path) -> dict:
     fig.text(0.5, 0.115, "deprune is ca B=4 until its budget is relaxed (same seed, same steps): their lines "
              "coincide there", ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
+    Path(out).mkdir(parents=True, exist_ok=True)
     fig.savefig(Path(out) / "curves.png", dpi=110)
     plots.plt.close(fig)
 
