@@ -40,14 +40,18 @@ def _run(seed: int, out: Path, server: str) -> dict:
 
 
 def measure(tenants: int) -> dict:
+    import torch
+
     from splitprune.server.app import start_app
     from splitprune.server.config import ServeConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
-        # the first run of a process differs from every later one (some state made once per process; found
-        # here, not yet explained): a warm-up run first, so that "alone" and "together" are both later runs
-        for name, seeds in (("warm-up", [0]), ("alone", [0]), ("together", list(range(tenants)))):
+        # the servers here run in this process: one thread from the start, as `serve --threads 1` (results are
+        # deterministic for a thread count; left at torch's default, the first run's server steps would use
+        # the default until the client sets its own, and that run alone would differ)
+        torch.set_num_threads(1)
+        for name, seeds in (("alone", [0]), ("together", list(range(tenants)))):
             handle = start_app(ServeConfig(listen="127.0.0.1:0"))  # a fresh server for each
             try:
                 out: list = [None] * len(seeds)
@@ -65,8 +69,7 @@ def measure(tenants: int) -> dict:
             finally:
                 handle.stop(grace=0.5)
     alone, beside = results["alone"]["runs"][0], results["together"]["runs"][0]
-    return {"tenants": tenants, **results, "seed0_equal": alone == beside,
-            "first_run_of_the_process_equal": results["warm-up"]["runs"][0] == alone}
+    return {"tenants": tenants, **results, "seed0_equal": alone == beside}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
               **measure(args.tenants)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "tenants.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("tenants", "seed0_equal", "first_run_of_the_process_equal")}),
+    print(json.dumps({k: result[k] for k in ("tenants", "seed0_equal")}),
           result["alone"]["runs"][0], result["together"]["runs"][0])
     return 0 if result["seed0_equal"] else 1
 
