@@ -9,7 +9,6 @@ import sys
 import time
 from datetime import timedelta
 
-import pytest
 
 from splitprune.server.replicas.rendezvous import SECRET_ENV
 
