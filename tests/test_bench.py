@@ -247,7 +247,6 @@ def test_curves_show_the_four_methods_at_every_seed(smoke, root, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the curves suite trained a run")
 
-    runs.ensure("prune", smoke, root)  # what the deprune and prune suites train
     for base in ("sl", "ca4", "deprune", "prune"):
         for name in planning.seed_names(base, smoke):
             runs.ensure(name, smoke, root)

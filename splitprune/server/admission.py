@@ -18,24 +18,22 @@ from splitprune.wire.refusals import ServerBusy
 class Admission:
     def __init__(self, capacity: int, wait_s: float) -> None:
         self.capacity, self.wait_s = capacity, wait_s
-        self.in_flight = self.peak = self.refused = self.waited = 0
+        self.in_flight = self.peak = self.refused = 0
         self._changed = threading.Condition()
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
         need = min(max(0, int(nbytes)), self.capacity)  # a request is never larger than the budget
         with self._changed:
-            if self.in_flight + need > self.capacity:
-                self.waited += 1
-                deadline = time.monotonic() + self.wait_s
-                while self.in_flight + need > self.capacity:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.refused += 1
-                        raise ServerBusy(f"the server's memory budget for requests in flight "
-                                         f"({self.capacity / 2**20:.0f} MiB, serve --max-inflight-mb) stayed full "
-                                         f"for {self.wait_s:g} s; retry later")
-                    self._changed.wait(left)
+            deadline = time.monotonic() + self.wait_s
+            while self.in_flight + need > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.refused += 1
+                    raise ServerBusy(f"the server's memory budget for requests in flight "
+                                     f"({self.capacity / 2**20:.0f} MiB, serve --max-inflight-mb) stayed full "
+                                     f"for {self.wait_s:g} s; retry later")
+                self._changed.wait(left)
             self.in_flight += need
             self.peak = max(self.peak, self.in_flight)
         try:

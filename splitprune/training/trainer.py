@@ -44,7 +44,7 @@ class Progress:
     last_eval: dict = field(default_factory=dict)
     transport: dict | None = None  # network traffic of the processes before this one (remote runs)
     budget_validation: dict | None = None   # anybudget: validation accuracy per ladder budget, after the last epoch
-    journal: dict | None = None    # remote runs: what `transport` holds of each process (training/journal.py)
+    journal: dict | None = None    # remote runs: what `transport` holds of each process (records/journal.py)
 
 
 EpochCallback = Callable[["Trainer", dict], None]
@@ -203,6 +203,8 @@ class Trainer:
         self._clock_wall()
         summary = self.summary()
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.journal is not None:
+            self.journal.close()
         return summary
 
     def _ranks_budgets(self) -> bool:

@@ -1,4 +1,5 @@
-"""Server subprocesses for benchmarks (and tests): a free port, and `splitprune serve` in its own process."""
+"""Server subprocesses for benchmarks (and tests): a free port, `splitprune serve` in its own process, and a
+process's memory."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def memory(pid: int) -> dict[str, int]:
+    """A process's resident memory now (VmRSS) and at its peak so far (VmHWM), in bytes (Linux /proc)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
 
 
 class ServeSubprocess:

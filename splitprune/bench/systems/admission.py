@@ -23,19 +23,10 @@ CONFIG = dict(model="vgg11_bn_compact", dataset="fashion-mnist", method="ca", bu
               train_subset=32, test_subset=16, batch_size=16, test_batch_size=16, threads=1)
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return out
-
-
 def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
     import torch
 
-    from splitprune.bench.core.processes import ServeSubprocess, free_port
+    from splitprune.bench.core.processes import ServeSubprocess, free_port, memory
     from splitprune.bench.systems.fuzzing import Fuzzer, _Refused
     from splitprune.compression import ChannelCodec, encode_labels
     from splitprune.config import make_config
@@ -62,11 +53,11 @@ def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
                                                               labels=labels).SerializeToString())
                                    for r in range(rounds + 1)]))
         time.sleep(1.0)
-        fresh = _status(server.proc.pid)
+        fresh = memory(server.proc.pid)
         for live, requests in streams:  # warm-up, one half at a time: gradients and momentum now exist
             live.stream.exchange(requests[0])
         time.sleep(1.0)
-        before = _status(server.proc.pid)
+        before = memory(server.proc.pid)
         start, errors, seconds = threading.Barrier(halves, timeout=1800), [], []
 
         def client(live, requests):
@@ -85,7 +76,7 @@ def measure(budget_mb: float, halves: int, rounds: int, log: Path) -> dict:
             t.start()
         for t in threads:
             t.join()
-        after = _status(server.proc.pid)
+        after = memory(server.proc.pid)
         max_batch, message = info.max_train_batch, len(streams[0][1][0])
     finally:
         for f in fuzzers:

@@ -27,14 +27,6 @@ CONFIG = dict(model="vgg11_bn_compact", dataset="fashion-mnist", method="ca", ep
               test_subset=32, batch_size=16, test_batch_size=32, threads=1, seed=0)
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _train_summary(cfg, address: str | None, out: Path) -> dict:
     from splitprune.client.connect import connect
     from splitprune.training.trainer import Trainer
@@ -52,7 +44,7 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
     """`messages` fuzz cases against a `splitprune serve` subprocess; the result row (also written to out)."""
     import tempfile
 
-    from splitprune.bench.core.processes import ServeSubprocess, free_port
+    from splitprune.bench.core.processes import ServeSubprocess, free_port, memory
     from splitprune.config import make_config
 
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +63,7 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
             if i % 500 == 499:
                 fuzzer.reset()
             if i == warmup or i % 1000 == 0 or i == messages - 1:
-                rss.append((i, round(time.monotonic() - start, 1), _rss(server.proc.pid)))
+                rss.append((i, round(time.monotonic() - start, 1), memory(server.proc.pid).get("VmRSS", 0)))
                 if i % 10_000 == 0:
                     print(f"  {i} cases, {fuzzer.messages} messages, server RSS {rss[-1][2] / 2**20:.0f} MiB, "
                           f"statuses {dict(fuzzer.codes)}", flush=True)

@@ -52,12 +52,10 @@ def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None
         _STORES.append(open_store(env, timeout_s))
         dist.init_process_group(backend, store=_STORES[-1], rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
-    except PermissionError as exc:
-        raise UserError(f"replica {env.rank}: refused the tier at {env.master_addr}:{env.master_port}: {exc} "
-                        f"(a replica or joiner with another ${SECRET_ENV})") from None
-    except (RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
+    except (PermissionError, RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "not signed with this tier's secret" in text:
+        # SignedStore's PermissionError, raised as itself or wrapped by the C++ caller
+        if isinstance(exc, PermissionError) or "not signed with this tier's secret" in text:
             raise UserError(f"replica {env.rank}: refused the tier at {env.master_addr}:{env.master_port}: "
                             f"{text} (a replica or joiner with another ${SECRET_ENV})") from None
         raise UserError(f"replica {env.rank}: cannot join the tier at {env.master_addr}:{env.master_port} "
