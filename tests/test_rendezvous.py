@@ -16,13 +16,13 @@ JOIN = """
 import sys, torch, torch.distributed as dist
 from splitprune.errors import UserError
 from splitprune.server.replicas.rendezvous import TierEnv
-from splitprune.server.replicas.tier import join_process_group
+from splitprune.server.replicas.tier import join_tier_membership
 try:
-    join_process_group(TierEnv.from_environ(), "cpu", 15.0)
+    membership = join_tier_membership(TierEnv.from_environ(), "cpu", 15.0, settle_s=float(sys.argv[1]))
 except UserError as exc:
     print(exc, flush=True)
     sys.exit(2)
-t = torch.tensor([float(dist.get_rank() + 1)])
+t = torch.tensor([float(membership.replica_id + 1)])
 dist.all_reduce(t)
 print("sum", int(t.item()), flush=True)
 sys.stdin.read()  # stay up (sockets open) until the test closes stdin
@@ -36,11 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica(rank: int, port: int, secret: str) -> subprocess.Popen:
+def _replica(rank: int, port: int, secret: str, settle_s: float = 3.0) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), SECRET_ENV: secret, "OMP_NUM_THREADS": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)
-    return subprocess.Popen([sys.executable, "-c", JOIN], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", JOIN, str(settle_s)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -86,26 +86,30 @@ def test_the_tier_binds_only_where_told_and_forms_with_the_secret():
 
 
 def test_a_joiner_with_another_secret_is_refused():
+    """Replica 0 serves the store and signs its check value: the joiner with another secret stops with one line
+    before it registers; replica 0 forms the tier without it."""
     port = _free_port()
-    procs = [_replica(0, port, "a" * 32), _replica(1, port, "b" * 32)]
+    good = _replica(0, port, "a" * 32, settle_s=8.0)
+    bad = _replica(1, port, "b" * 32)
     try:
-        outputs = [p.communicate("", timeout=60)[0] for p in procs]
+        out = bad.communicate("", timeout=60)[0]
+        assert good.stdout.readline().strip() == "sum 1"  # alone: the joiner never counted
     finally:
-        for p in procs:
+        for p in (good, bad):
             p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outputs
-    for out in outputs:
-        assert "is not signed with this tier's secret" in out and "SPLITPRUNE_TIER_SECRET" in out, out
-        assert "Traceback" not in out
+    assert bad.returncode == 2, out
+    assert "is not signed with this tier's secret" in out and "SPLITPRUNE_TIER_SECRET" in out, out
+    assert "Traceback" not in out
 
 
 def test_a_plain_store_client_cannot_join_or_redirect_a_replica():
-    """What the issue did by hand: a TCPStore client connects and writes the keys a joiner would. Replica 0
-    refuses the values it did not sign and says so, instead of forming a tier with it."""
+    """What the issue did by hand: a TCPStore client connects and writes the keys a joiner would (a registration
+    as replica 1, a member list, gloo's address of rank 1). Replica 0 refuses the values it cannot verify, says
+    so, and forms the tier without the intruder."""
     import torch.distributed as dist
 
     port = _free_port()
-    replica = _replica(0, port, "a" * 32)
+    replica = _replica(0, port, "a" * 32, settle_s=8.0)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -115,18 +119,23 @@ def test_a_plain_store_client_cannot_join_or_redirect_a_replica():
             except (RuntimeError, dist.DistStoreError):
                 assert time.monotonic() < deadline and replica.poll() is None, replica.stdout.read()
                 time.sleep(0.2)
-        # the replica's own values are there, signed; whatever the intruder writes is not
-        for _ in range(100):
-            keys = intruder.list_keys()
-            if keys:
+        for _ in range(100):  # replica 0 registered for generation 1
+            if intruder.check(["g1/member/0"]):
                 break
             time.sleep(0.1)
-        assert keys, "replica 0 wrote nothing to its store"
-        for key in keys:  # gloo's address of rank 0 under ".../0": the intruder poses as rank 1
-            intruder.set(key.rsplit("/", 1)[0] + "/1", b"forged")
-        out = replica.communicate("", timeout=60)[0]
+        intruder.add("g1/count", 1)
+        intruder.set("g1/member/1", b"forged")
+        intruder.set("g1/pg/1", b"forged")
+        lines = [replica.stdout.readline().strip()]
+        while lines[-1] and lines[-1] != "sum 1":
+            lines.append(replica.stdout.readline().strip())
+        assert lines[-1] == "sum 1", lines
+        assert "replica 0: refused a registration as replica 1 for generation 1: not signed with this tier's " \
+               "secret" in lines
+        replica.stdin.close()
+        out = "\n".join(lines) + replica.stdout.read()
+        replica.wait(30)
     finally:
         replica.kill()
-    assert replica.returncode == 2, out
-    assert "is not signed with this tier's secret" in out, out
+    assert replica.returncode == 0, out
     assert "Traceback" not in out

@@ -14,7 +14,6 @@ from splitprune.options import field_specs
 from splitprune.server.config import REPLICA_SETTINGS, ServeConfig
 from splitprune.wire.addresses import TOKEN_ENV
 
-EXIT_TIER_LOST = 3  # a replica that stopped because the tier broke (splitprune.server.replicas.launch)
 
 
 def add_parser(subparsers, name: str) -> None:
@@ -114,4 +113,4 @@ def run(args: argparse.Namespace) -> int:
     message = tier.exit_message() if tier else None
     if message:
         print(f"splitprune serve: {message}", file=sys.stderr, flush=True)
-    return EXIT_TIER_LOST if tier and tier.failure else 0
+    return 2 if tier and tier.failure else 0  # refused by its tier (another secret): a user error

@@ -137,7 +137,11 @@ class RemoteEndpoint:
             raise RemoteError(f"server speaks protocol {welcome.protocol_version}, this client {PROTOCOL_VERSION}")
         if self.hello.wire_shape and list(welcome.wire_shape) != list(self.hello.wire_shape):
             raise RemoteError(f"server's wire shape {list(welcome.wire_shape)} != {list(self.hello.wire_shape)}")
-        if self.hello.resume_step_id and welcome.state_sha256 != self.hello.resume_state_sha256:
+        if self.hello.resume_step_id and not welcome.state_sha256 and welcome.attached_clients > 1:
+            log.warning("resumed at step %d on a server half shared with %d other client(s): the server kept its "
+                        "half (their training goes on), this client's device half continues from its checkpoint",
+                        self.hello.resume_step_id, welcome.attached_clients - 1)
+        elif self.hello.resume_step_id and welcome.state_sha256 != self.hello.resume_state_sha256:
             raise RemoteError(f"the server restored another server half than this run's checkpoint (digest "
                               f"{welcome.state_sha256[:12] or 'none'}, the checkpoint's "
                               f"{self.hello.resume_state_sha256[:12]}); start the run afresh with another --out")

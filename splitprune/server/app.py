@@ -126,7 +126,7 @@ def start_app(config: ServeConfig, tier=None) -> App:
         if not torch.cuda.is_available():
             raise UserError("--accelerator cuda: no CUDA device is available here")
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-    service = SplitService(config)
+    service = SplitService(config, tier.shared_checkpoints if tier is not None else None)
     service.tier = tier  # replicas.Tier: set before the first call can arrive
     refusals = BoundedLog(log, "refused calls")
 

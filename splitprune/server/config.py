@@ -86,8 +86,12 @@ class ServeConfig(Settings):
                              "last time", ge=1, le=10_000_000, metavar="K")
     sync_max_delay: float = option(10.0, "...or once a step has waited S seconds for it", gt=0, le=1e6, metavar="S")
     sync_timeout: float = option(60.0, "a replica that does not answer a collective within S seconds is taken as "
-                                 "gone: the tier stops (a replica that dies is noticed at once)", gt=0, le=1e6,
-                                 metavar="S")
+                                 "gone and the others re-form without it (a replica that dies is noticed at once)",
+                                 gt=0, le=1e6, metavar="S")
+    sync_settle: float = option(2.0, "when the tier re-forms, how long the first replica waits for the others to "
+                                "register", gt=0, le=600, metavar="S")
+    max_restarts: int = option(3, "with --replicas: restart a replica that dies, at most R times in all", ge=0,
+                               le=1_000_000, metavar="R")
 
     def allows(self, model: str) -> bool:
         """Whether this server builds halves of `model` for clients."""
@@ -123,4 +127,5 @@ class ServeConfig(Settings):
 
 
 # what `serve --help` groups under its own heading
-REPLICA_SETTINGS = ("distributed", "replicas", "sync_every", "sync_max_delay", "sync_timeout")
+REPLICA_SETTINGS = ("distributed", "replicas", "sync_every", "sync_max_delay", "sync_timeout", "sync_settle",
+                    "max_restarts")

@@ -36,7 +36,8 @@ log = logging.getLogger("splitprune.serve")
 class SplitService:
     """The hosted halves, the sessions on them, and what the Train stream's messages do to them."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, shared_checkpoints: str | None = None) -> None:
+        """`shared_checkpoints`: the clients' checkpoint folder shared by the replicas of a tier."""
         self.config = config
         self.halves: dict[str, HostedHalf] = {}
         self.halves_lock = threading.Lock()
@@ -52,7 +53,7 @@ class SplitService:
         for path in config.model:
             self._add(HostedHalf.from_model(path, **self._half_options()))
         if self.persistent:
-            self.store = HalfStore(Path(config.checkpoint))
+            self.store = HalfStore(Path(config.checkpoint), Path(shared_checkpoints) if shared_checkpoints else None)
             for half in self.store.load_all(**self._half_options()):
                 self._add(half)
         else:  # made last: nothing above can fail and leave it behind

@@ -75,8 +75,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
 class HalfStore:
     """Saving and loading hosted halves under one folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, checkpoints: Path | None = None) -> None:
+        """`checkpoints`: where the clients' checkpoints go when not under root (a tier's shared folder)."""
         self.root = root
+        self.checkpoints = checkpoints or root / "checkpoints"
         self._write_lock = threading.Lock()  # one checkpoint write at a time (never under a half's mutex)
         self._save_lock = threading.Lock()   # one live save at a time: two would share a temporary folder
 
@@ -154,7 +156,7 @@ class HalfStore:
     # ---------------------------------------------------------------- server-side checkpoints
     def _client_folder(self, fingerprint: str, client_id: str) -> Path:
         # hashed: a client id may be "..", and the folder name must not depend on what the id holds
-        return self.root / "checkpoints" / fingerprint / hashlib.sha256(client_id.encode()).hexdigest()[:32]
+        return self.checkpoints / fingerprint / hashlib.sha256(client_id.encode()).hexdigest()[:32]
 
     def save_checkpoint(self, fingerprint: str, client_id: str, step_id: int, version: int, data: bytes,
                         phase: pb.PhaseRequest | None, keep: bool = False) -> SavedCheckpoint:

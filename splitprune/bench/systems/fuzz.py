@@ -4,6 +4,10 @@ and whether a normal training run afterwards equals one on a fresh server:
 
     splitprune bench fuzz                                   # 100,000 cases, bench_results/fuzz/
     python -m splitprune.bench.systems.fuzz --messages 100000 --out bench_results/fuzz
+    python -m splitprune.bench.systems.fuzz --messages 100000 --workers 2 --out bench_results/fuzz/100k
+
+With --workers W, W processes each fuzz their own server with messages / W cases (worker k with seed
+seed + k, its report in OUT/part-k/), and the merged report is OUT/fuzz.json.
 """
 from __future__ import annotations
 
@@ -103,6 +107,48 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
     return result
 
 
+def spread(messages: int, workers: int, out: Path, seed: int = 0) -> dict:
+    """`messages` cases over `workers` processes, each against its own server; the merged report."""
+    import os
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    shares = [messages // workers + (k < messages % workers) for k in range(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "splitprune.bench.systems.fuzz", "--messages", str(n),
+                               "--seed", str(seed + k), "--out", str(out / f"part-{k}")], env=env)
+             for k, n in enumerate(shares)]
+    codes = [p.wait() for p in procs]
+    parts = [json.loads((out / f"part-{k}" / "fuzz.json").read_text()) for k in range(workers)]
+    statuses: dict[str, int] = {}
+    for part in parts:
+        for code, n in part["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    result = {
+        "command": f"python -m splitprune.bench.systems.fuzz --messages {messages} --workers {workers} "
+                   f"--seed {seed} --out {out}",
+        "workers": workers, "worker_exit_codes": codes,
+        "cases": sum(p["cases"] for p in parts), "messages": sum(p["messages"] for p in parts),
+        "statuses": statuses, "internal_errors": sum(p["internal_errors"] for p in parts),
+        "failures": [f for p in parts for f in p["failures"]][:20],
+        "crashed": [p["crashed"] for p in parts if p["crashed"]] or None,
+        "server_exit_codes": [p["server_exit_code"] for p in parts],
+        "fuzz_seconds": max(p["fuzz_seconds"] for p in parts),
+        "rss_growth_mib": [p["rss_growth_mib"] for p in parts],
+        "rss_max_growth_mib": [p["rss_max_growth_mib"] for p in parts],
+        "rss_end_mib": [p["rss_end_mib"] for p in parts],
+        "training_after_fuzz_equals_fresh": all(p["training_after_fuzz_equals_fresh"] for p in parts),
+        "parts": [f"part-{k}/fuzz.json" for k in range(workers)],
+        "targets": parts[0]["targets"],
+    }
+    (out / "fuzz.json").write_text(json.dumps(result, indent=2))
+    print(f"fuzz over {workers} processes: {result['cases']} cases ({result['messages']} messages): "
+          f"{result['internal_errors']} INTERNAL, crashed: {result['crashed'] or 'no'}, server RSS growth "
+          f"{result['rss_growth_mib']} MiB, training afterwards equals a fresh server: "
+          f"{result['training_after_fuzz_equals_fresh']}")
+    return result
+
+
 def run(profile: str | Profile, out: Path, messages: int = DEFAULT_MESSAGES) -> dict:
     """`splitprune bench fuzz [--messages N]`: the quick and paper profiles both send N cases on the CPU."""
     if messages < 1:
@@ -114,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=DEFAULT_MESSAGES, help="fuzz cases (one mutated message each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes, each fuzzing its own server")
     p.add_argument("--out", default="bench_results/fuzz")
     args = p.parse_args(argv)
-    soak(args.messages, Path(args.out), args.seed)
+    if args.workers > 1:
+        spread(args.messages, args.workers, Path(args.out), args.seed)
+    else:
+        soak(args.messages, Path(args.out), args.seed)
     return 0
 
 

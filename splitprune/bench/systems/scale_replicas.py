@@ -29,7 +29,7 @@ import torch
 
 from splitprune.bench.core.common import markdown_table, write_results
 
-SYNC_LINE = re.compile(r"replica (\d+) sync round (\d+): half (\w+), weights .*?, (\d+) values in ([\d.]+) ms, "
+SYNC_LINE = re.compile(r"replica (\d+) generation (\d+) sync round (\d+): half (\w+), weights .*?, (\d+) values in ([\d.]+) ms, "
                        r"state sha256 ([0-9a-f]{64})")
 
 
@@ -205,7 +205,7 @@ def measure(replicas: int, clients: int = 4, steps: int = 60, sync_every: int = 
     if failures or len(out) < clients:
         raise RuntimeError(f"clients failed: {failures or 'missing'}; server log: {log[-2000:]}")
     latencies = sorted(x for v in out.values() for x in v)
-    syncs = [float(m.group(5)) for m in SYNC_LINE.finditer(log)]
+    syncs = [float(m.group(6)) for m in SYNC_LINE.finditer(log)]
     return {"replicas": replicas, "threads_per_replica": threads, "clients": clients, "steps_per_client": steps, "batch_size": batch_size,
             "sync_every": sync_every if replicas > 1 else None, "wall_s": round(wall, 2),
             "samples_per_s": round(clients * steps * batch_size / wall, 1),

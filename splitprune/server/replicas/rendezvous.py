@@ -3,10 +3,11 @@ tier's shared secret, and the process group joined over a store that listens onl
 whose every value is signed with that secret.
 
 torch.distributed's TCPStore has no authentication, and under env:// it listens on every interface. So
-replica 0 binds the store's socket itself (to MASTER_ADDR's address), gloo's sockets are bound to the
-interface that reaches MASTER_ADDR (or the user's GLOO_SOCKET_IFNAME), and every value written to the
-store carries an HMAC-SHA256 of its key and value under the tier secret, checked on every read. A joiner
-without the secret cannot join (its values fail the check and the tier refuses to form) and cannot
+the store's host (`serve --replicas`'s launcher, else replica 0) binds the store's socket itself (to
+MASTER_ADDR's address), gloo's sockets are bound to the interface that reaches MASTER_ADDR (or the
+user's GLOO_SOCKET_IFNAME), and every value written to the store carries an HMAC-SHA256 of its key and
+value under the tier secret, checked on every read. A joiner without the secret cannot join (the host's
+signed SECRET_CHECK fails its check; its registrations fail the tier's check) and cannot
 redirect a replica's connections (gloo's addresses travel through the store, signed). Anyone who can
 reach the port can still read the (signed, not secret) values or disturb the rendezvous: keep it on a
 private network, as the manifests do.
@@ -27,6 +28,8 @@ from splitprune.errors import UserError
 from splitprune.wire.addresses import TOKEN_ENV
 
 SECRET_ENV = "SPLITPRUNE_TIER_SECRET"  # the tier's shared secret; the serve token when unset
+HOSTED_ENV = "SPLITPRUNE_TIER_STORE"   # "client": the launcher (serve --replicas) serves the store
+SECRET_CHECK = "tier/secret-check"     # written by the store's host, signed
 TAG_BYTES = 32
 
 
@@ -146,31 +149,45 @@ def interface_towards(family: int, address: str) -> str | None:
     return None
 
 
-def open_store(env: TierEnv, timeout_s: float):
-    """The tier's store, signed: replica 0 serves it on MASTER_ADDR only; under torchrun (its agent
-    already serves a store on MASTER_PORT) every replica is a client of the agent's."""
+def serve_store(master_addr: str, port: int, secret: bytes, timeout_s: float, world_size: int = 1):
+    """The tier's store, served by this process on MASTER_ADDR's address only, signed; it writes
+    SECRET_CHECK so that a joiner with another secret is refused before it registers."""
     import torch.distributed as dist
 
-    timeout = timedelta(seconds=timeout_s)
+    family, address = resolve(master_addr, port)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((address, port))
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"cannot serve the tier's store on MASTER_ADDR {master_addr} ({address}) port {port}: "
+                        f"{exc.strerror}") from None
+    listener.listen(1024)
+    # the store takes the socket over (detach: Python must not close it under the store)
+    inner = dist.TCPStore(address, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False,
+                          master_listen_fd=listener.detach())
+    store = _signed_store_class()(inner, secret)
+    store.set(SECRET_CHECK, b"splitprune tier")
+    return store
+
+
+def open_store(env: TierEnv, timeout_s: float):
+    """The tier's store, signed. Replica 0 serves it (MASTER_ADDR only), unless `serve --replicas` (HOSTED_ENV)
+    or torchrun's agent (which already serves a store on MASTER_PORT) does; the others are its clients."""
+    import torch.distributed as dist
+
     family, address = resolve(env.master_addr, env.master_port)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if env.rank == 0 and not agent:
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((address, env.master_port))
-        except OSError as exc:
-            listener.close()
-            raise UserError(f"replica 0 cannot listen on MASTER_ADDR {env.master_addr} ({address}) port "
-                            f"{env.master_port}: {exc.strerror}") from None
-        listener.listen(1024)
-        # the store takes the socket over (detach: Python must not close it under the store)
-        inner = dist.TCPStore(address, env.master_port, env.world_size, True, timeout, wait_for_workers=False,
-                              master_listen_fd=listener.detach())
+    if env.rank == 0 and not agent and os.environ.get(HOSTED_ENV) != "client":
+        store = serve_store(env.master_addr, env.master_port, env.secret, timeout_s, env.world_size)
     else:
-        inner = dist.TCPStore(address, env.master_port, env.world_size, False, timeout)
+        inner = dist.TCPStore(address, env.master_port, env.world_size, False, timedelta(seconds=timeout_s))
+        store = _signed_store_class()(inner, env.secret)
+        if agent and env.rank == 0 and not store.check([SECRET_CHECK]):
+            store.set(SECRET_CHECK, b"splitprune tier")
     if not os.environ.get("GLOO_SOCKET_IFNAME"):
         name = interface_towards(family, address)
         if name:
             os.environ["GLOO_SOCKET_IFNAME"] = name  # read by gloo when the process group is made
-    return _signed_store_class()(inner, env.secret)
+    return store

@@ -4,17 +4,18 @@ Each replica is one `splitprune serve` process with its own gRPC port and its ow
 hold the same server halves, kept consistent by periodic weighted averaging (averaging.py). One thread
 per replica, the tier thread, is the only one that issues collectives:
 
-- every `poll_s` it all-reduces three numbers: steps applied since the last synchronisation, halves
-  waiting to join, replicas stopping;
+- every `poll_s` it all-reduces five numbers: steps applied since the last synchronisation, halves
+  waiting to join, replicas leaving, steps waiting too long, replicas waiting for the next generation;
 - when the tier applied `sync_every` steps, or steps wait for longer than `max_delay_s`, or a half
-  waits to join, or a replica stops, every replica all-gathers a header (its halves, their configs and
+  waits to join, or a replica leaves, every replica all-gathers a header (its halves, their configs and
   counters; JSON, never pickled) and averages each half in fingerprint order under the half's mutex.
 
-A replica whose half is new (built for a Hello, or loaded from its save) joins the tier before its
-first client is answered: the Hello waits for the next round (SplitService calls `admit`). When a
-collective fails or times out (a replica died: gloo raises at once on a closed socket, and within
-`timeout_s` on a silent peer) the replica says so in one line and stops, so that the tier restarts
-as a whole; clients reconnect and resume.
+The tier lives in generations (membership.py): when a collective fails (a replica died: gloo raises at
+once on a closed socket, and within `timeout_s` on a silent peer), when a replica leaves, or when one
+registers for the next generation (a restarted or new replica), the members destroy their process group
+and form the next one. Clients are served throughout: steps apply locally and are averaged in at the
+next generation's first round. A half new to a replica joins before its first client is answered (the
+Hello waits for the next round; SplitService calls `admit`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import logging
 import re
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,54 +33,71 @@ from splitprune.errors import UserError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.hosting import HostedHalf
 from splitprune.server.replicas.averaging import average_half, plan_weights
+from splitprune.server.replicas.membership import Generation, Membership
 from splitprune.server.replicas.rendezvous import SECRET_ENV, TierEnv, open_store
 from splitprune.server.store import _phase_dict, _phase_req
 from splitprune.wire.refusals import ShuttingDown
 
 log = logging.getLogger("splitprune.serve")
 HEADER_BYTES = 256 * 1024   # a replica's header: up to 8 halves with their configs, as JSON
-_STORES: list = []
+RETRY_S = 2.0               # between attempts to reach the store while it is gone
 
 
-def join_process_group(env: TierEnv, accelerator: str, timeout_s: float) -> None:
-    """gloo on CPU; on CUDA, NCCL for the halves and gloo for the small CPU messages."""
-    backend = "cpu:gloo,cuda:nccl" if accelerator == "cuda" else "gloo"
+def one_line(exc: BaseException) -> str:
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", str(exc).splitlines()[0] if str(exc) else "")
+    return f"{type(exc).__name__}: {text.split('. ')[0]}"[:300]  # gloo goes on with generic advice
+
+
+def join_tier_membership(env: TierEnv, accelerator: str, timeout_s: float, settle_s: float = 2.0) -> Membership:
+    """This replica's membership, its first generation formed (gloo; NCCL is not re-formed, so CPU only)."""
     if accelerator == "cuda":
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        raise UserError("a tier that re-forms runs its collectives on gloo: serve --distributed with "
+                        "--accelerator cpu")
+    membership = Membership(lambda: open_store(env, timeout_s), env.rank, env.world_size, settle_s=settle_s,
+                            timeout_s=timeout_s)
     try:
-        # kept here: the process group holds our Python store without keeping it alive
-        _STORES.append(open_store(env, timeout_s))
-        dist.init_process_group(backend, store=_STORES[-1], rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        membership.form()
+    except UserError:
+        raise
     except (PermissionError, RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # SignedStore's PermissionError, raised as itself or wrapped by the C++ caller
-        if isinstance(exc, PermissionError) or "not signed with this tier's secret" in text:
-            raise UserError(f"replica {env.rank}: refused the tier at {env.master_addr}:{env.master_port}: "
-                            f"{text} (a replica or joiner with another ${SECRET_ENV})") from None
         raise UserError(f"replica {env.rank}: cannot join the tier at {env.master_addr}:{env.master_port} "
-                        f"within {timeout_s:g} s: {text}") from None
+                        f"within {timeout_s:g} s: {one_line(exc)} (all replicas need the same ${SECRET_ENV})") \
+            from None
+    return membership
 
 
 class Tier:
     """This replica's part in the tier: hooks for SplitService and the tier thread."""
 
-    def __init__(self, rank: int, world_size: int, *, sync_every: int = 64, max_delay_s: float = 10.0,
+    def __init__(self, membership: Membership, *, sync_every: int = 64, max_delay_s: float = 10.0,
                  poll_s: float = 0.05, timeout_s: float = 60.0) -> None:
-        self.rank, self.world_size = rank, world_size
+        self.membership = membership
+        self.replica_id = membership.replica_id
         self.sync_every, self.max_delay_s, self.poll_s, self.timeout_s = sync_every, max_delay_s, poll_s, timeout_s
         self.service = None
+        self.shared_checkpoints: str | None = None  # the clients' checkpoints, shared by the replicas
         self.joined: set[str] = set()
         self.steps: dict[str, int] = {}      # per fingerprint, since the last synchronisation
         self.samples: dict[str, int] = {}
-        self.rounds = self.mismatches = 0
+        self.rounds = self.mismatches = self.reformed = 0
         self._count_lock = threading.Lock()
-        self.failure: str | None = None      # why the tier broke, when it did
-        self.peer_stopped = False
-        self.down = threading.Event()        # the tier thread has ended (stopped or broke)
+        self.failure: str | None = None      # why this replica cannot take part (its secret refused)
+        self.down = threading.Event()        # the tier thread has ended (left, or refused)
         self._stopping = threading.Event()
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+
+    @property
+    def generation(self) -> Generation | None:
+        return self.membership.generation
+
+    @property
+    def rank(self) -> int:
+        return self.generation.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.generation.world_size
 
     # ---------------------------------------------------------------- hooks (SplitService)
     def admit(self, half: HostedHalf) -> None:
@@ -90,7 +107,7 @@ class Tier:
         with self._changed:
             self._changed.wait_for(lambda: half.fingerprint in self.joined or self.down.is_set(), self.timeout_s)
         if half.fingerprint not in self.joined:
-            raise ShuttingDown(f"server replica {self.rank} could not join its tier"
+            raise ShuttingDown(f"server replica {self.replica_id} could not join its tier in time"
                                + (f": {self.failure}" if self.failure else "") + "; reconnect to resume")
 
     def applied(self, half: HostedHalf, samples: int) -> None:
@@ -107,7 +124,7 @@ class Tier:
         self._thread.start()
 
     def leave(self, wait_s: float = 30.0) -> None:
-        """Stop taking steps, synchronise once more with the others, end the tier thread."""
+        """Stop taking steps, synchronise once more with the others, end the tier thread (the others re-form)."""
         if self.service is not None:
             self.service.draining = True
         self._stopping.set()
@@ -115,12 +132,7 @@ class Tier:
             self._thread.join(wait_s)
 
     def exit_message(self) -> str | None:
-        if self.failure:
-            return (f"replica {self.rank}: the tier broke ({self.failure}); stopped after saving: restart the tier "
-                    "(torchrun --max-restarts, or Kubernetes restarts the pod); clients resume")
-        if self.peer_stopped:
-            return f"replica {self.rank}: another replica stopped, so the tier stopped together (state saved)"
-        return None
+        return f"replica {self.replica_id}: {self.failure}" if self.failure else None
 
     # ---------------------------------------------------------------- the tier thread
     def _halves(self) -> list[HostedHalf]:
@@ -128,34 +140,66 @@ class Tier:
             return sorted((h for h in self.service.halves.values() if not h.read_only), key=lambda h: h.fingerprint)
 
     def _run(self) -> None:
-        last_sync = time.monotonic()
-        first = True
         try:
             while True:
-                waiting = sum(1 for h in self._halves() if h.fingerprint not in self.joined)
-                with self._count_lock:
-                    steps = sum(self.steps.values())
-                late = steps > 0 and time.monotonic() - last_sync >= self.max_delay_s
-                # every replica decides from the same reduced numbers: they all enter a round, or none does
-                flags = torch.tensor([steps, waiting, int(self._stopping.is_set()), int(late)], dtype=torch.int64)
-                dist.all_reduce(flags)
-                total, joining, stopping, late_somewhere = (int(v) for v in flags)
-                if first or joining or stopping or late_somewhere or total >= self.sync_every:
-                    self._round()
-                    last_sync, first = time.monotonic(), False
-                if stopping:
-                    self.peer_stopped = not self._stopping.is_set()
+                try:
+                    if self._generation():
+                        return  # this replica left
+                except Exception as exc:  # noqa: BLE001 - a broken collective: say it in one line, re-form
+                    log.warning("replica %d: generation %d broke (%s): a replica is gone or silent; re-forming",
+                                self.replica_id, self.generation.number, one_line(exc))
+                finally:
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
+                if self._stopping.is_set():
                     return
-                self._stopping.wait(self.poll_s)
-        except Exception as exc:  # noqa: BLE001 - a broken collective: say it in one line and stop
-            text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", str(exc).splitlines()[0] if str(exc) else "")
-            text = text.split(". ")[0]  # gloo goes on with generic advice
-            self.failure = f"a collective failed, a replica is gone or silent ({type(exc).__name__}: {text})"[:300]
-            log.error("replica %d: lost the tier: %s", self.rank, self.failure)
+                self._reform()
+        except UserError as exc:
+            self.failure = str(exc)
+            log.error("%s", exc)
         finally:
             self.down.set()
             with self._changed:
                 self._changed.notify_all()
+
+    def _reform(self) -> None:
+        """Form the next generation, retrying while the store is unreachable (clients are served meanwhile)."""
+        while not self._stopping.is_set():
+            try:
+                gen = self.membership.form()
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store's host is gone: try again
+                log.warning("replica %d: cannot reach the tier's store (%s); serving alone, retrying in %g s",
+                            self.replica_id, one_line(exc), RETRY_S)
+                self.membership.drop_store()
+                self._stopping.wait(RETRY_S)
+                continue
+            self.reformed += 1
+            log.info("replica %d: generation %d formed: replicas %s (rank %d of %d)", self.replica_id, gen.number,
+                     list(gen.members), gen.rank, gen.world_size)
+            return
+
+    def _generation(self) -> bool:
+        """Serve one generation: True when this replica left, False when the tier must re-form."""
+        last_sync, first = time.monotonic(), True
+        self.rounds = 0
+        while True:
+            waiting = sum(1 for h in self._halves() if h.fingerprint not in self.joined)
+            with self._count_lock:
+                steps = sum(self.steps.values())
+            late = steps > 0 and time.monotonic() - last_sync >= self.max_delay_s
+            # every replica decides from the same reduced numbers: they all enter a round, or none does
+            flags = torch.tensor([steps, waiting, int(self._stopping.is_set()), int(late),
+                                  int(self.membership.waiting())], dtype=torch.int64)
+            dist.all_reduce(flags)
+            total, joining, stopping, late_somewhere, newcomer = (int(v) for v in flags)
+            if first or joining or stopping or late_somewhere or total >= self.sync_every:
+                self._round()
+                last_sync, first = time.monotonic(), False
+            if stopping or newcomer:
+                return self._stopping.is_set()
+            self._stopping.wait(self.poll_s)
 
     def _header(self) -> dict:
         halves = []
@@ -231,8 +275,8 @@ class Tier:
                 start = time.perf_counter()
                 synced = average_half(half, weights[self.rank], sum(weights), momentum)
                 self.mismatches += synced.mismatches
-                log.info("replica %d sync round %d: half %s, weights %s, momentum %s, %d values in %.1f ms, "
-                         "state sha256 %s%s", self.rank, self.rounds, half.fingerprint, [round(w) for w in weights],
+                log.info("replica %d generation %d sync round %d: half %s, weights %s, momentum %s, %d values in "
+                         "%.1f ms, state sha256 %s%s", self.replica_id, self.generation.number, self.rounds, half.fingerprint, [round(w) for w in weights],
                          momentum, synced.elements, 1e3 * (time.perf_counter() - start), synced.digest,
                          " (results differed: rank 0's broadcast)" if synced.mismatches else "")
             with self._count_lock:
