@@ -7,6 +7,8 @@ server-side checkpoint (CheckpointRequest) at the end of every epoch. It reports
 the server's resident memory (RSS, from /proc) over time: soak.json, soak.csv, soak.png, soak.md.
 
     splitprune bench soak --clients 16 --minutes 10
+
+The same against a tier whose replicas are killed: splitprune/bench/tier/soak.py.
 """
 from __future__ import annotations
 
@@ -186,3 +188,4 @@ def run(profile: str | Profile, out: Path, clients: int = 16, minutes: float = 1
     if profile not in PROFILES:
         raise UserError(f"soak has profiles {', '.join(PROFILES)}, not {profile!r}")
     return soak(clients, minutes, out, profile)
+

@@ -1,0 +1,1 @@
+"""Benchmarks of a tier of replicas under failure."""
