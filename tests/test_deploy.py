@@ -97,7 +97,15 @@ def test_training_replicas_rendezvous_through_the_headless_service():
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
-    assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["updateStrategy"]["type"] == "RollingUpdate"  # the others re-form while one pod is replaced
+    shared = one("PersistentVolumeClaim", "training")  # the clients' checkpoints: any replica resumes any client
+    assert shared["spec"]["accessModes"] == ["ReadWriteMany"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in sts["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert claims["checkpoints"] == shared["metadata"]["name"]
+    assert mounts["checkpoints"] == f"{args.checkpoint}/checkpoints"
     variables = env(container)
     assert variables["RANK"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
     assert int(variables["WORLD_SIZE"]) == sts["spec"]["replicas"] and variables["LOCAL_RANK"] == "0"
