@@ -29,7 +29,8 @@ ALL = "all"
 MODEL_NAMES = ("vgg11_bn", "vgg11_bn_compact", "resnet18")                       # splitprune.models.sources
 MODEL_KINDS = ("torchvision", "timm", "py")                                      # splitprune.models.sources
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")      # splitprune.data.DATASETS
-WIRE_DTYPE_NAMES = ("fp32", "fp16", "int8", "int4")                              # compression.codec.WIRE_DTYPES
+WIRE_DTYPE_NAMES = ("fp32", "fp16", "int8", "int4", "ec")                        # compression.codec.WIRE_DTYPES
+GRADIENT_DTYPE_NAMES = WIRE_DTYPE_NAMES[:4]  # ec codes values in [0, 1] with a model's frozen tables: uplink only
 
 # Paper defaults per method (method.md §5): schedule, lr, momentum.
 METHOD_DEFAULTS = {
@@ -73,9 +74,10 @@ class RunConfig:
                                   metavar="B:E,...", default_text=_per_method("schedule"))
     epochs: int | None = option(None, "sl/ca: epochs; deprune/prune: total, the schedule scaled to it",
                                 ge=1, le=100000, default_text="the schedule's")
-    dtype_up: str | None = option(None, "activation dtype on the uplink", choices=WIRE_DTYPE_NAMES,
+    dtype_up: str | None = option(None, "activation dtype on the uplink (ec: entropy-coded with the tables a "
+                                  "trained model holds: evaluation and inference only)", choices=WIRE_DTYPE_NAMES,
                                   default_text=_per_method("dtype_up"))
-    dtype_down: str = option("fp32", "gradient dtype on the downlink", choices=WIRE_DTYPE_NAMES)
+    dtype_down: str = option("fp32", "gradient dtype on the downlink", choices=GRADIENT_DTYPE_NAMES)
     resolution: int = option(1, "resolution compression factor r of the encoder", ge=1, le=16)
     scaling: str = option("paper", "kept channels times their mask (paper) or kept as they are (binary)",
                           choices=("paper", "binary"))

@@ -110,8 +110,9 @@ def export_budget(device: DeviceWorker, budget: int, dtype: int, images: torch.T
                         f"{len(images)} test images (tolerance {tolerance:g}); nothing written")
     num = half.gate_logits.numel()
     idx = None if channels is None else channels.numpy()
-    same = sum(encode_values(got[i:i + 1], idx, num, dtype, prefix).SerializeToString()
-               == encode_values(reference[i:i + 1], idx, num, dtype, prefix).SerializeToString()
+    tables = device.codec.tables
+    same = sum(encode_values(got[i:i + 1], idx, num, dtype, prefix, tables).SerializeToString()
+               == encode_values(reference[i:i + 1], idx, num, dtype, prefix, tables).SerializeToString()
                for i in range(len(images)))
     return ExportedBudget(budget, None if channels is None else channels.tolist(), onnx_bytes, diff, same)
 
@@ -129,8 +130,9 @@ def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]
 
 
 def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dict, exported: list[ExportedBudget],
-                   check_images: int, tolerance: float, prefix: bool = False) -> dict:
-    """`prefix`: the model sends its kept channels 0..B-1 as a prefix length (any-budget models)."""
+                   check_images: int, tolerance: float, prefix: bool = False, dtype_up: str | None = None) -> dict:
+    """`prefix`: the model sends its kept channels 0..B-1 as a prefix length (any-budget models); `dtype_up`:
+    the device's uplink dtype (default: as trained)."""
     from splitprune.training.checkpoint import weights_digest
     from splitprune.wire.envelopes import PROTOCOL_VERSION
 
@@ -146,8 +148,9 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "num_classes": meta["num_classes"], "classes": input_spec.pop("classes"),
         "input": input_spec,
         "cut_shape": list(meta["cut_shape"]), "wire_shape": list(meta["wire_shape"]),
-        "codec": {"dtype_up": cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"],
-                  **({"prefix": True} if prefix else {})},  # gated models' manifests as before
+        "codec": {"dtype_up": dtype_up or cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"],
+                  **({"prefix": True} if prefix else {}),  # gated models' manifests as before
+                  **({"ec_tables": meta["ec_tables"]} if "ec_tables" in meta else {})},
         "trained_budget": meta["budget"],
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": OPSET},
         "budgets": {str(e.budget): {"file": onnx_file(e.budget), "sha256": hashlib.sha256(e.onnx).hexdigest(),
@@ -177,17 +180,18 @@ def sample_inputs(cfg, in_channels: int, count: int | None) -> tuple[torch.Tenso
     return images, ds.labels, spec
 
 
-def load_workers(checkpoint: str, data_dir: str | None = None):
+def load_workers(checkpoint: str, data_dir: str | None = None, dtype_up: str | None = None):
     """The PyTorch device and server workers of a trained checkpoint (eval mode), its config, meta and tensors."""
     from splitprune.training.setup import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint, data_dir=data_dir)
+    loaded = load_checkpoint(checkpoint, data_dir=data_dir, dtype_up=dtype_up)
     return loaded.device, loaded.server, loaded.cfg, loaded.meta, loaded.tensors
 
 
 def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = None, data_dir: str | None = None,
-                      check_images: int = 256, tolerance: float = TOLERANCE) -> dict:
-    """Export the device half of `checkpoint` at `budgets` (default: the trained budget) into `out`."""
+                      check_images: int = 256, tolerance: float = TOLERANCE, dtype_up: str | None = None) -> dict:
+    """Export the device half of `checkpoint` at `budgets` (default: the trained budget) into `out`, with the
+    uplink dtype `dtype_up` (default: as trained)."""
     from splitprune.wire.codec import check_dtype_name
 
     if check_images < 1:
@@ -195,11 +199,12 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
     if not tolerance >= 0:
         raise UserError(f"--tolerance must be 0 or more, got {tolerance}")
     check_export_folder(Path(out))  # before the work, not after
-    device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir)
+    device, _, cfg, meta, tensors = load_workers(checkpoint, data_dir, dtype_up)
     budgets = sorted(set(budgets or [int(meta["budget"])]))
     images, _, spec = sample_inputs(cfg, meta["in_channels"], check_images)
     dtype = check_dtype_name(cfg.dtype_up)
     exported = [export_budget(device, b, dtype, images, tolerance) for b in budgets]
-    manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance, device.selector.prefix)
+    manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance, device.selector.prefix,
+                              cfg.dtype_up)
     write_export(out, manifest, exported)
     return manifest

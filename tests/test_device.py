@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from splitprune.bench.core.processes import ServeSubprocess, free_port
+from splitprune.cli import main
 from splitprune.compression import ChannelCodec
 from splitprune.export import kept_indices, load_workers, sample_inputs
 from splitprune.training.checkpoint import read_meta, write_checkpoint
@@ -61,7 +62,7 @@ def test_device_model_sends_what_the_pytorch_device_sends(exported):
         z = device.half.eval()(x)
         for budget in model.budgets:
             for dtype in WIRE_DTYPES:
-                device.codec, model.dtype = ChannelCodec(dtype), WIRE_DTYPES[dtype]
+                device.codec, model.dtype = ChannelCodec(dtype, model.tables), WIRE_DTYPES[dtype]
                 kept, message = device._encode(z, kept_indices(device.half, budget))
                 assert model.encode(kept.numpy(), budget).SerializeToString() == message.SerializeToString()
 
@@ -236,3 +237,27 @@ def test_input_files_are_read_as_uint8_batches(tmp_path, monkeypatch):
     (tmp_path / "bad.npy").write_bytes(b"junk")
     with pytest.raises(UserError, match="cannot read"):
         read_inputs(tmp_path / "bad.npy")
+
+
+def test_device_sends_entropy_coded_activations_to_a_real_server(exported, server, tmp_path, capsys):
+    """Exported with --dtype-up ec: the device codes with the manifest's frozen tables (numpy + constriction), the
+    server decodes with the checkpoint's, and both predict what the int4-grid PyTorch path predicts."""
+    run, out = exported
+    ec_out = tmp_path / "ec"
+    assert main(["export", "--checkpoint", str(run), "--out", str(ec_out), "--budget", "1,2", "--check-images",
+                 "16", "--dtype-up", "ec"]) == 0
+    path, images = batch_file(tmp_path)
+    reports = {}
+    for name, folder in (("fp16", out), ("ec", ec_out)):
+        reports[name] = tmp_path / f"{name}.json"
+        assert device_main(["infer", "--server", server.address, "--model", str(folder), "--budget", "2",
+                            "--out", str(reports[name]), str(path)]) == 0
+    capsys.readouterr()
+    fp16, ec = (json.loads(reports[n].read_text()) for n in ("fp16", "ec"))
+    assert ec["payload_bytes_up"] < fp16["payload_bytes_up"]
+    device, server_worker, _ = workers(run)
+    device.codec = ChannelCodec("ec", DeviceModel(ec_out).tables)
+    link = LocalLink(server_worker)
+    for i in range(8):
+        predicted, _, _ = device.predict(torch.from_numpy(DeviceModel(ec_out).prepare(images[i:i + 1])), link, 2)
+        assert int(predicted[0]) == ec["predictions"][i]

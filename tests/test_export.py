@@ -7,6 +7,7 @@ import torch
 
 from splitprune.cli import main
 from splitprune.compression import ChannelCodec
+from splitprune.compression.tables import read_tables
 from splitprune.errors import UserError
 from splitprune.export import FoldedDeviceHalf, export_checkpoint, kept_indices, load_workers, sample_inputs
 from splitprune.manifest import INPUT_NAME, onnx_session, read_manifest
@@ -49,7 +50,9 @@ def test_numpy_codec_is_byte_identical_to_the_pytorch_device_at_every_budget(exp
     """What the device package sends (numpy, indices from the manifest) == what DeviceWorker sends."""
     run, _ = exported
     device, cfg, _ = device_worker(run)
-    device.codec = ChannelCodec(dtype)
+    meta = read_meta(run)
+    tables = read_tables(meta, meta["wire_shape"][0])  # ec: the model's frozen entropy tables
+    device.codec = ChannelCodec(dtype, tables)
     x, _, _ = sample_inputs(cfg, 1, 8)
     with torch.no_grad():
         z = device.half(x)
@@ -59,9 +62,10 @@ def test_numpy_codec_is_byte_identical_to_the_pytorch_device_at_every_budget(exp
             kept, message = device._encode(z, torch_channels)
             indices = None if torch_channels is None else np.asarray(torch_channels.tolist())
             for batch in (kept[:1], kept):  # one sample, and a batch
-                ours = encode_values(batch.numpy(), indices, channels, WIRE_DTYPES[dtype]).SerializeToString()
-                assert ours == device.codec.compress(batch, torch_channels, channels).SerializeToString()
-            assert encode_values(kept.numpy(), indices, channels, WIRE_DTYPES[dtype]) == message
+                ours = encode_values(batch.numpy(), indices, channels, WIRE_DTYPES[dtype], False, tables)
+                assert ours.SerializeToString() == device.codec.compress(batch, torch_channels,
+                                                                         channels).SerializeToString()
+            assert encode_values(kept.numpy(), indices, channels, WIRE_DTYPES[dtype], False, tables) == message
             if budget in (1, 7, channels):  # the exported function gives the very values that are encoded
                 assert torch.equal(FoldedDeviceHalf(device.half, torch_channels, cfg.scaling)(x), kept)
 
@@ -126,7 +130,14 @@ def test_export_at_resolution_factor_2_and_int4(tmp_path):
                  "--out", str(run)]) == 0
     assert main(["export", "--checkpoint", str(run), "--out", str(out), "--check-images", "16"]) == 0
     m = read_manifest(out)
-    assert m["wire_shape"] == [512, 3, 3] and m["codec"] == {"dtype_up": "int4", "resolution": 2, "scaling": "paper"}
+    codec = dict(m["codec"])
+    tables = codec.pop("ec_tables")  # counted at the end of training: the manifest ships them
+    assert m["wire_shape"] == [512, 3, 3] and codec == {"dtype_up": "int4", "resolution": 2, "scaling": "paper"}
+    assert tables["levels"] == 15 and len(tables["tables"]) == 512
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "ec"), "--check-images", "16",
+                 "--dtype-up", "ec"]) == 0
+    ec = read_manifest(tmp_path / "ec")
+    assert ec["codec"]["dtype_up"] == "ec" and ec["check"]["identical_messages"]["3"] == 16
     device, cfg, _ = device_worker(run)
     x, _, _ = sample_inputs(cfg, 1, 16)
     channels = kept_indices(device.half, 3)

@@ -10,6 +10,21 @@ from splitprune.inputs import normalise_images
 from splitprune.manifest import INPUT_NAME, OUTPUT_NAME, onnx_session, read_manifest
 from splitprune.proto import pb
 from splitprune.wire.codec import check_dtype_name, encode_values
+from splitprune.wire.entropy import check_tables, tables_digest
+
+
+def manifest_tables(manifest: dict, channels: int) -> np.ndarray | None:
+    """The frozen entropy tables a manifest ships (dtype ec), checked against their digest."""
+    entry = manifest["codec"].get("ec_tables")
+    if entry is None:
+        return None
+    try:
+        tables = check_tables(np.asarray(entry["tables"], dtype=np.int64), channels)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"the manifest's entropy tables are invalid: {exc}") from None
+    if tables_digest(tables) != entry.get("digest"):
+        raise UserError("the manifest's entropy tables do not match their digest")
+    return tables
 
 
 class DeviceModel:
@@ -22,6 +37,7 @@ class DeviceModel:
         self.folder, self.threads = Path(folder), threads
         self.channels = int(self.manifest["cut_shape"][0])
         self.dtype = check_dtype_name(self.manifest["codec"]["dtype_up"])
+        self.tables = manifest_tables(self.manifest, self.channels)  # entropy tables (dtype ec), if exported
         self._sessions: dict[int, object] = {}
 
     @property
@@ -80,4 +96,4 @@ class DeviceModel:
         an any-budget model's kept channels travel as a prefix length."""
         wire = self.dtype if dtype is None else check_dtype_name(dtype)
         return encode_values(kept, self.kept(budget), self.channels, wire,
-                             bool(self.manifest["codec"].get("prefix", False)))
+                             bool(self.manifest["codec"].get("prefix", False)), self.tables)

@@ -10,7 +10,6 @@ from typing import Callable
 
 from splitprune.adaptive.controller import PRECISION_BITS, Option, option_ladder
 from splitprune.errors import UserError
-from splitprune.wire.codec import WIRE_DTYPES
 
 
 def model_budgets(meta: dict) -> list[int]:
@@ -80,10 +79,11 @@ def uplink_dtypes(text: str | None, trained: str) -> list[str]:
     """The uplink dtypes to choose from: `--dtypes-up a,b` or, by default, the trained one and the cheaper
     ones down to int8 (int4 only when trained with it: it costs accuracy)."""
     if text is None:
+        trained = trained if trained in PRECISION_BITS else "int4"  # ec: the int4 grid, entropy-coded
         floor = min(PRECISION_BITS[trained], PRECISION_BITS["int8"])
-        return [d for d in WIRE_DTYPES if floor <= PRECISION_BITS[d] <= PRECISION_BITS[trained]]
+        return [d for d in PRECISION_BITS if floor <= PRECISION_BITS[d] <= PRECISION_BITS[trained]]
     names = [d.strip() for d in text.split(",") if d.strip()]
-    bad = [d for d in names if d not in WIRE_DTYPES]
+    bad = [d for d in names if d not in PRECISION_BITS]  # ec's size depends on the data: not on a ladder
     if not names or bad:
-        raise UserError(f"--dtypes-up takes a comma-separated list of {', '.join(WIRE_DTYPES)}, got {text!r}")
+        raise UserError(f"--dtypes-up takes a comma-separated list of {', '.join(PRECISION_BITS)}, got {text!r}")
     return list(dict.fromkeys(names))

@@ -16,6 +16,8 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--out", required=True, help="folder to write (replaced only if it holds an earlier export)")
     p.add_argument("--budget", help="budgets to export, comma-separated (e.g. 1,2,4), each up to the trained "
                                     "budget, or 'all' (every channel) (default: the trained budget)")
+    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8", "int4", "ec"],
+                   help="the device's uplink dtype (default: as trained; ec: entropy-coded with the model's tables)")
     p.add_argument("--data-dir", help="where the dataset is, for the check (default: as trained)")
     p.add_argument("--check-images", type=int, default=256,
                    help="test images the ONNX output is compared on (default: 256)")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta = read_meta(args.checkpoint)
     budgets = parse_budgets(args.budget, int(meta.get("budget", 0)), int(meta.get("cut_shape", [0])[0]))
-    m = export_checkpoint(args.checkpoint, args.out, budgets, args.data_dir, args.check_images, args.tolerance)
+    m = export_checkpoint(args.checkpoint, args.out, budgets, args.data_dir, args.check_images, args.tolerance,
+                          args.dtype_up)
     check = m["check"]
     for budget, entry in m["budgets"].items():
         print(f"budget {budget}: {entry['file']}  max |onnx - torch| {check['max_abs_diff'][budget]:.2g} "

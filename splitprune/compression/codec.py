@@ -6,7 +6,7 @@ checked first). Byte counts are those of the serialized messages the runtime sen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from splitprune.proto import pb
 from splitprune.wire.codec import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES, check_dtype_name,
                                    decode_channels, decode_label_array, encode_label_array, encode_values,
                                    unpack_nibbles)
+from splitprune.wire.entropy import EC_LEVELS, decode_symbols, tables_digest
 
 # WIRE_DTYPES and MAX_MESSAGE_BYTES are imported from here by the runtime; their home is
 # splitprune.wire.codec, the torch-free core shared with the device package.
@@ -31,6 +32,7 @@ class TensorSpec:
     max_batch: int = 4096
     dtypes: tuple[int, ...] = tuple(WIRE_DTYPES.values())
     max_kept: int | None = None  # largest K accepted (the budget); None = C
+    tables: np.ndarray | None = field(default=None, compare=False)  # the model's entropy tables (accepts EC)
 
 
 @dataclass
@@ -54,15 +56,17 @@ class Decoded:
 
 
 class ChannelCodec:
-    """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16", "int8" or "int4").
+    """Encodes the kept channels of a cut tensor with one wire dtype ("fp32", "fp16", "int8", "int4", or "ec" with
+    the model's frozen entropy `tables`).
 
     `compress` makes the EncodedTensor message that requests and replies carry (the device's activations, the
     server's gradients); `decompress` checks a received one completely against a TensorSpec and gives its values.
     Both are what every step calls, in-process and over the network alike."""
 
-    def __init__(self, dtype: str = "fp16") -> None:
+    def __init__(self, dtype: str = "fp16", tables: np.ndarray | None = None) -> None:
         self.dtype_name = dtype
         self.dtype = check_dtype_name(dtype)
+        self.tables = tables
 
     def __repr__(self) -> str:
         return f"ChannelCodec({self.dtype_name!r})"
@@ -73,7 +77,7 @@ class ChannelCodec:
         `prefix`: they are channels 0..K-1, sent as a prefix length (see splitprune.wire.codec.encode_values)."""
         values = kept.detach().to(torch.float32).cpu().contiguous().numpy()
         indices = None if channels is None else channels.detach().cpu().numpy()
-        return encode_values(values, indices, num_channels, self.dtype, prefix)
+        return encode_values(values, indices, num_channels, self.dtype, prefix, self.tables)
 
     @staticmethod
     def decompress(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Decoded:
@@ -103,13 +107,15 @@ def _check_shape(msg: pb.EncodedTensor, spec: TensorSpec | None) -> tuple[int, i
 
 def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Decoded:
     """Validate a tensor message completely and return its values as float32."""
-    if msg.dtype not in NUMPY_DTYPES:
+    if msg.dtype not in NUMPY_DTYPES and msg.dtype != pb.EC:
         raise ProtocolError(f"unknown tensor dtype {msg.dtype}")
     n, c, h, w = _check_shape(msg, spec)
     idx, prefix = decode_channels(msg, c)
     k = idx.size
     if spec is not None and spec.max_kept is not None and k > spec.max_kept:
         raise ProtocolError(f"{k} channels sent but the budget is {spec.max_kept}")
+    if msg.dtype == pb.EC:
+        return _decode_ec(msg, spec, (n, k, h, w), idx, c, prefix)
     np_dtype = NUMPY_DTYPES[msg.dtype]
     count = n * k * h * w
     expected = (count + 1) // 2 if msg.dtype == pb.INT4 else count * np_dtype.itemsize
@@ -128,6 +134,20 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
     elif not np.isfinite(values).all():
         raise ProtocolError("tensor holds non-finite values (NaN or Inf)")
     return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c, prefix)
+
+
+def _decode_ec(msg: pb.EncodedTensor, spec: TensorSpec | None, shape: tuple[int, int, int, int], idx: np.ndarray,
+               c: int, prefix: bool) -> Decoded:
+    tables = spec.tables if spec is not None else None
+    if tables is None:
+        raise ProtocolError("an entropy-coded tensor, but this model has no entropy tables")
+    if msg.tables != tables_digest(tables):
+        raise ProtocolError(f"the tensor was coded with other entropy tables (digest {msg.tables:08x}, this model's "
+                            f"{tables_digest(tables):08x})")
+    if msg.scales or msg.offsets:
+        raise ProtocolError("an entropy-coded tensor carries no scales or offsets")
+    q = decode_symbols(msg.data, shape, tables, idx)
+    return Decoded(torch.from_numpy(q.astype(np.float32) / EC_LEVELS), torch.from_numpy(idx), c, prefix)
 
 
 def encode_labels(labels: torch.Tensor) -> pb.Labels:

@@ -14,14 +14,16 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP16: _ClassVar[DType]
     INT8: _ClassVar[DType]
     INT4: _ClassVar[DType]
+    EC: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FP32: DType
 FP16: DType
 INT8: DType
 INT4: DType
+EC: DType
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("dtype", "shape", "channels", "scales", "offsets", "data", "prefix")
+    __slots__ = ("dtype", "shape", "channels", "scales", "offsets", "data", "prefix", "tables")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +31,7 @@ class EncodedTensor(_message.Message):
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     channels: bytes
@@ -36,7 +39,8 @@ class EncodedTensor(_message.Message):
     offsets: bytes
     data: bytes
     prefix: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., data: _Optional[bytes] = ..., prefix: _Optional[int] = ...) -> None: ...
+    tables: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., channels: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., data: _Optional[bytes] = ..., prefix: _Optional[int] = ..., tables: _Optional[int] = ...) -> None: ...
 
 class Labels(_message.Message):
     __slots__ = ("width", "data")

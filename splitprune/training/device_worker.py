@@ -77,6 +77,13 @@ class DeviceWorker:
             return None
         return self.selector.select(self.half.gate_logits, budget)
 
+    @torch.no_grad()
+    def cut_values(self, x: torch.Tensor) -> torch.Tensor:
+        """What every channel would send for x, [N, C, H, W] (eval mode): the entropy tables count these."""
+        self.half.eval()
+        return keep_channels(self.half(x.to(self.accelerator)), None, channel_mask(self.half.gate_logits),
+                             self.scaling)
+
     def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
         return kept, self.codec.compress(kept, channels, self.channels, self.selector.prefix)

@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from splitprune.compression import ChannelCodec, TensorSpec, decode_labels, encode_labels
@@ -62,14 +63,14 @@ class ServerWorker:
 
     def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
                  seed: int, max_batch: int = 4096, objective: Objective | None = None,
-                 steps: int = 1) -> None:
+                 steps: int = 1, tables: np.ndarray | None = None) -> None:
         self.half = half
         self.objective: Objective = objective or CrossEntropy()
         self.steps = steps
         self.num_classes = num_classes
         self.codec = codec_down
         self.geometry = geometry
-        self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch)
+        self.spec = TensorSpec(*geometry.wire_shape, max_batch=max_batch, tables=tables)
         # a training request keeps the objective's forward passes for its backward: the network server
         # sizes its limit apart from the evaluation one (server.hosting)
         self.max_train_batch = max_batch

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from splitprune.compression import ChannelCodec
+from splitprune.compression.tables import read_tables
 from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig, stored_config
 from splitprune.data import DATASETS, BatchLoader, calibration_batches, make_loaders
@@ -94,39 +96,44 @@ def input_channels(cfg: RunConfig) -> int:
     return cfg.in_channels or model_in_channels(cfg.model) or DATASETS[cfg.dataset].in_channels
 
 
-def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int) -> DeviceWorker:
+def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int,
+                   tables: np.ndarray | None = None) -> DeviceWorker:
     selector = PrefixChannels() if cfg.method == "anybudget" else None
-    return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up), cfg.scaling, cfg.budget_eps,
+    return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up, tables), cfg.scaling, cfg.budget_eps,
                         cfg.budget_delta, cfg.seed, selector)
 
 
-def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int) -> ServerWorker:
+def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int,
+                   tables: np.ndarray | None = None) -> ServerWorker:
     objective = NestedPrefixes(cfg.nested) if cfg.method == "anybudget" else None
     return ServerWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
                         max_batch=max(cfg.batch_size, cfg.test_batch_size), objective=objective,
-                        steps=cfg.server_steps_value())
+                        steps=cfg.server_steps_value(), tables=tables)
 
 
-def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int,
-                        initial: bool = True) -> tuple[DeviceWorker, Geometry]:
+def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int, initial: bool = True,
+                        tables: np.ndarray | None = None) -> tuple[DeviceWorker, Geometry]:
     """The device side alone (a remote run, a device): the server half is never built. `initial` False: a
-    checkpoint's weights replace the initial ones (a --weights file is not needed)."""
+    checkpoint's weights replace the initial ones (a --weights file is not needed). `tables`: the model's
+    frozen entropy tables (dtype ec)."""
     device_half, geometry = build_device_half(cfg, num_classes, in_channels, initial=initial)
-    return _device_worker(cfg, device_half, geometry, num_classes), geometry
+    return _device_worker(cfg, device_half, geometry, num_classes, tables), geometry
 
 
 def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
-                        initial: bool = True) -> tuple[ServerWorker, Geometry]:
+                        initial: bool = True, tables: np.ndarray | None = None) -> tuple[ServerWorker, Geometry]:
     """The server side alone (what `splitprune serve` hosts): the device half is never built. `weights`: the
-    file of cfg.weights_sha256 (default cfg.weights); `initial` as build_device_worker."""
+    file of cfg.weights_sha256 (default cfg.weights); `initial` and `tables` as build_device_worker (with
+    tables, the server accepts entropy-coded activations)."""
     server_half, geometry = build_server_half(cfg, num_classes, in_channels, weights, initial)
-    return _server_worker(cfg, server_half, geometry, num_classes), geometry
+    return _server_worker(cfg, server_half, geometry, num_classes, tables), geometry
 
 
-def build_workers(cfg: RunConfig, num_classes: int, in_channels: int) -> tuple[DeviceWorker, ServerWorker, Geometry]:
+def build_workers(cfg: RunConfig, num_classes: int, in_channels: int,
+                  tables: np.ndarray | None = None) -> tuple[DeviceWorker, ServerWorker, Geometry]:
     """Both sides in one process (in-process runs, evaluation, benchmarks): each half the same as built alone."""
-    device, geometry = build_device_worker(cfg, num_classes, in_channels)
-    return device, build_server_worker(cfg, num_classes, in_channels)[0], geometry
+    device, geometry = build_device_worker(cfg, num_classes, in_channels, tables=tables)
+    return device, build_server_worker(cfg, num_classes, in_channels, tables=tables)[0], geometry
 
 
 @dataclass
@@ -153,14 +160,19 @@ def load_checkpoint(checkpoint: str | Path, sides: tuple[str, ...] = ("device", 
         raise UserError(f"{checkpoint} holds the device half of a remote run only: fetch the whole model with "
                         f"`splitprune pull --server HOST:PORT --checkpoint {checkpoint} --out DIR` first")
     cfg = stored_config({**meta["config"], **{k: v for k, v in changes.items() if v is not None}})
+    shape = meta.get("wire_shape") or meta.get("cut_shape")
+    tables = read_tables(meta, int(shape[0])) if shape else None
+    if cfg.dtype_up == "ec" and tables is None:
+        raise UserError(f"{checkpoint} holds no entropy tables (trained before they were kept): --dtype-up ec "
+                        "needs a model trained with this version, or another --dtype-up")
     tensors = read_tensors(meta["_folder"])
     device = server = None
     if "device" in sides:
-        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False)
+        device, _ = build_device_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False, tables=tables)
         load_module("device", device.half, tensors)
         device.half.eval()
     if "server" in sides:
-        server, _ = build_server_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False)
+        server, _ = build_server_worker(cfg, meta["num_classes"], meta["in_channels"], initial=False, tables=tables)
         load_module("server", server.half, tensors)
         server.half.eval()
     return Loaded(cfg, meta, tensors, device, server)

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
+from splitprune.compression.tables import META_KEY as TABLES_KEY
+from splitprune.compression.tables import count_symbols, tables_entry
 from splitprune.config import Phase, RunConfig, resolve_schedule
 from splitprune.data import DATASETS, validation_loader
 from splitprune.errors import ProtocolError, UserError
@@ -66,6 +68,10 @@ class Trainer:
                  log: Callable[[str], None] | None = None, step_budget: StepBudget | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
+        if cfg.dtype_up == "ec":
+            raise UserError("--dtype-up ec codes with the entropy tables a trained model holds: train with another "
+                            "uplink dtype (the tables are counted at the end of training), then evaluate, infer "
+                            "or export with --dtype-up ec")
         channels = check_halves(cfg, input_channels(cfg), DATASETS[cfg.dataset].num_classes).channels
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         if cfg.method == "prune":
@@ -126,7 +132,14 @@ class Trainer:
         if not self.checkpoints:
             return
         model, state, meta = self._model_and_state()
+        if self.progress.phase >= len(self.phases):  # trained: freeze the entropy tables (--dtype-up ec)
+            meta[TABLES_KEY] = self._ec_tables()
         write_checkpoint(self.out / "checkpoint", model, meta, state)
+
+    def _ec_tables(self) -> dict:
+        """Symbol counts of every channel over the training set (the device half in eval mode), as tables."""
+        batches = (self.device.cut_values(x) for x, _ in self.parts.train_loader)
+        return tables_entry(count_symbols(batches, self.parts.geometry.wire_shape[0]))
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():

@@ -10,9 +10,11 @@ import numpy as np
 
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
+from splitprune.wire.entropy import EC_LEVELS, encode_symbols, quantize_ec, tables_digest
 
-WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4}
+WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4, "ec": pb.EC}
 NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1"), pb.INT4: np.dtype("u1")}
+# EC (entropy-coded) has no fixed width: splitprune/wire/entropy.py
 LEVELS = {pb.INT8: 255, pb.INT4: 15}  # affine quantisation: q in 0..levels
 MAX_CHANNELS = 65535  # channel indices travel as uint16
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -55,12 +57,12 @@ def unpack_nibbles(data: bytes, count: int) -> np.ndarray:
 
 
 def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels: int, dtype: int,
-                  prefix: bool = False) -> pb.EncodedTensor:
+                  prefix: bool = False, tables: np.ndarray | None = None) -> pb.EncodedTensor:
     """values: float32 [N, K, H, W] of the kept channels `channels` (ascending; None = all C channels).
 
     With `prefix` the kept channels are the first K (`channels`, if given, must be 0..K-1): the message
     says so with its `prefix` field instead of listing them (any-budget models); all C channels travel
-    with neither, as always."""
+    with neither, as always. EC needs the frozen `tables` [C, L+1] of the model, and values in [0, 1]."""
     if values.ndim != 4:
         raise ProtocolError(f"cut tensors are 4-D [N, C, H, W], got shape {tuple(values.shape)}")
     values = np.ascontiguousarray(values, dtype=np.float32)
@@ -79,7 +81,16 @@ def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels:
         msg.channels = np.asarray(channels).astype("<u2").tobytes()
     elif k != num_channels:
         raise ProtocolError(f"{k} of {num_channels} channels given without their indices")
-    if dtype in LEVELS:
+    if dtype == pb.EC:
+        if tables is None:
+            raise ProtocolError("dtype ec needs the model's entropy tables (a checkpoint trained with them)")
+        if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
+            raise ProtocolError("dtype ec codes values in [0, 1] (a gated bottleneck's output), got "
+                                f"{float(values.min()):g}..{float(values.max()):g}")
+        rows = np.arange(k) if channels is None else np.asarray(channels)
+        msg.data = encode_symbols(quantize_ec(values, EC_LEVELS), tables, rows)
+        msg.tables = tables_digest(tables)
+    elif dtype in LEVELS:
         q, scale, offset = quantize(values, LEVELS[dtype])
         msg.data = pack_nibbles(q) if dtype == pb.INT4 else q.tobytes()
         msg.scales, msg.offsets = scale.astype("<f4").tobytes(), offset.astype("<f4").tobytes()

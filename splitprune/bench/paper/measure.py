@@ -14,6 +14,7 @@ import torch
 
 from splitprune.bench.paper.baselines import Baseline, TopKCodec, install
 from splitprune.compression import ChannelCodec, channel_mask, decode_labels, keep_channels
+from splitprune.compression.tables import read_tables
 from splitprune.config import stored_config
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
@@ -40,7 +41,8 @@ def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = Non
     """A checkpoint (a run's, a prune phase's models/budget_B, or a baseline's, given its parts) ready to evaluate."""
     meta = read_meta(folder)
     cfg = stored_config({**meta["config"], "accelerator": accelerator})  # from_checkpoint is never loaded here
-    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"])
+    shape = meta.get("wire_shape") or meta["cut_shape"]
+    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"], read_tables(meta, int(shape[0])))
     if baseline is not None:
         install(baseline, cfg, device, server, int(meta["budget"]))
     tensors = read_tensors(meta["_folder"])
@@ -71,6 +73,8 @@ def evaluate_points(model: LoadedModel, loader, points: list[Point]) -> list[dic
     device.half.eval()
     server.half.eval()
     codecs = {d: ChannelCodec(d) for d in ("fp32", "fp16", "int8", "int4")}
+    if server.spec.tables is not None:  # the model's frozen entropy tables (trained with them)
+        codecs["ec"] = ChannelCodec("ec", server.spec.tables)
     saved_codec = device.codec
     correct = [0] * len(points)
     up = [0] * len(points)

@@ -1,0 +1,142 @@
+"""The entropy-coded uplink against the batched target (issue 24): <= 8 B/sample at batch 256 within 1 pt of sl.
+
+The headline candidate of `bench rate` (ca B=4, r=2; the quick profile's commands, seeds 0 and 1) is trained
+again with this version, which counts its frozen entropy tables at the end of training; its final models
+are evaluated on the 2,000 validation images at budgets 1..4 with fp16, int8, int4 and ec. Per byte limit
+the best configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is
+scored on the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
+
+    python -m splitprune.bench.paper.entropy --out bench_results/entropy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from splitprune.bench.core.common import markdown_table, write_results
+from splitprune.bench.core.verdict import Interval, difference, explain, interval
+from splitprune.bench.paper.measure import Point, evaluate_points, load_model
+
+SEEDS = (0, 1)
+DTYPES = ("fp16", "int8", "int4", "ec")
+BUDGETS = (1, 2, 3, 4)
+LIMITS = ((8, -0.01), (16, -0.01))
+FLOOR_BYTES = math.log2(10) / 8  # a 10-class answer's information
+TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashion-mnist --schedule 4:22 --epochs 4 "
+         "--dtype-up fp16 --dtype-down fp32 --resolution 2 --lr-schedule cosine --seed {seed} --train-subset 2500 "
+         "--test-subset 1000 --threads 2 --validation-size 2000 --out {out}")  # bench rate's ca4_r2 runs
+
+
+def _train(out: Path, seed: int) -> Path:
+    run = out / "runs" / f"ca4_r2_seed{seed}"
+    if not (run / "summary.json").exists():
+        command = TRAIN.format(seed=seed, out=run)
+        print(f"[entropy] {command}", flush=True)
+        subprocess.run([sys.executable, "-m", "splitprune", *shlex.split(command)[1:], "--quiet"], check=True)
+        (run / "command.txt").write_text(command + "\n")
+    return run
+
+
+def _loader(cfg, data: str):
+    """The 2,000 validation images, or the full test set, at batch 256 (the quick profile's evaluation)."""
+    from splitprune.bench.core.profiles import load_profile
+    from splitprune.bench.core.runs import full_test_loader
+    from splitprune.data import validation_loader
+    from splitprune.training.setup import input_channels
+
+    prof = load_profile("quick")
+    if data == "validation":
+        return validation_loader(cfg.dataset, cfg.data_dir, cfg.input_size, input_channels(cfg), prof.validation,
+                                 prof.test_batch_size)
+    return full_test_loader(cfg, prof)
+
+
+def run(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {seed: _train(out, seed) for seed in SEEDS}
+    points = [Point(b, d) for b in BUDGETS for d in DTYPES]
+    rows = []
+    for seed, run_dir in runs.items():
+        model = load_model(run_dir / "checkpoint")
+        for r in evaluate_points(model, _loader(model.cfg, "validation"), points):
+            rows.append({"seed": seed, **r})
+    sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
+    sl_test = Interval(sl["low"], sl["high"])
+    choices = []
+    for limit, need in LIMITS:
+        fits = {}
+        for p in points:
+            ps = [r for r in rows if r["point"] == p.key()]
+            if max(r["bytes_per_sample"] for r in ps) <= limit:
+                fits[p.key()] = ps
+        if not fits:
+            choices.append({"limit": limit, "point": None, "verdict": "no configuration fits"})
+            continue
+        best = max(fits, key=lambda k: (sum(r["accuracy"] for r in fits[k]) / len(SEEDS),
+                                        -max(r["bytes_per_sample"] for r in fits[k])))
+        point = next(p for p in points if p.key() == best)
+        tested = []
+        for seed, run_dir in runs.items():
+            model = load_model(run_dir / "checkpoint")
+            tested += evaluate_points(model, _loader(model.cfg, "test"), [point])
+        gap = difference(interval([t["accuracy"] for t in tested]), sl_test)
+        choices.append({"limit": limit, "point": best, "candidates": len(fits),
+                        "validation_accuracy": [r["accuracy"] for r in fits[best]],
+                        "test_accuracy": [t["accuracy"] for t in tested], "test_samples": tested[0]["samples"],
+                        "bytes_per_sample": max(t["bytes_per_sample"] for t in tested),
+                        "single_sample_bytes": max(t["single_sample_bytes"] for t in tested),
+                        "vs_sl": gap.__dict__ if gap else None, "explained": explain(gap, need, "chosen - sl")})
+    table = markdown_table(["seed", "point", "uplink B/sample (batch 256)", "single-request payload B",
+                            "validation accuracy"],
+                           [[r["seed"], r["point"], f"{r['bytes_per_sample']:.2f}", r["single_sample_bytes"],
+                             f"{100 * r['accuracy']:.2f}%"] for r in sorted(rows, key=lambda r: (r["bytes_per_sample"],
+                                                                                              r["seed"]))])
+    chosen = markdown_table(["limit (B/sample)", "chosen on validation", "B/sample (batch 256, test)",
+                             "single-request payload B", "test accuracy (seeds)", "verdict (within 1 pt of sl)"],
+                            [[c["limit"], c["point"] or "none", f"{c.get('bytes_per_sample', 0):.2f}",
+                              c.get("single_sample_bytes", "-"),
+                              ", ".join(f"{100 * a:.2f}%" for a in c.get("test_accuracy", [])),
+                              c.get("explained", c.get("verdict"))] for c in choices])
+    command = f"python -m splitprune.bench.paper.entropy --out {out}"
+    markdown = (f"`{command}`\n\nChosen on validation (2,000 held-out training images), scored on the full test set; "
+                f"sl's final models: {100 * sl_test.low:.2f} to {100 * sl_test.high:.2f} % (bench_results/rate).\n\n"
+                f"{chosen}\n\nEvery candidate (validation):\n\n{table}\n")
+    (out / "entropy.md").write_text(markdown)
+    _plot(rows, out / "entropy.png")
+    write_results(out, "entropy", {"entropy_command": command, "points": rows, "choices": choices,
+                                   "sl_test": sl, "floor_bytes_per_sample": FLOOR_BYTES})
+    print(markdown)
+    return {"choices": choices, "points": rows}
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    from splitprune.bench.core.plots import figure, save
+
+    fig, ax = figure()
+    for dtype in DTYPES:
+        ps = sorted((r for r in rows if r["dtype"] == dtype), key=lambda r: r["bytes_per_sample"])
+        ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=dtype, alpha=0.7)
+    ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes per sample (batch 256)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("ca B=4, r=2 (budgets 1-4), seeds 0 and 1", fontsize=10)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_results/entropy")
+    run(Path(p.parse_args(argv).out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

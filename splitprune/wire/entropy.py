@@ -1,0 +1,95 @@
+"""The torch-free core of the entropy-coded uplink (dtype EC): integer symbols <-> one range-coded string.
+
+The encoder's outputs lie in [0, 1] (a sigmoid times a sigmoid gate), so a fixed grid quantises them
+with no per-batch side information: q = round(L y), q in 0..L, decoded as q / L. Each channel has its
+own frozen table of integer frequencies (fitted on the training set at the end of training, shipped in
+the checkpoint and in the exported manifest: integer tables, so every platform builds the same coder).
+A batch is one string: the kept channels in order, each channel's N x H x W symbols under its table,
+range-coded with `constriction` (Rust wheels, numpy API, no torch), in 32-bit words.
+
+Imports only numpy, hashlib and constriction (loaded on first use).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from splitprune.errors import ProtocolError
+
+EC_LEVELS = 15               # q in 0..15: the int4 alphabet
+MAX_FREQUENCY = 1 << 24      # per entry of a table
+
+
+def fit_tables(counts: np.ndarray) -> np.ndarray:
+    """Frozen integer tables [C, L+1] (uint32) from symbol counts [C, L+1]: counts + 1, so that every symbol
+    stays codable, scaled down when a row would exceed MAX_FREQUENCY."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[1] < 2 or (counts < 0).any():
+        raise ValueError(f"symbol counts must be [C, L+1] and >= 0, got shape {counts.shape}")
+    rows = counts.sum(axis=1, keepdims=True)
+    scale = np.where(rows > MAX_FREQUENCY // 2, (MAX_FREQUENCY // 2) / np.maximum(rows, 1), 1.0)
+    return (np.floor(counts * scale) + 1).astype(np.uint32)
+
+
+def check_tables(tables: np.ndarray, channels: int) -> np.ndarray:
+    tables = np.asarray(tables)
+    if tables.ndim != 2 or tables.shape[0] != channels or not 2 <= tables.shape[1] <= 256:
+        raise ValueError(f"entropy tables must be [{channels}, L+1] with 1 <= L <= 255, got {list(tables.shape)}")
+    if tables.dtype.kind not in "iu" or (tables < 1).any() or (tables > MAX_FREQUENCY).any():
+        raise ValueError(f"entropy table entries must be integers in 1..{MAX_FREQUENCY}")
+    return tables.astype(np.uint32)
+
+
+def tables_digest(tables: np.ndarray) -> int:
+    """32 bits of SHA-256 over the tables (shape and little-endian uint32 entries): the message carries it,
+    so that a device and a server with different tables refuse each other instead of decoding noise."""
+    t = np.ascontiguousarray(tables, dtype="<u4")
+    h = hashlib.sha256(np.asarray(t.shape, dtype="<u4").tobytes() + t.tobytes()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def quantize_ec(values: np.ndarray, levels: int) -> np.ndarray:
+    return np.clip(np.rint(values * levels), 0, levels).astype(np.int32)
+
+
+def _models(tables: np.ndarray, rows: np.ndarray):
+    import constriction
+
+    return [constriction.stream.model.Categorical(tables[r].astype(np.float64), perfect=False) for r in rows]
+
+
+def encode_symbols(q: np.ndarray, tables: np.ndarray, channels: np.ndarray) -> bytes:
+    """q: int [N, K, H, W] in 0..L for the kept channels `channels` (their rows of `tables`); one string."""
+    import constriction
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    for j, model in enumerate(_models(tables, channels)):
+        encoder.encode(np.ascontiguousarray(q[:, j].reshape(-1), dtype=np.int32), model)
+    return encoder.get_compressed().astype("<u4").tobytes()
+
+
+def decode_symbols(data: bytes, shape: tuple[int, int, int, int], tables: np.ndarray,
+                   channels: np.ndarray) -> np.ndarray:
+    """The symbols [N, K, H, W] of one string, or ProtocolError for a string that is not what the shape and
+    tables announce (truncated, corrupted, trailing words)."""
+    import constriction
+
+    if len(data) % 4:
+        raise ProtocolError(f"an entropy-coded string is whole 32-bit words, got {len(data)} bytes")
+    n, k, h, w = shape
+    words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        out = np.empty((k, n * h * w), dtype=np.int32)
+        for j, model in enumerate(_models(tables, channels)):
+            out[j] = decoder.decode(model, n * h * w)
+    except Exception as exc:  # noqa: BLE001 - the coder's own error for a corrupted string
+        raise ProtocolError(f"entropy-coded string does not decode: {exc}") from None
+    q = out.reshape(k, n, h, w).transpose(1, 0, 2, 3)
+    # canonical: only the string the encoder makes for these symbols is accepted (a range decoder reads
+    # past a truncated end and ignores trailing words; re-encoding costs about what decoding did)
+    if encode_symbols(q, tables, channels) != data:
+        raise ProtocolError("entropy-coded string is not the encoding of the symbols it decodes to (truncated, "
+                            "corrupted or followed by extra words)")
+    return q

@@ -1,0 +1,102 @@
+"""The entropy-coded uplink (dtype ec, issue 24): the coder's round trip at every budget, the torch and numpy
+paths byte-identical, bad strings and other tables refused, and a trained model's frozen tables used by
+eval and by a real server."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from splitprune.cli import main
+from splitprune.compression.codec import ChannelCodec, TensorSpec, decode_tensor
+from splitprune.compression.tables import count_symbols, read_tables, tables_entry
+from splitprune.errors import ProtocolError
+from splitprune.proto import pb
+from splitprune.training.checkpoint import read_meta
+from splitprune.wire.codec import encode_values
+from splitprune.wire.entropy import EC_LEVELS, fit_tables, tables_digest
+
+C, H, W = 16, 3, 3
+
+
+def _tables(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return fit_tables((rng.dirichlet(np.full(EC_LEVELS + 1, 0.3), size=C) * 5000).astype(np.int64))
+
+
+def _values(n: int, k: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).beta(0.5, 2.0, size=(n, k, H, W)).astype(np.float32)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_round_trip_at_every_budget_and_the_numpy_and_torch_paths_agree(prefix):
+    tables = _tables()
+    spec = TensorSpec(C, H, W, tables=tables)
+    for k in range(1, C + 1):
+        values = _values(8, k, seed=k)
+        channels = np.arange(k) if prefix else np.sort(np.random.default_rng(k).choice(C, k, replace=False))
+        numpy_msg = encode_values(values, None if prefix else channels, C, pb.EC, prefix, tables)
+        torch_msg = ChannelCodec("ec", tables).compress(torch.from_numpy(values),
+                                                       None if prefix else torch.from_numpy(channels), C, prefix)
+        assert numpy_msg.SerializeToString() == torch_msg.SerializeToString()
+        decoded = decode_tensor(pb.EncodedTensor.FromString(numpy_msg.SerializeToString()), spec)
+        expected = np.clip(np.rint(values * EC_LEVELS), 0, EC_LEVELS) / EC_LEVELS
+        assert np.array_equal(decoded.values.numpy(), expected.astype(np.float32))
+        assert decoded.channels.tolist() == channels.tolist() and decoded.prefix == (prefix and k < C)
+
+
+def test_one_string_per_batch_and_fewer_bytes_than_int4_on_skewed_values():
+    tables = _tables()
+    values = np.zeros((256, 4, H, W), np.float32)
+    values[:, :, 0, 0] = 1.0
+    counts = count_symbols([torch.from_numpy(np.repeat(values, 4, axis=1)[:, :C])], C)
+    skewed = fit_tables(counts)
+    ec = encode_values(values, np.arange(4), C, pb.EC, False, skewed)
+    int4 = encode_values(values, np.arange(4), C, pb.INT4)
+    assert len(ec.data) % 4 == 0 and len(ec.data) < len(int4.data) / 5  # 0.50 bits per symbol: 576 B + a word
+    assert ec.tables == tables_digest(skewed) != tables_digest(tables)
+
+
+def test_bad_strings_other_tables_and_values_out_of_range_are_refused():
+    tables = _tables()
+    spec = TensorSpec(C, H, W, tables=tables)
+    msg = encode_values(_values(64, 4), np.arange(4), C, pb.EC, False, tables)
+    data = msg.data
+    for bad in (data[:-4], data[:4], data + b"\0\0\0\0", bytes(len(data)), data[:3],
+                data[:9] + bytes([data[9] ^ 0x40]) + data[10:]):
+        msg.data = bad
+        with pytest.raises(ProtocolError, match="entropy-coded string"):
+            decode_tensor(msg, spec)
+    msg.data = data
+    with pytest.raises(ProtocolError, match="other entropy tables"):
+        decode_tensor(msg, TensorSpec(C, H, W, tables=_tables(seed=5)))
+    with pytest.raises(ProtocolError, match="no entropy tables"):
+        decode_tensor(msg, TensorSpec(C, H, W))
+    msg.shape[0] = 65  # announces more symbols than the string holds
+    with pytest.raises(ProtocolError, match="entropy-coded string"):
+        decode_tensor(msg, spec)
+    with pytest.raises(ProtocolError, match=r"values in \[0, 1\]"):
+        encode_values(_values(2, 2) * 3, np.arange(2), C, pb.EC, False, tables)
+    with pytest.raises(ProtocolError, match="needs the model's entropy tables"):
+        encode_values(_values(2, 2), np.arange(2), C, pb.EC)
+
+
+def test_a_trained_model_keeps_its_tables_and_evaluates_with_them(exported, tmp_path, capsys):
+    run, _ = exported
+    meta = read_meta(run)
+    channels = meta["wire_shape"][0]
+    tables = read_tables(meta, channels)
+    assert tables.shape == (channels, EC_LEVELS + 1) and tables_entry(tables - 1)["tables"] == tables.tolist()
+    results = {}
+    for dtype in ("int4", "ec"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["eval", "--checkpoint", str(run), "--dtype-up", dtype, "--test-subset", "64", "--out",
+                     str(out)]) == 0
+        results[dtype] = json.loads(out.read_text())
+    assert results["ec"]["bytes_per_sample"] < results["int4"]["bytes_per_sample"]
+    assert abs(results["ec"]["test_accuracy"] - results["int4"]["test_accuracy"]) <= 0.1
+    capsys.readouterr()
+    assert main(["train", "--method", "ca", "--dtype-up", "ec", "--epochs", "1", "--train-subset", "16",
+                 "--out", str(tmp_path / "never")]) == 2
+    assert "--dtype-up ec codes with the entropy tables a trained model holds" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
