@@ -113,7 +113,8 @@ class RunConfig:
     validation_size: int = option(0, "hold out N training images for validation (class-stratified, a fixed draw "
                                   "for every seed; the training subset comes from the rest); 0: none", ge=0,
                                   le=10_000_000, added=True)
-
+    rate_lambda: float = option(0.0, "weight of the uplink's rate (bits per sample on dtype ec's grid under a learned "
+                                "per-channel prior) in the device's loss", ge=0, le=100, added=True)
     nested: str = option("sandwich", "anybudget: the channel prefixes the server trains on per step: sandwich "
                          "(1, all it received, one random ladder budget between) or random (one ladder budget: "
                          "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)

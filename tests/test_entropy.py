@@ -12,7 +12,7 @@ from splitprune.compression.codec import ChannelCodec, TensorSpec, decode_tensor
 from splitprune.compression.tables import count_symbols, read_tables, tables_entry
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
-from splitprune.training.checkpoint import read_meta
+from splitprune.training.checkpoint import read_meta, read_tensors
 from splitprune.wire.codec import encode_values
 from splitprune.wire.entropy import EC_LEVELS, fit_tables, tables_digest
 
@@ -100,3 +100,35 @@ def test_a_trained_model_keeps_its_tables_and_evaluates_with_them(exported, tmp_
                  "--out", str(tmp_path / "never")]) == 2
     assert "--dtype-up ec codes with the entropy tables a trained model holds" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_the_rate_term_pulls_values_to_likelier_levels_and_learns_the_histogram():
+    from splitprune.compression.prior import GridPrior
+
+    prior = GridPrior(2)
+    with torch.no_grad():
+        prior.logits[:, 0] = 4.0                       # level 0 is by far the likeliest in both channels
+    kept = torch.full((4, 2, 3, 3), 0.5 / EC_LEVELS, requires_grad=True)  # between levels 0 and 1
+    prior.eval()                                        # no noise: the gradient's sign is exact
+    bits = prior.bits(kept, None)
+    bits.backward()
+    assert bits.item() > 0 and (kept.grad > 0).all()    # moving up costs bits: the term pulls towards level 0
+    assert prior.logits.grad[:, 0].lt(0).all()           # and makes the levels in use likelier
+    prior.train()
+    g = torch.Generator().manual_seed(0)
+    noisy = prior.bits(torch.full((4, 2, 3, 3), 7 / EC_LEVELS), torch.tensor([1, 0]), g)
+    assert torch.isfinite(noisy) and noisy.item() > 0
+
+
+def test_training_with_a_rate_term_lowers_the_coded_bytes(tmp_path):
+    base = ["train", "--method", "ca", "--budget", "4", "--epochs", "1", "--train-subset", "64", "--test-subset",
+            "32", "--threads", "1", "--quiet"]
+    sizes = {}
+    for rate in ("0", "3"):
+        run = tmp_path / f"rate{rate}"
+        assert main([*base, "--rate-lambda", rate, "--out", str(run)]) == 0
+        assert main(["eval", "--checkpoint", str(run), "--dtype-up", "ec", "--test-subset", "32", "--out",
+                     str(tmp_path / f"{rate}.json")]) == 0
+        sizes[rate] = json.loads((tmp_path / f"{rate}.json").read_text())["bytes_per_sample"]
+        assert ("device.prior.logits" in read_tensors(run / "checkpoint")) == (rate != "0")  # older keys kept
+    assert sizes["3"] < sizes["0"], sizes

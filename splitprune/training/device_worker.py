@@ -33,8 +33,9 @@ class DeviceWorker:
 
     def __init__(self, half: DeviceHalf, geometry: Geometry, num_classes: int, codec_up: ChannelCodec,
                  scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0,
-                 selector: ChannelSelector | None = None) -> None:
+                 selector: ChannelSelector | None = None, rate_lambda: float = 0.0) -> None:
         self.half = half
+        self.rate_lambda = rate_lambda  # the rate term's weight (the half has a prior when it is > 0)
         self.selector: ChannelSelector = selector or TopBByGate()
         self.geometry = geometry
         self.num_classes = num_classes
@@ -119,6 +120,11 @@ class DeviceWorker:
         if self.use_budget_loss:
             tensors.append(budget_loss(self.half.gate_logits, self.budget or self.channels,
                                        self.budget_eps, self.budget_delta))
+            grads.append(torch.ones((), device=self.accelerator))
+        if self.rate_lambda > 0:
+            with self.rng.active():
+                self.last_rate_bits = self.half.prior.bits(kept, channels)
+            tensors.append(self.rate_lambda * self.last_rate_bits)
             grads.append(torch.ones((), device=self.accelerator))
         torch.autograd.backward(tensors, grads)
         set_lr(self.optimizer, self.phase_lr * lr_scale)  # a scale the server refused never gets here

@@ -11,6 +11,7 @@ from torch import nn
 
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
 from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_budget_norms
+from splitprune.compression.prior import GridPrior
 from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.models import build_part, check_model, check_server_input, cut_nonnegative, load_part, load_weights
@@ -31,10 +32,12 @@ class Geometry:
 class DeviceHalf(nn.Module):
     """Runs on the device: backbone layers up to the cut, then the gated encoder."""
 
-    def __init__(self, layers: nn.Module, encoder: GatedEncoder) -> None:
+    def __init__(self, layers: nn.Module, encoder: GatedEncoder, prior: GridPrior | None = None) -> None:
         super().__init__()
         self.layers = layers
         self.encoder = encoder
+        if prior is not None:  # --rate-lambda: the rate term's learned prior (a module only then: older
+            self.prior = prior  # checkpoints keep their keys)
 
     @property
     def gate_logits(self) -> nn.Parameter:
@@ -146,7 +149,8 @@ def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int, weight
         load_part(layers, loaded)
     if passes_through(cfg):
         encoder.start_as_identity()
-    return DeviceHalf(layers, encoder), shape
+    prior = GridPrior(shape.channels) if cfg.rate_lambda > 0 else None
+    return DeviceHalf(layers, encoder, prior), shape
 
 
 def build_server_half(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
