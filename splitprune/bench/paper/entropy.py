@@ -1,12 +1,13 @@
 """The entropy-coded uplink against the batched target (issue 24): <= 8 B/sample at batch 256 within 1 pt of sl.
 
 The headline candidate of `bench rate` (ca B=4, r=2; the quick profile's commands, seeds 0 and 1) is trained
-again with this version, which counts its frozen entropy tables at the end of training; its final models
-are evaluated on the 2,000 validation images at budgets 1..4 with fp16, int8, int4 and ec. Per byte limit
-the best configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is
-scored on the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
+again with this version, which counts its frozen entropy tables at the end of training, and with the rate
+term at each --rates weight (`--rate-lambda`); the final models are evaluated on the 2,000 validation images
+at budgets 1..4 with fp16, int8, int4 and ec (with a rate term: ec only). Per byte limit the best
+configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
+the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
 
-    python -m splitprune.bench.paper.entropy --out bench_results/entropy
+    python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --out bench_results/entropy
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashio
          "--test-subset 1000 --threads 2 --validation-size 2000 --out {out}")  # bench rate's ca4_r2 runs
 
 
-def _train(out: Path, seed: int) -> Path:
-    run = out / "runs" / f"ca4_r2_seed{seed}"
+def _train(out: Path, seed: int, rate: float) -> Path:
+    run = out / "runs" / (f"ca4_r2_seed{seed}" if rate == 0 else f"ca4_r2_rate{rate:g}_seed{seed}")
     if not (run / "summary.json").exists():
-        command = TRAIN.format(seed=seed, out=run)
+        command = TRAIN.format(seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
         print(f"[entropy] {command}", flush=True)
         subprocess.run([sys.executable, "-m", "splitprune", *shlex.split(command)[1:], "--quiet"], check=True)
         (run / "command.txt").write_text(command + "\n")
@@ -44,7 +45,7 @@ def _train(out: Path, seed: int) -> Path:
 
 def _loader(cfg, data: str):
     """The 2,000 validation images, or the full test set, at batch 256 (the quick profile's evaluation)."""
-    from splitprune.bench.core.profiles import load_profile
+    from splitprune.bench.core.report import load_profile
     from splitprune.bench.core.runs import full_test_loader
     from splitprune.data import validation_loader
     from splitprune.training.setup import input_channels
@@ -56,33 +57,33 @@ def _loader(cfg, data: str):
     return full_test_loader(cfg, prof)
 
 
-def run(out: Path) -> dict:
+def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    runs = {seed: _train(out, seed) for seed in SEEDS}
-    points = [Point(b, d) for b in BUDGETS for d in DTYPES]
+    runs = {(rate, seed): _train(out, seed, rate) for rate in rates for seed in SEEDS}
+    plans = {rate: [Point(b, d) for b in BUDGETS for d in (DTYPES if rate == 0 else ("ec",))] for rate in rates}
     rows = []
-    for seed, run_dir in runs.items():
+    for (rate, seed), run_dir in runs.items():
         model = load_model(run_dir / "checkpoint")
-        for r in evaluate_points(model, _loader(model.cfg, "validation"), points):
-            rows.append({"seed": seed, **r})
+        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[rate]):
+            rows.append({"seed": seed, "rate_lambda": rate, **r, "config": f"rate {rate:g} {r['point']}"})
     sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
     sl_test = Interval(sl["low"], sl["high"])
     choices = []
+    configs: dict[str, list[dict]] = {}
+    for r in rows:
+        configs.setdefault(r["config"], []).append(r)
     for limit, need in LIMITS:
-        fits = {}
-        for p in points:
-            ps = [r for r in rows if r["point"] == p.key()]
-            if max(r["bytes_per_sample"] for r in ps) <= limit:
-                fits[p.key()] = ps
+        fits = {c: ps for c, ps in configs.items() if max(r["bytes_per_sample"] for r in ps) <= limit}
         if not fits:
             choices.append({"limit": limit, "point": None, "verdict": "no configuration fits"})
             continue
-        best = max(fits, key=lambda k: (sum(r["accuracy"] for r in fits[k]) / len(SEEDS),
-                                        -max(r["bytes_per_sample"] for r in fits[k])))
-        point = next(p for p in points if p.key() == best)
+        best = max(fits, key=lambda c: (sum(r["accuracy"] for r in fits[c]) / len(SEEDS),
+                                        -max(r["bytes_per_sample"] for r in fits[c]), c))
+        rate, key = fits[best][0]["rate_lambda"], fits[best][0]["point"]
+        point = next(p for p in plans[rate] if p.key() == key)
         tested = []
-        for seed, run_dir in runs.items():
-            model = load_model(run_dir / "checkpoint")
+        for seed in SEEDS:
+            model = load_model(runs[(rate, seed)] / "checkpoint")
             tested += evaluate_points(model, _loader(model.cfg, "test"), [point])
         gap = difference(interval([t["accuracy"] for t in tested]), sl_test)
         choices.append({"limit": limit, "point": best, "candidates": len(fits),
@@ -91,9 +92,10 @@ def run(out: Path) -> dict:
                         "bytes_per_sample": max(t["bytes_per_sample"] for t in tested),
                         "single_sample_bytes": max(t["single_sample_bytes"] for t in tested),
                         "vs_sl": gap.__dict__ if gap else None, "explained": explain(gap, need, "chosen - sl")})
-    table = markdown_table(["seed", "point", "uplink B/sample (batch 256)", "single-request payload B",
+    table = markdown_table(["seed", "rate weight", "point", "uplink B/sample (batch 256)", "single-request payload B",
                             "validation accuracy"],
-                           [[r["seed"], r["point"], f"{r['bytes_per_sample']:.2f}", r["single_sample_bytes"],
+                           [[r["seed"], f"{r['rate_lambda']:g}", r["point"], f"{r['bytes_per_sample']:.2f}",
+                             r["single_sample_bytes"],
                              f"{100 * r['accuracy']:.2f}%"] for r in sorted(rows, key=lambda r: (r["bytes_per_sample"],
                                                                                               r["seed"]))])
     chosen = markdown_table(["limit (B/sample)", "chosen on validation", "B/sample (batch 256, test)",
@@ -102,7 +104,7 @@ def run(out: Path) -> dict:
                               c.get("single_sample_bytes", "-"),
                               ", ".join(f"{100 * a:.2f}%" for a in c.get("test_accuracy", [])),
                               c.get("explained", c.get("verdict"))] for c in choices])
-    command = f"python -m splitprune.bench.paper.entropy --out {out}"
+    command = f"python -m splitprune.bench.paper.entropy --rates {','.join(f'{r:g}' for r in rates)} --out {out}"
     markdown = (f"`{command}`\n\nChosen on validation (2,000 held-out training images), scored on the full test set; "
                 f"sl's final models: {100 * sl_test.low:.2f} to {100 * sl_test.high:.2f} % (bench_results/rate).\n\n"
                 f"{chosen}\n\nEvery candidate (validation):\n\n{table}\n")
@@ -118,9 +120,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     from splitprune.bench.core.plots import figure, save
 
     fig, ax = figure()
-    for dtype in DTYPES:
-        ps = sorted((r for r in rows if r["dtype"] == dtype), key=lambda r: r["bytes_per_sample"])
-        ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=dtype, alpha=0.7)
+    for dtype, rate in [(d, 0.0) for d in DTYPES] + sorted({("ec", r["rate_lambda"]) for r in rows
+                                                           if r["rate_lambda"]}):
+        ps = sorted((r for r in rows if r["dtype"] == dtype and r["rate_lambda"] == rate),
+                    key=lambda r: r["bytes_per_sample"])
+        label = dtype if not rate else f"ec, rate term {rate:g}"
+        ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=label, alpha=0.7)
     ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes per sample (batch 256)")
@@ -133,8 +138,10 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", default="0", help="rate-term weights to train with, comma-separated (0: none)")
     p.add_argument("--out", default="bench_results/entropy")
-    run(Path(p.parse_args(argv).out))
+    args = p.parse_args(argv)
+    run(Path(args.out), tuple(float(r) for r in args.rates.split(",")))
     return 0
 
 
