@@ -248,3 +248,47 @@ class InferReply(_message.Message):
     eval: _splitprune_pb2.EvalReply
     server_ms: float
     def __init__(self, eval: _Optional[_Union[_splitprune_pb2.EvalReply, _Mapping]] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class InferOpen(_message.Message):
+    __slots__ = ("fingerprint", "budget", "dtype", "channels", "prefix", "tables")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    budget: int
+    dtype: _splitprune_pb2.DType
+    channels: bytes
+    prefix: int
+    tables: int
+    def __init__(self, fingerprint: _Optional[str] = ..., budget: _Optional[int] = ..., dtype: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., channels: _Optional[bytes] = ..., prefix: _Optional[int] = ..., tables: _Optional[int] = ...) -> None: ...
+
+class InferOpened(_message.Message):
+    __slots__ = ("wire_shape", "max_batch")
+    WIRE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    wire_shape: _containers.RepeatedScalarFieldContainer[int]
+    max_batch: int
+    def __init__(self, wire_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class InferItem(_message.Message):
+    __slots__ = ("data", "samples")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    samples: int
+    def __init__(self, data: _Optional[bytes] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class InferItemReply(_message.Message):
+    __slots__ = ("labels", "server_us", "error", "message")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_US_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    labels: bytes
+    server_us: int
+    error: ErrorReason
+    message: str
+    def __init__(self, labels: _Optional[bytes] = ..., server_us: _Optional[int] = ..., error: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...

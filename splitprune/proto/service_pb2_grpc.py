@@ -59,6 +59,11 @@ class SplitPruneStub:
                 request_serializer=splitprune_dot_proto_dot_service__pb2.InferRequest.SerializeToString,
                 response_deserializer=splitprune_dot_proto_dot_service__pb2.InferReply.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/splitprune.v1.SplitPrune/InferStream',
+                request_serializer=splitprune_dot_proto_dot_service__pb2.InferItem.SerializeToString,
+                response_deserializer=splitprune_dot_proto_dot_service__pb2.InferItemReply.FromString,
+                _registered_method=True)
 
 
 class SplitPruneServicer:
@@ -94,6 +99,14 @@ class SplitPruneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """A streaming inference session (docs/protocol.md 5.1): the first message is an InferOpen, answered by an
+        InferOpened; every later message is an InferItem, answered in order by an InferItemReply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitPruneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_SplitPruneServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=splitprune_dot_proto_dot_service__pb2.InferRequest.FromString,
                     response_serializer=splitprune_dot_proto_dot_service__pb2.InferReply.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=splitprune_dot_proto_dot_service__pb2.InferItem.FromString,
+                    response_serializer=splitprune_dot_proto_dot_service__pb2.InferItemReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +276,33 @@ class SplitPrune:
             '/splitprune.v1.SplitPrune/Infer',
             splitprune_dot_proto_dot_service__pb2.InferRequest.SerializeToString,
             splitprune_dot_proto_dot_service__pb2.InferReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitprune.v1.SplitPrune/InferStream',
+            splitprune_dot_proto_dot_service__pb2.InferItem.SerializeToString,
+            splitprune_dot_proto_dot_service__pb2.InferItemReply.FromString,
             options,
             channel_credentials,
             insecure,

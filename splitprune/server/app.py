@@ -134,7 +134,7 @@ def start_app(config: ServeConfig, tier=None) -> App:
         service.count("errors")
         log_refusal(refusals, what, peer, refusal)
 
-    workers = config.max_sessions + 16
+    workers = 2 * config.max_sessions + 16  # a thread per training stream and per inference stream, and the rest
     interceptors = (TokenInterceptor(config.token, refused, frozenset({CHECK_METHOD})),) if config.token else ()
     metrics = Metrics(service)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splitprune-rpc"),

@@ -16,11 +16,12 @@ from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server import transfer
 from splitprune.server.service import SplitService
+from splitprune.server.streams import InferSession
 from splitprune.server.telemetry.metrics import Metrics
 from splitprune.server.telemetry.ratelog import BoundedLog
 from splitprune.server.validation import parse
 from splitprune.wire.envelopes import AUTH_KEY, ERROR_KEY, SERVICE
-from splitprune.wire.refusals import BadTensor, Refusal, SessionReplaced, Unauthenticated
+from splitprune.wire.refusals import BadTensor, Refusal, ServerBusy, SessionReplaced, Unauthenticated
 
 log = logging.getLogger("splitprune.serve")
 
@@ -63,7 +64,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 class Servicer:
-    """The five methods of splitprune.v1.SplitPrune over a SplitService; each request is timed and counted
+    """The six methods of splitprune.v1.SplitPrune over a SplitService; each request is timed and counted
     by `metrics` (one per server: a fresh one when not given)."""
 
     def __init__(self, service: SplitService, refusals: BoundedLog, metrics: Metrics | None = None) -> None:
@@ -78,6 +79,7 @@ class Servicer:
             "PushState": grpc.stream_unary_rpc_method_handler(self.PushState),
             "Describe": grpc.unary_unary_rpc_method_handler(self.Describe),
             "Infer": grpc.unary_unary_rpc_method_handler(self.Infer),
+            "InferStream": grpc.stream_stream_rpc_method_handler(self.InferStream),
         }
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
@@ -155,6 +157,31 @@ class Servicer:
                 return call.reply(transfer.describe(self.service, parse(spb.DescribeRequest, data)).SerializeToString())
         except Exception as exc:  # noqa: BLE001
             self._fail(context, exc, "Describe")
+
+    def InferStream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """One inference session: the InferOpen checked once, then one reply per item, in order."""
+        if not self.service.infer_streams.acquire(blocking=False):
+            self._fail(context, ServerBusy(f"this server holds {self.service.config.max_sessions} inference "
+                                           "streams already (--max-sessions)"), "InferStream")
+            return
+        try:
+            first = next(requests, None)
+            if first is None:
+                return
+            with self.metrics.call("infer_open", len(first)) as call:
+                session = InferSession(self.service, parse(spb.InferOpen, first))
+                opened = call.reply(session.opened())
+            yield opened
+            for data in requests:
+                with self.metrics.call("infer_item", len(data)) as call:
+                    out = call.reply(session.answer(data))
+                yield out
+        except grpc.RpcError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bad InferOpen (or a failure) ends the stream with a status
+            self._fail(context, exc, "InferStream")
+        finally:
+            self.service.infer_streams.release()
 
     def Infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:

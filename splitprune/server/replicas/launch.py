@@ -64,7 +64,7 @@ def launch(config: ServeConfig) -> int:
     if not base.get(SECRET_ENV) and not config.token:
         base[SECRET_ENV] = secrets.token_hex(32)  # this tier's own, for as long as it runs
     secret = TierEnv.from_environ({**base, "RANK": "0"}, token=config.token).secret
-    store = serve_store(master, int(base["MASTER_PORT"]), secret, config.sync_timeout, n)  # noqa: F841 - kept alive
+    store = serve_store(master, int(base["MASTER_PORT"]), secret, config.sync_timeout, n)
     replica = dataclasses.replace(config, replicas=None, distributed=True)
     argv = [sys.executable, "-m", "splitprune", "serve",
             *to_argv(ServeConfig, {f.name: getattr(replica, f.name) for f in dataclasses.fields(replica)})]
@@ -112,6 +112,7 @@ def launch(config: ServeConfig) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    del store  # served for as long as the replicas ran
     codes = [gone[r] if r in gone else procs[r].returncode for r in range(n)]
     print(f"splitprune serve: replicas stopped (exit codes {codes}; {restarts} restarts)", flush=True)
     return max(abs(c) for c in codes)

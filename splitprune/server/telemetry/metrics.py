@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # not parse), then the other methods of splitprune.v1.SplitPrune.
 PURPOSE = {"hello": "control", "train": "training", "eval": "evaluation", "calibrate": "evaluation", "phase": "control",
            "checkpoint": "control", "invalid": "control", "infer": "evaluation", "describe": "control",
-           "fetch_state": "state", "push_state": "state"}
+           "fetch_state": "state", "push_state": "state", "infer_open": "control", "infer_item": "evaluation"}
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 COUNTER_HELP = {
     "steps": "Training steps applied to a server half",
