@@ -248,13 +248,16 @@ def test_device_sends_entropy_coded_activations_to_a_real_server(exported, serve
                  "16", "--dtype-up", "ec"]) == 0
     path, images = batch_file(tmp_path)
     reports = {}
-    for name, folder in (("fp16", out), ("ec", ec_out)):
+    for name, folder, more in (("fp16", out, []), ("ec", ec_out, []), ("stream", ec_out, ["--stream"])):
         reports[name] = tmp_path / f"{name}.json"
-        assert device_main(["infer", "--server", server.address, "--model", str(folder), "--budget", "2",
+        assert device_main(["infer", "--server", server.address, "--model", str(folder), "--budget", "2", *more,
                             "--out", str(reports[name]), str(path)]) == 0
     capsys.readouterr()
-    fp16, ec = (json.loads(reports[n].read_text()) for n in ("fp16", "ec"))
+    fp16, ec, stream = (json.loads(reports[n].read_text()) for n in ("fp16", "ec", "stream"))
     assert ec["payload_bytes_up"] < fp16["payload_bytes_up"]
+    # one InferStream session: the same answers, the header said once, the server's time still reported
+    assert stream["predictions"] == ec["predictions"] and stream["message_bytes_up"] < ec["message_bytes_up"] / 2
+    assert stream["latency_ms"]["server"]["p50"] > 0
     device, server_worker, _ = workers(run)
     device.codec = ChannelCodec("ec", DeviceModel(ec_out).tables)
     link = LocalLink(server_worker)

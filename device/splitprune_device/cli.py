@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="onnxruntime threads (default: 1, the weak-device setting)")
     p.add_argument("--cpu", type=int, help="pin this process to one CPU core (Linux), for steadier timings")
+    p.add_argument("--stream", action="store_true",
+                   help="send the requests on one streaming session (InferStream: the request's header said once, "
+                        "then each request is its data alone) instead of one Infer call each")
     p.add_argument("--connect-timeout", type=float, default=20.0,
                    help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")
@@ -130,7 +133,7 @@ def run_infer(args: argparse.Namespace) -> int:
     names, images, y = load_inputs(args.inputs, args.labels, args.limit)
     model.prepare(images[:1])  # a wrong size or channel count is refused before connecting
     client = InferenceClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
-                          connect_timeout_s=args.connect_timeout)
+                          connect_timeout_s=args.connect_timeout, stream=args.stream)
     try:
         info = check_server(model, client)
         if args.batch_size > info.max_batch:

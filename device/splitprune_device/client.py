@@ -10,6 +10,8 @@ from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.codec import MAX_MESSAGE_BYTES
+from splitprune.wire.stream import (InferStreamClient, ItemResult, StreamRefused, item_data, open_message,
+                                    session_key)
 
 _SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
 ERROR_KEY = "splitprune-error"  # trailing metadata holding the ErrorReason name (docs/protocol.md §8)
@@ -42,7 +44,10 @@ class InferenceClient:
     """One channel to the server; the token travels as `authorization: Bearer T`, TLS when a CA is given."""
 
     def __init__(self, server: str, token: str | None = None, tls_ca: str | None = None,
-                 timeout_s: float = 60.0, connect_timeout_s: float = 20.0) -> None:
+                 timeout_s: float = 60.0, connect_timeout_s: float = 20.0, stream: bool = False) -> None:
+        """`stream`: requests go on InferStream sessions (one per budget and dtype, opened on first use)."""
+        self.stream = stream
+        self._sessions: dict[tuple, InferStreamClient] = {}
         if ":" not in server:
             raise UserError(f"--server {server!r}: give HOST:PORT")
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -88,5 +93,21 @@ class InferenceClient:
     def infer_request(fingerprint: str, budget: int, request: pb.EvalRequest) -> bytes:
         return spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=request).SerializeToString()
 
+    def infer_stream(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor, samples: int) -> ItemResult:
+        """One request on the session of its budget and tensor header (opened on first use)."""
+        key = session_key(budget, tensor)
+        try:
+            if key not in self._sessions:
+                self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor),
+                                                        self.metadata)
+            return self._sessions[key].infer(item_data(tensor), samples)
+        except grpc.RpcError as exc:
+            self._sessions.pop(key, None)
+            raise explain(exc, "inference session failed") from None
+        except StreamRefused as exc:
+            raise UserError(f"inference request refused: {exc}") from None
+
     def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
         self.channel.close()

@@ -58,17 +58,28 @@ def infer_one(model: DeviceModel, client: InferenceClient, images: np.ndarray, b
     t1 = time.perf_counter()
     kept = model.run(x, budget)
     t2 = time.perf_counter()
-    req = pb.EvalRequest(request_id=request_id, activations=model.encode(kept, budget, dtype))
-    data = client.infer_request(model.fingerprint, budget, req)
-    t3 = time.perf_counter()
-    res = client.infer(data)
-    if res.reply.eval.request_id != request_id:
-        raise UserError(f"reply to request {res.reply.eval.request_id} received for {request_id}")
-    predictions = decode_label_array(res.reply.eval.predictions, len(images), num_classes)
+    tensor = model.encode(kept, budget, dtype)
+    if client.stream:  # the session said the header once: the item is the payload
+        t3 = time.perf_counter()
+        item = client.infer_stream(model.fingerprint, budget, tensor, len(images))
+        labels = pb.Labels(width=1 if num_classes <= 256 else 2, data=item.reply.labels)
+        predictions = decode_label_array(labels, len(images), num_classes)
+        server_ms, round_trip, sizes = item.reply.server_us / 1e3, item.round_trip_ms, (
+            item.bytes_up, item.bytes_up, item.bytes_down)
+    else:
+        req = pb.EvalRequest(request_id=request_id, activations=tensor)
+        data = client.infer_request(model.fingerprint, budget, req)
+        t3 = time.perf_counter()
+        res = client.infer(data)
+        if res.reply.eval.request_id != request_id:
+            raise UserError(f"reply to request {res.reply.eval.request_id} received for {request_id}")
+        predictions = decode_label_array(res.reply.eval.predictions, len(images), num_classes)
+        server_ms, round_trip, sizes = float(res.reply.server_ms), res.round_trip_ms, (
+            req.ByteSize(), res.bytes_up, res.bytes_down)
     t4 = time.perf_counter()
     ms = {"preprocess": (t1 - t0) * 1e3, "device": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3,
-          "round_trip": res.round_trip_ms, "server": float(res.reply.server_ms), "total": (t4 - t0) * 1e3}
-    return predictions, ms, (req.ByteSize(), res.bytes_up, res.bytes_down)
+          "round_trip": round_trip, "server": server_ms, "total": (t4 - t0) * 1e3}
+    return predictions, ms, sizes
 
 
 def run_inference(model: DeviceModel, client: InferenceClient, images: np.ndarray, policy: BudgetPolicy,

@@ -1,0 +1,137 @@
+"""One sample per request on the wire (issue 24): unary Infer against a streaming session (InferStream), bytes
+counted on the socket by an independent proxy (splitprune.link.LinkProxy, no shaping), both directions,
+HTTP/2 and gRPC framing included.
+
+A `splitprune serve --model CHECKPOINT` subprocess on loopback; the client (this process, torch device half)
+sends REQUESTS single test images at the model's trained budget with each dtype, first on one channel as
+unary Infer calls, then on another as one InferStream session. Steady state: the bytes between the
+WARMUP-th and the last request, divided by their count; the first request (connection, HTTP/2 settings,
+the stream's headers and its InferOpen) is reported apart.
+
+    python -m splitprune.bench.paper.single --checkpoint CHECKPOINT --out bench_results/entropy/single
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REQUESTS, WARMUP = 200, 20
+TARGETS = {"up": 32, "down": 24}  # bytes per request on the wire, steady state (issue 24)
+
+
+def _tensors(checkpoint: str, dtype: str, count: int):
+    import torch
+
+    from splitprune.compression import ChannelCodec
+    from splitprune.export import load_workers, sample_inputs
+
+    device, _, cfg, meta, _ = load_workers(checkpoint)
+    device.codec = ChannelCodec(dtype, device.codec.tables)
+    x, _, _ = sample_inputs(cfg, meta["in_channels"], count)
+    with torch.no_grad():
+        z = device.half.eval()(x)
+        channels = device.kept_channels(int(meta["budget"]))
+        return meta, [device._encode(z[i:i + 1], channels)[1] for i in range(count)]
+
+
+def _measure(address: tuple[str, int], send, requests: int) -> dict:
+    """Socket bytes per request through a fresh proxy: the first request, and the steady state after WARMUP."""
+    import grpc
+
+    from splitprune.link.profile import LinkProfile
+    from splitprune.link.proxy import LinkProxy
+    from splitprune.wire.channels import client_options
+
+    with LinkProxy(("127.0.0.1", 0), address, LinkProfile()) as proxy:
+        channel = grpc.insecure_channel("%s:%d" % proxy.address, client_options())  # the runtime's settings
+        counts, payload = [], 0
+        with send(channel) as call:
+            for i in range(requests):
+                payload = call(i)
+                counts.append(proxy.counters())
+        channel.close()
+    steady = requests - 1 - WARMUP
+    return {"first_up": counts[0].bytes_up, "first_down": counts[0].bytes_down,
+            "steady_up": round((counts[-1].bytes_up - counts[WARMUP].bytes_up) / steady, 1),
+            "steady_down": round((counts[-1].bytes_down - counts[WARMUP].bytes_down) / steady, 1),
+            "payload_up": payload}
+
+
+def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "ec")) -> dict:
+    import contextlib
+
+    from splitprune.bench.core.common import markdown_table, write_results
+    from splitprune.bench.core.processes import ServeSubprocess, free_port
+    from splitprune.proto import pb
+    from splitprune.proto import service_pb2 as spb
+    from splitprune.wire.envelopes import INFER_METHOD
+    from splitprune.wire.stream import InferStreamClient, item_data, open_message
+
+    out.mkdir(parents=True, exist_ok=True)
+    server = ServeSubprocess(free_port(), "--model", checkpoint, log_path=out / "serve.log").start()
+    host, port = server.address.rsplit(":", 1)
+    rows = []
+    try:
+        for dtype in dtypes:
+            meta, tensors = _tensors(checkpoint, dtype, REQUESTS)
+            fp, budget = meta["fingerprint"], int(meta["budget"])
+
+            @contextlib.contextmanager
+            def unary(channel):
+                call = channel.unary_unary(INFER_METHOD)
+
+                def one(i):
+                    req = spb.InferRequest(fingerprint=fp, budget=budget,
+                                           eval=pb.EvalRequest(request_id=i + 1, activations=tensors[i]))
+                    call(req.SerializeToString(), timeout=60)
+                    return req.ByteSize()
+                yield one
+
+            @contextlib.contextmanager
+            def stream(channel):
+                session = InferStreamClient(channel, open_message(fp, budget, tensors[0]))
+
+                def one(i):
+                    return session.infer(item_data(tensors[i])).bytes_up
+                try:
+                    yield one
+                finally:
+                    session.close()
+            for name, send in (("unary Infer", unary), ("InferStream session", stream)):
+                rows.append({"dtype": dtype, "mode": name, "budget": budget,
+                             **_measure((host, int(port)), send, REQUESTS)})
+    finally:
+        server.stop()
+    for r in rows:
+        r["up_target_holds"] = r["steady_up"] <= TARGETS["up"]
+        r["down_target_holds"] = r["steady_down"] <= TARGETS["down"]
+    command = f"python -m splitprune.bench.paper.single --checkpoint {checkpoint} --out {out}"
+    table = markdown_table(
+        ["dtype", "mode", "payload up (B)", "wire up per request (B, steady)", "wire down per request (B, steady)",
+         "first request up / down (B)", f"<= {TARGETS['up']} B up / <= {TARGETS['down']} B down"],
+        [[r["dtype"], r["mode"], r["payload_up"], r["steady_up"], r["steady_down"],
+          f"{r['first_up']} / {r['first_down']}",
+          f"{'holds' if r['up_target_holds'] else 'missed'} / {'holds' if r['down_target_holds'] else 'missed'}"]
+         for r in rows])
+    markdown = (f"`{command}`\n\n{REQUESTS} single-sample requests per row at budget {rows[0]['budget']}; steady state "
+                f"over requests {WARMUP + 1}..{REQUESTS}; bytes counted by an independent proxy on the socket.\n\n"
+                f"{table}\n")
+    (out / "single.md").write_text(markdown)
+    write_results(out, "single", {"single_command": command, "checkpoint": checkpoint, "rows": rows,
+                                  "targets": TARGETS, "requests": REQUESTS, "warmup": WARMUP})
+    print(markdown)
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="bench_results/entropy/single")
+    args = p.parse_args(argv)
+    run(args.checkpoint, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
