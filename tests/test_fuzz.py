@@ -116,7 +116,10 @@ def test_mutate_changes_one_field_of_every_message_the_fuzzer_sends():
                                          eval=pb.EvalRequest(request_id=1, activations=tensor)),
                 lambda: spb.FetchStateRequest(session_id="0123", known_version=3),
                 lambda: spb.StateChunk(session_id="0123", step_id=7, total_bytes=9, data=b"012345678"),
-                lambda: health_pb2.HealthCheckRequest(service="splitprune.v1.SplitPrune")]
+                lambda: health_pb2.HealthCheckRequest(service="splitprune.v1.SplitPrune"),
+                lambda: spb.InferOpen(fingerprint=cfg.fingerprint(), budget=cfg.budget, dtype=tensor.dtype,
+                                      channels=tensor.channels),
+                lambda: spb.InferItem(data=tensor.data, samples=2)]
     rng = random.Random(1)
     changed = 0
     for _ in range(400):

@@ -27,9 +27,10 @@ from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import (DESCRIBE_METHOD, FETCH_STATE_METHOD, INFER_METHOD, PUSH_STATE_METHOD,
                                        TRAIN_METHOD, frame, unframe)
+from splitprune.wire.stream import INFER_STREAM_METHOD, item_data, open_message
 
 KINDS = ("hello", "phase", "train", "eval", "checkpoint", "calibrate", "envelope", "describe", "infer", "fetch",
-         "push", "health_check", "health_watch", "unknown")
+         "push", "health_check", "health_watch", "unknown", "infer_stream")
 HEALTH_CHECK, HEALTH_WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 UNKNOWN_METHODS = ("/splitprune.v1.SplitPrune/Nope", "/grpc.health.v1.Health/List", "/x/y",
                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
@@ -50,6 +51,7 @@ class Fuzzer:
         self.fetch = self.channel.unary_stream(FETCH_STATE_METHOD)
         self.watch = self.channel.unary_stream(HEALTH_WATCH)
         self.push = self.channel.stream_unary(PUSH_STATE_METHOD)
+        self.infer_stream = self.channel.stream_stream(INFER_STREAM_METHOD)
         self._state_prefix: tuple[int, bytes] | None = None  # (total bytes, first bytes) of a real state
         self.live: dict[str, _Session] = {}
         self.codes: Counter = Counter()
@@ -139,6 +141,8 @@ class Fuzzer:
         if kind == "unknown":
             method = choose(UNKNOWN_METHODS)
             return kind, method, self._call_unknown(method, bytes_variant(b"\x0a\x01x", choose))
+        if kind == "infer_stream":
+            return (kind, *self._infer_session(choose))
         if kind in ("describe", "infer"):
             msg = spb.DescribeRequest(fingerprint=self.cfg.fingerprint()) if kind == "describe" else spb.InferRequest(
                 fingerprint=self.cfg.fingerprint(), budget=self.cfg.budget,
@@ -193,6 +197,39 @@ class Fuzzer:
         except _Refused as refused:
             self._end(client)
             return kind, change, refused.code
+
+    def _infer_session(self, choose: Choose) -> tuple[str, str]:
+        """An InferStream session: its InferOpen or its first item mutated (or an item's bytes damaged), then
+        two items; the status of the stream, or the reason of the first item refused in-band."""
+        tensor = self._tensor(choose((1, 2)))
+        opened = open_message(self.cfg.fingerprint(), self.cfg.budget, tensor)
+        item = spb.InferItem(data=item_data(tensor), samples=tensor.shape[0] if tensor.shape[0] > 1 else 0)
+        target = choose(("open", "item", "item bytes"))
+        if target == "item bytes":
+            first = bytes_variant(item.SerializeToString(), choose)
+            change = f"item of {len(first)} bytes"
+        else:
+            change = f"{target}: {mutate(opened if target == 'open' else item, choose)}"
+            first = item.SerializeToString()  # mutated in place when it is the target
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        call = self.infer_stream(iter(requests.get, None), metadata=self.metadata, timeout=60)
+        status = "OK"
+        try:
+            for i, data in enumerate((opened.SerializeToString(), first, first)):
+                self.messages += 1
+                requests.put(data)
+                out = next(call)
+                if i and status == "OK":
+                    reply = spb.InferItemReply.FromString(out)
+                    status = spb.ErrorReason.Name(reply.error) if reply.error else "OK"
+        except grpc.RpcError as exc:
+            status = exc.code().name
+        except StopIteration:
+            pass
+        finally:
+            requests.put(None)
+            call.cancel()
+        return change, status
 
     def _unary(self, kind: str, data: bytes) -> str:
         self.messages += 1
