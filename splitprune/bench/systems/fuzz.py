@@ -72,6 +72,10 @@ def soak(messages: int, out: Path, seed: int = 0, warmup: int = 1000) -> dict:
                     print(f"  {i} cases, {fuzzer.messages} messages, server RSS {rss[-1][2] / 2**20:.0f} MiB, "
                           f"statuses {dict(fuzzer.codes)}", flush=True)
         fuzz_seconds = time.monotonic() - start
+        (out / "fuzz.partial.json").write_text(json.dumps({  # kept even if the check below fails
+            "cases": messages if crashed is None else len(rss), "messages": fuzzer.messages,
+            "statuses": dict(fuzzer.codes), "failures": fuzzer.failures[:20], "crashed": crashed,
+            "fuzz_seconds": round(fuzz_seconds, 1), "rss_samples": rss}, indent=2))
         fuzzer.end_sessions()
         alive = server.proc.poll() is None
         with tempfile.TemporaryDirectory() as tmp:
