@@ -64,8 +64,8 @@ def _identical(addresses: list[str], fingerprint: str, timeout: float = 60.0) ->
 def _train(cfg, batch, address: str, index: int, out: dict) -> None:
     try:
         device, _ = build_device_worker(cfg, 10, 1)
-        endpoint = connect(cfg, ConnectConfig(server=address, reconnect=2.0), client_id=f"client-{index}",
-                           fresh_start=False)
+        endpoint = connect(cfg, ConnectConfig(server=address, reconnect=30.0 if "," in address else 2.0),
+                           client_id=f"client-{index}", fresh_start=False)
         device.start_phase(endpoint.link, 0, cfg.budget, OptimizerSettings(0.01, 0.9, 5e-4), True)
         for _ in range(STEPS):
             device.train_step(*batch, endpoint.link)
@@ -91,7 +91,9 @@ def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
     tier, addresses = start_tier(2, tmp_path / "state", *sync, log_path=tmp_path / "tier.log")
     try:
         out: dict = {}
-        threads = [threading.Thread(target=_train, args=(cfg, batch, addresses[i % 2], i, out)) for i in range(4)]
+        # client 3 names both replicas, its own first: when it is lost, the run continues on the other
+        where = [addresses[0], addresses[1], addresses[0], f"{addresses[1]},{addresses[0]}"]
+        threads = [threading.Thread(target=_train, args=(cfg, batch, where[i], i, out)) for i in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -114,6 +116,11 @@ def test_two_replicas_stay_identical_and_survive_a_killed_replica(tmp_path):
         _wait_for(tier, "replica 0: generation 1 broke", after=mark)
         device0, endpoint0, _, _ = out[0]
         device0.train_step(*batch, endpoint0.link)                 # served while its peer is gone
+        device3, endpoint3, _, _ = out[3]
+        before = endpoint3.last_step
+        device3.train_step(*batch, endpoint3.link)                 # its replica is gone: no error, no step lost
+        assert endpoint3.last_step == before + 1  # on the other replica, or on its own restarted one, whichever
+        assert f"client client-3 continues at step {before} on this replica" in tier.log()  # answered first
         _wait_for(tier, "replica 1 ended (exit code -9); restarting it", after=mark)
         _wait_for(tier, "formed: replicas [0, 1]", after=mark)     # the restarted replica rejoined
         digest = _identical(addresses, fingerprint)

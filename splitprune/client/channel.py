@@ -176,9 +176,10 @@ class Connection:
         if config.server is None:
             raise UserError("no server given: pass --server HOST:PORT")
         self.config = config
-        self.host, self.port = parse_hostport(config.server, default_host=DEFAULT_HOST)
-        if self.port == 0:
-            raise UserError(f"--server {config.server}: give the server's port")
+        self.replicas = [parse_hostport(part.strip(), default_host=DEFAULT_HOST) for part in config.server.split(",")]
+        if any(port == 0 for _, port in self.replicas):
+            raise UserError(f"--server {config.server}: give each server's port")
+        self.host, self.port = self.replicas[0]
         self.target = format_hostport((self.host, self.port))
         self.tls = tls = config.tls
         self.credentials = channel_credentials(tls)
@@ -210,6 +211,15 @@ class Connection:
             ch = grpc.insecure_channel(target, options=options)
         self._channels.append(ch)
         return ch, meter
+
+    def failover(self) -> bool:
+        """Move to the next replica of the list (False: there is no other)."""
+        if len(self.replicas) < 2:
+            return False
+        self.replicas.append(self.replicas.pop(0))
+        self.host, self.port = self.replicas[0]
+        self.target = format_hostport((self.host, self.port))
+        return True
 
     def tls_mismatch(self) -> str | None:
         """After a failed connection: what to do when the server speaks TLS and this client not, or the reverse."""

@@ -11,8 +11,9 @@ from splitprune.wire.channels import TlsFiles
 
 @dataclass(frozen=True)
 class ConnectConfig(Settings):
-    server: str | None = option(None, "a `splitprune serve` server", metavar="HOST:PORT",
-                                default_text="train in-process")
+    server: str | None = option(None, "a `splitprune serve` server, or the replicas of a tier, comma-separated: "
+                                "when the one in use is lost, the run continues on the next",
+                                metavar="HOST:PORT[,HOST:PORT...]", default_text="train in-process")
     token: str | None = option(None, "bearer token for the server", default_text=f"${TOKEN_ENV}")
     tls_ca: str | None = option(None, "CA certificate to verify the server (enables TLS)", metavar="PEM")
     tls_cert: str | None = option(None, "client certificate for mutual TLS", metavar="PEM")

@@ -29,6 +29,7 @@ from splitprune.wire.envelopes import (CALIBRATE, CHECKPOINT, EVAL, FETCH_STATE_
                                        join_chunks, leading_step_id, state_chunks, unframe)
 
 log = logging.getLogger("splitprune.client")
+FAILOVER_S = 3.0  # a replica unreachable this long: the next one of --server's list
 PURPOSE = {TRAIN: "training", EVAL: "evaluation", CALIBRATE: "evaluation", PHASE: "control", CHECKPOINT: "control"}
 
 
@@ -44,8 +45,7 @@ class RemoteEndpoint:
         self.step_timeout, self.reconnect_s, self.connect_timeout = (settings.step_timeout, settings.reconnect,
                                                                      settings.connect_timeout)
         self.link = self
-        steps, self._meter = conn.channel("control")
-        self._train_method = steps.stream_stream(TRAIN_METHOD)
+        self._open_channel()
         self._state_methods: tuple[Callable, Callable] | None = None  # a channel of its own, opened when needed
         self._stream: Stream | None = None
         self.welcome: spb.Welcome | None = None
@@ -59,6 +59,20 @@ class RemoteEndpoint:
         self.hello.resume_step_id, self.hello.resume_state_sha256 = 0, ""  # a reconnect continues this run
 
     # ---------------------------------------------------------------- connection
+    def _open_channel(self) -> None:
+        steps, self._meter = self.conn.channel("control")
+        self._train_method = steps.stream_stream(TRAIN_METHOD)
+        self._state_methods = None
+
+    def _failover(self) -> bool:
+        """The replica in use is gone: continue on the next one of --server's list, at this client's step."""
+        lost = self.conn.target
+        if not self.conn.failover():
+            return False
+        self._open_channel()
+        log.warning("replica %s is gone; continuing on %s at step %d", lost, self.conn.target, self.last_step)
+        return True
+
     def _handshake(self, timeout: float) -> spb.Welcome:
         stream = Stream(self._train_method, self.conn.metadata)
         hello = frame(HELLO, self.hello.SerializeToString())
@@ -81,6 +95,9 @@ class RemoteEndpoint:
         """(Re)open the Train stream, retrying while the server is unreachable, then reconcile step ids."""
         window = self.connect_timeout if initial else self.reconnect_s
         deadline = time.monotonic() + window
+        failover_at = time.monotonic() + FAILOVER_S
+        if not initial:  # a replica of a tier takes this step count when its record of this client is older
+            self.hello.continue_step_id = self.last_step
         delay = 0.1
         diagnosed = not initial
         while True:
@@ -103,6 +120,9 @@ class RemoteEndpoint:
                         raise RemoteError(f"cannot reach the server: {hint}", exc.code) from None
                 if exc.reason == "NO_CHECKPOINT":
                     raise RemoteError(self._no_checkpoint(exc.details), exc.code, exc.reason) from None
+                if exc.retriable and not initial and time.monotonic() >= failover_at and self._failover():
+                    failover_at = time.monotonic() + FAILOVER_S
+                    continue
                 if exc.retriable and not initial and time.monotonic() + delay > deadline:
                     raise self._gone(exc) from None
                 if not exc.retriable or time.monotonic() + delay > deadline:

@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from splitprune.proto import splitprune_pb2 as splitprune_dot_proto_dot_splitprune__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitprune/proto/service.proto\x12\rsplitprune.v1\x1a!splitprune/proto/splitprune.proto\"\xcc\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0bin_channels\x18\x06 \x01(\r\x12\x12\n\nwire_shape\x18\x07 \x03(\r\x12&\n\x08\x64type_up\x18\x08 \x01(\x0e\x32\x14.splitprune.v1.DType\x12(\n\ndtype_down\x18\t \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x12\n\nmax_budget\x18\n \x01(\r\x12\x13\n\x0b\x66resh_start\x18\x0b \x01(\x08\x12\x16\n\x0eresume_step_id\x18\x0c \x01(\x04\x12\x1b\n\x13resume_state_sha256\x18\r \x01(\t\"\xf1\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nwire_shape\x18\x04 \x03(\r\x12\x14\n\x0clast_step_id\x18\x05 \x01(\x04\x12\r\n\x05phase\x18\x06 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x18\n\x10\x61ttached_clients\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x0b \x01(\t\"\xb4\x02\n\rClientMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.splitprune.v1.HelloH\x00\x12,\n\x05phase\x18\x02 \x01(\x0b\x32\x1b.splitprune.v1.PhaseRequestH\x00\x12,\n\x05train\x18\x03 \x01(\x0b\x32\x1b.splitprune.v1.TrainRequestH\x00\x12*\n\x04\x65val\x18\x04 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequestH\x00\x12\x36\n\ncheckpoint\x18\x05 \x01(\x0b\x32 .splitprune.v1.CheckpointRequestH\x00\x12\x34\n\tcalibrate\x18\x06 \x01(\x0b\x32\x1f.splitprune.v1.CalibrateRequestH\x00\x42\x06\n\x04\x62ody\"\xae\x02\n\rServerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.splitprune.v1.WelcomeH\x00\x12*\n\x05phase\x18\x02 \x01(\x0b\x32\x19.splitprune.v1.PhaseReplyH\x00\x12*\n\x05train\x18\x03 \x01(\x0b\x32\x19.splitprune.v1.TrainReplyH\x00\x12(\n\x04\x65val\x18\x04 \x01(\x0b\x32\x18.splitprune.v1.EvalReplyH\x00\x12\x34\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.splitprune.v1.CheckpointReplyH\x00\x12\x32\n\tcalibrate\x18\x06 \x01(\x0b\x32\x1d.splitprune.v1.CalibrateReplyH\x00\x42\x06\n\x04\x62ody\"2\n\x11\x43heckpointRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"^\n\x0f\x43heckpointReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x03 \x01(\t\x12\x13\n\x0bstate_bytes\x18\x04 \x01(\x04\">\n\x11\x46\x65tchStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"x\n\nStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tunchanged\x18\x06 \x01(\x08\"V\n\x0ePushStateReply\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x04 \x01(\x04\"&\n\x0f\x44\x65scribeRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\x93\x02\n\rDescribeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0bin_channels\x18\x05 \x01(\r\x12\x12\n\nwire_shape\x18\x06 \x03(\r\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x18\n\x10\x61ttached_clients\x18\x0b \x01(\r\x12\x17\n\x0fmax_train_batch\x18\x0c \x01(\r\"]\n\x0cInferRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequest\"G\n\nInferReply\x12&\n\x04\x65val\x18\x01 \x01(\x0b\x32\x18.splitprune.v1.EvalReply\x12\x11\n\tserver_ms\x18\x02 \x01(\x02\"\x87\x01\n\tInferOpen\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x0c\x12\x0e\n\x06prefix\x18\x05 \x01(\r\x12\x0e\n\x06tables\x18\x06 \x01(\x07\"4\n\x0bInferOpened\x12\x12\n\nwire_shape\x18\x01 \x03(\r\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"*\n\tInferItem\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x01(\r\"o\n\x0eInferItemReply\x12\x0e\n\x06labels\x18\x01 \x01(\x0c\x12\x11\n\tserver_us\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0e\x32\x1a.splitprune.v1.ErrorReason\x12\x0f\n\x07message\x18\x04 \x01(\t*\xb7\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_MESSAGE\x10\x01\x12\x11\n\rBAD_HANDSHAKE\x10\x02\x12\x14\n\x10VERSION_MISMATCH\x10\x03\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x04\x12\x0e\n\nBAD_TENSOR\x10\x05\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x06\x12\x15\n\x11STEP_OUT_OF_ORDER\x10\x07\x12\x0c\n\x08NO_PHASE\x10\x08\x12\x11\n\rUNKNOWN_MODEL\x10\t\x12\x13\n\x0fUNKNOWN_SESSION\x10\n\x12\x13\n\x0fREAD_ONLY_MODEL\x10\x0b\x12\r\n\tBAD_STATE\x10\x0c\x12\x19\n\x15UNAUTHENTICATED_TOKEN\x10\r\x12\x15\n\x11TOO_MANY_SESSIONS\x10\x0e\x12\r\n\tTOO_LARGE\x10\x0f\x12\x11\n\rSHUTTING_DOWN\x10\x10\x12\x14\n\x10SESSION_REPLACED\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x12\x11\n\rNO_CHECKPOINT\x10\x13\x12\x0f\n\x0bSERVER_BUSY\x10\x14\x32\xc2\x03\n\nSplitPrune\x12G\n\x05Train\x12\x1c.splitprune.v1.ClientMessage\x1a\x1c.splitprune.v1.ServerMessage(\x01\x30\x01\x12K\n\nFetchState\x12 .splitprune.v1.FetchStateRequest\x1a\x19.splitprune.v1.StateChunk0\x01\x12G\n\tPushState\x12\x19.splitprune.v1.StateChunk\x1a\x1d.splitprune.v1.PushStateReply(\x01\x12H\n\x08\x44\x65scribe\x12\x1e.splitprune.v1.DescribeRequest\x1a\x1c.splitprune.v1.DescribeReply\x12?\n\x05Infer\x12\x1b.splitprune.v1.InferRequest\x1a\x19.splitprune.v1.InferReply\x12J\n\x0bInferStream\x12\x18.splitprune.v1.InferItem\x1a\x1d.splitprune.v1.InferItemReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitprune/proto/service.proto\x12\rsplitprune.v1\x1a!splitprune/proto/splitprune.proto\"\xe6\x02\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x13\n\x0bin_channels\x18\x06 \x01(\r\x12\x12\n\nwire_shape\x18\x07 \x03(\r\x12&\n\x08\x64type_up\x18\x08 \x01(\x0e\x32\x14.splitprune.v1.DType\x12(\n\ndtype_down\x18\t \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x12\n\nmax_budget\x18\n \x01(\r\x12\x13\n\x0b\x66resh_start\x18\x0b \x01(\x08\x12\x16\n\x0eresume_step_id\x18\x0c \x01(\x04\x12\x1b\n\x13resume_state_sha256\x18\r \x01(\t\x12\x18\n\x10\x63ontinue_step_id\x18\x0e \x01(\x04\"\xf1\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nwire_shape\x18\x04 \x03(\r\x12\x14\n\x0clast_step_id\x18\x05 \x01(\x04\x12\r\n\x05phase\x18\x06 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x18\n\x10\x61ttached_clients\x18\x08 \x01(\r\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\x12\x0f\n\x07version\x18\n \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x0b \x01(\t\"\xb4\x02\n\rClientMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.splitprune.v1.HelloH\x00\x12,\n\x05phase\x18\x02 \x01(\x0b\x32\x1b.splitprune.v1.PhaseRequestH\x00\x12,\n\x05train\x18\x03 \x01(\x0b\x32\x1b.splitprune.v1.TrainRequestH\x00\x12*\n\x04\x65val\x18\x04 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequestH\x00\x12\x36\n\ncheckpoint\x18\x05 \x01(\x0b\x32 .splitprune.v1.CheckpointRequestH\x00\x12\x34\n\tcalibrate\x18\x06 \x01(\x0b\x32\x1f.splitprune.v1.CalibrateRequestH\x00\x42\x06\n\x04\x62ody\"\xae\x02\n\rServerMessage\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.splitprune.v1.WelcomeH\x00\x12*\n\x05phase\x18\x02 \x01(\x0b\x32\x19.splitprune.v1.PhaseReplyH\x00\x12*\n\x05train\x18\x03 \x01(\x0b\x32\x19.splitprune.v1.TrainReplyH\x00\x12(\n\x04\x65val\x18\x04 \x01(\x0b\x32\x18.splitprune.v1.EvalReplyH\x00\x12\x34\n\ncheckpoint\x18\x05 \x01(\x0b\x32\x1e.splitprune.v1.CheckpointReplyH\x00\x12\x32\n\tcalibrate\x18\x06 \x01(\x0b\x32\x1d.splitprune.v1.CalibrateReplyH\x00\x42\x06\n\x04\x62ody\"2\n\x11\x43heckpointRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"^\n\x0f\x43heckpointReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0cstate_sha256\x18\x03 \x01(\t\x12\x13\n\x0bstate_bytes\x18\x04 \x01(\x04\">\n\x11\x46\x65tchStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rknown_version\x18\x02 \x01(\x04\"x\n\nStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x11\n\tunchanged\x18\x06 \x01(\x08\"V\n\x0ePushStateReply\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x14\n\x0clast_step_id\x18\x04 \x01(\x04\"&\n\x0f\x44\x65scribeRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\"\x93\x02\n\rDescribeReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bnum_classes\x18\x04 \x01(\r\x12\x13\n\x0bin_channels\x18\x05 \x01(\r\x12\x12\n\nwire_shape\x18\x06 \x03(\r\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x11\n\tread_only\x18\n \x01(\x08\x12\x18\n\x10\x61ttached_clients\x18\x0b \x01(\r\x12\x17\n\x0fmax_train_batch\x18\x0c \x01(\r\"]\n\x0cInferRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12(\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1a.splitprune.v1.EvalRequest\"G\n\nInferReply\x12&\n\x04\x65val\x18\x01 \x01(\x0b\x32\x18.splitprune.v1.EvalReply\x12\x11\n\tserver_ms\x18\x02 \x01(\x02\"\x87\x01\n\tInferOpen\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.splitprune.v1.DType\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x0c\x12\x0e\n\x06prefix\x18\x05 \x01(\r\x12\x0e\n\x06tables\x18\x06 \x01(\x07\"4\n\x0bInferOpened\x12\x12\n\nwire_shape\x18\x01 \x03(\r\x12\x11\n\tmax_batch\x18\x02 \x01(\r\"*\n\tInferItem\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07samples\x18\x02 \x01(\r\"o\n\x0eInferItemReply\x12\x0e\n\x06labels\x18\x01 \x01(\x0c\x12\x11\n\tserver_us\x18\x02 \x01(\r\x12)\n\x05\x65rror\x18\x03 \x01(\x0e\x32\x1a.splitprune.v1.ErrorReason\x12\x0f\n\x07message\x18\x04 \x01(\t*\xb7\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x42\x41\x44_MESSAGE\x10\x01\x12\x11\n\rBAD_HANDSHAKE\x10\x02\x12\x14\n\x10VERSION_MISMATCH\x10\x03\x12\x18\n\x14\x46INGERPRINT_MISMATCH\x10\x04\x12\x0e\n\nBAD_TENSOR\x10\x05\x12\x13\n\x0f\x42UDGET_EXCEEDED\x10\x06\x12\x15\n\x11STEP_OUT_OF_ORDER\x10\x07\x12\x0c\n\x08NO_PHASE\x10\x08\x12\x11\n\rUNKNOWN_MODEL\x10\t\x12\x13\n\x0fUNKNOWN_SESSION\x10\n\x12\x13\n\x0fREAD_ONLY_MODEL\x10\x0b\x12\r\n\tBAD_STATE\x10\x0c\x12\x19\n\x15UNAUTHENTICATED_TOKEN\x10\r\x12\x15\n\x11TOO_MANY_SESSIONS\x10\x0e\x12\r\n\tTOO_LARGE\x10\x0f\x12\x11\n\rSHUTTING_DOWN\x10\x10\x12\x14\n\x10SESSION_REPLACED\x10\x11\x12\x12\n\x0eINTERNAL_ERROR\x10\x12\x12\x11\n\rNO_CHECKPOINT\x10\x13\x12\x0f\n\x0bSERVER_BUSY\x10\x14\x32\xc2\x03\n\nSplitPrune\x12G\n\x05Train\x12\x1c.splitprune.v1.ClientMessage\x1a\x1c.splitprune.v1.ServerMessage(\x01\x30\x01\x12K\n\nFetchState\x12 .splitprune.v1.FetchStateRequest\x1a\x19.splitprune.v1.StateChunk0\x01\x12G\n\tPushState\x12\x19.splitprune.v1.StateChunk\x1a\x1d.splitprune.v1.PushStateReply(\x01\x12H\n\x08\x44\x65scribe\x12\x1e.splitprune.v1.DescribeRequest\x1a\x1c.splitprune.v1.DescribeReply\x12?\n\x05Infer\x12\x1b.splitprune.v1.InferRequest\x1a\x19.splitprune.v1.InferReply\x12J\n\x0bInferStream\x12\x18.splitprune.v1.InferItem\x1a\x1d.splitprune.v1.InferItemReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitprune.proto.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORREASON']._serialized_start=2537
-  _globals['_ERRORREASON']._serialized_end=2976
+  _globals['_ERRORREASON']._serialized_start=2563
+  _globals['_ERRORREASON']._serialized_end=3002
   _globals['_HELLO']._serialized_start=85
-  _globals['_HELLO']._serialized_end=417
-  _globals['_WELCOME']._serialized_start=420
-  _globals['_WELCOME']._serialized_end=661
-  _globals['_CLIENTMESSAGE']._serialized_start=664
-  _globals['_CLIENTMESSAGE']._serialized_end=972
-  _globals['_SERVERMESSAGE']._serialized_start=975
-  _globals['_SERVERMESSAGE']._serialized_end=1277
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1279
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1329
-  _globals['_CHECKPOINTREPLY']._serialized_start=1331
-  _globals['_CHECKPOINTREPLY']._serialized_end=1425
-  _globals['_FETCHSTATEREQUEST']._serialized_start=1427
-  _globals['_FETCHSTATEREQUEST']._serialized_end=1489
-  _globals['_STATECHUNK']._serialized_start=1491
-  _globals['_STATECHUNK']._serialized_end=1611
-  _globals['_PUSHSTATEREPLY']._serialized_start=1613
-  _globals['_PUSHSTATEREPLY']._serialized_end=1699
-  _globals['_DESCRIBEREQUEST']._serialized_start=1701
-  _globals['_DESCRIBEREQUEST']._serialized_end=1739
-  _globals['_DESCRIBEREPLY']._serialized_start=1742
-  _globals['_DESCRIBEREPLY']._serialized_end=2017
-  _globals['_INFERREQUEST']._serialized_start=2019
-  _globals['_INFERREQUEST']._serialized_end=2112
-  _globals['_INFERREPLY']._serialized_start=2114
-  _globals['_INFERREPLY']._serialized_end=2185
-  _globals['_INFEROPEN']._serialized_start=2188
-  _globals['_INFEROPEN']._serialized_end=2323
-  _globals['_INFEROPENED']._serialized_start=2325
-  _globals['_INFEROPENED']._serialized_end=2377
-  _globals['_INFERITEM']._serialized_start=2379
-  _globals['_INFERITEM']._serialized_end=2421
-  _globals['_INFERITEMREPLY']._serialized_start=2423
-  _globals['_INFERITEMREPLY']._serialized_end=2534
-  _globals['_SPLITPRUNE']._serialized_start=2979
-  _globals['_SPLITPRUNE']._serialized_end=3429
+  _globals['_HELLO']._serialized_end=443
+  _globals['_WELCOME']._serialized_start=446
+  _globals['_WELCOME']._serialized_end=687
+  _globals['_CLIENTMESSAGE']._serialized_start=690
+  _globals['_CLIENTMESSAGE']._serialized_end=998
+  _globals['_SERVERMESSAGE']._serialized_start=1001
+  _globals['_SERVERMESSAGE']._serialized_end=1303
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1305
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1355
+  _globals['_CHECKPOINTREPLY']._serialized_start=1357
+  _globals['_CHECKPOINTREPLY']._serialized_end=1451
+  _globals['_FETCHSTATEREQUEST']._serialized_start=1453
+  _globals['_FETCHSTATEREQUEST']._serialized_end=1515
+  _globals['_STATECHUNK']._serialized_start=1517
+  _globals['_STATECHUNK']._serialized_end=1637
+  _globals['_PUSHSTATEREPLY']._serialized_start=1639
+  _globals['_PUSHSTATEREPLY']._serialized_end=1725
+  _globals['_DESCRIBEREQUEST']._serialized_start=1727
+  _globals['_DESCRIBEREQUEST']._serialized_end=1765
+  _globals['_DESCRIBEREPLY']._serialized_start=1768
+  _globals['_DESCRIBEREPLY']._serialized_end=2043
+  _globals['_INFERREQUEST']._serialized_start=2045
+  _globals['_INFERREQUEST']._serialized_end=2138
+  _globals['_INFERREPLY']._serialized_start=2140
+  _globals['_INFERREPLY']._serialized_end=2211
+  _globals['_INFEROPEN']._serialized_start=2214
+  _globals['_INFEROPEN']._serialized_end=2349
+  _globals['_INFEROPENED']._serialized_start=2351
+  _globals['_INFEROPENED']._serialized_end=2403
+  _globals['_INFERITEM']._serialized_start=2405
+  _globals['_INFERITEM']._serialized_end=2447
+  _globals['_INFERITEMREPLY']._serialized_start=2449
+  _globals['_INFERITEMREPLY']._serialized_end=2560
+  _globals['_SPLITPRUNE']._serialized_start=3005
+  _globals['_SPLITPRUNE']._serialized_end=3455
 # @@protoc_insertion_point(module_scope)

@@ -54,7 +54,7 @@ NO_CHECKPOINT: ErrorReason
 SERVER_BUSY: ErrorReason
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "client_id", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "dtype_up", "dtype_down", "max_budget", "fresh_start", "resume_step_id", "resume_state_sha256")
+    __slots__ = ("protocol_version", "client_id", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "dtype_up", "dtype_down", "max_budget", "fresh_start", "resume_step_id", "resume_state_sha256", "continue_step_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Hello(_message.Message):
     FRESH_START_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_STATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_id: str
     fingerprint: str
@@ -81,7 +82,8 @@ class Hello(_message.Message):
     fresh_start: bool
     resume_step_id: int
     resume_state_sha256: str
-    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., dtype_up: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., dtype_down: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., max_budget: _Optional[int] = ..., fresh_start: _Optional[bool] = ..., resume_step_id: _Optional[int] = ..., resume_state_sha256: _Optional[str] = ...) -> None: ...
+    continue_step_id: int
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., dtype_up: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., dtype_down: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., max_budget: _Optional[int] = ..., fresh_start: _Optional[bool] = ..., resume_step_id: _Optional[int] = ..., resume_state_sha256: _Optional[str] = ..., continue_step_id: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("protocol_version", "session_id", "fingerprint", "wire_shape", "last_step_id", "phase", "budget", "attached_clients", "max_message_bytes", "version", "state_sha256")

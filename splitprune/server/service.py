@@ -140,6 +140,8 @@ class SplitService:
             others = self.sessions.others(half, hello.client_id)
             if hello.resume_step_id:
                 restored = self._resume(half, hello, alone=not others)
+            elif hello.continue_step_id and self.tier is not None:
+                self._continue(half, hello)
             elif hello.fresh_start:
                 if not others and half.version > 1:  # a new run on a half nobody else is training
                     half.reset()
@@ -181,6 +183,16 @@ class SplitService:
         self.sessions.log("half %s: restored from the checkpoint of client %s at step %d", half.fingerprint,
                           hello.client_id, hello.resume_step_id)
         return digest
+
+    def _continue(self, half: HostedHalf, hello: spb.Hello) -> None:
+        """A client of a lost replica continues here at its own step (mutex held): the tier's half is shared, so
+        only this client's step count moves; what the lost replica applied since the last synchronisation is
+        not in this half."""
+        record = half.clients.get(hello.client_id)
+        if record is None or record.last_step < hello.continue_step_id:
+            half.clients[hello.client_id] = ClientRecord(last_step=hello.continue_step_id)
+            self.sessions.log("half %s: client %s continues at step %d on this replica (its replica was lost)",
+                              half.fingerprint, hello.client_id, hello.continue_step_id)
 
     def _no_checkpoint(self, hello: spb.Hello) -> NoCheckpoint:
         hint = "" if self.persistent else " (this server keeps checkpoints only while it runs: serve --checkpoint DIR)"

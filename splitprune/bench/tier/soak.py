@@ -1,9 +1,11 @@
 """Soak of a tier: N training clients against `serve --replicas R` while one replica is killed (SIGKILL,
 in turn) every --kill-every seconds and the launcher restarts it (docs/replicas.md "When a replica dies").
 
-Client i trains on replica i mod R and checkpoints every epoch; a client whose replica is gone resumes
-from its last checkpoint on the next replica (as a rerun of `train` would). The report counts those
-takeovers, the steps redone, per-minute step latency and each replica's memory:
+Client i trains on replica i mod R, naming every replica (`--server A,B`), and checkpoints every epoch; a
+client whose replica is gone continues at its own step on another replica or on the restarted one; only a
+request that fails anyway makes it resume from its last checkpoint on the next replica (as a rerun of
+`train` would). The report counts those
+reconnects and takeovers, the steps redone, per-minute step latency and each replica's memory:
 soak_tier.json / .csv / .png / .md.
 
     python -m splitprune.bench.tier.soak --replicas 2 --kill-every 120 --clients 16 --minutes 10
@@ -34,14 +36,18 @@ class TierClientStats:
     redone: int = 0             # steps trained again after a takeover
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, step seconds)
     last_step: int = 0          # the server's last step for this client when it ended
+    last_train_step: int = 0    # the device's id of its last training step
+    reconnects: int = 0         # to a restarted replica or another one, at its own step
     finished: bool = False
     errors: list[str] = field(default_factory=list)
 
 
 def _tier_client(index: int, cfg, addresses: list[str], batches: list, start: float, deadline: float,
                  stats: TierClientStats) -> None:
-    """Train until the deadline on replica index mod R; checkpoint every epoch; when the replica is lost,
-    resume from the last checkpoint on the next replica (the device half from its copy at that checkpoint)."""
+    """Train until the deadline on replica index mod R, naming every replica (its own first): when it is lost the
+    run continues on another at its own step (RemoteEndpoint's failover); checkpoint every epoch. Only if a
+    request fails anyway, resume from the last checkpoint on the next replica (the device half from its copy
+    at that checkpoint), as a rerun of `train` would."""
     import copy
 
     from splitprune.client.channel import Connection
@@ -53,8 +59,8 @@ def _tier_client(index: int, cfg, addresses: list[str], batches: list, start: fl
 
     device, _ = build_device_worker(cfg, 10, 1)
     client_id, target = f"soak-{index}", index % len(addresses)
-    endpoint = connect(cfg, ConnectConfig(server=addresses[target], reconnect=5.0), client_id=client_id,
-                       fresh_start=True)
+    every = ",".join(addresses[(target + j) % len(addresses)] for j in range(len(addresses)))
+    endpoint = connect(cfg, ConnectConfig(server=every, reconnect=60.0), client_id=client_id, fresh_start=True)
     device.start_phase(endpoint.link, 0, cfg.budget, OptimizerSettings(0.01, 0.9, 5e-4), True)
     record, saved, since = None, copy.deepcopy(device), 0
     while time.monotonic() < deadline:
@@ -79,6 +85,7 @@ def _tier_client(index: int, cfg, addresses: list[str], batches: list, start: fl
                 device.train_step(x, y, endpoint.link)
                 stats.latencies.append((round(t0 - start, 2), time.monotonic() - t0))
                 stats.steps += 1
+                stats.last_train_step = device.step_id
                 since += 1
             else:
                 device.predict(batches[0][0], endpoint.link, cfg.budget)
@@ -90,10 +97,12 @@ def _tier_client(index: int, cfg, addresses: list[str], batches: list, start: fl
             stats.failed += 1
             stats.errors.append(f"{type(exc).__name__}: {str(exc)[:300]}")
             if endpoint is not None:
+                stats.reconnects += endpoint.reconnects
                 endpoint.close()
             endpoint = None
     if endpoint is not None:
         stats.last_step, stats.finished = endpoint.last_step, True
+        stats.reconnects += endpoint.reconnects
         endpoint.close()
 
 
@@ -183,7 +192,10 @@ def _report_tier(out: Path, clients: int, minutes: float, replicas: int, kill_ev
         "clients_finished": sum(s.finished for s in stats),
         "checkpoints": sum(s.checkpoints for s in stats), "tier_exit_code": exit_code,
         "per_client": [{"steps": s.steps, "redone": s.redone, "server_last_step": s.last_step,
+                        "device_last_step": s.last_train_step, "reconnects": s.reconnects,
                         "takeovers": s.takeovers, "finished": s.finished} for s in stats],
+        "reconnects_at_own_step": sum(s.reconnects for s in stats),
+        "clients_in_step": sum(s.finished and s.last_step == s.last_train_step for s in stats),
         "per_minute": per_minute, "errors": [e for s in stats for e in s.errors][:40],
     }
     write_csv(out / "soak_tier.csv", per_minute)
