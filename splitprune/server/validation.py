@@ -71,6 +71,8 @@ def check_hello(hello: spb.Hello, max_message: int) -> RunConfig:
         raise BadHandshake(f"resume_step_id must be below 2^63, got {hello.resume_step_id}")
     if hello.resume_step_id and hello.fresh_start:
         raise BadHandshake("fresh_start and resume_step_id exclude each other")
+    if hello.continue_step_id > MAX_STEP_ID:
+        raise BadHandshake(f"continue_step_id must be below 2^63, got {hello.continue_step_id}")
     if hello.resume_state_sha256 and not _SHA256_RE.match(hello.resume_state_sha256):
         raise BadHandshake("resume_state_sha256 must be 64 lowercase hexadecimal digits")
     return cfg
