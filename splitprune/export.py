@@ -130,9 +130,12 @@ def write_export(out: str | Path, manifest: dict, exported: list[ExportedBudget]
 
 
 def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dict, exported: list[ExportedBudget],
-                   check_images: int, tolerance: float, prefix: bool = False, dtype_up: str | None = None) -> dict:
+                   check_images: int, tolerance: float, prefix: bool = False, dtype_up: str | None = None,
+                   ec_tables: np.ndarray | None = None) -> dict:
     """`prefix`: the model sends its kept channels 0..B-1 as a prefix length (any-budget models); `dtype_up`:
-    the device's uplink dtype (default: as trained)."""
+    the device's uplink dtype (default: as trained); `ec_tables`: the entropy tables it codes with (ec*)."""
+    from splitprune.compression.tables import table_entry
+
     from splitprune.training.checkpoint import weights_digest
     from splitprune.wire.envelopes import PROTOCOL_VERSION
 
@@ -150,7 +153,7 @@ def build_manifest(meta: dict, tensors: dict[str, torch.Tensor], input_spec: dic
         "cut_shape": list(meta["cut_shape"]), "wire_shape": list(meta["wire_shape"]),
         "codec": {"dtype_up": dtype_up or cfg["dtype_up"], "resolution": cfg["resolution"], "scaling": cfg["scaling"],
                   **({"prefix": True} if prefix else {}),  # gated models' manifests as before
-                  **({"ec_tables": meta["ec_tables"]} if "ec_tables" in meta else {})},
+                  **({"ec_tables": table_entry(ec_tables)} if ec_tables is not None else {})},
         "trained_budget": meta["budget"],
         "onnx": {"input": INPUT_NAME, "output": OUTPUT_NAME, "opset": OPSET},
         "budgets": {str(e.budget): {"file": onnx_file(e.budget), "sha256": hashlib.sha256(e.onnx).hexdigest(),
@@ -205,6 +208,6 @@ def export_checkpoint(checkpoint: str, out: str, budgets: list[int] | None = Non
     dtype = check_dtype_name(cfg.dtype_up)
     exported = [export_budget(device, b, dtype, images, tolerance) for b in budgets]
     manifest = build_manifest(meta, tensors, spec, exported, len(images), tolerance, device.selector.prefix,
-                              cfg.dtype_up)
+                              cfg.dtype_up, device.codec.tables)
     write_export(out, manifest, exported)
     return manifest

@@ -9,7 +9,7 @@ import torch
 
 from splitprune.cli import main
 from splitprune.compression.codec import ChannelCodec, TensorSpec, decode_tensor
-from splitprune.compression.tables import count_symbols, read_tables, tables_entry
+from splitprune.compression.tables import count_symbols, read_tables, table_entry
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.training.checkpoint import read_meta, read_tensors
@@ -49,7 +49,7 @@ def test_one_string_per_batch_and_fewer_bytes_than_int4_on_skewed_values():
     tables = _tables()
     values = np.zeros((256, 4, H, W), np.float32)
     values[:, :, 0, 0] = 1.0
-    counts = count_symbols([torch.from_numpy(np.repeat(values, 4, axis=1)[:, :C])], C)
+    counts = count_symbols([torch.from_numpy(np.repeat(values, 4, axis=1)[:, :C])], C, (EC_LEVELS,))[EC_LEVELS]
     skewed = fit_tables(counts)
     ec = encode_values(values, np.arange(4), C, pb.EC, False, skewed)
     int4 = encode_values(values, np.arange(4), C, pb.INT4)
@@ -85,15 +85,16 @@ def test_a_trained_model_keeps_its_tables_and_evaluates_with_them(exported, tmp_
     run, _ = exported
     meta = read_meta(run)
     channels = meta["wire_shape"][0]
-    tables = read_tables(meta, channels)
-    assert tables.shape == (channels, EC_LEVELS + 1) and tables_entry(tables - 1)["tables"] == tables.tolist()
+    tables = read_tables(meta, channels)  # one set per grid, counted at the end of training
+    assert sorted(tables) == [3, 7, 15] and all(t.shape == (channels, L + 1) for L, t in tables.items())
+    assert table_entry(tables[15])["tables"] == tables[15].tolist()
     results = {}
-    for dtype in ("int4", "ec"):
+    for dtype in ("int4", "ec", "ec3"):
         out = tmp_path / f"{dtype}.json"
         assert main(["eval", "--checkpoint", str(run), "--dtype-up", dtype, "--test-subset", "64", "--out",
                      str(out)]) == 0
         results[dtype] = json.loads(out.read_text())
-    assert results["ec"]["bytes_per_sample"] < results["int4"]["bytes_per_sample"]
+    assert results["ec3"]["bytes_per_sample"] < results["ec"]["bytes_per_sample"] < results["int4"]["bytes_per_sample"]
     assert abs(results["ec"]["test_accuracy"] - results["int4"]["test_accuracy"]) <= 0.1
     capsys.readouterr()
     assert main(["train", "--method", "ca", "--dtype-up", "ec", "--epochs", "1", "--train-subset", "16",

@@ -51,8 +51,8 @@ def test_numpy_codec_is_byte_identical_to_the_pytorch_device_at_every_budget(exp
     run, _ = exported
     device, cfg, _ = device_worker(run)
     meta = read_meta(run)
-    tables = read_tables(meta, meta["wire_shape"][0])  # ec: the model's frozen entropy tables
-    device.codec = ChannelCodec(dtype, tables)
+    device.codec = ChannelCodec(dtype, read_tables(meta, meta["wire_shape"][0]))  # ec*: the model's tables
+    tables = device.codec.tables
     x, _, _ = sample_inputs(cfg, 1, 8)
     with torch.no_grad():
         z = device.half(x)
@@ -130,14 +130,13 @@ def test_export_at_resolution_factor_2_and_int4(tmp_path):
                  "--out", str(run)]) == 0
     assert main(["export", "--checkpoint", str(run), "--out", str(out), "--check-images", "16"]) == 0
     m = read_manifest(out)
-    codec = dict(m["codec"])
-    tables = codec.pop("ec_tables")  # counted at the end of training: the manifest ships them
-    assert m["wire_shape"] == [512, 3, 3] and codec == {"dtype_up": "int4", "resolution": 2, "scaling": "paper"}
-    assert tables["levels"] == 15 and len(tables["tables"]) == 512
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "ec"), "--check-images", "16",
-                 "--dtype-up", "ec"]) == 0
-    ec = read_manifest(tmp_path / "ec")
-    assert ec["codec"]["dtype_up"] == "ec" and ec["check"]["identical_messages"]["3"] == 16
+    assert m["wire_shape"] == [512, 3, 3] and m["codec"] == {"dtype_up": "int4", "resolution": 2, "scaling": "paper"}
+    for dtype, levels in (("ec", 15), ("ec3", 3)):  # the tables counted at the end of training, for the dtype
+        assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / dtype), "--check-images", "16",
+                     "--dtype-up", dtype]) == 0
+        ec = read_manifest(tmp_path / dtype)
+        assert ec["codec"]["dtype_up"] == dtype and ec["check"]["identical_messages"]["3"] == 16
+        assert ec["codec"]["ec_tables"]["levels"] == levels and len(ec["codec"]["ec_tables"]["tables"]) == 512
     device, cfg, _ = device_worker(run)
     x, _, _ = sample_inputs(cfg, 1, 16)
     channels = kept_indices(device.half, 3)

@@ -29,8 +29,8 @@ def served(exported, tmp_path_factory):
 
 
 def _tensors(run, dtype: str, count: int):
-    device, _, cfg, meta, _ = load_workers(str(run))
-    device.codec = ChannelCodec(dtype, device.codec.tables)
+    device, server, cfg, meta, _ = load_workers(str(run))
+    device.codec = ChannelCodec(dtype, server.spec.tables)  # the model's entropy tables, by grid
     x, _, _ = sample_inputs(cfg, meta["in_channels"], count)
     with torch.no_grad():
         z = device.half.eval()(x)

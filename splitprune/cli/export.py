@@ -16,8 +16,9 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--out", required=True, help="folder to write (replaced only if it holds an earlier export)")
     p.add_argument("--budget", help="budgets to export, comma-separated (e.g. 1,2,4), each up to the trained "
                                     "budget, or 'all' (every channel) (default: the trained budget)")
-    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8", "int4", "ec"],
-                   help="the device's uplink dtype (default: as trained; ec: entropy-coded with the model's tables)")
+    p.add_argument("--dtype-up", choices=["fp32", "fp16", "int8", "int4", "ec", "ec7", "ec3"],
+                   help="the device's uplink dtype (default: as trained; ec, ec7, ec3: entropy-coded on 16, 8 or 4 "
+                        "levels with the model's tables)")
     p.add_argument("--data-dir", help="where the dataset is, for the check (default: as trained)")
     p.add_argument("--check-images", type=int, default=256,
                    help="test images the ONNX output is compared on (default: 256)")

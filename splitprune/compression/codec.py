@@ -16,7 +16,7 @@ from splitprune.proto import pb
 from splitprune.wire.codec import (LEVELS, MAX_CHANNELS, MAX_MESSAGE_BYTES, NUMPY_DTYPES, WIRE_DTYPES, check_dtype_name,
                                    decode_channels, decode_label_array, encode_label_array, encode_values,
                                    unpack_nibbles)
-from splitprune.wire.entropy import EC_LEVELS, decode_symbols, tables_digest
+from splitprune.wire.entropy import EC_DTYPES, decode_symbols, levels_of, tables_digest
 
 # WIRE_DTYPES and MAX_MESSAGE_BYTES are imported from here by the runtime; their home is
 # splitprune.wire.codec, the torch-free core shared with the device package.
@@ -32,7 +32,8 @@ class TensorSpec:
     max_batch: int = 4096
     dtypes: tuple[int, ...] = tuple(WIRE_DTYPES.values())
     max_kept: int | None = None  # largest K accepted (the budget); None = C
-    tables: np.ndarray | None = field(default=None, compare=False)  # the model's entropy tables (accepts EC)
+    tables: object = field(default=None, compare=False)  # the model's entropy tables: one [C, L+1] array, or a
+    # dict of them (by grid L): EC messages coded with any of them are accepted
 
 
 @dataclass
@@ -63,9 +64,15 @@ class ChannelCodec:
     server's gradients); `decompress` checks a received one completely against a TensorSpec and gives its values.
     Both are what every step calls, in-process and over the network alike."""
 
-    def __init__(self, dtype: str = "fp16", tables: np.ndarray | None = None) -> None:
+    def __init__(self, dtype: str = "fp16", tables: np.ndarray | dict | None = None) -> None:
+        """`tables`: the model's entropy tables, one array or a dict by grid L (the dtype's is used)."""
         self.dtype_name = dtype
         self.dtype = check_dtype_name(dtype)
+        if isinstance(tables, dict):
+            tables = tables.get(EC_DTYPES[dtype]) if dtype in EC_DTYPES else None
+        if dtype in EC_DTYPES and tables is not None and levels_of(tables) != EC_DTYPES[dtype]:
+            raise ProtocolError(f"dtype {dtype} codes on {EC_DTYPES[dtype] + 1} levels, the tables have "
+                                f"{levels_of(tables) + 1}")
         self.tables = tables
 
     def __repr__(self) -> str:
@@ -136,18 +143,28 @@ def decode_tensor(msg: pb.EncodedTensor, spec: TensorSpec | None = None) -> Deco
     return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c, prefix)
 
 
-def _decode_ec(msg: pb.EncodedTensor, spec: TensorSpec | None, shape: tuple[int, int, int, int], idx: np.ndarray,
-               c: int, prefix: bool) -> Decoded:
+def accepted_tables(spec: TensorSpec | None) -> dict[int, np.ndarray]:
+    """The entropy tables a receiver accepts, by digest."""
     tables = spec.tables if spec is not None else None
     if tables is None:
+        return {}
+    return {tables_digest(t): t for t in (tables.values() if isinstance(tables, dict) else [tables])}
+
+
+def _decode_ec(msg: pb.EncodedTensor, spec: TensorSpec | None, shape: tuple[int, int, int, int], idx: np.ndarray,
+               c: int, prefix: bool) -> Decoded:
+    accepted = accepted_tables(spec)
+    if not accepted:
         raise ProtocolError("an entropy-coded tensor, but this model has no entropy tables")
-    if msg.tables != tables_digest(tables):
-        raise ProtocolError(f"the tensor was coded with other entropy tables (digest {msg.tables:08x}, this model's "
-                            f"{tables_digest(tables):08x})")
+    tables = accepted.get(msg.tables)
+    if tables is None:
+        raise ProtocolError(f"the tensor was coded with other entropy tables (digest {msg.tables:08x}, not one of "
+                            "this model's)")
     if msg.scales or msg.offsets:
         raise ProtocolError("an entropy-coded tensor carries no scales or offsets")
     q = decode_symbols(msg.data, shape, tables, idx)
-    return Decoded(torch.from_numpy(q.astype(np.float32) / EC_LEVELS), torch.from_numpy(idx), c, prefix)
+    values = q.astype(np.float32) / levels_of(tables)
+    return Decoded(torch.from_numpy(values), torch.from_numpy(idx), c, prefix)
 
 
 def encode_labels(labels: torch.Tensor) -> pb.Labels:

@@ -1,5 +1,6 @@
 """Frozen entropy tables of a trained model (dtype EC, splitprune/wire/entropy.py): counted on the training set
-at the end of training, kept in the checkpoint's sealed metadata and in the exported manifest."""
+at the end of training for each grid (L = 3, 7, 15: dtypes ec3, ec7, ec), kept in the checkpoint's sealed
+metadata and, for the exported dtype, in the manifest."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -8,36 +9,51 @@ import numpy as np
 import torch
 
 from splitprune.errors import UserError
-from splitprune.wire.entropy import EC_LEVELS, check_tables, fit_tables, quantize_ec, tables_digest
+from splitprune.wire.entropy import EC_DTYPES, check_tables, fit_tables, levels_of, quantize_ec, tables_digest
 
 META_KEY = "ec_tables"
+LEVELS = tuple(sorted(EC_DTYPES.values()))
 
 
-def count_symbols(values: Iterable[torch.Tensor], channels: int, levels: int = EC_LEVELS) -> np.ndarray:
-    """Symbol counts [C, L+1] of the values every channel would send ([N, C, H, W] batches in [0, 1])."""
-    counts = np.zeros(channels * (levels + 1), dtype=np.int64)
-    rows = (np.arange(channels) * (levels + 1)).reshape(1, -1, 1, 1)
+def count_symbols(values: Iterable[torch.Tensor], channels: int,
+                  levels: tuple[int, ...] = LEVELS) -> dict[int, np.ndarray]:
+    """Symbol counts [C, L+1] per grid L of the values every channel would send ([N, C, H, W] in [0, 1])."""
+    counts = {L: np.zeros(channels * (L + 1), dtype=np.int64) for L in levels}
     for batch in values:
-        q = quantize_ec(batch.detach().cpu().numpy(), levels)
-        counts += np.bincount((q + rows).reshape(-1), minlength=counts.size)
-    return counts.reshape(channels, levels + 1)
+        array = batch.detach().cpu().numpy()
+        for L, total in counts.items():
+            rows = (np.arange(channels) * (L + 1)).reshape(1, -1, 1, 1)
+            total += np.bincount((quantize_ec(array, L) + rows).reshape(-1), minlength=total.size)
+    return {L: c.reshape(channels, L + 1) for L, c in counts.items()}
 
 
-def tables_entry(counts: np.ndarray) -> dict:
-    """What the checkpoint's metadata keeps (JSON: integers only)."""
-    tables = fit_tables(counts)
-    return {"levels": tables.shape[1] - 1, "digest": tables_digest(tables), "tables": tables.tolist()}
+def table_entry(tables: np.ndarray) -> dict:
+    """One grid's tables as the metadata keeps them (JSON: integers only)."""
+    return {"levels": levels_of(tables), "digest": tables_digest(tables), "tables": tables.tolist()}
 
 
-def read_tables(meta: dict, channels: int) -> np.ndarray | None:
-    """The frozen tables of a checkpoint's metadata, checked; None when it has none (trained before them)."""
-    entry = meta.get(META_KEY)
-    if entry is None:
-        return None
+def tables_entries(counts: dict[int, np.ndarray]) -> list[dict]:
+    return [table_entry(fit_tables(c)) for _, c in sorted(counts.items())]
+
+
+def check_entry(entry: dict, channels: int) -> np.ndarray:
     try:
         tables = check_tables(np.asarray(entry["tables"], dtype=np.int64), channels)
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"the checkpoint's entropy tables are invalid: {exc}") from None
-    if tables.shape[1] - 1 != EC_LEVELS or tables_digest(tables) != entry.get("digest"):
-        raise UserError("the checkpoint's entropy tables do not match their digest or level count")
+        raise UserError(f"entropy tables are invalid: {exc}") from None
+    if levels_of(tables) != entry.get("levels") or tables_digest(tables) != entry.get("digest"):
+        raise UserError("entropy tables do not match their digest or level count")
+    return tables
+
+
+def read_tables(meta: dict, channels: int) -> dict[int, np.ndarray] | None:
+    """The frozen tables of a checkpoint's metadata by grid L, checked; None when it has none."""
+    entries = meta.get(META_KEY)
+    if entries is None:
+        return None
+    entries = [entries] if isinstance(entries, dict) else entries  # one grid (L = 15) in earlier checkpoints
+    tables = {}
+    for entry in entries:
+        t = check_entry(entry, channels)
+        tables[levels_of(t)] = t
     return tables

@@ -8,13 +8,13 @@ the session goes on; a bad InferOpen ends the stream.
 """
 from __future__ import annotations
 
+from splitprune.compression.codec import accepted_tables
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.transfer import infer
 from splitprune.server.validation import check_infer_budget
 from splitprune.wire.codec import LEVELS, decode_channels
-from splitprune.wire.entropy import tables_digest
 from splitprune.wire.refusals import BadTensor, BudgetExceeded, Refusal, TooLarge
 
 MESSAGE_LIMIT = 200  # characters of an item's error message
@@ -46,10 +46,8 @@ class InferSession:
         self.k = kept.size
         if self.k > opened.budget:
             raise BudgetExceeded(f"{self.k} channels kept but the session's budget is {opened.budget}")
-        if opened.dtype == pb.EC:
-            tables = self.half.worker.spec.tables
-            if tables is None or opened.tables != tables_digest(tables):
-                raise BadTensor("the session's entropy tables are not this model's")
+        if opened.dtype == pb.EC and opened.tables not in accepted_tables(self.half.worker.spec):
+            raise BadTensor("the session's entropy tables are not this model's")
         self.fingerprint, self.budget = opened.fingerprint, opened.budget
         self.side = 8 * self.k if opened.dtype in LEVELS else 0  # INT8/INT4: K scales, K offsets first
 

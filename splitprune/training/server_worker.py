@@ -63,7 +63,7 @@ class ServerWorker:
 
     def __init__(self, half: ServerHalf, geometry: Geometry, num_classes: int, codec_down: ChannelCodec,
                  seed: int, max_batch: int = 4096, objective: Objective | None = None,
-                 steps: int = 1, tables: np.ndarray | None = None) -> None:
+                 steps: int = 1, tables: dict[int, np.ndarray] | None = None) -> None:
         self.half = half
         self.objective: Objective = objective or CrossEntropy()
         self.steps = steps

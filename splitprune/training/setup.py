@@ -14,6 +14,7 @@ import torch
 
 from splitprune.compression import ChannelCodec
 from splitprune.compression.tables import read_tables
+from splitprune.wire.entropy import EC_DTYPES
 from splitprune.compression.bottleneck import PrefixChannels
 from splitprune.config import RunConfig, stored_config
 from splitprune.data import DATASETS, BatchLoader, calibration_batches, make_loaders
@@ -97,14 +98,14 @@ def input_channels(cfg: RunConfig) -> int:
 
 
 def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_classes: int,
-                   tables: np.ndarray | None = None) -> DeviceWorker:
+                   tables: dict[int, np.ndarray] | None = None) -> DeviceWorker:
     selector = PrefixChannels() if cfg.method == "anybudget" else None
     return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up, tables), cfg.scaling, cfg.budget_eps,
                         cfg.budget_delta, cfg.seed, selector, cfg.rate_lambda)
 
 
 def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int,
-                   tables: np.ndarray | None = None) -> ServerWorker:
+                   tables: dict[int, np.ndarray] | None = None) -> ServerWorker:
     objective = NestedPrefixes(cfg.nested) if cfg.method == "anybudget" else None
     return ServerWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_down), cfg.seed,
                         max_batch=max(cfg.batch_size, cfg.test_batch_size), objective=objective,
@@ -112,7 +113,7 @@ def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_cla
 
 
 def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int, initial: bool = True,
-                        tables: np.ndarray | None = None) -> tuple[DeviceWorker, Geometry]:
+                        tables: dict[int, np.ndarray] | None = None) -> tuple[DeviceWorker, Geometry]:
     """The device side alone (a remote run, a device): the server half is never built. `initial` False: a
     checkpoint's weights replace the initial ones (a --weights file is not needed). `tables`: the model's
     frozen entropy tables (dtype ec)."""
@@ -121,7 +122,7 @@ def build_device_worker(cfg: RunConfig, num_classes: int, in_channels: int, init
 
 
 def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int, weights: str | None = None,
-                        initial: bool = True, tables: np.ndarray | None = None) -> tuple[ServerWorker, Geometry]:
+                        initial: bool = True, tables: dict[int, np.ndarray] | None = None) -> tuple[ServerWorker, Geometry]:
     """The server side alone (what `splitprune serve` hosts): the device half is never built. `weights`: the
     file of cfg.weights_sha256 (default cfg.weights); `initial` and `tables` as build_device_worker (with
     tables, the server accepts entropy-coded activations)."""
@@ -130,7 +131,7 @@ def build_server_worker(cfg: RunConfig, num_classes: int, in_channels: int, weig
 
 
 def build_workers(cfg: RunConfig, num_classes: int, in_channels: int,
-                  tables: np.ndarray | None = None) -> tuple[DeviceWorker, ServerWorker, Geometry]:
+                  tables: dict[int, np.ndarray] | None = None) -> tuple[DeviceWorker, ServerWorker, Geometry]:
     """Both sides in one process (in-process runs, evaluation, benchmarks): each half the same as built alone."""
     device, geometry = build_device_worker(cfg, num_classes, in_channels, tables=tables)
     return device, build_server_worker(cfg, num_classes, in_channels, tables=tables)[0], geometry
@@ -162,8 +163,9 @@ def load_checkpoint(checkpoint: str | Path, sides: tuple[str, ...] = ("device", 
     cfg = stored_config({**meta["config"], **{k: v for k, v in changes.items() if v is not None}})
     shape = meta.get("wire_shape") or meta.get("cut_shape")
     tables = read_tables(meta, int(shape[0])) if shape else None
-    if cfg.dtype_up == "ec" and tables is None:
-        raise UserError(f"{checkpoint} holds no entropy tables (trained before they were kept): --dtype-up ec "
+    if cfg.dtype_up in EC_DTYPES and EC_DTYPES[cfg.dtype_up] not in (tables or {}):
+        raise UserError(f"{checkpoint} holds no entropy tables for {cfg.dtype_up} (trained before they were kept): "
+                        f"--dtype-up {cfg.dtype_up} "
                         "needs a model trained with this version, or another --dtype-up")
     tensors = read_tensors(meta["_folder"])
     device = server = None

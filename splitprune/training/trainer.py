@@ -16,7 +16,8 @@ from tqdm import tqdm
 from splitprune.adaptive.policy import StepBudget
 from splitprune.compression.bottleneck import ladder
 from splitprune.compression.tables import META_KEY as TABLES_KEY
-from splitprune.compression.tables import count_symbols, tables_entry
+from splitprune.compression.tables import count_symbols, tables_entries
+from splitprune.wire.entropy import EC_DTYPES
 from splitprune.config import Phase, RunConfig, resolve_schedule
 from splitprune.data import DATASETS, validation_loader
 from splitprune.errors import ProtocolError, UserError
@@ -68,10 +69,10 @@ class Trainer:
                  log: Callable[[str], None] | None = None, step_budget: StepBudget | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
-        if cfg.dtype_up == "ec":
-            raise UserError("--dtype-up ec codes with the entropy tables a trained model holds: train with another "
-                            "uplink dtype (the tables are counted at the end of training), then evaluate, infer "
-                            "or export with --dtype-up ec")
+        if cfg.dtype_up in EC_DTYPES:
+            raise UserError(f"--dtype-up {cfg.dtype_up} codes with the entropy tables a trained model holds: train "
+                            "with another uplink dtype (the tables are counted at the end of training), then "
+                            f"evaluate, infer or export with --dtype-up {cfg.dtype_up}")
         channels = check_halves(cfg, input_channels(cfg), DATASETS[cfg.dataset].num_classes).channels
         self.phases = resolve_schedule(cfg, channels)  # refuse a bad schedule before any data or model is built
         if cfg.method == "prune":
@@ -136,10 +137,11 @@ class Trainer:
             meta[TABLES_KEY] = self._ec_tables()
         write_checkpoint(self.out / "checkpoint", model, meta, state)
 
-    def _ec_tables(self) -> dict:
-        """Symbol counts of every channel over the training set (the device half in eval mode), as tables."""
+    def _ec_tables(self) -> list[dict]:
+        """Symbol counts of every channel over the training set (the device half in eval mode), as tables, one
+        set per grid."""
         batches = (self.device.cut_values(x) for x, _ in self.parts.train_loader)
-        return tables_entry(count_symbols(batches, self.parts.geometry.wire_shape[0]))
+        return tables_entries(count_symbols(batches, self.parts.geometry.wire_shape[0]))
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():

@@ -10,9 +10,10 @@ import numpy as np
 
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
-from splitprune.wire.entropy import EC_LEVELS, encode_symbols, quantize_ec, tables_digest
+from splitprune.wire.entropy import EC_DTYPES, encode_symbols, levels_of, quantize_ec, tables_digest
 
-WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4, "ec": pb.EC}
+WIRE_DTYPES: dict[str, int] = {"fp32": pb.FP32, "fp16": pb.FP16, "int8": pb.INT8, "int4": pb.INT4,
+                               **{name: pb.EC for name in EC_DTYPES}}
 NUMPY_DTYPES = {pb.FP32: np.dtype("<f4"), pb.FP16: np.dtype("<f2"), pb.INT8: np.dtype("u1"), pb.INT4: np.dtype("u1")}
 # EC (entropy-coded) has no fixed width: splitprune/wire/entropy.py
 LEVELS = {pb.INT8: 255, pb.INT4: 15}  # affine quantisation: q in 0..levels
@@ -88,7 +89,7 @@ def encode_values(values: np.ndarray, channels: np.ndarray | None, num_channels:
             raise ProtocolError("dtype ec codes values in [0, 1] (a gated bottleneck's output), got "
                                 f"{float(values.min()):g}..{float(values.max()):g}")
         rows = np.arange(k) if channels is None else np.asarray(channels)
-        msg.data = encode_symbols(quantize_ec(values, EC_LEVELS), tables, rows)
+        msg.data = encode_symbols(quantize_ec(values, levels_of(tables)), tables, rows)
         msg.tables = tables_digest(tables)
     elif dtype in LEVELS:
         q, scale, offset = quantize(values, LEVELS[dtype])

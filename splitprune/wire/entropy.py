@@ -1,7 +1,8 @@
 """The torch-free core of the entropy-coded uplink (dtype EC): integer symbols <-> one range-coded string.
 
 The encoder's outputs lie in [0, 1] (a sigmoid times a sigmoid gate), so a fixed grid quantises them
-with no per-batch side information: q = round(L y), q in 0..L, decoded as q / L. Each channel has its
+with no per-batch side information: q = round(L y), q in 0..L, decoded as q / L, where L + 1 is the width
+of the tables (a model keeps tables for L = 3, 7 and 15: dtypes ec3, ec7, ec). Each channel has its
 own frozen table of integer frequencies (fitted on the training set at the end of training, shipped in
 the checkpoint and in the exported manifest: integer tables, so every platform builds the same coder).
 A batch is one string: the kept channels in order, each channel's N x H x W symbols under its table,
@@ -17,7 +18,8 @@ import numpy as np
 
 from splitprune.errors import ProtocolError
 
-EC_LEVELS = 15               # q in 0..15: the int4 alphabet
+EC_LEVELS = 15               # q in 0..15: the int4 alphabet (dtype ec)
+EC_DTYPES = {"ec": 15, "ec7": 7, "ec3": 3}  # dtype name -> grid levels L (all travel as DType EC)
 MAX_FREQUENCY = 1 << 24      # per entry of a table
 
 
@@ -47,6 +49,10 @@ def tables_digest(tables: np.ndarray) -> int:
     t = np.ascontiguousarray(tables, dtype="<u4")
     h = hashlib.sha256(np.asarray(t.shape, dtype="<u4").tobytes() + t.tobytes()).digest()
     return int.from_bytes(h[:4], "little")
+
+
+def levels_of(tables: np.ndarray) -> int:
+    return int(tables.shape[1]) - 1
 
 
 def quantize_ec(values: np.ndarray, levels: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 The headline candidate of `bench rate` (ca B=4, r=2; the quick profile's commands, seeds 0 and 1) is trained
 again with this version, which counts its frozen entropy tables at the end of training, and with the rate
 term at each --rates weight (`--rate-lambda`); the final models are evaluated on the 2,000 validation images
-at budgets 1..4 with fp16, int8, int4 and ec (with a rate term: ec only). Per byte limit the best
+at budgets 1..4 with fp16, int8, int4 and the entropy-coded grids ec (16 levels), ec7 (8) and ec3 (4) (with
+a rate term: the coded ones only; tables a checkpoint lacks, trained before it kept them, are counted by the
+bench on the training set as the trainer counts them). Per byte limit the best
 configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
 the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
 
@@ -21,10 +23,11 @@ from pathlib import Path
 
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.verdict import Interval, difference, explain, interval
-from splitprune.bench.paper.measure import Point, evaluate_points, load_model
+from splitprune.bench.paper.measure import Point, complete_tables, evaluate_points, load_model
 
 SEEDS = (0, 1)
-DTYPES = ("fp16", "int8", "int4", "ec")
+DTYPES = ("fp16", "int8", "int4", "ec", "ec7", "ec3")
+CODED = ("ec", "ec7", "ec3")  # what the runs with a rate term are evaluated with
 BUDGETS = (1, 2, 3, 4)
 LIMITS = ((8, -0.01), (16, -0.01))
 FLOOR_BYTES = math.log2(10) / 8  # a 10-class answer's information
@@ -57,13 +60,23 @@ def _loader(cfg, data: str):
     return full_test_loader(cfg, prof)
 
 
+def _model(run_dir: Path, counted: dict):
+    """A run's final model with its entropy tables for every grid (those its checkpoint lacks counted here)."""
+    model = load_model(run_dir / "checkpoint")
+    added = complete_tables(model)
+    if added:
+        counted[run_dir.name] = added
+    return model
+
+
 def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs = {(rate, seed): _train(out, seed, rate) for rate in rates for seed in SEEDS}
-    plans = {rate: [Point(b, d) for b in BUDGETS for d in (DTYPES if rate == 0 else ("ec",))] for rate in rates}
+    plans = {rate: [Point(b, d) for b in BUDGETS for d in (DTYPES if rate == 0 else CODED)] for rate in rates}
     rows = []
+    counted = {}
     for (rate, seed), run_dir in runs.items():
-        model = load_model(run_dir / "checkpoint")
+        model = _model(run_dir, counted)
         for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[rate]):
             rows.append({"seed": seed, "rate_lambda": rate, **r, "config": f"rate {rate:g} {r['point']}"})
     sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
@@ -83,7 +96,7 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
         point = next(p for p in plans[rate] if p.key() == key)
         tested = []
         for seed in SEEDS:
-            model = load_model(runs[(rate, seed)] / "checkpoint")
+            model = _model(runs[(rate, seed)], counted)
             tested += evaluate_points(model, _loader(model.cfg, "test"), [point])
         gap = difference(interval([t["accuracy"] for t in tested]), sl_test)
         choices.append({"limit": limit, "point": best, "candidates": len(fits),
@@ -111,6 +124,7 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
     (out / "entropy.md").write_text(markdown)
     _plot(rows, out / "entropy.png")
     write_results(out, "entropy", {"entropy_command": command, "points": rows, "choices": choices,
+                                   "tables_counted_by_the_bench": counted,
                                    "sl_test": sl, "floor_bytes_per_sample": FLOOR_BYTES})
     print(markdown)
     return {"choices": choices, "points": rows}
@@ -119,12 +133,12 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
 def _plot(rows: list[dict], path: Path) -> None:
     from splitprune.bench.core.plots import figure, save
 
-    fig, ax = figure()
-    for dtype, rate in [(d, 0.0) for d in DTYPES] + sorted({("ec", r["rate_lambda"]) for r in rows
+    fig, (ax,) = figure()
+    for dtype, rate in [(d, 0.0) for d in DTYPES] + sorted({(r["dtype"], r["rate_lambda"]) for r in rows
                                                            if r["rate_lambda"]}):
         ps = sorted((r for r in rows if r["dtype"] == dtype and r["rate_lambda"] == rate),
                     key=lambda r: r["bytes_per_sample"])
-        label = dtype if not rate else f"ec, rate term {rate:g}"
+        label = dtype if not rate else f"{dtype}, rate term {rate:g}"
         ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=label, alpha=0.7)
     ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
     ax.set_xscale("log")

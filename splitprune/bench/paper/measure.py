@@ -15,6 +15,7 @@ import torch
 from splitprune.bench.paper.baselines import Baseline, TopKCodec, install
 from splitprune.compression import ChannelCodec, channel_mask, decode_labels, keep_channels
 from splitprune.compression.tables import read_tables
+from splitprune.wire.entropy import EC_DTYPES
 from splitprune.config import stored_config
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
@@ -42,7 +43,8 @@ def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = Non
     meta = read_meta(folder)
     cfg = stored_config({**meta["config"], "accelerator": accelerator})  # from_checkpoint is never loaded here
     shape = meta.get("wire_shape") or meta["cut_shape"]
-    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"], read_tables(meta, int(shape[0])))
+    tables = read_tables(meta, int(shape[0])) or {}  # by grid; completed by complete_tables when needed
+    device, server, _ = build_workers(cfg, meta["num_classes"], meta["in_channels"], tables)
     if baseline is not None:
         install(baseline, cfg, device, server, int(meta["budget"]))
     tensors = read_tensors(meta["_folder"])
@@ -52,6 +54,26 @@ def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = Non
         device.half.to(accelerator)
         server.half.to(accelerator)
     return LoadedModel(meta, cfg, device, server, int(meta["budget"]))
+
+
+def complete_tables(model: LoadedModel) -> list[int]:
+    """Entropy tables for every grid: the ones a checkpoint lacks (trained before it kept them) are counted here
+    on its training set, as the trainer counts them at the end of training. The grids added."""
+    from splitprune.compression.tables import LEVELS, count_symbols
+    from splitprune.data import make_loaders
+    from splitprune.training.setup import input_channels
+    from splitprune.wire.entropy import fit_tables
+
+    tables = model.server.spec.tables
+    missing = tuple(L for L in LEVELS if L not in tables)
+    if missing:
+        cfg = model.cfg
+        train, _, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, input_channels(cfg),
+                                   cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment, cfg.test_batch_size,
+                                   cfg.validation_size, cfg.normalisation())
+        counts = count_symbols((model.device.cut_values(x) for x, _ in train), model.channels, missing)
+        tables.update({L: fit_tables(c) for L, c in counts.items()})
+    return list(missing)
 
 
 @dataclass(frozen=True)
@@ -73,8 +95,9 @@ def evaluate_points(model: LoadedModel, loader, points: list[Point]) -> list[dic
     device.half.eval()
     server.half.eval()
     codecs = {d: ChannelCodec(d) for d in ("fp32", "fp16", "int8", "int4")}
-    if server.spec.tables is not None:  # the model's frozen entropy tables (trained with them)
-        codecs["ec"] = ChannelCodec("ec", server.spec.tables)
+    for name, levels in EC_DTYPES.items():  # the model's frozen entropy tables, per grid
+        if levels in (server.spec.tables or {}):
+            codecs[name] = ChannelCodec(name, server.spec.tables)
     saved_codec = device.codec
     correct = [0] * len(points)
     up = [0] * len(points)

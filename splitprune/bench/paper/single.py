@@ -26,8 +26,8 @@ def _tensors(checkpoint: str, dtype: str, count: int):
     from splitprune.compression import ChannelCodec
     from splitprune.export import load_workers, sample_inputs
 
-    device, _, cfg, meta, _ = load_workers(checkpoint)
-    device.codec = ChannelCodec(dtype, device.codec.tables)
+    device, server, cfg, meta, _ = load_workers(checkpoint)
+    device.codec = ChannelCodec(dtype, server.spec.tables)  # the model's entropy tables, by grid
     x, _, _ = sample_inputs(cfg, meta["in_channels"], count)
     with torch.no_grad():
         z = device.half.eval()(x)
