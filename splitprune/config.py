@@ -29,7 +29,7 @@ ALL = "all"
 MODEL_NAMES = ("vgg11_bn", "vgg11_bn_compact", "resnet18")                       # splitprune.models.sources
 MODEL_KINDS = ("torchvision", "timm", "py")                                      # splitprune.models.sources
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")      # splitprune.data.DATASETS
-WIRE_DTYPE_NAMES = ("fp32", "fp16", "int8", "int4", "ec")                        # compression.codec.WIRE_DTYPES
+WIRE_DTYPE_NAMES = ("fp32", "fp16", "int8", "int4", "ec", "ec7", "ec3")          # compression.codec.WIRE_DTYPES
 GRADIENT_DTYPE_NAMES = WIRE_DTYPE_NAMES[:4]  # ec codes values in [0, 1] with a model's frozen tables: uplink only
 
 # Paper defaults per method (method.md §5): schedule, lr, momentum.
