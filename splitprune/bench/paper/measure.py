@@ -9,6 +9,7 @@ measured too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,24 @@ def complete_tables(model: LoadedModel) -> list[int]:
         counts = count_symbols((model.device.cut_values(x) for x, _ in train), model.channels, missing)
         tables.update({L: fit_tables(c) for L, c in counts.items()})
     return list(missing)
+
+
+def with_all_tables(checkpoint: str, out: Path) -> str:
+    """`checkpoint` itself when it holds tables for every grid, else a copy in `out` with the missing ones
+    counted (complete_tables) and sealed into its metadata: what a server can host with --model."""
+    from splitprune.compression.tables import LEVELS, META_KEY, table_entry
+    from splitprune.training.checkpoint import SEAL_KEY, STATE_FILE, write_checkpoint
+
+    meta = read_meta(checkpoint)
+    model = load_model(checkpoint)
+    if not complete_tables(model):
+        return checkpoint
+    kept = {k: v for k, v in meta.items() if not k.startswith("_") and k not in (SEAL_KEY, "format", "layout")}
+    kept[META_KEY] = [table_entry(model.server.spec.tables[L]) for L in LEVELS]
+    state_path = Path(meta["_folder"]) / STATE_FILE
+    write_checkpoint(out, read_tensors(meta["_folder"]), kept,
+                     read_tensors(meta["_folder"], STATE_FILE) if state_path.exists() else None)
+    return str(out)
 
 
 @dataclass(frozen=True)

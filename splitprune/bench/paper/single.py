@@ -58,7 +58,7 @@ def _measure(address: tuple[str, int], send, requests: int) -> dict:
             "payload_up": payload}
 
 
-def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "ec")) -> dict:
+def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "ec", "ec3")) -> dict:
     import contextlib
 
     from splitprune.bench.core.common import markdown_table, write_results
@@ -68,7 +68,10 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
     from splitprune.wire.envelopes import INFER_METHOD
     from splitprune.wire.stream import InferStreamClient, item_data, open_message
 
+    from splitprune.bench.paper.measure import with_all_tables
+
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = with_all_tables(checkpoint, out / "checkpoint")  # tables for every grid (ec3 ...), sealed
     server = ServeSubprocess(free_port(), "--model", checkpoint, log_path=out / "serve.log").start()
     host, port = server.address.rsplit(":", 1)
     rows = []
