@@ -124,6 +124,7 @@ def soak_tier(clients: int, minutes: float, out: Path, replicas: int = 2, kill_e
                                cfg.train_subset, 16, False, 16)
     batches = list(train)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "tier.log").unlink(missing_ok=True)  # the counts below read this run's log only
     kills: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="splitprune-soak-") as scratch:
         tier, addresses = start_tier(replicas, Path(scratch), "--max-sessions", str(clients), "--max-restarts",
