@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from splitprune.bench.core.processes import ServeSubprocess, free_port
-from splitprune.bench.paper.single import _tensors
+from splitprune.bench.paper.single import encoded_samples
 from splitprune.wire.channels import client_options
 from splitprune.wire.stream import InferStreamClient, item_data, open_message
 
@@ -63,7 +63,7 @@ def main() -> None:
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        meta, tensors = _tensors(args.checkpoint, "ec", REQUESTS)
+        meta, tensors = encoded_samples(args.checkpoint, "ec", REQUESTS)
         channel = grpc.insecure_channel("127.0.0.1:%d" % relay.getsockname()[1], client_options())
         session = InferStreamClient(channel, open_message(meta["fingerprint"], int(meta["budget"]), tensors[0]))
         sizes = [session.infer(item_data(t)) for t in tensors]

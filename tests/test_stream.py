@@ -3,11 +3,9 @@ independent proxy counting the socket's bytes, bad items in the middle of a sess
 streams refused, and the answers equal to unary Infer's."""
 import grpc
 import pytest
-import torch
 
 from splitprune.bench.core.processes import ServeSubprocess, free_port
-from splitprune.compression import ChannelCodec
-from splitprune.export import load_workers, sample_inputs
+from splitprune.bench.paper.single import encoded_samples
 from splitprune.link.profile import LinkProfile
 from splitprune.link.proxy import LinkProxy
 from splitprune.proto import pb
@@ -28,16 +26,6 @@ def served(exported, tmp_path_factory):
     proc.stop()
 
 
-def _tensors(run, dtype: str, count: int):
-    device, server, cfg, meta, _ = load_workers(str(run))
-    device.codec = ChannelCodec(dtype, server.spec.tables)  # the model's entropy tables, by grid
-    x, _, _ = sample_inputs(cfg, meta["in_channels"], count)
-    with torch.no_grad():
-        z = device.half.eval()(x)
-        channels = device.kept_channels(int(meta["budget"]))
-        return meta, [device._encode(z[i:i + 1], channels)[1] for i in range(count)]
-
-
 def _unary(channel, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> bytes:
     req = spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=pb.EvalRequest(request_id=1,
                                                                                        activations=tensor))
@@ -48,7 +36,7 @@ def _unary(channel, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> 
 @pytest.mark.parametrize("dtype", ["ec", "int4", "fp16"])
 def test_a_session_answers_like_unary_infer_and_survives_bad_items(served, dtype):
     run, proc = served
-    meta, tensors = _tensors(run, dtype, REQUESTS)
+    meta, tensors = encoded_samples(str(run), dtype, REQUESTS)
     fingerprint, budget = meta["fingerprint"], int(meta["budget"])
     host, port = proc.address.rsplit(":", 1)
     with LinkProxy(("127.0.0.1", 0), (host, int(port)), LinkProfile()) as proxy:
@@ -82,7 +70,7 @@ def test_a_session_answers_like_unary_infer_and_survives_bad_items(served, dtype
 
 def test_bad_opens_and_too_many_streams_are_refused(served):
     run, proc = served
-    meta, tensors = _tensors(run, "ec", 1)
+    meta, tensors = encoded_samples(str(run), "ec", 1)
     channel = grpc.insecure_channel(proc.address)
     good = open_message(meta["fingerprint"], int(meta["budget"]), tensors[0])
     for bad, code in ((spb.InferOpen(fingerprint="0" * 16, budget=1, dtype=pb.FP16), grpc.StatusCode.NOT_FOUND),

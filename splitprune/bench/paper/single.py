@@ -20,7 +20,8 @@ REQUESTS, WARMUP = 200, 20
 TARGETS = {"up": 32, "down": 24}  # bytes per request on the wire, steady state (issue 24)
 
 
-def _tensors(checkpoint: str, dtype: str, count: int):
+def encoded_samples(checkpoint: str, dtype: str, count: int):
+    """(meta, the EncodedTensor of each of `count` test images, one sample each, at the trained budget)."""
     import torch
 
     from splitprune.compression import ChannelCodec
@@ -77,7 +78,7 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
     rows = []
     try:
         for dtype in dtypes:
-            meta, tensors = _tensors(checkpoint, dtype, REQUESTS)
+            meta, tensors = encoded_samples(checkpoint, dtype, REQUESTS)
             fp, budget = meta["fingerprint"], int(meta["budget"])
 
             @contextlib.contextmanager
