@@ -59,7 +59,8 @@ def test_no_help_text_says_none_or_an_empty_list(capsys, command):
 
 def test_eval_help_says_what_is_as_trained(capsys):
     text = _help(capsys, "eval")
-    assert "--dtype-up {fp32,fp16,int8,int4} activation dtype on the uplink (default: as trained)" in text
+    assert ("--dtype-up {fp32,fp16,int8,int4,ec,ec7,ec3} activation dtype on the uplink (ec: entropy-coded with the "
+            "tables a trained model holds: evaluation and inference only) (default: as trained)") in text
     assert "(default: None)" not in text
 
 
