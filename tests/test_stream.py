@@ -1,6 +1,8 @@
 """The streaming inference session (InferStream, issue 24 item 3): a real `splitprune serve` on loopback, an
 independent proxy counting the socket's bytes, bad items in the middle of a session, bad opens and too many
 streams refused, and the answers equal to unary Infer's."""
+import json
+
 import grpc
 import pytest
 
@@ -90,3 +92,21 @@ def test_bad_opens_and_too_many_streams_are_refused(served):
     for s in sessions:
         s.close()
     channel.close()
+
+
+def test_splitprune_infer_on_a_session_answers_as_unary_calls_do(served, tmp_path, capsys):
+    from splitprune.cli import main
+
+    run, proc = served
+    results = {}
+    for mode, more in (("unary", []), ("stream", ["--stream"])):
+        out = tmp_path / f"{mode}.json"
+        assert main(["infer", "--checkpoint", str(run), "--server", proc.address, "--dtype-up", "ec",
+                     "--test-subset", "24", "--warmup", "1", *more, "--out", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    capsys.readouterr()
+    unary, stream = results["unary"], results["stream"]
+    assert stream["stream"] and stream["test_accuracy"] == unary["test_accuracy"]
+    up = {m: r["transport"]["purposes"]["evaluation"]["message_bytes_up"] for m, r in results.items()}
+    assert up["stream"] < up["unary"] / 2, up  # the item alone, against an InferRequest each
+    assert stream["server_ms"]["p50"] > 0

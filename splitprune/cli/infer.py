@@ -21,6 +21,8 @@ def add_parser(subparsers, name: str) -> None:
                                     "(default: the trained budget); 'auto': chosen per request to meet --latency-ms")
     p.add_argument("--dtype-up", choices=list(WIRE_DTYPES), help="uplink dtype (default: as trained)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per inference request (default: 1)")
+    p.add_argument("--stream", action="store_true", help="send the requests on one streaming session "
+                   "(InferStream: the request's header said once, then each request is its data alone)")
     p.add_argument("--test-subset", type=int, help="use N test images (default: all)")
     p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from splitprune.client.split_inference import run_inference
 
     r = run_inference(args.checkpoint, remote, args.budget, args.dtype_up, args.batch_size,
-                      args.test_subset, args.data_dir, max(args.warmup, 0))
+                      args.test_subset, args.data_dir, max(args.warmup, 0), args.stream)
     lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
     print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
           f"per request: test accuracy {percent(r['test_accuracy'])} on {r['test_samples']} images")
@@ -86,7 +88,8 @@ def run_auto(args: argparse.Namespace, remote) -> int:
             check_out_file(path, flag)
     from splitprune.client.split_inference import open_session
 
-    session = open_session(args.checkpoint, remote, None, args.batch_size, args.test_subset, args.data_dir)
+    session = open_session(args.checkpoint, remote, None, args.batch_size, args.test_subset, args.data_dir,
+                           args.stream)
     try:
         dtypes = uplink_dtypes(args.dtypes_up, session.cfg.dtype_up)
         result = stream(session, args.latency_ms, dtypes, max(args.warmup, 0), duration=args.duration,
