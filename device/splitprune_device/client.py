@@ -10,8 +10,7 @@ from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.codec import MAX_MESSAGE_BYTES
-from splitprune.wire.stream import (InferStreamClient, ItemResult, StreamRefused, item_data, open_message,
-                                    session_key)
+from splitprune.wire.stream import InferSessions, ItemResult, StreamRefused
 
 _SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
 ERROR_KEY = "splitprune-error"  # trailing metadata holding the ErrorReason name (docs/protocol.md §8)
@@ -47,7 +46,6 @@ class InferenceClient:
                  timeout_s: float = 60.0, connect_timeout_s: float = 20.0, stream: bool = False) -> None:
         """`stream`: requests go on InferStream sessions (one per budget and dtype, opened on first use)."""
         self.stream = stream
-        self._sessions: dict[tuple, InferStreamClient] = {}
         if ":" not in server:
             raise UserError(f"--server {server!r}: give HOST:PORT")
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -66,6 +64,7 @@ class InferenceClient:
         self.server, self.timeout_s = server, timeout_s
         self._describe = self.channel.unary_unary(method_path("Describe"))  # bytes in, bytes out
         self._infer = self.channel.unary_unary(method_path("Infer"))
+        self._sessions = InferSessions(self.channel, self.metadata)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -93,21 +92,15 @@ class InferenceClient:
     def infer_request(fingerprint: str, budget: int, request: pb.EvalRequest) -> bytes:
         return spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=request).SerializeToString()
 
-    def infer_stream(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor, samples: int) -> ItemResult:
+    def infer_stream(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> ItemResult:
         """One request on the session of its budget and tensor header (opened on first use)."""
-        key = session_key(budget, tensor)
         try:
-            if key not in self._sessions:
-                self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor),
-                                                        self.metadata)
-            return self._sessions[key].infer(item_data(tensor), samples)
+            return self._sessions.infer(fingerprint, budget, tensor)
         except grpc.RpcError as exc:
-            self._sessions.pop(key, None)
             raise explain(exc, "inference session failed") from None
         except StreamRefused as exc:
             raise UserError(f"inference request refused: {exc}") from None
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.close()
+        self._sessions.close()
         self.channel.close()

@@ -61,7 +61,7 @@ def infer_one(model: DeviceModel, client: InferenceClient, images: np.ndarray, b
     tensor = model.encode(kept, budget, dtype)
     if client.stream:  # the session said the header once: the item is the payload
         t3 = time.perf_counter()
-        item = client.infer_stream(model.fingerprint, budget, tensor, len(images))
+        item = client.infer_stream(model.fingerprint, budget, tensor)
         labels = pb.Labels(width=1 if num_classes <= 256 else 2, data=item.reply.labels)
         predictions = decode_label_array(labels, len(images), num_classes)
         server_ms, round_trip, sizes = item.reply.server_us / 1e3, item.round_trip_ms, (

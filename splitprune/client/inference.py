@@ -12,7 +12,7 @@ from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import DESCRIBE_METHOD, INFER_METHOD, frame
-from splitprune.wire.stream import InferStreamClient, StreamRefused, item_data, open_message, session_key
+from splitprune.wire.stream import InferSessions, StreamRefused
 
 
 class InferenceClient:
@@ -23,8 +23,8 @@ class InferenceClient:
         self.conn = Connection(config)
         self.traffic = self.conn.traffic
         channel, self._meter = self.conn.channel("control")
-        self._channel, self.stream = channel, stream
-        self._sessions: dict[tuple, InferStreamClient] = {}
+        self.stream = stream
+        self._sessions = InferSessions(channel, self.conn.metadata)
         self._describe = channel.unary_unary(DESCRIBE_METHOD)
         self._infer = channel.unary_unary(INFER_METHOD)
         self.fingerprint = fingerprint
@@ -55,52 +55,48 @@ class InferenceClient:
         return InferenceLink(self, budget)
 
     def infer(self, request: bytes, budget: int) -> bytes:
-        """The EvalReply (bytes) to one EvalRequest (bytes) at `budget`."""
+        """The EvalReply (bytes) to one EvalRequest (bytes) at `budget`: one Infer call, or one item of the
+        InferStream session of its budget and tensor header."""
         if self.stream:
-            return self._infer_on_session(pb.EvalRequest.FromString(request), budget)
-        head = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString()
-        data = head + frame(3, request)  # field 3 = eval: the EvalRequest bytes as they are
+            req = pb.EvalRequest.FromString(request)
+        else:
+            head = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString()
+            data = head + frame(3, request)  # field 3 = eval: the EvalRequest bytes as they are
         before = self._meter.read() if self._meter else None
         start = time.perf_counter()
-        try:
-            out = self._infer(data, metadata=self.conn.metadata, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise remote_error(exc, "inference request failed") from None
+        if self.stream:
+            reply, server_ms, up, down = self._on_session(req, budget)
+        else:
+            try:
+                out = self._infer(data, metadata=self.conn.metadata, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                raise remote_error(exc, "inference request failed") from None
+            unary = spb.InferReply.FromString(out)
+            reply, server_ms, up, down = unary.eval, unary.server_ms, len(data), len(out)
         self.latencies_ms.append((time.perf_counter() - start) * 1e3)
         if self._meter:
             self.traffic.attribute("evaluation", self._meter, before, self._meter.read())
-        self.traffic.exchange("evaluation", len(data), len(out))
-        reply = spb.InferReply.FromString(out)
-        self.server_ms.append(reply.server_ms)
-        return reply.eval.SerializeToString()
+        self.traffic.exchange("evaluation", up, down)
+        self.server_ms.append(server_ms)
+        return reply.SerializeToString()
 
-    def _infer_on_session(self, req: pb.EvalRequest, budget: int) -> bytes:
-        tensor, key = req.activations, session_key(budget, req.activations)
-        before = self._meter.read() if self._meter else None
-        start = time.perf_counter()
+    def _on_session(self, req: pb.EvalRequest, budget: int) -> tuple[pb.EvalReply, float, int, int]:
+        """(the EvalReply a unary call would have carried, the server's ms, bytes up, bytes down) of one item."""
         try:
-            if key not in self._sessions:
-                self._sessions[key] = InferStreamClient(self._channel, open_message(self.fingerprint, budget, tensor),
-                                                        self.conn.metadata)
-                self.traffic.exchange("control", self._sessions[key].open_bytes, 0)
-            result = self._sessions[key].infer(item_data(tensor), tensor.shape[0])
+            result = self._sessions.infer(self.fingerprint, budget, req.activations)
         except grpc.RpcError as exc:
-            self._sessions.pop(key, None)
             raise remote_error(exc, "inference session failed") from None
         except StreamRefused as exc:
             raise RemoteError(f"inference request refused: {exc}", reason=exc.reason) from None
-        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
-        if self._meter:
-            self.traffic.attribute("evaluation", self._meter, before, self._meter.read())
-        self.traffic.exchange("evaluation", result.bytes_up, result.bytes_down)
-        self.server_ms.append(result.reply.server_us / 1e3)
-        width = max(len(result.reply.labels) // max(tensor.shape[0], 1), 1)
-        return pb.EvalReply(request_id=req.request_id,
-                            predictions=pb.Labels(width=width, data=result.reply.labels)).SerializeToString()
+        if result.open_bytes:
+            self.traffic.exchange("control", result.open_bytes, 0)
+        labels = result.reply.labels
+        width = max(len(labels) // max(req.activations.shape[0], 1), 1)
+        reply = pb.EvalReply(request_id=req.request_id, predictions=pb.Labels(width=width, data=labels))
+        return reply, result.reply.server_us / 1e3, result.bytes_up, result.bytes_down
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.close()
+        self._sessions.close()
         self.conn.close()
 
 

@@ -28,9 +28,9 @@ def open_message(fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> spb
                          prefix=tensor.prefix, tables=tensor.tables)
 
 
-def session_key(budget: int, tensor: pb.EncodedTensor) -> tuple:
-    """Requests that can share a session: the same budget and tensor header but for the sample count."""
-    return budget, tensor.dtype, bytes(tensor.channels), tensor.prefix, tensor.tables
+def session_key(fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> tuple:
+    """Requests that can share a session: the same model, budget and tensor header but for the sample count."""
+    return fingerprint, budget, tensor.dtype, bytes(tensor.channels), tensor.prefix, tensor.tables
 
 
 @dataclass
@@ -39,6 +39,7 @@ class ItemResult:
     round_trip_ms: float
     bytes_up: int      # the serialized InferItem
     bytes_down: int    # the serialized InferItemReply
+    open_bytes: int = 0  # the serialized InferOpen, when this request opened its session
 
 
 class StreamRefused(Exception):
@@ -74,3 +75,34 @@ class InferStreamClient:
     def close(self) -> None:
         self._queue.put(None)  # half-close: the server ends the stream
         self._replies.cancel()
+
+
+class InferSessions:
+    """The InferStream sessions of one channel: one per model, budget and tensor header, opened on the first
+    request that needs it; a session whose stream broke is dropped (the next request opens another)."""
+
+    def __init__(self, channel: grpc.Channel, metadata=()) -> None:
+        self.channel, self.metadata = channel, metadata
+        self._sessions: dict[tuple, InferStreamClient] = {}
+
+    def infer(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> ItemResult:
+        """One request: `tensor` (an EncodedTensor of N samples) on its session. Raises grpc.RpcError for a
+        refused or broken session, StreamRefused for a refused item."""
+        key = session_key(fingerprint, budget, tensor)
+        opened = 0
+        try:
+            if key not in self._sessions:
+                self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor),
+                                                        self.metadata)
+                opened = self._sessions[key].open_bytes
+            result = self._sessions[key].infer(item_data(tensor), tensor.shape[0])
+        except grpc.RpcError:
+            self._sessions.pop(key, None)
+            raise
+        result.open_bytes = opened
+        return result
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
