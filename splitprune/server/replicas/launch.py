@@ -18,7 +18,6 @@ from splitprune.server.replicas.rendezvous import SECRET_ENV, TierEnv
 from splitprune.wire.addresses import format_hostport, parse_hostport
 
 
-
 def replica_listen(listen: str, local_rank: int) -> str:
     host, port = parse_hostport(listen)
     return format_hostport((host, port + local_rank if port else 0))

@@ -30,6 +30,7 @@ from splitprune.wire.addresses import TOKEN_ENV
 SECRET_ENV = "SPLITPRUNE_TIER_SECRET"  # the tier's shared secret; the serve token when unset
 HOSTED_ENV = "SPLITPRUNE_TIER_STORE"   # "client": the launcher (serve --replicas) serves the store
 SECRET_CHECK = "tier/secret-check"     # written by the store's host, signed
+SECRET_CHECK_VALUE = b"splitprune tier"
 TAG_BYTES = 32
 
 
@@ -168,7 +169,7 @@ def serve_store(master_addr: str, port: int, secret: bytes, timeout_s: float, wo
     inner = dist.TCPStore(address, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False,
                           master_listen_fd=listener.detach())
     store = _signed_store_class()(inner, secret)
-    store.set(SECRET_CHECK, b"splitprune tier")
+    store.set(SECRET_CHECK, SECRET_CHECK_VALUE)
     return store
 
 
@@ -185,7 +186,7 @@ def open_store(env: TierEnv, timeout_s: float):
         inner = dist.TCPStore(address, env.master_port, env.world_size, False, timedelta(seconds=timeout_s))
         store = _signed_store_class()(inner, env.secret)
         if agent and env.rank == 0 and not store.check([SECRET_CHECK]):
-            store.set(SECRET_CHECK, b"splitprune tier")
+            store.set(SECRET_CHECK, SECRET_CHECK_VALUE)
     if not os.environ.get("GLOO_SOCKET_IFNAME"):
         name = interface_towards(family, address)
         if name:

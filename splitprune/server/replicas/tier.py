@@ -79,7 +79,7 @@ class Tier:
         self.joined: set[str] = set()
         self.steps: dict[str, int] = {}      # per fingerprint, since the last synchronisation
         self.samples: dict[str, int] = {}
-        self.rounds = self.mismatches = self.reformed = 0
+        self.rounds = self.mismatches = 0
         self._count_lock = threading.Lock()
         self.failure: str | None = None      # why this replica cannot take part (its secret refused)
         self.down = threading.Event()        # the tier thread has ended (left, or refused)
@@ -175,7 +175,6 @@ class Tier:
                 self.membership.drop_store()
                 self._stopping.wait(RETRY_S)
                 continue
-            self.reformed += 1
             log.info("replica %d: generation %d formed: replicas %s (rank %d of %d)", self.replica_id, gen.number,
                      list(gen.members), gen.rank, gen.world_size)
             return
@@ -276,8 +275,9 @@ class Tier:
                 synced = average_half(half, weights[self.rank], sum(weights), momentum)
                 self.mismatches += synced.mismatches
                 log.info("replica %d generation %d sync round %d: half %s, weights %s, momentum %s, %d values in "
-                         "%.1f ms, state sha256 %s%s", self.replica_id, self.generation.number, self.rounds, half.fingerprint, [round(w) for w in weights],
-                         momentum, synced.elements, 1e3 * (time.perf_counter() - start), synced.digest,
+                         "%.1f ms, state sha256 %s%s", self.replica_id, self.generation.number, self.rounds,
+                         half.fingerprint, [round(w) for w in weights], momentum, synced.elements,
+                         1e3 * (time.perf_counter() - start), synced.digest,
                          " (results differed: rank 0's broadcast)" if synced.mismatches else "")
             with self._count_lock:
                 self.steps[half.fingerprint] = self.samples[half.fingerprint] = 0
