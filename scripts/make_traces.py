@@ -11,7 +11,7 @@ import math
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "splitprune" / "transport" / "traces"
+OUT = Path(__file__).resolve().parents[1] / "splitprune" / "link" / "traces"
 
 
 def write(name: str, source: str, rows: list[tuple[float, float, float]]) -> None:
