@@ -272,3 +272,57 @@ def test_a_wild_fit_from_two_sizes_does_not_pin_the_choice():
         t += latency + 0.05
     assert max(b for s, b in chosen if s < 9) <= 2                      # pinned by the wild fit for a while
     assert max(b for s, b in chosen if s > 12) >= 64                     # then it climbs
+
+
+def feed(controller: BudgetController, start: float, seconds: float, sizes: list[int], rate: float,
+         rtt: float = 0.08, gap: float = 0.05) -> float:
+    """Requests of `sizes` in turn over a link of `rate` bytes/s and round trip `rtt`; returns the clock after."""
+    t, i = start, 0
+    while t < start + seconds:
+        size = sizes[i % len(sizes)]
+        latency = rtt + size / rate
+        t += latency
+        controller.observe(Observation(t, size - 40, 40, latency, 0.0))
+        t += gap
+        i += 1
+    return t
+
+
+@pytest.mark.parametrize("estimator", ["harmonic", "sized"])
+def test_an_estimator_that_learns_from_every_request_follows_a_rise_at_one_size(estimator):
+    # sizes differ 1.5x or more only in the first 2 s; then one size while the rate rises 4x
+    learning = BudgetController(OPTIONS, target_seconds=1.0, estimator=estimator)
+    frozen = BudgetController(OPTIONS, target_seconds=1.0, estimator="pairs")
+    for controller in (learning, frozen):
+        t = feed(controller, 0.0, 2.0, [2_000, 20_000], rate=125_000)
+        t = feed(controller, t, 2.0, [20_000], rate=125_000)
+        assert controller.estimate().rate == pytest.approx(125_000, rel=0.1)
+        feed(controller, t, 3.0, [20_000], rate=500_000)
+    assert frozen.estimate().rate == pytest.approx(125_000, rel=0.1)       # the last pair's fit, frozen
+    assert learning.estimate().rate > 2.5 * 125_000                        # the rise, learnt at one size
+    big = Option(512, "fp16", 100_000, 40)
+    assert learning.predict(big) < frozen.predict(big) * 0.5
+
+
+def test_estimators_ignore_requests_too_small_for_their_transfer_to_show():
+    from splitprune.adaptive.estimators import HarmonicRate, SizedRate
+    for estimator in (HarmonicRate(), SizedRate()):
+        estimator.add(70, 0.0005)                  # jitter, not a transfer
+        assert estimator.per_byte(70) is None
+        estimator.add(10_000, 0.08)                # 125 kB/s
+        assert estimator.per_byte(10_000) == pytest.approx(8e-6)
+    sized = SizedRate()
+    for _ in range(5):
+        sized.add(1_000, 0.004)                    # small messages: fixed costs read as a slow rate
+        sized.add(100_000, 0.1)                    # large ones: the rate (1 MB/s)
+    assert sized.per_byte(100_000) == pytest.approx(1e-6)   # a large one is predicted from large ones
+    harmonic = HarmonicRate()
+    harmonic.add(10_000, 0.01)
+    harmonic.add(10_000, 0.04)                     # a surprise: 4x the predicted time
+    # harmonic mean of 1 MB/s and 0.25 MB/s is 0.4 MB/s; the second came 0.75 slower than predicted: x 1.75
+    assert harmonic.per_byte(10_000) == pytest.approx(1.75 * 2.5e-6)
+
+
+def test_an_unknown_estimator_is_a_user_error():
+    with pytest.raises(UserError, match="rate estimator"):
+        BudgetController(OPTIONS, target_seconds=0.1, estimator="magic")

@@ -55,6 +55,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from splitprune.adaptive.estimators import ESTIMATORS, make_estimator
 from splitprune.errors import UserError
 
 
@@ -118,6 +119,7 @@ class BudgetController:
     refit_after: float = 10.0          # seconds a fit is trusted without a pair of sizes to renew it
     start_index: int = 0
     growth: float = 4.0        # a step up within up_margin sends at most this many times the bytes (>= 1)
+    estimator: str = "pairs"   # how the rate is learned: estimators.py ("pairs": only from pairs of sizes)
     # (finished at, bytes, seconds on the link, compute seconds, missed the target) of recent requests
     _obs: collections.deque = field(default_factory=collections.deque, init=False, repr=False)
     _per_byte: float = field(default=0.0, init=False)
@@ -131,6 +133,8 @@ class BudgetController:
     _now: float = field(default=-math.inf, init=False)
     _started: bool = field(default=False, init=False)   # a choice was made with observations
     _delay_blame: tuple[float, float] | None = field(default=None, init=False)  # (base, per_byte) if a miss was delay
+    _rate: object = field(default=None, init=False, repr=False)   # the estimator learning from every request
+    _rtt: float | None = field(default=None, init=False)   # round trip of the last pair fit, lowered by any request
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -146,6 +150,9 @@ class BudgetController:
             raise UserError(f"growth must be a number >= 1 (1: one option at a time), got {self.growth!r}")
         if not 0 <= self.start_index < len(self.options):
             raise UserError(f"start_index must be in 0..{len(self.options) - 1}")
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"unknown rate estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        self._rate = make_estimator(self.estimator)
         self._index = self.start_index
         self._settle_now = self.settle
         self._per_byte = 1.0 / self.prior_rate
@@ -170,6 +177,9 @@ class BudgetController:
             self._obs.clear()
         elif not missed:
             self._delay_blame = None
+        if self._rate is not None and self._rtt is not None:
+            self._rtt = min(self._rtt, network)   # no request is quicker than the round trip
+            self._rate.add(size, network - self._rtt)
         # a missed request is kept out of the slopes: one stall paired with quick requests would be the
         # slope of every pair (and the fitted base) until it leaves the window
         self._obs.append((obs.at, size, network, obs.compute_seconds, missed))
@@ -182,6 +192,7 @@ class BudgetController:
         if slopes:
             self._per_byte = self._fitted = max(statistics.median(slopes), 1e-12)
             self._fitted_at = self._now
+            self._rtt = max(statistics.median(n - s * self._per_byte for _, s, n, _, _ in clean), 0.0)
         elif self._fitted is not None and len(clean) == len(points):
             if self._now - self._fitted_at > self.refit_after:   # an old fit is no better than the prior:
                 self._fitted = min(self._fitted, 1.0 / self.prior_rate)   # a noisy pessimistic one must not pin us
@@ -192,16 +203,20 @@ class BudgetController:
     def estimate(self) -> LinkEstimate:
         if not self._obs:
             return LinkEstimate(None, None, 0.0)
-        base = statistics.median(p[2] - p[1] * self._per_byte for p in self._obs)
+        base = statistics.median(p[2] - p[1] * self._seconds_per_byte(p[1]) for p in self._obs)
         compute = statistics.median(p[3] for p in self._obs)
-        return LinkEstimate(max(base, 0.0), 1.0 / self._per_byte, compute)
+        return LinkEstimate(max(base, 0.0), 1.0 / self._seconds_per_byte(self._obs[-1][1]), compute)
+
+    def _seconds_per_byte(self, size: int) -> float:
+        learned = self._rate.per_byte(size) if self._rate is not None else None
+        return self._per_byte if learned is None else learned
 
     def predict(self, option: Option, doubt: bool = True) -> float:
         """Predicted latency; `doubt=False` leaves out the longer-round-trip reading of a recent miss."""
         est = self.estimate()
         if est.rate is None:
             return 0.0
-        predicted = est.rtt + est.compute + option.bytes / est.rate
+        predicted = est.rtt + est.compute + option.bytes * self._seconds_per_byte(option.bytes)
         if doubt and self._delay_blame is not None:
             base, per_byte = self._delay_blame
             predicted = max(predicted, base + est.compute + option.bytes * per_byte)

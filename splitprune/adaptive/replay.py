@@ -140,16 +140,24 @@ def shares(labels: list[str]) -> dict[str, float]:
     return {label: c / len(labels) for label, c in sorted(Counter(labels).items())}
 
 
-def rate_changes(trace: LinkTrace, start: float, end: float, factor: float = 2.0) -> list[tuple[float, float, float]]:
+def rate_changes(trace: LinkTrace, start: float, end: float, factor: float = 2.0,
+                 hold: float = 0.0) -> list[tuple[float, float, float]]:
     """(trace time, rate before, rate after) of every step in the trace's rate by `factor` or more in
-    (start, end)."""
+    (start, end); with `hold`, only those after which the rate stays `factor` away from before for `hold` s."""
     rates = [trace.mbit_at(t) for t in trace.times]
-    return [(t, before, after) for t, before, after in zip(trace.times[1:], rates, rates[1:])
-            if start < t < end and max(after / before, before / after) >= factor]
+    out = []
+    for i, (t, before, after) in enumerate(zip(trace.times[1:], rates, rates[1:]), start=1):
+        if not (start < t < end and max(after / before, before / after) >= factor):
+            continue
+        rise = after > before
+        held = [r for s, r in zip(trace.times[i:], rates[i:]) if s < t + hold]
+        if all((r >= factor * before) if rise else (r * factor <= before) for r in held):
+            out.append((t, before, after))
+    return out
 
 
 def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], best: list[int], target: float,
-              factor: float = 2.0) -> list[dict]:
+              factor: float = 2.0, hold: float = 0.0) -> list[dict]:
     """How long a policy took to react to each rate step of `factor` or more, from (request, trace time,
     option index, latency) and the option the oracle would have used for each request (`best`, same length).
 
@@ -158,7 +166,7 @@ def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], b
     is answered by the first request sent after it at the oracle's option or a better one, in time."""
     out = []
     end = requests[-1][1] if requests else 0.0
-    for at, before, after in rate_changes(trace, requests[0][1] if requests else 0.0, end, factor):
+    for at, before, after in rate_changes(trace, requests[0][1] if requests else 0.0, end, factor, hold):
         following = [(r, b) for r, b in zip(requests, best) if r[1] >= at]
         if after < before:
             answer = next((r for r, _ in following if r[3] <= target), None)

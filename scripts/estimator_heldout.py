@@ -1,0 +1,111 @@
+"""Compare the controller's rate estimators on held-out link traces: synthetic ones and real cellular uplinks.
+
+    python scripts/estimator_heldout.py [--targets 200,500] [--out bench_results/adaptive/estimators.json]
+
+Replays `--budget auto`'s controller (splitprune.adaptive.replay, the stream's warm-up first) with each rate
+estimator (splitprune/adaptive/estimators.py: "pairs" as before, "harmonic" after RobustMPC, "sized" after Fugu)
+over the held-out traces of scripts/controller_heldout.py and the "select" segments of the real Mahimahi uplink
+traces (bench_results/traces/mahimahi, scripts/convert_mahimahi.py), with the recorded runs' residual latencies and
+the quick-profile model's option accuracies (bench_results/adaptive). Settings are chosen here; the "test"
+segments are replayed too, reported separately, never chosen on. Per estimator, target and trace group: the
+share of requests in time (worst trace, pooled), accuracy against the oracle, bytes per request as a share of the
+oracle's, and the reactions to rate steps of 2x or more (rows of one second: a real trace's steps that held for
+at least 2 s, as well as every one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from controller_heldout import heldout_traces, load_residuals  # noqa: E402
+
+from splitprune.adaptive.controller import Option  # noqa: E402
+from splitprune.adaptive.estimators import ESTIMATORS  # noqa: E402
+from splitprune.adaptive.replay import (controller_replay, oracle, reaction_stats, reactions, replay,  # noqa: E402
+                                        score)
+from splitprune.link.trace import LinkTrace  # noqa: E402
+
+REAL = ROOT / "bench_results/traces/mahimahi"
+VARIANTS = {name: {"estimator": name} for name in ESTIMATORS}
+VARIANTS.update({
+    "sized-wide": {"estimator": "sized", "up_margin": 0.8, "safety": 0.9},
+    "pairs-wide": {"estimator": "pairs", "up_margin": 0.8, "safety": 0.9},
+    "sized-fast": {"estimator": "sized", "hold": 0.5, "growth": 16.0},
+    "pairs-fast": {"estimator": "pairs", "hold": 0.5, "growth": 16.0},
+})
+
+
+def groups() -> dict[str, list[LinkTrace]]:
+    real = sorted(REAL.glob("*.csv"))
+    return {"synthetic held-out": heldout_traces(),
+            "real select": [LinkTrace.load(p) for p in real if p.name.startswith("select-")],
+            "real test": [LinkTrace.load(p) for p in real if p.name.startswith("test-")]}
+
+
+def run_group(traces, runs, options, accuracy, target, settings: dict) -> dict:
+    rows, steps, held = [], [], []
+    for name, real in runs.items():
+        for trace in traces:
+            requests = controller_replay(trace, options, real, target, **settings)
+            auto = score(requests, options, accuracy, target)
+            knows = oracle(trace, options, target)
+            best = score(replay(trace, options, real, knows, target), options, accuracy, target)
+            oracle_choice = [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests]
+            steps += reactions(trace, requests, oracle_choice, target)
+            held += reactions(trace, requests, oracle_choice, target, hold=2.0)
+            rows.append({"residuals": name, "trace": trace.name, "share": auto["share_within_target"],
+                         "requests": auto["requests"], "vs_oracle_pt": 100 * (auto["accuracy"] - best["accuracy"]),
+                         "bytes_vs_oracle": (auto["bytes_up"] / auto["requests"]) /
+                                            max(best["bytes_up"] / best["requests"], 1e-9)})
+    pooled = sum(r["share"] * r["requests"] for r in rows) / sum(r["requests"] for r in rows)
+    return {"min_share": min(r["share"] for r in rows), "pooled_share": pooled,
+            "mean_vs_oracle_pt": sum(r["vs_oracle_pt"] for r in rows) / len(rows),
+            "worst_vs_oracle_pt": min(r["vs_oracle_pt"] for r in rows),
+            "min_bytes_vs_oracle": min(r["bytes_vs_oracle"] for r in rows),
+            "mean_bytes_vs_oracle": sum(r["bytes_vs_oracle"] for r in rows) / len(rows),
+            "reactions": reaction_stats(steps), "reactions_held_2s": reaction_stats(held), "traces": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="200,500", help="latency targets, ms")
+    parser.add_argument("--variants", default=",".join(ESTIMATORS),
+                        help="comma-separated names of VARIANTS (an estimator and the controller settings with it)")
+    parser.add_argument("--groups", default="synthetic held-out,real select,real test")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/estimators.json")
+    args = parser.parse_args()
+    inference = ROOT / "bench_results/adaptive/inference"
+    bench = json.loads((inference / "adaptive_infer.json").read_text())
+    run = next(t for t in bench["traces"] if t["trace"] == "cellular-fades")
+    measured_at = {(o["budget"], o["dtype"]): o["accuracy"] for o in bench["option_accuracy"]}
+    options = [Option(**o) for o in json.loads((inference / run["log"]).read_text())["options"]]
+    accuracy = [measured_at[o.budget, o.dtype] for o in options]
+    runs = {p.stem: load_residuals(p) for p in sorted((ROOT / "bench_results/adaptive/residuals").glob("*.csv"))}
+    results = []
+    for target_ms in (float(t) for t in args.targets.split(",")):
+        for estimator in args.variants.split(","):
+            for group, traces in groups().items():
+                if group not in args.groups.split(","):
+                    continue
+                r = run_group(traces, runs, options, accuracy, target_ms / 1e3, VARIANTS[estimator])
+                results.append({"target_ms": target_ms, "variant": estimator, "settings": VARIANTS[estimator],
+                                "group": group, **r})
+                print(f"{target_ms:g} ms {estimator:9s} {group:18s} in time min {100 * r['min_share']:.1f}% pooled "
+                      f"{100 * r['pooled_share']:.2f}%  vs oracle {r['mean_vs_oracle_pt']:+.2f} pt (worst "
+                      f"{r['worst_vs_oracle_pt']:+.2f})  bytes/oracle min {r['min_bytes_vs_oracle']:.2f} mean "
+                      f"{r['mean_bytes_vs_oracle']:.2f}  rises<=1s {r['reactions']['rise']['within_1s']}/"
+                      f"{r['reactions']['rise']['count']} (held 2s: {r['reactions_held_2s']['rise']['within_1s']}/"
+                      f"{r['reactions_held_2s']['rise']['count']})  falls<=1s {r['reactions']['fall']['within_1s']}/"
+                      f"{r['reactions']['fall']['count']}", flush=True)
+    args.out.write_text(json.dumps({"command": "python scripts/estimator_heldout.py " + " ".join(sys.argv[1:]),
+                                    "residuals": sorted(runs), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
