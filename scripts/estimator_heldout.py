@@ -41,6 +41,17 @@ VARIANTS.update({
 })
 
 
+def full_ladder(logged: list[Option]) -> list[Option]:
+    """Every power-of-two budget of the logged dtypes, bytes from a line through the logged options' sizes."""
+    out = []
+    for dtype in dict.fromkeys(o.dtype for o in logged):
+        (b1, u1, d1), (b2, u2, d2) = [(o.budget, o.bytes_up, o.bytes_down) for o in logged if o.dtype == dtype][::-1][:2]
+        for budget in (2 ** k for k in range(10)):
+            up = round(u2 + (u1 - u2) * (budget - b2) / (b1 - b2))
+            out.append(Option(budget, dtype, up, d1))
+    return sorted(out, key=lambda o: (o.bytes, o.budget))
+
+
 def groups() -> dict[str, list[LinkTrace]]:
     real = sorted(REAL.glob("*.csv"))
     return {"synthetic held-out": heldout_traces(),
@@ -78,6 +89,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ESTIMATORS),
                         help="comma-separated names of VARIANTS (an estimator and the controller settings with it)")
     parser.add_argument("--groups", default="synthetic held-out,real select,real test")
+    parser.add_argument("--ladder", choices=("log", "full"), default="log",
+                        help="log: the options of the recorded run (its validation ranking dropped B=4, 16, 64 and "
+                             "256); full: every power-of-two budget, as the ranking with RANK_TOLERANCE keeps them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/estimators.json")
     args = parser.parse_args()
     inference = ROOT / "bench_results/adaptive/inference"
@@ -85,6 +99,8 @@ def main() -> None:
     run = next(t for t in bench["traces"] if t["trace"] == "cellular-fades")
     measured_at = {(o["budget"], o["dtype"]): o["accuracy"] for o in bench["option_accuracy"]}
     options = [Option(**o) for o in json.loads((inference / run["log"]).read_text())["options"]]
+    if args.ladder == "full":
+        options = full_ladder(options)
     accuracy = [measured_at[o.budget, o.dtype] for o in options]
     runs = {p.stem: load_residuals(p) for p in sorted((ROOT / "bench_results/adaptive/residuals").glob("*.csv"))}
     results = []
