@@ -9,7 +9,8 @@ traces (bench_results/traces/mahimahi, scripts/convert_mahimahi.py), with the re
 the quick-profile model's option accuracies (bench_results/adaptive). Settings are chosen here; the "test"
 segments are replayed too, reported separately, never chosen on. Per estimator, target and trace group: the
 share of requests in time (worst trace, pooled), accuracy against the oracle, bytes per request as a share of the
-oracle's, and the reactions to rate steps of 2x or more (rows of one second: a real trace's steps that held for
+oracle's, what an oracle that knows the link as it was 0.25 s and 1 s ago keeps in time (how far the past
+predicts the trace: a bound on any estimator), and the reactions to rate steps of 2x or more (rows of one second: a real trace's steps that held for
 at least 2 s, as well as every one).
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ from controller_heldout import heldout_traces, load_residuals  # noqa: E402
 
 from splitprune.adaptive.controller import Option  # noqa: E402
 from splitprune.adaptive.estimators import ESTIMATORS  # noqa: E402
-from splitprune.adaptive.replay import (controller_replay, oracle, reaction_stats, reactions, replay,  # noqa: E402
-                                        score)
+from splitprune.adaptive.replay import (controller_replay, measured, network_seconds, oracle,  # noqa: E402
+                                        reaction_stats, reactions, replay, score)
 from splitprune.link.trace import LinkTrace  # noqa: E402
 
 REAL = ROOT / "bench_results/traces/mahimahi"
+LAGS = (0.25, 1.0)   # the late oracles: the link exactly as it was this many seconds ago
+DEFAULT_INFERENCE = ROOT / "bench_results/adaptive/inference"
 VARIANTS = {name: {"estimator": name} for name in ESTIMATORS}
 VARIANTS.update({
     "sized-wide": {"estimator": "sized", "up_margin": 0.8, "safety": 0.9},
@@ -52,6 +55,16 @@ def full_ladder(logged: list[Option]) -> list[Option]:
     return sorted(out, key=lambda o: (o.bytes, o.budget))
 
 
+def lagged(trace: LinkTrace, options: list[Option], target: float, lag: float):
+    """The oracle one `lag` late: it knows the link exactly as it was `lag` seconds ago (and each request's own
+    residual). What no estimate of the past can beat: how predictable the trace is from its own past."""
+    def choose(i: int, t: float, m) -> int:
+        fits = [k for k, o in enumerate(options)
+                if m.residual + network_seconds(trace, max(t - lag, 0.0), o, m.server) <= target]
+        return max(fits) if fits else 0
+    return choose
+
+
 def groups() -> dict[str, list[LinkTrace]]:
     real = sorted(REAL.glob("*.csv"))
     return {"synthetic held-out": heldout_traces(),
@@ -68,14 +81,22 @@ def run_group(traces, runs, options, accuracy, target, settings: dict) -> dict:
             knows = oracle(trace, options, target)
             best = score(replay(trace, options, real, knows, target), options, accuracy, target)
             oracle_choice = [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests]
+            late = {lag: score(replay(trace, options, real, lagged(trace, options, target, lag), target), options,
+                               accuracy, target) for lag in LAGS}
             steps += reactions(trace, requests, oracle_choice, target)
             held += reactions(trace, requests, oracle_choice, target, hold=2.0)
             rows.append({"residuals": name, "trace": trace.name, "share": auto["share_within_target"],
                          "requests": auto["requests"], "vs_oracle_pt": 100 * (auto["accuracy"] - best["accuracy"]),
                          "bytes_vs_oracle": (auto["bytes_up"] / auto["requests"]) /
-                                            max(best["bytes_up"] / best["requests"], 1e-9)})
+                                            max(best["bytes_up"] / best["requests"], 1e-9),
+                         **{f"lagged_{lag:g}s_share": h["share_within_target"] for lag, h in late.items()},
+                         **{f"lagged_{lag:g}s_bytes_vs_oracle": (h["bytes_up"] / h["requests"]) /
+                            max(best["bytes_up"] / best["requests"], 1e-9) for lag, h in late.items()}})
     pooled = sum(r["share"] * r["requests"] for r in rows) / sum(r["requests"] for r in rows)
     return {"min_share": min(r["share"] for r in rows), "pooled_share": pooled,
+            **{f"lagged_{lag:g}s_min_share": min(r[f"lagged_{lag:g}s_share"] for r in rows) for lag in LAGS},
+            **{f"lagged_{lag:g}s_mean_bytes_vs_oracle": sum(r[f"lagged_{lag:g}s_bytes_vs_oracle"] for r in rows)
+               / len(rows) for lag in LAGS},
             "mean_vs_oracle_pt": sum(r["vs_oracle_pt"] for r in rows) / len(rows),
             "worst_vs_oracle_pt": min(r["vs_oracle_pt"] for r in rows),
             "min_bytes_vs_oracle": min(r["bytes_vs_oracle"] for r in rows),
@@ -88,21 +109,29 @@ def main() -> None:
     parser.add_argument("--targets", default="200,500", help="latency targets, ms")
     parser.add_argument("--variants", default=",".join(ESTIMATORS),
                         help="comma-separated names of VARIANTS (an estimator and the controller settings with it)")
+    parser.add_argument("--inference", type=Path, default=DEFAULT_INFERENCE,
+                        help="a bench's adaptive inference results: the model's options, accuracies and residuals")
     parser.add_argument("--groups", default="synthetic held-out,real select,real test")
     parser.add_argument("--ladder", choices=("log", "full"), default="log",
                         help="log: the options of the recorded run (its validation ranking dropped B=4, 16, 64 and "
                              "256); full: every power-of-two budget, as the ranking with RANK_TOLERANCE keeps them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/estimators.json")
     args = parser.parse_args()
-    inference = ROOT / "bench_results/adaptive/inference"
+    inference = args.inference
     bench = json.loads((inference / "adaptive_infer.json").read_text())
     run = next(t for t in bench["traces"] if t["trace"] == "cellular-fades")
     measured_at = {(o["budget"], o["dtype"]): o["accuracy"] for o in bench["option_accuracy"]}
     options = [Option(**o) for o in json.loads((inference / run["log"]).read_text())["options"]]
+    logged = options
     if args.ladder == "full":
-        options = full_ladder(options)
+        options = full_ladder(logged)
     accuracy = [measured_at[o.budget, o.dtype] for o in options]
-    runs = {p.stem: load_residuals(p) for p in sorted((ROOT / "bench_results/adaptive/residuals").glob("*.csv"))}
+    if args.inference == DEFAULT_INFERENCE:   # every recorded run of this model, pooled (controller_heldout.py)
+        runs = {p.stem: load_residuals(p) for p in sorted((ROOT / "bench_results/adaptive/residuals").glob("*.csv"))}
+    else:   # another model: the residuals of its own cellular-fades run
+        log = json.loads((inference / run["log"]).read_text())
+        runs = {"own cellular-fades run": measured(LinkTrace.load("cellular-fades"), log["rows"], logged,
+                                                   run["trace_start_unix"])}
     results = []
     for target_ms in (float(t) for t in args.targets.split(",")):
         for estimator in args.variants.split(","):
@@ -115,7 +144,9 @@ def main() -> None:
                 print(f"{target_ms:g} ms {estimator:9s} {group:18s} in time min {100 * r['min_share']:.1f}% pooled "
                       f"{100 * r['pooled_share']:.2f}%  vs oracle {r['mean_vs_oracle_pt']:+.2f} pt (worst "
                       f"{r['worst_vs_oracle_pt']:+.2f})  bytes/oracle min {r['min_bytes_vs_oracle']:.2f} mean "
-                      f"{r['mean_bytes_vs_oracle']:.2f}  rises<=1s {r['reactions']['rise']['within_1s']}/"
+                      f"{r['mean_bytes_vs_oracle']:.2f} (late oracles: " + ", ".join(
+                          f"{lag:g} s: in time min {100 * r[f'lagged_{lag:g}s_min_share']:.1f}%" for lag in LAGS) +
+                      f")  rises<=1s {r['reactions']['rise']['within_1s']}/"
                       f"{r['reactions']['rise']['count']} (held 2s: {r['reactions_held_2s']['rise']['within_1s']}/"
                       f"{r['reactions_held_2s']['rise']['count']})  falls<=1s {r['reactions']['fall']['within_1s']}/"
                       f"{r['reactions']['fall']['count']}", flush=True)
