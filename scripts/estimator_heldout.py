@@ -116,7 +116,11 @@ def main() -> None:
                         help="log: the options of the recorded run (its validation ranking dropped B=4, 16, 64 and "
                              "256); full: every power-of-two budget, as the ranking with RANK_TOLERANCE keeps them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/estimators.json")
+    parser.add_argument("--render", type=Path, help="only write the markdown of this results file next to it")
     args = parser.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
+        return
     inference = args.inference
     bench = json.loads((inference / "adaptive_infer.json").read_text())
     run = next(t for t in bench["traces"] if t["trace"] == "cellular-fades")
@@ -150,8 +154,34 @@ def main() -> None:
                       f"{r['reactions']['rise']['count']} (held 2s: {r['reactions_held_2s']['rise']['within_1s']}/"
                       f"{r['reactions_held_2s']['rise']['count']})  falls<=1s {r['reactions']['fall']['within_1s']}/"
                       f"{r['reactions']['fall']['count']}", flush=True)
-    args.out.write_text(json.dumps({"command": "python scripts/estimator_heldout.py " + " ".join(sys.argv[1:]),
-                                    "residuals": sorted(runs), "results": results}, indent=1))
+    doc = {"command": "python scripts/estimator_heldout.py " + " ".join(sys.argv[1:]), "residuals": sorted(runs),
+           "results": results}
+    args.out.write_text(json.dumps(doc, indent=1))
+    args.out.with_suffix(".md").write_text(render(doc))
+
+
+def render(doc: dict) -> str:
+    """The results as markdown tables, one per target (`--render JSON` writes them again from a results file)."""
+    from splitprune.bench.core.common import markdown_table
+
+    lines = [f"`{doc['command']}` (residuals of {len(doc['residuals'])} recorded run(s))", ""]
+    for target in dict.fromkeys(r["target_ms"] for r in doc["results"]):
+        rows = []
+        for r in (r for r in doc["results"] if r["target_ms"] == target):
+            rise, fall = r["reactions"]["rise"], r["reactions"]["fall"]
+            held = r["reactions_held_2s"]["rise"]
+            rows.append([r["variant"], r["group"], f"{100 * r['min_share']:.1f} / {100 * r['pooled_share']:.2f}",
+                         f"{r['mean_vs_oracle_pt']:+.2f} ({r['worst_vs_oracle_pt']:+.2f})",
+                         f"{r['mean_bytes_vs_oracle']:.2f} ({r['min_bytes_vs_oracle']:.2f})",
+                         f"{rise['within_1s']}/{rise['count']} ({held['within_1s']}/{held['count']})",
+                         f"{fall['within_1s']}/{fall['count']}",
+                         " / ".join(f"{100 * r[f'lagged_{lag:g}s_min_share']:.1f}" for lag in LAGS
+                                    if f"lagged_{lag:g}s_min_share" in r) or "-"])
+        lines += [f"Target {target:g} ms:", "", markdown_table(
+            ["variant", "traces", "% in time (worst trace / pooled)", "pt vs oracle (worst)",
+             "bytes / oracle's (worst)", "rises answered <= 1 s (held 2 s)", "falls <= 1 s",
+             "late oracle 0.25 s / 1 s: % in time (worst)"], rows).rstrip(), ""]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
