@@ -122,11 +122,16 @@ def compare(root: Path, rivals_root: Path | None = None, profile: str | Profile 
         verdicts[label(b)] = {"verdict": verdict(gap, NEED) if not missing else NOT_MEASURED, "text": text,
                               "anybudget": values, "rival": RIVALS[b], "rival_accuracy": theirs,
                               "difference": gap.__dict__ if gap else None, "missing": missing}
-        rows.append([label(b), _seeds(values), f"{RIVALS[b]}: {_seeds(theirs)}", gap.text() if gap else "n/a", text])
+        itself = difference(interval(theirs), interval(theirs))
+        verdicts[label(b)]["rival_against_itself"] = itself.__dict__ if itself else None
+        rows.append([label(b), _seeds(values), f"{RIVALS[b]}: {_seeds(theirs)}", gap.text() if gap else "n/a", text,
+                     f"{100 * itself.low:+.2f} pt" if itself else "n/a"])
     states = {v["verdict"] for v in verdicts.values()}
     overall = (FAILS if FAILS in states else HOLDS if states == {HOLDS} else
                NOT_MEASURED if NOT_MEASURED in states else NOT_RESOLVED)
-    table = markdown_table(["budget", "anybudget (seeds)", "dedicated model (seeds)", "difference", "verdict"], rows)
+    # the last column: the dedicated recipe against itself (its seeds' worst pairing): the noise floor of the rule
+    table = markdown_table(["budget", f"{base} (seeds)", "dedicated model (seeds)", "difference", "verdict",
+                            "dedicated vs itself (worst pairing)"], rows)
     return {"table": table, "verdicts": verdicts, "overall": overall, "need": NEED,
             "anybudget": {name: r for name, r in zip(seed_names(base, profile), ours)}}
 

@@ -90,6 +90,11 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
                 suite="adaptive", full_last=K,
                 note="one model whose first B channels serve every budget B: the device sends all channels, the "
                      "server trains on nested prefixes (1, all, one random ladder budget) of them"),
+        # (g) the same at equal server work: one server optimizer step per batch, as every dedicated model takes
+        *seeded("anybudget_1step", scratch("anybudget", "all:22", "fp16", "fp32", server_steps=1),
+                "anybudget, one server step (prefix, fp16/fp32)", suite="adaptive", full_last=K,
+                note="the any-budget run with --server-steps 1: the server's optimizer steps per batch of the "
+                     "dedicated models (its objective still runs three prefixes)"),
         # (d) a trained model at every budget (prune chain from sl), and trained baselines (seed 0 only)
         RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",
