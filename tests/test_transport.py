@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -607,6 +608,20 @@ def test_client_records_per_half_are_bounded(server):
 
 
 # ---------------------------------------------------------------- the server's time in a reply
+def test_every_training_reply_carries_the_servers_time(server):
+    endpoint = connect(small_config(), ConnectConfig(server=server.address), client_id="server-time",
+                       fresh_start=True)
+    try:
+        endpoint.start_phase(unframe(PHASE0)[1])
+        for step in (1, 2):
+            start = time.perf_counter()
+            reply = pb.TrainReply.FromString(endpoint.train(unframe(train_bytes(step, n=8))[1]))
+            measured_us = (time.perf_counter() - start) * 1e6
+            assert reply.step_id == step and 0 < reply.server_us <= measured_us, (reply.server_us, measured_us)
+    finally:
+        endpoint.close()
+
+
 def test_a_server_time_that_cannot_be_true_is_refused():
     assert server_seconds(0, 0.0, "TrainReply") == 0.0     # a server too quick for its clock to tick
     assert server_seconds(0.004, 0.005, "InferReply") == 0.004
