@@ -1,6 +1,8 @@
 """Any-budget models: the prefix wire format, the nested-prefix objective, one model at every budget, over
 the network bit for bit as in-process, and `--from` a gated model (the cut reordered, the function kept)."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -284,10 +286,12 @@ def test_train_auto_sizes_an_anybudget_step_as_it_travels():
     from splitprune.training.setup import LocalEndpoint, build_run
 
     class Eight:   # a StepBudget that sends 8 channels and keeps the step's message sizes
+        clock = time.perf_counter
+
         def next_budget(self, limit):
             return 8
 
-        def observe(self, up, down):
+        def observe(self, up, down, compute_seconds):
             self.sizes = (up, down)
 
     parts = build_run(make_config({**SMALL, "method": "anybudget", "train_subset": 16}))
