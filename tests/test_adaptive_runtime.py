@@ -98,19 +98,23 @@ class Clock:
 
 
 class SimulatedLink:
-    """The in-process link, taking simulated time on `clock`: 10 ms + bytes / rate, the rate dropping 100x
-    after step `drop`. It records the channels each TrainRequest carried."""
+    """The in-process link, taking simulated time on `clock`: the server's `server_s` (which its reply then
+    reports), then 10 ms + bytes / rate, the rate dropping 100x after step `drop`. It records the channels
+    each TrainRequest carried."""
 
-    def __init__(self, inner, clock: Clock, drop: int) -> None:
-        self.inner, self.clock, self.drop = inner, clock, drop
+    def __init__(self, inner, clock: Clock, drop: int, server_s: float = 0.002) -> None:
+        self.inner, self.clock, self.drop, self.server_s = inner, clock, drop, server_s
         self.sent: list[int] = []
 
     def train(self, request: bytes) -> bytes:
         msg = pb.TrainRequest.FromString(request)
         self.sent.append(len(msg.activations.channels) // 2)
-        reply = self.inner.train(request)
+        reply = pb.TrainReply.FromString(self.inner.train(request))
+        assert reply.server_us > 0   # the real server's time, replaced by the simulated one
+        reply.server_us = round(self.server_s * 1e6)
+        reply = reply.SerializeToString()
         rate = 10e6 if len(self.sent) <= self.drop else 1e5
-        self.clock.now += 0.010 + (len(request) + len(reply)) / rate
+        self.clock.now += self.server_s + 0.010 + (len(request) + len(reply)) / rate
         return reply
 
     def evaluate(self, request: bytes) -> bytes:
@@ -141,12 +145,27 @@ def test_step_budget_follows_the_link_in_training(tmp_path):
             step_budget=auto).run()
     chosen = [b for b, _ in auto.history]
     assert endpoint.link.sent == chosen                       # what was chosen is what travelled
-    # climbs the ladder on the fast link in jumps of at most 4x the bytes (1, 4, 16), steps down at once after
-    # the drop (to the smallest: one slow step cannot tell a slower rate from a longer round trip)
-    assert chosen == [1, 4, 16, 16, 16, 16, 1, 1, 1, 1]
+    # climbs the ladder on the fast link in jumps of at most 4x the bytes (1, 2, 8, 16: with the server's 2 ms
+    # the jump to 4 is predicted just over the up margin), steps down at once after the drop (to the smallest:
+    # one slow step cannot tell a slower rate from a longer round trip)
+    assert chosen == [1, 2, 8, 16, 16, 16, 1, 1, 1, 1]
+    # the server's time from each reply reached the controller (the device's own compute takes no simulated time)
+    assert auto.compute == [pytest.approx(0.002, abs=1e-9)] * 10
     assert auto.eval_budget() == 1        # evaluated at what the run trained most
     seconds = [s for _, s in auto.history]
     assert max(seconds[:5]) < 0.05 < seconds[5] and max(seconds[6:]) < 0.05   # one slow step, then on target
+
+
+def test_a_training_reply_claiming_more_server_time_than_the_round_trip_stops_the_run(tmp_path):
+    cfg = make_config({**AUTO_TRAINING, "epochs": 1})
+    parts = build_run(cfg)
+    endpoint = LocalEndpoint(parts.server_worker)
+    # it claims 10 s; without a step budget the device times the round trip on its own (real) clock
+    endpoint.link = SimulatedLink(endpoint.link, Clock(), drop=100, server_s=10.0)
+    with pytest.raises(UserError, match="training step failed: bad server time in the TrainReply: 10000.000 ms, "
+                                        "longer than the .* ms the device waited for it"):
+        Trainer(cfg, tmp_path / "run", endpoint=endpoint, parts=parts, show_progress=False, checkpoints=False).run()
+    assert len(endpoint.link.sent) == 1
 
 
 def test_train_auto_flags_go_together(tmp_path, capsys):
@@ -185,11 +204,11 @@ def test_a_resumed_auto_run_counts_the_steps_before_the_resume(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         first.run()
     before = Counter(b for b, _ in first_auto.history)
-    assert before[16] == 8                      # 1, 4, then 16 for the other 8 of 10 steps
+    assert before[16] == 7                      # 1, 2, 8, then 16 for the other 7 of 10 steps
     monkeypatch.setattr(Trainer, "_run_epoch", original)
     second, second_auto = trainer(drop=0)       # a slow one after the resume: B=1
     second.run()
     after = Counter(b for b, _ in second_auto.history)
-    assert sum(after.values()) == 10 and after[16] < 8
+    assert sum(after.values()) == 10 and after[16] < 7
     assert second_auto.steps_per_budget() == dict(before + after)
     assert second_auto.eval_budget() == max(before + after, key=lambda b: ((before + after)[b], b))

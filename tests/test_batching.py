@@ -148,8 +148,18 @@ def test_stacked_steps_of_an_anybudget_half_run_alone_with_its_nested_objective(
         zs = [device_half(cfg)(images[i][0]) for i in range(2)]
     requests = [_step(i + 1, ChannelCodec("fp16").compress(z[:, :k], torch.arange(k), 512, prefix=True), images[i][1])
                 for i, (z, k) in enumerate(zip(zs, (8, 32)))]
-    assert train_stacked(stacked, [Request(r) for r in requests]) == [alone.train(r) for r in requests]
+    got, want = train_stacked(stacked, [Request(r) for r in requests]), [alone.train(r) for r in requests]
+    assert got[0].server_us == got[1].server_us > 0   # the time of the whole call, both steps run alone in it
+    assert [timeless(r) for r in got] == [timeless(r) for r in want]
     assert weights_digest(module_tensors("s", stacked.half), "s.") == weights_digest(module_tensors("s", alone.half), "s.")
+
+
+def timeless(reply: pb.TrainReply) -> pb.TrainReply:
+    """The reply but its server_us: two runs of one step share every other field."""
+    out = pb.TrainReply()
+    out.CopyFrom(reply)
+    out.ClearField("server_us")
+    return out
 
 
 def _step(step_id, activations, y):
@@ -187,6 +197,7 @@ def test_stacked_step_gives_each_client_its_slice_of_the_union_step(images):
         handle.stop(grace=0.5)
     assert retry == replies[0]  # the stored reply, byte for byte, and not applied twice (weights below)
     got = [pb.TrainReply.FromString(r) for r in replies]
+    assert got[0].server_us == got[1].server_us > 0   # each reply carries the time of the stacked step
 
     by_hand, _ = build_server_worker(cfg, 10, 1)
     by_hand.start_phase(PHASE)
@@ -279,7 +290,8 @@ def test_a_diverging_step_undoes_the_stack_and_the_others_run_alone(images):
         except ProtocolError as exc:
             want.append(exc)
     assert isinstance(got[1], BadTensor) and isinstance(want[1], ProtocolError)
-    assert got[0] == want[0] and got[2] == want[2]
+    assert timeless(got[0]) == timeless(want[0]) and timeless(got[2]) == timeless(want[2])
+    assert got[0].server_us == got[2].server_us > 0   # the whole call's time: the undone stack, then both alone
     # the same weights and batch-norm statistics: a refused step's forward is undone alone or in a stack,
     # so both equal a worker that only ever saw the two valid steps
     valid_only = _diverging_worker(cfg)

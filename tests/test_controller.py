@@ -7,6 +7,7 @@ import pytest
 
 from splitprune.adaptive import BudgetController, Observation, Option, option_ladder
 from splitprune.adaptive.budgets import budget_quality, model_options
+from splitprune.adaptive.policy import AutoStepBudget
 from splitprune.errors import UserError
 from splitprune.link.trace import LinkTrace
 
@@ -248,6 +249,34 @@ def test_a_one_off_stall_is_forgotten_and_a_lasting_slowdown_is_not():
     log = simulate(slow, controller, 12)
     assert max(o.budget for s, o, _ in log if s > 7) <= fitting(0.2, 20, SAFETY * 0.1).budget
 
+
+
+def test_a_training_step_budget_fits_the_link_without_the_steps_compute():
+    """AutoStepBudget on a simulated clock: every step computes 80 ms (most of the step), then its messages
+    cross a 5 ms, 1 MB/s link; one step stalls 300 ms in compute. Told each step's compute (what the server
+    reports plus the device's own), the controller fits the link alone, climbs to B=16 and keeps it through
+    the stall; told none (the whole step taken for the link), the stall sends it down for good."""
+    def run(told: bool) -> tuple[list[int], AutoStepBudget]:
+        now = [0.0]
+        auto = AutoStepBudget([1, 2, 4, 8, 16], lambda b: (1000 * b, 1000 * b), 0.2, "fp16", clock=lambda: now[0])
+        chosen = []
+        for step in range(14):
+            budget = auto.next_budget(16)
+            up, down = auto.bytes_for(budget)
+            compute = 0.3 if step == 8 else 0.08
+            now[0] += compute + 0.005 + (up + down) / 1e6
+            auto.observe(up, down, compute if told else 0.0)
+            chosen.append(budget)
+        return chosen, auto
+
+    chosen, auto = run(told=True)
+    assert chosen[3:] == [16] * 11             # 117 ms a step at B=16, within the up margin of 200 ms
+    link = auto.estimate()
+    assert link.rtt == pytest.approx(0.005) and link.rate == pytest.approx(1e6) and link.compute == 0.08
+    assert auto.compute == [0.08] * 8 + [0.3] + [0.08] * 5
+    chosen, auto = run(told=False)
+    assert chosen[3:9] == [16] * 6 and chosen[9:] == [1] * 5
+    assert auto.estimate().rate < 2e5         # the stall, taken for the link, made it look five times slower
 
 
 def test_a_longer_delay_is_not_taken_for_a_slower_rate():

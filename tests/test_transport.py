@@ -1,8 +1,10 @@
 """The gRPC runtime against a real server on a free loopback port: equivalence with in-process training,
 authentication, TLS, validation of every field, size limits, state transfer and split inference."""
 import json
+import math
 import shutil
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -17,6 +19,7 @@ from splitprune.client.connect import RemoteError, connect, make_hello
 from splitprune.client.inference import InferenceClient
 from splitprune.compression import ChannelCodec, encode_labels
 from splitprune.config import make_config
+from splitprune.errors import ProtocolError
 from splitprune.proto import pb, service_pb2_grpc
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.app import start_app
@@ -25,6 +28,7 @@ from splitprune.training.checkpoint import state_from_bytes, state_to_bytes, wei
 from splitprune.training.trainer import Trainer
 from splitprune.wire.envelopes import (CHECKPOINT, DESCRIBE_METHOD, ERROR_KEY, EVAL, HELLO, INFER_METHOD, PHASE,
                                        PUSH_STATE_METHOD, TRAIN, TRAIN_METHOD, frame, unframe)
+from splitprune.wire.timing import MAX_SERVER_SECONDS, server_seconds
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=48, test_subset=32, batch_size=16,
              test_batch_size=32, threads=1, seed=0)
@@ -601,3 +605,29 @@ def test_client_records_per_half_are_bounded(server):
         assert "c9" not in half.clients and half.clients["c10"].last_step == 11
         half.clients.clear()
         half.clients.update(before)
+
+
+# ---------------------------------------------------------------- the server's time in a reply
+def test_every_training_reply_carries_the_servers_time(server):
+    endpoint = connect(small_config(), ConnectConfig(server=server.address), client_id="server-time",
+                       fresh_start=True)
+    try:
+        endpoint.start_phase(unframe(PHASE0)[1])
+        for step in (1, 2):
+            start = time.perf_counter()
+            reply = pb.TrainReply.FromString(endpoint.train(unframe(train_bytes(step, n=8))[1]))
+            measured_us = (time.perf_counter() - start) * 1e6
+            assert reply.step_id == step and 0 < reply.server_us <= measured_us, (reply.server_us, measured_us)
+    finally:
+        endpoint.close()
+
+
+def test_a_server_time_that_cannot_be_true_is_refused():
+    assert server_seconds(0, 0.0, "TrainReply") == 0.0     # a server too quick for its clock to tick
+    assert server_seconds(0.004, 0.005, "InferReply") == 0.004
+    assert server_seconds(0.0055, 0.005, "InferReply") == 0.0055   # within the clocks' slack of the round trip
+    bad = {math.nan: "not a finite number", -1.0: "not a finite number", math.inf: "not a finite number",
+           0.050: "longer than the 20.000 ms the device waited", MAX_SERVER_SECONDS + 1: "over the limit of 600 s"}
+    for seconds, words in bad.items():
+        with pytest.raises(ProtocolError, match=f"bad server time in the InferItemReply: .*{words}"):
+            server_seconds(seconds, 0.020 if seconds == 0.050 else 1e4, "InferItemReply")

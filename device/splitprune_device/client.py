@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitprune.errors import UserError
+from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.codec import MAX_MESSAGE_BYTES
 from splitprune.wire.stream import InferSessions, ItemResult, StreamRefused
+from splitprune.wire.timing import server_seconds
 
 _SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
 ERROR_KEY = "splitprune-error"  # trailing metadata holding the ErrorReason name (docs/protocol.md §8)
@@ -31,12 +32,17 @@ def explain(exc: grpc.RpcError, what: str) -> UserError:
     return UserError(f"{what}: {tag}: {exc.details()}")
 
 
+def broke_protocol(server: str, exc: ProtocolError) -> UserError:
+    return UserError(f"the server at {server} broke the protocol: {exc}")
+
+
 @dataclass
 class InferResult:
     reply: spb.InferReply
     round_trip_ms: float   # uplink + server + downlink, as measured around the call
     bytes_up: int          # the serialized InferRequest
     bytes_down: int        # the serialized InferReply
+    server_s: float        # reply.server_ms in seconds, checked against the round trip
 
 
 class InferenceClient:
@@ -85,8 +91,13 @@ class InferenceClient:
             out = self._infer(data, metadata=self.metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise explain(exc, "inference request failed") from None
-        elapsed = (time.perf_counter() - start) * 1e3
-        return InferResult(spb.InferReply.FromString(out), elapsed, len(data), len(out))
+        elapsed = time.perf_counter() - start
+        reply = spb.InferReply.FromString(out)
+        try:
+            server = server_seconds(reply.server_ms / 1e3, elapsed, "InferReply")
+        except ProtocolError as exc:
+            raise broke_protocol(self.server, exc) from None
+        return InferResult(reply, elapsed * 1e3, len(data), len(out), server)
 
     @staticmethod
     def infer_request(fingerprint: str, budget: int, request: pb.EvalRequest) -> bytes:
@@ -100,6 +111,8 @@ class InferenceClient:
             raise explain(exc, "inference session failed") from None
         except StreamRefused as exc:
             raise UserError(f"inference request refused: {exc}") from None
+        except ProtocolError as exc:
+            raise broke_protocol(self.server, exc) from None
 
     def close(self) -> None:
         self._sessions.close()

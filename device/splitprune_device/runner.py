@@ -64,7 +64,7 @@ def infer_one(model: DeviceModel, client: InferenceClient, images: np.ndarray, b
         item = client.infer_stream(model.fingerprint, budget, tensor)
         labels = pb.Labels(width=1 if num_classes <= 256 else 2, data=item.reply.labels)
         predictions = decode_label_array(labels, len(images), num_classes)
-        server_ms, round_trip, sizes = item.reply.server_us / 1e3, item.round_trip_ms, (
+        server_ms, round_trip, sizes = item.server_s * 1e3, item.round_trip_ms, (
             item.bytes_up, item.bytes_up, item.bytes_down)
     else:
         req = pb.EvalRequest(request_id=request_id, activations=tensor)
@@ -74,7 +74,7 @@ def infer_one(model: DeviceModel, client: InferenceClient, images: np.ndarray, b
         if res.reply.eval.request_id != request_id:
             raise UserError(f"reply to request {res.reply.eval.request_id} received for {request_id}")
         predictions = decode_label_array(res.reply.eval.predictions, len(images), num_classes)
-        server_ms, round_trip, sizes = float(res.reply.server_ms), res.round_trip_ms, (
+        server_ms, round_trip, sizes = res.server_s * 1e3, res.round_trip_ms, (
             req.ByteSize(), res.bytes_up, res.bytes_down)
     t4 = time.perf_counter()
     ms = {"preprocess": (t1 - t0) * 1e3, "device": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3,

@@ -11,7 +11,8 @@ import time
 from typing import Callable, Protocol
 
 from splitprune.adaptive.budgets import ladder
-from splitprune.adaptive.controller import BudgetController, Decision, Observation, Option, option_ladder
+from splitprune.adaptive.controller import (BudgetController, Decision, LinkEstimate, Observation, Option,
+                                           option_ladder)
 
 Clock = Callable[[], float]
 
@@ -42,11 +43,14 @@ class AutoBudget:
 class StepBudget(Protocol):
     """Asked by `DeviceWorker.train_step` for the channels of each step and told what the step sent."""
 
+    clock: Clock   # what steps are timed on; the device worker times its round trip on it too
+
     def next_budget(self, limit: int) -> int:
         """The budget of the next step, at most `limit` (the phase's budget)."""
 
-    def observe(self, bytes_up: int, bytes_down: int) -> None:
-        """The step asked for last is done: its TrainRequest and TrainReply sizes."""
+    def observe(self, bytes_up: int, bytes_down: int, compute_seconds: float) -> None:
+        """The step asked for last is done: its TrainRequest and TrainReply sizes, and the part of its time
+        that was not on the link (the server's time as its TrainReply reports it, plus the device's own)."""
 
     def eval_budget(self) -> int | None:
         """The budget the end-of-epoch evaluation uses (None: the phase's budget)."""
@@ -69,12 +73,13 @@ class AutoStepBudget:
     """`train --budget auto --step-ms T`: the largest budget whose predicted step time meets T.
 
     The step time is measured from `next_budget` to `observe` on `clock` (the whole step: device compute,
-    the round trip, the server's compute, the backward pass). The server reports no compute time for a
-    training step, so all compute is part of the fitted base (compute_seconds = 0); a step's messages are
-    large enough (kB per channel of a batch) that the rate still shows. `bytes_for(budget)` gives the
-    (TrainRequest, TrainReply) sizes of a step at that budget; only the budgets of the ladder up to the
-    phase's budget are used, and the controller starts afresh when the phase's budget changes. The uplink
-    dtype of a training session is fixed by its handshake: only the budget varies."""
+    the round trip, the server's compute, the backward pass); `observe` is told the part of it that was
+    compute (the server's time from its TrainReply, plus the device's forward, encoding and backward), so
+    the controller fits the link on the rest and a compute stall is not taken for a slower link (a step
+    late for its compute alone moves nothing). `bytes_for(budget)` gives the (TrainRequest, TrainReply)
+    sizes of a step at that budget; only the budgets of the ladder up to the phase's budget are used, and
+    the controller starts afresh when the phase's budget changes. The uplink dtype of a training session is
+    fixed by its handshake: only the budget varies."""
 
     def __init__(self, budgets: list[int], bytes_for: Callable[[int], tuple[int, int]], target_seconds: float,
                  dtype: str, clock: Clock = time.perf_counter, **settings) -> None:
@@ -84,6 +89,7 @@ class AutoStepBudget:
         self._auto: AutoBudget | None = None
         self._started: float | None = None
         self.history: list[tuple[int, float]] = []   # (budget, step seconds) of every observed step
+        self.compute: list[float] = []               # the compute seconds of every observed step, as told
         self.impossible_steps = 0
         self._budget = 0
         self._earlier: collections.Counter = collections.Counter()   # steps of a resumed run's earlier processes
@@ -99,13 +105,18 @@ class AutoStepBudget:
         self._started = self.clock()
         return self._budget
 
-    def observe(self, bytes_up: int, bytes_down: int) -> None:
+    def observe(self, bytes_up: int, bytes_down: int, compute_seconds: float) -> None:
         if self._started is None or self._auto is None:
             raise RuntimeError("observe() before next_budget()")
         seconds = self.clock() - self._started
         self._started = None
-        self._auto.observe(bytes_up, bytes_down, seconds)
+        self._auto.observe(bytes_up, bytes_down, seconds, compute_seconds)
         self.history.append((self._budget, seconds))
+        self.compute.append(compute_seconds)
+
+    def estimate(self) -> LinkEstimate | None:
+        """The link and compute the controller has fitted so far (None before the first phase's first step)."""
+        return None if self._auto is None else self._auto.controller.estimate()
 
     def eval_budget(self) -> int | None:
         """The budget of the most steps so far (ties: the larger): an any-budget model trains the prefixes it

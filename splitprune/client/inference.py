@@ -8,11 +8,12 @@ import grpc
 
 from splitprune.client.channel import Connection, RemoteError, remote_error
 from splitprune.client.config import ConnectConfig
-from splitprune.errors import UserError
+from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import DESCRIBE_METHOD, INFER_METHOD, frame
 from splitprune.wire.stream import InferSessions, StreamRefused
+from splitprune.wire.timing import server_seconds
 
 
 class InferenceClient:
@@ -64,15 +65,20 @@ class InferenceClient:
             data = head + frame(3, request)  # field 3 = eval: the EvalRequest bytes as they are
         before = self._meter.read() if self._meter else None
         start = time.perf_counter()
-        if self.stream:
-            reply, server_ms, up, down = self._on_session(req, budget)
-        else:
-            try:
-                out = self._infer(data, metadata=self.conn.metadata, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                raise remote_error(exc, "inference request failed") from None
-            unary = spb.InferReply.FromString(out)
-            reply, server_ms, up, down = unary.eval, unary.server_ms, len(data), len(out)
+        try:
+            if self.stream:
+                reply, server_ms, up, down = self._on_session(req, budget)
+            else:
+                try:
+                    out = self._infer(data, metadata=self.conn.metadata, timeout=self.timeout)
+                except grpc.RpcError as exc:
+                    raise remote_error(exc, "inference request failed") from None
+                elapsed = time.perf_counter() - start
+                unary = spb.InferReply.FromString(out)
+                server_ms = server_seconds(unary.server_ms / 1e3, elapsed, "InferReply") * 1e3
+                reply, up, down = unary.eval, len(data), len(out)
+        except ProtocolError as exc:
+            raise RemoteError(f"the server at {self.conn.target} broke the protocol: {exc}") from None
         self.latencies_ms.append((time.perf_counter() - start) * 1e3)
         if self._meter:
             self.traffic.attribute("evaluation", self._meter, before, self._meter.read())
@@ -81,7 +87,8 @@ class InferenceClient:
         return reply.SerializeToString()
 
     def _on_session(self, req: pb.EvalRequest, budget: int) -> tuple[pb.EvalReply, float, int, int]:
-        """(the EvalReply a unary call would have carried, the server's ms, bytes up, bytes down) of one item."""
+        """(the EvalReply a unary call would have carried, the server's ms, bytes up, bytes down) of one item;
+        the session checked the server's time against the item's round trip."""
         try:
             result = self._sessions.infer(self.fingerprint, budget, req.activations)
         except grpc.RpcError as exc:
@@ -93,7 +100,7 @@ class InferenceClient:
         labels = result.reply.labels
         width = max(len(labels) // max(req.activations.shape[0], 1), 1)
         reply = pb.EvalReply(request_id=req.request_id, predictions=pb.Labels(width=width, data=labels))
-        return reply, result.reply.server_us / 1e3, result.bytes_up, result.bytes_down
+        return reply, result.server_s * 1e3, result.bytes_up, result.bytes_down
 
     def close(self) -> None:
         self._sessions.close()

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitprune/proto/splitprune.proto\x12\rsplitprune.v1\"\xa4\x01\n\rEncodedTensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.splitprune.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\x12\x0f\n\x07offsets\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06prefix\x18\x07 \x01(\r\x12\x0e\n\x06tables\x18\x08 \x01(\x07\"%\n\x06Labels\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8b\x01\n\x0cTrainRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12%\n\x06labels\x18\x03 \x01(\x0b\x32\x15.splitprune.v1.Labels\x12\x10\n\x08lr_scale\x18\x04 \x01(\x02\"l\n\nTrainReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\x08gradient\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\r\"T\n\x0b\x45valRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\"K\n\tEvalReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0bpredictions\x18\x02 \x01(\x0b\x32\x15.splitprune.v1.Labels\"v\n\x10\x43\x61librateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"5\n\x0e\x43\x61librateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\r\"a\n\x0cPhaseRequest\x12\r\n\x05phase\x18\x01 \x01(\r\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x02\x12\x10\n\x08momentum\x18\x04 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x02\"\x1b\n\nPhaseReply\x12\r\n\x05phase\x18\x01 \x01(\r*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\x08\n\x04INT4\x10\x04\x12\x06\n\x02\x45\x43\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitprune/proto/splitprune.proto\x12\rsplitprune.v1\"\xa4\x01\n\rEncodedTensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.splitprune.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x01(\x0c\x12\x0f\n\x07offsets\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06prefix\x18\x07 \x01(\r\x12\x0e\n\x06tables\x18\x08 \x01(\x07\"%\n\x06Labels\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8b\x01\n\x0cTrainRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12%\n\x06labels\x18\x03 \x01(\x0b\x32\x15.splitprune.v1.Labels\x12\x10\n\x08lr_scale\x18\x04 \x01(\x02\"\x7f\n\nTrainReply\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\x08gradient\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\r\x12\x11\n\tserver_us\x18\x05 \x01(\r\"T\n\x0b\x45valRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\"K\n\tEvalReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0bpredictions\x18\x02 \x01(\x0b\x32\x15.splitprune.v1.Labels\"v\n\x10\x43\x61librateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x31\n\x0b\x61\x63tivations\x18\x02 \x01(\x0b\x32\x1c.splitprune.v1.EncodedTensor\x12\r\n\x05\x66irst\x18\x03 \x01(\x08\x12\x0c\n\x04last\x18\x04 \x01(\x08\"5\n\x0e\x43\x61librateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\r\"a\n\x0cPhaseRequest\x12\r\n\x05phase\x18\x01 \x01(\r\x12\x0e\n\x06\x62udget\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x02\x12\x10\n\x08momentum\x18\x04 \x01(\x02\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x02\"\x1b\n\nPhaseReply\x12\r\n\x05phase\x18\x01 \x01(\r*N\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\x08\n\x04INT4\x10\x04\x12\x06\n\x02\x45\x43\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitprune.proto.splitprune_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=976
-  _globals['_DTYPE']._serialized_end=1054
+  _globals['_DTYPE']._serialized_start=995
+  _globals['_DTYPE']._serialized_end=1073
   _globals['_ENCODEDTENSOR']._serialized_start=53
   _globals['_ENCODEDTENSOR']._serialized_end=217
   _globals['_LABELS']._serialized_start=219
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINREQUEST']._serialized_start=259
   _globals['_TRAINREQUEST']._serialized_end=398
   _globals['_TRAINREPLY']._serialized_start=400
-  _globals['_TRAINREPLY']._serialized_end=508
-  _globals['_EVALREQUEST']._serialized_start=510
-  _globals['_EVALREQUEST']._serialized_end=594
-  _globals['_EVALREPLY']._serialized_start=596
-  _globals['_EVALREPLY']._serialized_end=671
-  _globals['_CALIBRATEREQUEST']._serialized_start=673
-  _globals['_CALIBRATEREQUEST']._serialized_end=791
-  _globals['_CALIBRATEREPLY']._serialized_start=793
-  _globals['_CALIBRATEREPLY']._serialized_end=846
-  _globals['_PHASEREQUEST']._serialized_start=848
-  _globals['_PHASEREQUEST']._serialized_end=945
-  _globals['_PHASEREPLY']._serialized_start=947
-  _globals['_PHASEREPLY']._serialized_end=974
+  _globals['_TRAINREPLY']._serialized_end=527
+  _globals['_EVALREQUEST']._serialized_start=529
+  _globals['_EVALREQUEST']._serialized_end=613
+  _globals['_EVALREPLY']._serialized_start=615
+  _globals['_EVALREPLY']._serialized_end=690
+  _globals['_CALIBRATEREQUEST']._serialized_start=692
+  _globals['_CALIBRATEREQUEST']._serialized_end=810
+  _globals['_CALIBRATEREPLY']._serialized_start=812
+  _globals['_CALIBRATEREPLY']._serialized_end=865
+  _globals['_PHASEREQUEST']._serialized_start=867
+  _globals['_PHASEREQUEST']._serialized_end=964
+  _globals['_PHASEREPLY']._serialized_start=966
+  _globals['_PHASEREPLY']._serialized_end=993
 # @@protoc_insertion_point(module_scope)

@@ -63,16 +63,18 @@ class TrainRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., activations: _Optional[_Union[EncodedTensor, _Mapping]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., lr_scale: _Optional[float] = ...) -> None: ...
 
 class TrainReply(_message.Message):
-    __slots__ = ("step_id", "gradient", "loss", "correct")
+    __slots__ = ("step_id", "gradient", "loss", "correct", "server_us")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CORRECT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_US_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     gradient: EncodedTensor
     loss: float
     correct: int
-    def __init__(self, step_id: _Optional[int] = ..., gradient: _Optional[_Union[EncodedTensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ...) -> None: ...
+    server_us: int
+    def __init__(self, step_id: _Optional[int] = ..., gradient: _Optional[_Union[EncodedTensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., server_us: _Optional[int] = ...) -> None: ...
 
 class EvalRequest(_message.Message):
     __slots__ = ("request_id", "activations")

@@ -16,6 +16,7 @@ from splitprune.server.transfer import infer
 from splitprune.server.validation import check_infer_budget
 from splitprune.wire.codec import LEVELS, decode_channels
 from splitprune.wire.refusals import BadTensor, BudgetExceeded, Refusal, TooLarge
+from splitprune.wire.timing import microseconds
 
 MESSAGE_LIMIT = 200  # characters of an item's error message
 
@@ -79,4 +80,4 @@ class InferSession:
         tensor.data = item.data[self.side:]
         reply = infer(self.service, spb.InferRequest(fingerprint=self.fingerprint, budget=self.budget,
                                                      eval=pb.EvalRequest(request_id=1, activations=tensor)))
-        return spb.InferItemReply(labels=reply.eval.predictions.data, server_us=int(reply.server_ms * 1000))
+        return spb.InferItemReply(labels=reply.eval.predictions.data, server_us=microseconds(reply.server_ms / 1e3))

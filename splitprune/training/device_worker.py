@@ -3,6 +3,7 @@ the budget and its loss, the uplink codec; and split inference from the device s
 the server part: only serialized messages pass between them, through a Link."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from splitprune.proto import pb
 from splitprune.training.halves import DeviceHalf, Geometry, end_calibration, start_calibration
 from splitprune.training.link import Link, OptimizerSettings, as_float32, parse_message, set_lr
 from splitprune.training.rng import RngStream
+from splitprune.wire.timing import server_seconds
 
 
 @dataclass
@@ -94,10 +96,16 @@ class DeviceWorker:
         """One step of both halves; lr_scale (0, 1] scales the phase's lr of both for this step.
 
         `step_budget` (train --budget auto) picks this step's channels, at most the phase's budget, and is told
-        the sizes of the step's messages when it is done; without it every step sends the phase's budget."""
+        the sizes of the step's messages and its compute time (the server's, as its reply reports it, and this
+        side's) when it is done; without it every step sends the phase's budget. The reply's server time is
+        checked against the round trip measured here (ProtocolError for one that cannot be true)."""
         assert self.optimizer is not None, "start_phase first"
         limit = self.budget or self.channels
         budget = None if step_budget is None else min(step_budget.next_budget(limit), limit)
+        # the budget's clock (a simulated one in tests) times the round trip, so that the server's time is
+        # checked against, and later subtracted from, times on that one clock
+        clock = time.perf_counter if step_budget is None else step_budget.clock
+        started = clock()
         lr_scale = as_float32(lr_scale)
         self.step_id += 1
         self.half.train()
@@ -109,10 +117,13 @@ class DeviceWorker:
         request = pb.TrainRequest(step_id=self.step_id, activations=activations, labels=encode_labels(y),
                                   lr_scale=0.0 if lr_scale == 1.0 else lr_scale)
         up = request.SerializeToString()
+        sent = clock()
         down = link.train(up)
+        round_trip = clock() - sent
         reply = parse_message(pb.TrainReply, down)
         if reply.step_id != self.step_id:
             raise ProtocolError(f"reply to step {reply.step_id} received for step {self.step_id}")
+        server = server_seconds(reply.server_us / 1e6, round_trip, "TrainReply")
         gradient = self.codec.decompress(reply.gradient)
         if tuple(gradient.values.shape) != tuple(kept.shape):
             raise ProtocolError(f"gradient shape {tuple(gradient.values.shape)} != sent {tuple(kept.shape)}")
@@ -129,8 +140,8 @@ class DeviceWorker:
         torch.autograd.backward(tensors, grads)
         set_lr(self.optimizer, self.phase_lr * lr_scale)  # a scale the server refused never gets here
         self.optimizer.step()
-        if step_budget is not None:
-            step_budget.observe(len(up), len(down))
+        if step_budget is not None:   # this side's compute: the whole step but the round trip
+            step_budget.observe(len(up), len(down), clock() - started - round_trip + server)
         return StepStats(len(y), reply.loss, reply.correct, len(up), len(down))
 
     def calibrate(self, batches: list[torch.Tensor], link: Link, budget: int | None = None) -> tuple[int, int]:

@@ -4,6 +4,7 @@ to it. It shares no objects with the device part: only serialized messages pass 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Callable
 
@@ -22,6 +23,7 @@ from splitprune.training.objectives import CrossEntropy, Objective
 from splitprune.training.rng import RngStream
 from splitprune.wire.codec import kept_count
 from splitprune.wire.refusals import BadMessage, BadTensor, BudgetExceeded, NoPhase
+from splitprune.wire.timing import microseconds
 
 
 def check_lr_scale(scale: float) -> float:
@@ -146,6 +148,7 @@ class ServerWorker:
     def train(self, req: pb.TrainRequest, dtype: int | None = None, max_kept: int | None = None) -> pb.TrainReply:
         if self.optimizer is None:
             raise NoPhase("no training phase started: send a PhaseRequest first")
+        start = time.perf_counter()
         self.end_calibration()
         lr_scale = check_lr_scale(req.lr_scale)
         budget = self.budget if max_kept is None else min(max_kept, self.budget or max_kept)
@@ -179,8 +182,10 @@ class ServerWorker:
         except ProtocolError:
             undo()  # nor are its batch-norm statistics kept
             raise
-        correct = int((logits.detach().argmax(1) == labels).sum())
-        return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss.item(), correct=correct)
+        # read before the clock: both wait for the accelerator's queued work, which is part of the step's time
+        correct, loss_value = int((logits.detach().argmax(1) == labels).sum()), loss.item()
+        return pb.TrainReply(step_id=req.step_id, gradient=gradient, loss=loss_value, correct=correct,
+                             server_us=microseconds(time.perf_counter() - start))
 
     def undo_point(self) -> Callable[[], None]:
         """What a refused step's forward changes (batch-norm statistics, random state), to be put back."""

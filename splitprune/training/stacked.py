@@ -17,6 +17,7 @@ Callers hold the half's lock, as for ServerWorker.train/evaluate.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from splitprune.training.link import set_lr
 from splitprune.training.objectives import CrossEntropy
 from splitprune.training.server_worker import ServerWorker, check_lr_scale
 from splitprune.wire.refusals import BadTensor, NoPhase, Refusal
+from splitprune.wire.timing import microseconds
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,21 @@ def _receive(worker: ServerWorker, r: Request) -> tuple[Decoded, torch.Tensor]:
 
 def train_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.TrainReply | Refusal]:
     """One optimizer step over the union of the valid requests' batches (module docstring). All requests
-    carry the same lr_scale (the batcher stacks only those)."""
+    carry the same lr_scale (the batcher stacks only those). Every reply's server_us is the time of this
+    whole call, the stacked step it was part of (or the lone steps run in its stead, one after the other):
+    no reply leaves before all of them are done, so that is the server's time for each of them."""
     if worker.optimizer is None:
         return [NoPhase("no training phase started: send a PhaseRequest first") for _ in requests]
+    start = time.perf_counter()
+    out = _train_stacked(worker, requests)
+    took = microseconds(time.perf_counter() - start)
+    for reply in out:
+        if isinstance(reply, pb.TrainReply):
+            reply.server_us = took
+    return out
+
+
+def _train_stacked(worker: ServerWorker, requests: list[Request]) -> list[pb.TrainReply | Refusal]:
     worker.end_calibration()
     out: list[pb.TrainReply | Refusal | None] = [None] * len(requests)
     valid: list[tuple[int, Decoded, torch.Tensor]] = []

@@ -14,6 +14,7 @@ import grpc
 
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.wire.timing import server_seconds
 
 INFER_STREAM_METHOD = "/splitprune.v1.SplitPrune/InferStream"
 
@@ -39,6 +40,7 @@ class ItemResult:
     round_trip_ms: float
     bytes_up: int      # the serialized InferItem
     bytes_down: int    # the serialized InferItemReply
+    server_s: float    # reply.server_us in seconds, checked against the round trip
     open_bytes: int = 0  # the serialized InferOpen, when this request opened its session
 
 
@@ -62,15 +64,18 @@ class InferStreamClient:
         self.opened = spb.InferOpened.FromString(next(self._replies))
 
     def infer(self, data: bytes, samples: int = 1) -> ItemResult:
+        """One item's result; StreamRefused for a refused item, ProtocolError for a server time that cannot
+        be true (splitprune.wire.timing)."""
         item = spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
         start = time.perf_counter()
         self._queue.put(item)
         out = next(self._replies)
-        elapsed = (time.perf_counter() - start) * 1e3
+        elapsed = time.perf_counter() - start
         reply = spb.InferItemReply.FromString(out)
         if reply.error:
             raise StreamRefused(spb.ErrorReason.Name(reply.error), reply.message)
-        return ItemResult(reply, elapsed, len(item), len(out))
+        server = server_seconds(reply.server_us / 1e6, elapsed, "InferItemReply")
+        return ItemResult(reply, elapsed * 1e3, len(item), len(out), server)
 
     def close(self) -> None:
         self._queue.put(None)  # half-close: the server ends the stream
@@ -87,7 +92,7 @@ class InferSessions:
 
     def infer(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> ItemResult:
         """One request: `tensor` (an EncodedTensor of N samples) on its session. Raises grpc.RpcError for a
-        refused or broken session, StreamRefused for a refused item."""
+        refused or broken session, StreamRefused for a refused item, ProtocolError for a bad server time."""
         key = session_key(fingerprint, budget, tensor)
         opened = 0
         try:
