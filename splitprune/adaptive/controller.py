@@ -24,6 +24,11 @@ slowdown is measured again by the next step up (whose size makes a pair with the
 not renewed by a pair for ``refit_after`` seconds is relaxed to the prior if it is slower: a fit from
 two nearly equal sizes can be wildly pessimistic, and options of nearly one size never correct it.
 
+``estimator`` (estimators.py) may instead learn the rate from every request (RobustMPC's discounted harmonic
+mean, "harmonic", or a size-conditioned predictor after Fugu, "sized"), the round trip taken from the last pair
+fit and lowered by any quicker request. On held-out synthetic and real cellular uplink traces neither beat the
+fit over pairs (scripts/estimator_heldout.py, bench_results/adaptive/estimators_full_ladder.md): the default.
+
 Choosing: the best option whose predicted latency is within ``safety * target`` wins (the first choice
 after a fit over two sizes goes straight there, within ``up_margin * target``), with brakes so
 that a steady link does not make the choice oscillate: stepping up waits ``hold`` seconds after a step
