@@ -237,7 +237,8 @@ def test_a_hedge_answers_when_the_main_request_is_late_and_the_stream_moves_on(m
     doc, summary = json.loads(log.read_text()), json.loads(out.read_text())
     rows, smallest = doc["rows"], doc["options"][0]
     hedged = [r for r in rows if r["hedged"]]
-    assert hedged and all(r["unix"] - trace_start > step - 0.3 for r in hedged), [r["unix"] - trace_start for r in hedged]
+    after = [r["unix"] - trace_start for r in hedged]
+    assert hedged and min(after) > step - 0.3, after   # none before the fall: the main answers were in time
     first = hedged[0]
     assert first["within"] and first["latency_ms"] <= 250 and first["budget"] > smallest["budget"]
     assert first["bytes_down"] == 0   # the main answer was abandoned (cancelled, or read and dropped later)
@@ -246,6 +247,7 @@ def test_a_hedge_answers_when_the_main_request_is_late_and_the_stream_moves_on(m
     for r in rows:   # every request above the smallest option sent a hedge, of that size (request ids grow)
         big = (r["budget"], r["dtype"]) != (smallest["budget"], smallest["dtype"])
         assert (r["hedge_bytes_up"] > 0) == big and (not big or abs(r["hedge_bytes_up"] - min(alone)) <= 2)
-    assert summary["hedged_answers"] == len(hedged) and summary["hedge_bytes_up"] == sum(r["hedge_bytes_up"] for r in rows)
+    assert summary["hedged_answers"] == len(hedged)
+    assert summary["hedge_bytes_up"] == sum(r["hedge_bytes_up"] for r in rows)
     assert summary["within_target"] == sum(r["within"] for r in rows)
     assert "hedges:" in text

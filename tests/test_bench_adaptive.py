@@ -164,7 +164,8 @@ def test_hedged_auto_keeps_the_requests_of_a_deep_fade_in_time():
     assert hedged["hedge_bytes_up"] == hedged["hedges"] * OPTIONS[0].bytes_up
     by_b1 = sum(k == 0 or by_hedge for _, _, k, _, by_hedge in requests)   # a hedge answers as B=1, scored so
     assert hedged["option_share"]["B=1 int8"] == pytest.approx(by_b1 / len(requests))
-    assert hedged["accuracy"] == pytest.approx(sum(accuracy[0 if h else k] for _, _, k, _, h in requests) / len(requests))
+    answered = [accuracy[0 if by_hedge else k] for _, _, k, _, by_hedge in requests]
+    assert hedged["accuracy"] == pytest.approx(sum(answered) / len(requests))
     assert "hedged_answers" not in plain
 
 
