@@ -212,3 +212,42 @@ def test_a_resumed_auto_run_counts_the_steps_before_the_resume(tmp_path, monkeyp
     assert sum(after.values()) == 10 and after[16] < 7
     assert second_auto.steps_per_budget() == dict(before + after)
     assert second_auto.eval_budget() == max(before + after, key=lambda b: ((before + after)[b], b))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_a_hedge_answers_when_the_main_request_is_late_and_the_stream_moves_on(model, tmp_path, capsys, stream):
+    """--hedge over a real link that falls from 20 to 0.02 Mbit/s: the first large request after the fall
+    (2.2 kB: ~0.9 s) is abandoned at the deadline, the hedge sent before it (~70 B) answers in time."""
+    run, server = model
+    step = 2.0
+    trace = tmp_path / "fall.csv"
+    trace.write_text(f"seconds,rate_mbit,delay_ms\n0,20,5\n{step},0.02,5\n")
+    link, address = start_link(server.address, str(trace))
+    try:
+        log, out = tmp_path / "log.json", tmp_path / "out.json"
+        rc = main(["infer", "--server", address, "--checkpoint", str(run), "--budget", "auto", "--latency-ms", "250",
+                   "--duration", str(step + 2.0), "--every", "0", "--log", str(log), "--out", str(out), "--warmup",
+                   "3", "--hedge", *(["--stream"] if stream else [])])
+        trace_start = trace_started(link)
+    finally:
+        link.terminate()
+        link.wait(10)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc, summary = json.loads(log.read_text()), json.loads(out.read_text())
+    rows, smallest = doc["rows"], doc["options"][0]
+    hedged = [r for r in rows if r["hedged"]]
+    after = [r["unix"] - trace_start for r in hedged]
+    assert hedged and min(after) > step - 0.3, after   # none before the fall: the main answers were in time
+    first = hedged[0]
+    assert first["within"] and first["latency_ms"] <= 250 and first["budget"] > smallest["budget"]
+    assert first["bytes_down"] == 0   # the main answer was abandoned (cancelled, or read and dropped later)
+    alone = [r["bytes_up"] for r in rows if (r["budget"], r["dtype"]) == (smallest["budget"], smallest["dtype"])]
+    assert alone   # after the fall the smallest option goes alone: that is what a hedge sends
+    for r in rows:   # every request above the smallest option sent a hedge, of that size (request ids grow)
+        big = (r["budget"], r["dtype"]) != (smallest["budget"], smallest["dtype"])
+        assert (r["hedge_bytes_up"] > 0) == big and (not big or abs(r["hedge_bytes_up"] - min(alone)) <= 2)
+    assert summary["hedged_answers"] == len(hedged)
+    assert summary["hedge_bytes_up"] == sum(r["hedge_bytes_up"] for r in rows)
+    assert summary["within_target"] == sum(r["within"] for r in rows)
+    assert "hedges:" in text

@@ -397,12 +397,13 @@ def test_rescoring_computes_every_accuracy_again_on_the_test_set_and_sends_nothi
     accuracy = {(o["budget"], o["dtype"]): o["accuracy"] for o in summary["option_accuracy"]}
     policies = summary["traces"][0]["policies"]
     assert [p["policy"] for p in policies] == ["auto (real run)", "auto (controller, simulated)",
+                                               "auto + hedge (simulated)",
                                                "oracle (knows the trace, simulated)", "fixed B=1 fp16 (simulated)",
                                                "fixed B=8 fp16 (simulated)", "fixed B=2 fp16 (simulated)"]
     assert policies[0]["requests"] == 10 and policies[0]["share_within_target"] == 1.0   # the real run's own
     assert policies[0]["accuracy"] == pytest.approx(0.3 * accuracy[1, "fp16"] + 0.7 * accuracy[8, "fp16"])
     assert policies[0]["option_share"] == {"B=1 fp16": 0.3, "B=8 fp16": 0.7}
-    assert policies[3]["accuracy"] == pytest.approx(accuracy[1, "fp16"])
+    assert policies[4]["accuracy"] == pytest.approx(accuracy[1, "fp16"])
     assert summary["traces"][0]["verdict"]["within_99"] == "not resolved"   # 10 requests show little
 
 

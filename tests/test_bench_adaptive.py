@@ -1,5 +1,7 @@
 """`splitprune bench adaptive`'s own logic: the replay of `--budget auto` (adaptive_sim) and the training
 verdict (adaptive_train). Torch-free, no clock."""
+import pytest
+
 from splitprune.adaptive.controller import Option
 from splitprune.adaptive.replay import Measured, controller_replay, fixed, reactions, replay
 from splitprune.bench.adaptive.training import accuracy_verdict
@@ -139,3 +141,41 @@ def test_a_step_never_answered_is_reported_as_never_not_as_infinity():
                                "unanswered": 1, "late": 10}                # every request from the step on
     json.dumps(summary, allow_nan=False)                                   # valid JSON
     assert "1 falls: 1 never answered, 10 requests late on the way" in reaction_line(summary)
+
+
+def faded_run() -> tuple[LinkTrace, list[Measured]]:
+    """10 Mbit/s with a 0.3 s fade to 0.05 Mbit/s every 3 s (12 kB take 2 s in it, 68 B 11 ms)."""
+    rows = [row for c in range(10) for row in ((3 * c, 10.0, 20.0), (3 * c + 2.7, 0.05, 20.0))]
+    real = [Measured(t=0.1 * i, residual=0.02, server=0.005, compute=0.025, gap=0.0) for i in range(290)]
+    return LinkTrace.from_rows(rows), real
+
+
+def test_hedged_auto_keeps_the_requests_of_a_deep_fade_in_time():
+    from splitprune.adaptive.replay import score
+    trace, real = faded_run()
+    accuracy = [0.6, 0.8, 0.9]
+    plain = score(controller_replay(trace, OPTIONS, real, 0.2), OPTIONS, accuracy, 0.2)
+    requests = controller_replay(trace, OPTIONS, real, 0.2, hedge=True)
+    hedged = score(requests, OPTIONS, accuracy, 0.2)
+    late = {name: round((1 - s["share_within_target"]) * s["requests"]) for name, s in (("plain", plain),
+                                                                                        ("hedged", hedged))}
+    assert late["plain"] >= 5 and late["hedged"] == 0, late     # each fade catches one large request unhedged
+    assert 0 < hedged["hedged_answers"] <= hedged["hedges"]
+    assert hedged["hedge_bytes_up"] == hedged["hedges"] * OPTIONS[0].bytes_up
+    by_b1 = sum(k == 0 or by_hedge for _, _, k, _, by_hedge in requests)   # a hedge answers as B=1, scored so
+    assert hedged["option_share"]["B=1 int8"] == pytest.approx(by_b1 / len(requests))
+    answered = [accuracy[0 if by_hedge else k] for _, _, k, _, by_hedge in requests]
+    assert hedged["accuracy"] == pytest.approx(sum(answered) / len(requests))
+    assert "hedged_answers" not in plain
+
+
+def test_an_abandoned_request_still_holds_the_link_until_its_bytes_are_through():
+    from splitprune.adaptive.replay import hedged_request
+    trace = LinkTrace.from_rows([(0, 0.05, 20.0)])   # 6250 B/s: B=512 (12.3 kB) takes ~2 s to send
+    m = Measured(t=0.0, residual=0.02, server=0.005, compute=0.025, gap=0.0)
+    latency, hedged, main, moved_on, busy = hedged_request(trace, OPTIONS, 2, 0.0, -1.0, m, 0.2)
+    assert hedged and main is None and latency < 0.2 and moved_on == pytest.approx(0.2)
+    assert busy == pytest.approx((68 + 12336) / 6250, rel=1e-3)   # the hedge's bytes, then the main's
+    # the next request, of the smallest option, waits behind them although the device moved on at 0.2 s
+    latency, hedged, main, _, _ = hedged_request(trace, OPTIONS, 0, 0.2, busy, m, 0.2)
+    assert not hedged and main == latency > busy - 0.2

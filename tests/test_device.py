@@ -112,6 +112,26 @@ def test_device_auto_budget_streams_with_the_shared_controller(exported, server,
     assert 0 <= summary["accuracy"] <= 1 and "6 requests" in text
 
 
+@pytest.mark.parametrize("more", [[], ["--stream"]], ids=["unary", "stream"])
+def test_device_auto_budget_hedges_through_the_shared_loop(exported, server, tmp_path, capsys, more):
+    """--hedge on a fast link: every request above the smallest option sends a hedge first; the main answers
+    in time, so no hedge answer is used, and its bytes are counted apart."""
+    _, out = exported
+    path, _ = batch_file(tmp_path, 6)
+    log, report = tmp_path / "log.json", tmp_path / "auto.json"
+    rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "auto", "--latency-ms",
+                      "5000", "--every", "0", "--hedge", *more, "--log", str(log), "--out", str(report), str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc, summary = json.loads(log.read_text()), json.loads(report.read_text())
+    rows, smallest = doc["rows"], (doc["options"][0]["budget"], doc["options"][0]["dtype"])
+    hedged = [r for r in rows if (r["budget"], r["dtype"]) != smallest]
+    assert hedged and summary["hedges"] == len(hedged) and summary["hedged_answers"] == 0
+    assert all(r["hedge_bytes_up"] > 0 and r["hedge_bytes_down"] >= 0 and r["bytes_down"] > 0 for r in hedged)
+    assert summary["hedge_bytes_up"] == sum(r["hedge_bytes_up"] for r in rows) and summary["share_within_target"] == 1
+    assert all(r["correct"] in (0, 1) for r in rows) and "hedges: " in text
+
+
 def test_device_cli_refuses_bad_input_with_one_clear_message(exported, server, tmp_path, capsys):
     run, out = exported
     path, _ = batch_file(tmp_path, 2)

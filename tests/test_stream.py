@@ -110,3 +110,21 @@ def test_splitprune_infer_on_a_session_answers_as_unary_calls_do(served, tmp_pat
     up = {m: r["transport"]["purposes"]["evaluation"]["message_bytes_up"] for m, r in results.items()}
     assert up["stream"] < up["unary"] / 2, up  # the item alone, against an InferRequest each
     assert stream["server_ms"]["p50"] > 0
+
+
+def test_answers_not_waited_for_are_read_in_turn_and_never_taken_for_the_next(served):
+    """--hedge abandons answers on a session: the reader gives each answer to its own item, in order."""
+    run, proc = served
+    meta, tensors = encoded_samples(str(run), "int4", 12)
+    fingerprint, budget = meta["fingerprint"], int(meta["budget"])
+    channel = grpc.insecure_channel(proc.address)
+    expected = [_unary(channel, fingerprint, budget, t) for t in tensors]
+    assert len(set(expected)) > 1   # else a confused answer could not show
+    session = InferStreamClient(channel, open_message(fingerprint, budget, tensors[0]))
+    abandoned = [session.submit(item_data(t)) for t in tensors[:4]]   # nobody waits for these
+    for i, tensor in enumerate(tensors[4:], start=4):
+        got = session.infer(item_data(tensor)) if i % 2 else session.submit(item_data(tensor)).result(timeout=30)
+        assert got.reply.labels == expected[i]
+    assert [f.result(timeout=0).reply.labels for f in abandoned] == expected[:4]
+    session.close()
+    channel.close()

@@ -157,12 +157,13 @@ def stream_auto(model, client, images: np.ndarray, y: np.ndarray | None, args: a
     from splitprune.adaptive.policy import AutoBudget
     from splitprune.adaptive.stream import run_stream, summary_lines
     from splitprune_device.budget import auto_options
-    from splitprune_device.runner import make_send
+    from splitprune_device.runner import make_send, make_start
 
     options = auto_options(model, uplink_dtypes(args.dtypes_up, model.manifest["codec"]["dtype_up"]))
     result = run_stream(make_send(model, client, images, y), AutoBudget(options, args.latency_ms / 1e3),
                         None if args.duration else len(images), args.duration, show=print, every=args.every,
-                        warmup=max(args.warmup, 0))
+                        warmup=max(args.warmup, 0),
+                        hedge=make_start(model, client, images, y) if args.hedge else None)
     summary = {**result.summary(), "model": model.fingerprint, "server": args.server,
                "options": [o.label() for o in options]}
     for line in summary_lines(summary):

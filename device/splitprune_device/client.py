@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -113,6 +115,59 @@ class InferenceClient:
             raise UserError(f"inference request refused: {exc}") from None
         except ProtocolError as exc:
             raise broke_protocol(self.server, exc) from None
+
+    def submit(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor, request_id: int,
+               label_width: int) -> tuple[Future, Callable[[], None], int]:
+        """One request returning at once (`--hedge`): a Future of (its predictions as pb.Labels, round trip s,
+        server s, bytes up, bytes down), what abandons it (a unary call is cancelled; an item on a session
+        cannot be: its answer is read and dropped) and the bytes it sent."""
+        done: Future = Future()
+
+        def fail(exc: BaseException, what: str) -> None:
+            if isinstance(exc, grpc.RpcError):
+                exc = explain(exc, what)
+            elif isinstance(exc, StreamRefused):
+                exc = UserError(f"inference request refused: {exc}")
+            elif isinstance(exc, ProtocolError):
+                exc = broke_protocol(self.server, exc)
+            done.set_exception(exc)
+
+        if self.stream:
+            try:
+                item, up, _ = self._sessions.submit(fingerprint, budget, tensor)
+            except grpc.RpcError as exc:
+                raise explain(exc, "inference session failed") from None
+
+            def answered(f: Future) -> None:
+                if f.exception() is not None:
+                    return fail(f.exception(), "inference session failed")
+                r = f.result()
+                done.set_result((pb.Labels(width=label_width, data=r.reply.labels), r.round_trip_ms / 1e3,
+                                 r.server_s, r.bytes_up, r.bytes_down))
+
+            item.add_done_callback(answered)
+            return done, lambda: None, up
+        data = self.infer_request(fingerprint, budget, pb.EvalRequest(request_id=request_id, activations=tensor))
+        start = time.perf_counter()
+        call = self._infer.future(data, metadata=self.metadata, timeout=self.timeout_s)
+
+        def replied(f) -> None:
+            if f.cancelled():
+                return done.cancel() or None
+            if f.exception() is not None:
+                return fail(f.exception(), "inference request failed")
+            elapsed, out = time.perf_counter() - start, f.result()
+            reply = spb.InferReply.FromString(out)
+            if reply.eval.request_id != request_id:
+                return fail(UserError(f"reply to request {reply.eval.request_id} received for {request_id}"), "")
+            try:
+                server = server_seconds(reply.server_ms / 1e3, elapsed, "InferReply")
+            except ProtocolError as exc:
+                return fail(exc, "")
+            done.set_result((reply.eval.predictions, elapsed, server, len(data), len(out)))
+
+        call.add_done_callback(replied)
+        return done, call.cancel, len(data)
 
     def close(self) -> None:
         self._sessions.close()

@@ -3,11 +3,13 @@ half, encode, send, and time every stage."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from splitprune.adaptive import Option
+from splitprune.adaptive.hedge import Pending, Start
 from splitprune.adaptive.stream import Outcome
 from splitprune.errors import UserError
 from splitprune.proto import pb
@@ -121,3 +123,34 @@ def make_send(model: DeviceModel, client: InferenceClient, images: np.ndarray, l
         return Outcome(1, correct, up, down, ms["total"] / 1e3, ms["round_trip"] / 1e3, ms["server"] / 1e3)
 
     return send
+
+
+def make_start(model: DeviceModel, client: InferenceClient, images: np.ndarray, labels: np.ndarray | None) -> Start:
+    """`--hedge`: image `index` at an option, the call on its way (splitprune.adaptive.hedge). The ONNX device
+    half is one graph per budget: the hedge runs its own, before the main request's."""
+    num_classes = model.manifest["num_classes"]
+
+    def start(index: int, option: Option) -> Pending:
+        i = index % len(images)
+        started = time.perf_counter()
+        tensor = model.encode(model.run(model.prepare(images[i:i + 1]), option.budget), option.budget, option.dtype)
+        compute = time.perf_counter() - started
+        call, cancel, sent = client.submit(model.fingerprint, option.budget, tensor, index + 1,
+                                           1 if num_classes <= 256 else 2)
+        outcome: Future = Future()
+
+        def answered(f: Future) -> None:
+            if f.cancelled():
+                return outcome.cancel() or None
+            try:
+                predicted, round_trip, server, up, down = f.result()
+                predictions = decode_label_array(predicted, 1, num_classes)
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this answer
+                return outcome.set_exception(exc)
+            correct = None if labels is None else int(predictions[0] == labels[i])
+            outcome.set_result(Outcome(1, correct, up, down, time.perf_counter() - started, round_trip, server))
+
+        call.add_done_callback(answered)
+        return Pending(outcome, cancel, started, compute, 1, sent)
+
+    return start

@@ -11,7 +11,13 @@ the real run left between requests. Accuracy comes from the model's real predict
 counts the accuracy of its option (computed beforehand) over ALL the same test images, so every policy
 is scored on the same images (scoring the sample each request happened to carry compared
 policies on different subsets: a policy sending 240 requests saw images 0-239, one sending 350 saw
-0-349, a difference of a point or two from the images alone). Torch-free.
+0-349, a difference of a point or two from the images alone).
+
+With `hedge` (`--hedge`, adaptive.hedge) every request above the smallest option sends the smallest one first
+(the hedge), then its own, up the same serialized link: the main one's uplink finishes when the summed bytes
+do, and a later request's uplink starts when the link has serialized everything before it, abandoned
+requests included (their bytes were handed to the socket). Downlinks (tens of bytes) and the hedge's own
+device work are not modelled. Torch-free.
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from splitprune.adaptive.controller import BudgetController, Observation, Option
+from splitprune.adaptive.hedge import waited
 from splitprune.adaptive.stream import warmup_option
+from splitprune.errors import UserError
 
 
 class LinkTrace(Protocol):
@@ -57,6 +65,8 @@ class Measured:
 
 def measured(trace: LinkTrace, rows: list[dict], options: list[Option], trace_start_unix: float) -> list[Measured]:
     """The per-request residuals of a real run's log rows (see the module docstring)."""
+    if any(r.get("hedge_bytes_up") for r in rows):   # its latencies are of two requests' answers
+        raise UserError("a run with --hedge cannot be replayed: replay one without it")
     by_label = {(o.budget, o.dtype): o for o in options}
     out = []
     for i, r in enumerate(rows):
@@ -72,21 +82,58 @@ def measured(trace: LinkTrace, rows: list[dict], options: list[Option], trace_st
 Chooser = Callable[[int, float, Measured], int]          # (request, trace time, measured) -> option index
 
 
+Observer = Callable[[int, float, float, Measured, bool], None]   # (option, done, seconds, measured, answered)
+
+
 def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose: Chooser, target: float,
-           observe: Callable[[int, float, float, Measured], None] | None = None) -> list[tuple[int, float, int, float]]:
-    """Requests one after another over the real run's window: (request, trace time, option index, latency)."""
+           observe: Observer | None = None, hedge: bool = False) -> list[tuple]:
+    """Requests one after another over the real run's window: (request, trace time, option index, latency);
+    with `hedge`, (request, trace time, option index, latency of the answer used, whether the hedge's)."""
     t, end, out = real[0].t, real[-1].t, []
-    i = 0
+    i, busy = 0, -math.inf
     while t <= end:
         m = real[i % len(real)]
         k = choose(i, t, m)
+        if hedge:
+            latency, hedged, main, moved_on, busy = hedged_request(trace, options, k, t, busy, m, target)
+            out.append((i, t, k, latency, hedged))
+            if observe:   # the main request as the device saw it: answered, or abandoned when it moved on
+                observe(k, t + (moved_on if main is None else main), moved_on if main is None else main, m,
+                        main is not None)
+            t += moved_on + m.gap
+            i += 1
+            continue
         latency = m.residual + network_seconds(trace, t, options[k], m.server)
         out.append((i, t, k, latency))
         if observe:
-            observe(k, t + latency, latency, m)
+            observe(k, t + latency, latency, m, True)
         t += latency + m.gap
         i += 1
     return out
+
+
+def hedged_request(trace: LinkTrace, options: list[Option], k: int, t: float, busy: float, m: Measured,
+                   target: float) -> tuple[float, bool, float | None, float, float]:
+    """One request of option k sent at t under --hedge, the link serializing until `busy`: (latency of the
+    answer used, whether the hedge's, the main one's latency or None when abandoned, seconds until the device
+    moved on, when the link has serialized this request's bytes)."""
+    start, smallest, main = max(t, busy), options[0], options[k]
+
+    def latency(sent: float, option: Option) -> float:   # its uplink done at `sent`: the answer on the device
+        answered = sent + trace.delay_at(sent) + m.server
+        back = trace.finish(answered, option.bytes_down)
+        return back + trace.delay_at(back) + m.residual - t
+
+    sent_main = trace.finish(start, main.bytes_up + (smallest.bytes_up if k else 0))
+    own = latency(sent_main, main)
+    if k == 0 or own <= target:
+        return own, False, own, own, sent_main
+    hedge = latency(trace.finish(start, smallest.bytes_up), smallest)
+    if hedge <= target:
+        return hedge, True, None, waited(target), sent_main
+    if own <= hedge:
+        return own, False, own, own, sent_main
+    return hedge, True, None, hedge, sent_main
 
 
 def fixed(k: int) -> Chooser:
@@ -102,7 +149,8 @@ def oracle(trace: LinkTrace, options: list[Option], target: float) -> Chooser:
     return choose
 
 
-def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measured], target: float, **settings):
+def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measured], target: float,
+                      hedge: bool = False, **settings):
     """The same BudgetController as the real run, on the simulated link (checks the simulator against reality).
 
     Like the real stream (adaptive.stream.run_stream, warm-up 3) it first observes one request of the largest
@@ -115,24 +163,31 @@ def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measur
         latency = first.residual + network_seconds(trace, first.t, o, first.server)
         controller.observe(Observation(first.t, o.bytes_up, o.bytes_down, latency, min(first.compute, latency)))
 
-    def observe(k: int, done: float, latency: float, m: Measured) -> None:
+    def observe(k: int, done: float, latency: float, m: Measured, answered: bool) -> None:
         o = options[k]
-        controller.observe(Observation(done, o.bytes_up, o.bytes_down, latency, min(m.compute, latency)))
+        controller.observe(Observation(done, o.bytes_up, o.bytes_down if answered else 0, latency,
+                                       min(m.compute, latency)))
 
-    return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe)
+    return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe, hedge)
 
 
-def score(requests: list[tuple[int, float, int, float]], options: list[Option], accuracy: list[float],
-          target: float) -> dict:
-    """Share within the target, accuracy (the mean over requests of their option's accuracy on the same test
-    images), bytes, mean budget, and the share of the requests each option served."""
+def score(requests: list[tuple], options: list[Option], accuracy: list[float], target: float) -> dict:
+    """Share within the target (of the answer used), accuracy (the mean over requests of the accuracy of the
+    option that answered, on the same test images), bytes, mean budget, and the share of the requests each
+    option answered; of a hedged replay also the answers the hedge gave and the hedges' bytes."""
     n = len(requests)
-    return {"requests": n, "share_within_target": sum(lat <= target for *_, lat in requests) / max(n, 1),
-            "accuracy": sum(accuracy[k] for _, _, k, _ in requests) / max(n, 1),
-            "bytes_up": sum(options[k].bytes_up for _, _, k, _ in requests),
-            "bytes_down": sum(options[k].bytes_down for _, _, k, _ in requests),
-            "mean_budget": sum(options[k].budget for _, _, k, _ in requests) / max(n, 1),
-            "option_share": shares([options[k].label() for _, _, k, _ in requests])}
+    answered = [0 if len(r) > 4 and r[4] else r[2] for r in requests]   # a hedge answers as the smallest
+    out = {"requests": n, "share_within_target": sum(r[3] <= target for r in requests) / max(n, 1),
+           "accuracy": sum(accuracy[k] for k in answered) / max(n, 1),
+           "bytes_up": sum(options[r[2]].bytes_up for r in requests),
+           "bytes_down": sum(options[r[2]].bytes_down for r in requests),
+           "mean_budget": sum(options[r[2]].budget for r in requests) / max(n, 1),
+           "option_share": shares([options[k].label() for k in answered])}
+    if requests and len(requests[0]) > 4:
+        hedges = sum(r[2] > 0 for r in requests)
+        out |= {"hedged_answers": sum(r[4] for r in requests), "hedges": hedges,
+                "hedge_bytes_up": hedges * options[0].bytes_up, "hedge_bytes_down": hedges * options[0].bytes_down}
+    return out
 
 
 def shares(labels: list[str]) -> dict[str, float]:

@@ -5,7 +5,9 @@ the encoding, the call) and reports what it saw; `splitprune infer` (PyTorch) an
 infer` (ONNX Runtime) both stream through `run_stream`. Every finished request is fed back to the
 controller: the bytes of its encoded messages, the latency the device measured around the whole
 request (device compute, encoding, the call, decoding), and the part of it spent computing (the
-device's own work outside the call plus the server's reported compute time).
+device's own work outside the call plus the server's reported compute time). With `--hedge` the
+counted requests go through adaptive.hedge instead: the rows and the summary say which answers came from the
+hedge.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from splitprune.adaptive.controller import Option
+from splitprune.adaptive.hedge import Hedged, Start, from_start, race
 from splitprune.adaptive.policy import AutoBudget, Clock
 from splitprune.errors import UserError
 
@@ -42,18 +45,21 @@ class Row:
     index: int
     t: float                # seconds since the stream started, when the request was sent
     unix: float             # wall-clock time it was sent (to line the log up with a link trace)
-    budget: int
+    budget: int             # the option chosen (the main request, under --hedge)
     dtype: str
     predicted_ms: float
-    latency_ms: float
-    server_ms: float
+    latency_ms: float       # until the answer used
+    server_ms: float        # of the main request, as the controller was told it (so are compute and bytes)
     compute_ms: float
     bytes_up: int
-    bytes_down: int
-    correct: int | None
-    within: bool
+    bytes_down: int         # 0: abandoned before its answer came (--hedge)
+    correct: int | None     # of the answer used
+    within: bool            # the answer used was in time
     impossible: bool
     estimated_mbit: float | None   # the controller's rate estimate when it chose (None before any request)
+    hedged: bool = False    # --hedge: the answer used came from the hedge (the smallest option)
+    hedge_bytes_up: int = 0     # the hedge sent with it (0: none, the smallest option was chosen)
+    hedge_bytes_down: int = 0   # its answer, when it came before the device moved on
 
 
 @dataclass
@@ -80,6 +86,9 @@ class StreamResult:
             "bytes_up": sum(r.bytes_up for r in rows), "bytes_down": sum(r.bytes_down for r in rows),
             "mean_budget": sum(r.budget for r in rows) / max(n, 1), "options_used": used,
             "impossible_requests": sum(r.impossible for r in rows), "warning": self.warning,
+            "hedged_answers": sum(r.hedged for r in rows), "hedges": sum(r.hedge_bytes_up > 0 for r in rows),
+            "hedge_bytes_up": sum(r.hedge_bytes_up for r in rows),
+            "hedge_bytes_down": sum(r.hedge_bytes_down for r in rows),
         }
 
     def log(self) -> str:
@@ -109,7 +118,7 @@ def impossible_warning(auto: AutoBudget, predicted: float) -> str:
             f"sending the smallest option")
 
 
-AUTO_FLAGS = ("latency_ms", "dtypes_up", "duration", "log")   # the flags of `--budget auto`, in both CLIs
+AUTO_FLAGS = ("latency_ms", "dtypes_up", "duration", "log", "hedge")   # the flags of `--budget auto`, both CLIs
 
 
 def add_auto_flags(parser, description: str, per: str, model: str, inputs: str) -> None:
@@ -124,6 +133,10 @@ def add_auto_flags(parser, description: str, per: str, model: str, inputs: str) 
     auto.add_argument("--every", type=int, default=1, help="print every N-th request (0: none; default: 1)")
     auto.add_argument("--log", help="write every request (time, budget, dtype, latency, bytes, correct) as JSON "
                                     "here, for `splitprune plot LOG.json`")
+    auto.add_argument("--hedge", action="store_true", default=None,
+                      help="with every request above the smallest option, send the smallest one first; take its "
+                           "answer when the chosen one misses the target, and move on (one smallest request's bytes "
+                           "more per request; bytes already sent still cross the link)")
 
 
 def check_auto_args(args, auto: bool) -> None:
@@ -151,12 +164,14 @@ def warmup_option(i: int, options: list[Option]) -> Option:
 
 def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, requests: int | None = None,
                duration: float | None = None, clock: Clock = time.perf_counter,
-               show: Callable[[str], None] | None = None, every: int = 1, warmup: int = 0) -> StreamResult:
+               show: Callable[[str], None] | None = None, every: int = 1, warmup: int = 0,
+               hedge: Start | None = None) -> StreamResult:
     """Send requests 0, 1, 2, ... until `requests` are done or `duration` seconds have passed (at least one
     of them). `show` gets one line per `every`-th request and the impossible-target warning (once). The
     `warmup` requests before (the smallest and the largest option in turn: connections open, each code path
     runs once) are not counted; all but the first (connection setup) are shown to the controller, so that
-    with two or more it starts from a fit over both ends of the ladder instead of climbing it."""
+    with two or more it starts from a fit over both ends of the ladder instead of climbing it. With `hedge`
+    (which starts a request and returns at once: adaptive.hedge) the counted requests are hedged."""
     if requests is None and duration is None:
         raise UserError("say how long to stream: a number of requests or a duration")
     if requests is not None and requests < 1 or duration is not None and duration <= 0:
@@ -180,13 +195,18 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
             if show:
                 show(result.warning)
         sent_at, sent_unix = clock() - start, time.time()
-        out = send(index, decision.option)
-        auto.observe(out.bytes_up, out.bytes_down, out.seconds, out.compute_seconds)
+        if hedge is None:
+            out = send(index, decision.option)
+            h = Hedged(out, out, False, 0, 0)
+        else:
+            h = hedged(hedge, index, decision.option, auto)
+        main = h.main
+        auto.observe(main.bytes_up, main.bytes_down, main.seconds, main.compute_seconds)
         row = Row(index, round(sent_at, 6), sent_unix, decision.option.budget, decision.option.dtype,
-                  round(1e3 * decision.predicted_seconds, 3), round(1e3 * out.seconds, 3),
-                  round(1e3 * out.server_seconds, 3), round(1e3 * out.compute_seconds, 3), out.bytes_up, out.bytes_down, out.correct,
-                  out.seconds <= auto.target_seconds, decision.impossible,
-                  None if rate is None else round(rate * 8 / 1e6, 4))
+                  round(1e3 * decision.predicted_seconds, 3), round(1e3 * h.used.seconds, 3),
+                  round(1e3 * main.server_seconds, 3), round(1e3 * main.compute_seconds, 3), main.bytes_up,
+                  main.bytes_down, h.used.correct, h.used.seconds <= auto.target_seconds, decision.impossible,
+                  None if rate is None else round(rate * 8 / 1e6, 4), h.hedged, h.hedge_bytes_up, h.hedge_bytes_down)
         result.rows.append(row)
         if show and every and index % every == 0:
             show(row_line(row))
@@ -194,11 +214,22 @@ def run_stream(send: Callable[[int, Option], Outcome], auto: AutoBudget, request
     return result
 
 
+def hedged(start: Start, index: int, option: Option, auto: AutoBudget) -> Hedged:
+    """One counted request under --hedge: the smallest option alone is not hedged (nothing smaller to fall
+    back on), it is waited for."""
+    if option == auto.options[0]:
+        pending = start(index, option)
+        out = from_start(pending, pending.started)
+        return Hedged(out, out, False, 0, 0)
+    return race(start(index, auto.options[0]), start(index, option), auto.target_seconds)
+
+
 def row_line(r: Row) -> str:
     mark = {None: "", 1: " ok"}.get(r.correct, " wrong" if r.correct == 0 else f" {r.correct} right")
     late = "" if r.within else " LATE"
+    hedge = " (hedge answered)" if r.hedged else ""
     return (f"#{r.index} {r.t:7.2f}s B={r.budget} {r.dtype} {r.latency_ms:.1f} ms "
-            f"(predicted {r.predicted_ms:.1f}){late} up {r.bytes_up} B{mark}")
+            f"(predicted {r.predicted_ms:.1f}){late}{hedge} up {r.bytes_up} B{mark}")
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -209,4 +240,6 @@ def summary_lines(s: dict) -> list[str]:
             f"{100 * s['share_within_target']:.1f}% within the target ({s['within_target']}){acc}; "
             f"latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms",
             f"bytes (encoded messages): up {s['bytes_up']} ({s['bytes_up'] / max(s['requests'], 1):.1f} per request), "
-            f"down {s['bytes_down']}; mean budget {s['mean_budget']:.1f}; options used: {used}"]
+            f"down {s['bytes_down']}; mean budget {s['mean_budget']:.1f}; options used: {used}"] + ([
+            f"hedges: {s['hedges']} sent ({s['hedge_bytes_up']} B up, {s['hedge_bytes_down']} B down), "
+            f"{s['hedged_answers']} answers used from them"] if s.get("hedges") else [])

@@ -93,7 +93,7 @@ def run_auto(args: argparse.Namespace, remote) -> int:
     try:
         dtypes = uplink_dtypes(args.dtypes_up, session.cfg.dtype_up)
         result = stream(session, args.latency_ms, dtypes, max(args.warmup, 0), duration=args.duration,
-                        show=print, every=args.every)
+                        show=print, every=args.every, hedge=bool(args.hedge))
         transport = session.client.traffic.report()
     finally:
         session.client.close()

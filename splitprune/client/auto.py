@@ -8,9 +8,11 @@ through the real server. The loop and the controller are torch-free and shared w
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 from splitprune.adaptive import Option
 from splitprune.adaptive.budgets import model_options
+from splitprune.adaptive.hedge import Pending, Start
 from splitprune.adaptive.policy import AutoBudget, AutoStepBudget
 from splitprune.adaptive.stream import Outcome, StreamResult, run_stream
 from splitprune.errors import UserError
@@ -79,14 +81,53 @@ def make_send(session):
     return send
 
 
+def make_start(session) -> Start:
+    """`--hedge`: sample `index` at an option, the call on its way (adaptive.hedge). The device half runs once
+    per sample: the hedge and the main request of one sample encode the same output."""
+    from splitprune.compression import ChannelCodec
+
+    client, device, batches = session.client, session.device, session.batches
+    codecs, last = {}, {}
+
+    def start(index: int, option: Option) -> Pending:
+        x, y = batches[index % len(batches)]
+        started = time.perf_counter()
+        if last.get("index") != index:
+            last.update(index=index, z=device.infer_half(x))
+        device.codec = codecs.setdefault(option.dtype, ChannelCodec(option.dtype))
+        request_id, request = device.eval_request(last["z"], option.budget)
+        compute = time.perf_counter() - started
+        call, cancel, sent = client.submit(request, option.budget)
+        outcome: Future = Future()
+
+        def answered(f: Future) -> None:
+            if f.cancelled():
+                return outcome.cancel() or None
+            try:
+                reply, round_trip, server, up, down = f.result()
+                predictions = device.eval_predictions(reply, request_id, len(y))
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this answer
+                return outcome.set_exception(exc)
+            outcome.set_result(Outcome(len(y), int((predictions == y).sum()), up, down,
+                                       time.perf_counter() - started, round_trip, server))
+
+        call.add_done_callback(answered)
+        return Pending(outcome, cancel, started, compute, len(y), sent)
+
+    return start
+
+
 def run_auto(session, latency_ms: float, dtypes: list[str], warmup: int = 3, requests: int | None = None,
-             duration: float | None = None, show=None, every: int = 1, **settings) -> StreamResult:
-    """Stream single-sample requests with the budget the controller picks; `session` from infer.open_session."""
+             duration: float | None = None, show=None, every: int = 1, hedge: bool = False,
+             **settings) -> StreamResult:
+    """Stream single-sample requests with the budget the controller picks; `session` from infer.open_session;
+    `hedge`: each request above the smallest option with a hedge (adaptive.hedge)."""
     if len(session.batches[0][1]) != 1:
         raise UserError("--budget auto streams single-sample requests: leave --batch-size at 1")
     auto = AutoBudget(inference_options(session, dtypes), latency_ms / 1e3, **settings)
     return run_stream(make_send(session), auto, requests if requests is not None or duration else len(session.batches),
-                      duration, show=show, every=every, warmup=max(warmup, 0))
+                      duration, show=show, every=every, warmup=max(warmup, 0),
+                      hedge=make_start(session) if hedge else None)
 
 
 def training_bytes(parts, budget: int) -> tuple[int, int]:

@@ -3,6 +3,8 @@ sessions (InferStream: the request's header said once per session)."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from typing import Callable
 
 import grpc
 
@@ -91,20 +93,83 @@ class InferenceClient:
         the session checked the server's time against the item's round trip."""
         try:
             result = self._sessions.infer(self.fingerprint, budget, req.activations)
-        except grpc.RpcError as exc:
-            raise remote_error(exc, "inference session failed") from None
-        except StreamRefused as exc:
-            raise RemoteError(f"inference request refused: {exc}", reason=exc.reason) from None
+        except (grpc.RpcError, StreamRefused) as exc:
+            raise session_error(exc) from None
         if result.open_bytes:
             self.traffic.exchange("control", result.open_bytes, 0)
-        labels = result.reply.labels
-        width = max(len(labels) // max(req.activations.shape[0], 1), 1)
-        reply = pb.EvalReply(request_id=req.request_id, predictions=pb.Labels(width=width, data=labels))
-        return reply, result.server_s * 1e3, result.bytes_up, result.bytes_down
+        return session_reply(req, result), result.server_s * 1e3, result.bytes_up, result.bytes_down
+
+    def submit(self, request: bytes, budget: int) -> tuple[Future, Callable[[], None], int]:
+        """`infer` returning at once (`--hedge`): a Future of (EvalReply bytes, round trip s, server s, bytes
+        up, bytes down), what abandons it (a unary call is cancelled; an item on a session cannot be: its
+        answer is read and dropped) and the bytes it sent. Counted as traffic when it is over."""
+        done: Future = Future()
+
+        def fail(exc: BaseException) -> None:
+            if isinstance(exc, (grpc.RpcError, StreamRefused)):
+                exc = session_error(exc) if self.stream else remote_error(exc, "inference request failed")
+            elif isinstance(exc, ProtocolError):
+                exc = RemoteError(f"the server at {self.conn.target} broke the protocol: {exc}")
+            done.set_exception(exc)
+
+        def finish(reply: pb.EvalReply, elapsed: float, server: float, up: int, down: int) -> None:
+            self.traffic.exchange("evaluation", up, down)
+            done.set_result((reply.SerializeToString(), elapsed, server, up, down))
+
+        req = pb.EvalRequest.FromString(request)
+        if self.stream:
+            try:
+                item, up, opened = self._sessions.submit(self.fingerprint, budget, req.activations)
+            except grpc.RpcError as exc:
+                raise session_error(exc) from None
+            if opened:
+                self.traffic.exchange("control", opened, 0)
+
+            def answered(f: Future) -> None:
+                if f.exception() is not None:
+                    return fail(f.exception())
+                r = f.result()
+                finish(session_reply(req, r), r.round_trip_ms / 1e3, r.server_s, r.bytes_up, r.bytes_down)
+
+            item.add_done_callback(answered)
+            return done, lambda: None, up
+        data = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString() + frame(3, request)
+        start = time.perf_counter()
+        call = self._infer.future(data, metadata=self.conn.metadata, timeout=self.timeout)
+
+        def replied(f) -> None:
+            if f.cancelled():   # abandoned: its bytes were sent all the same
+                self.traffic.count("evaluation", len(data), 0, 1, 0)
+                return done.cancel() or None
+            if f.exception() is not None:
+                return fail(f.exception())
+            elapsed, out = time.perf_counter() - start, f.result()
+            unary = spb.InferReply.FromString(out)
+            try:
+                server = server_seconds(unary.server_ms / 1e3, elapsed, "InferReply")
+            except ProtocolError as exc:
+                return fail(exc)
+            finish(unary.eval, elapsed, server, len(data), len(out))
+
+        call.add_done_callback(replied)
+        return done, call.cancel, len(data)
 
     def close(self) -> None:
         self._sessions.close()
         self.conn.close()
+
+
+def session_error(exc: grpc.RpcError | StreamRefused) -> RemoteError:
+    if isinstance(exc, StreamRefused):
+        return RemoteError(f"inference request refused: {exc}", reason=exc.reason)
+    return remote_error(exc, "inference session failed")
+
+
+def session_reply(req: pb.EvalRequest, result) -> pb.EvalReply:
+    """The EvalReply a unary call would have carried for the item of `req` (its labels, its request id)."""
+    labels = result.reply.labels
+    width = max(len(labels) // max(req.activations.shape[0], 1), 1)
+    return pb.EvalReply(request_id=req.request_id, predictions=pb.Labels(width=width, data=labels))
 
 
 class InferenceLink:

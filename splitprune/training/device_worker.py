@@ -179,16 +179,30 @@ class DeviceWorker:
     def predict_budgets(self, x: torch.Tensor, link: Link,
                         budgets: list[int | None]) -> list[tuple[torch.Tensor, int, int]]:
         """`predict` at each budget, one request each, the device half run once."""
-        self.half.eval()
-        z = self.half(x.to(self.accelerator))
+        z = self.infer_half(x)
         out = []
         for budget in budgets:
-            self.step_id += 1
-            _, activations = self._encode(z, self.kept_channels(budget))
-            up = pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
+            request_id, up = self.eval_request(z, budget)
             down = link.evaluate(up)
-            reply = parse_message(pb.EvalReply, down)
-            if reply.request_id != self.step_id:
-                raise ProtocolError(f"reply to request {reply.request_id} received for {self.step_id}")
-            out.append((decode_labels(reply.predictions, len(x), self.num_classes), len(up), len(down)))
+            out.append((self.eval_predictions(down, request_id, len(x)), len(up), len(down)))
         return out
+
+    @torch.no_grad()
+    def infer_half(self, x: torch.Tensor) -> torch.Tensor:
+        """The device half's output for inference (what `eval_request` encodes at any budget)."""
+        self.half.eval()
+        return self.half(x.to(self.accelerator))
+
+    @torch.no_grad()
+    def eval_request(self, z: torch.Tensor, budget: int | None) -> tuple[int, bytes]:
+        """(request id, EvalRequest) of the half's output `z` at `budget`, in this worker's codec."""
+        self.step_id += 1
+        _, activations = self._encode(z, self.kept_channels(budget))
+        return self.step_id, pb.EvalRequest(request_id=self.step_id, activations=activations).SerializeToString()
+
+    def eval_predictions(self, down: bytes, request_id: int, count: int) -> torch.Tensor:
+        """The predicted classes of an EvalReply, refused unless it answers `request_id`."""
+        reply = parse_message(pb.EvalReply, down)
+        if reply.request_id != request_id:
+            raise ProtocolError(f"reply to request {reply.request_id} received for {request_id}")
+        return decode_labels(reply.predictions, count, self.num_classes)

@@ -3,15 +3,23 @@
 One bidirectional stream per session: the InferOpen says once what stays the same (the half, the budget,
 the dtype, the kept channels, the tables' digest, all taken from the first request's EncodedTensor); each
 request is then an InferItem with the tensor's data alone, answered in order on the same stream.
+
+`submit` sends an item and returns at once (`--hedge`, splitprune.adaptive.hedge): a reader thread takes the
+answers in order, each for the oldest item still unanswered, so an answer the device stopped waiting for is
+read and dropped, never taken for the next item's.
 """
 from __future__ import annotations
 
+import collections
 import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
 
+from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.timing import server_seconds
@@ -62,24 +70,66 @@ class InferStreamClient:
         call = channel.stream_stream(INFER_STREAM_METHOD)
         self._replies = call(iter(self._queue.get, None), metadata=metadata)
         self.opened = spb.InferOpened.FromString(next(self._replies))
+        self._lock = threading.Lock()
+        self._unanswered: collections.deque = collections.deque()   # (future, sent at, item bytes), in order
+        self._reader: threading.Thread | None = None
 
     def infer(self, data: bytes, samples: int = 1) -> ItemResult:
         """One item's result; StreamRefused for a refused item, ProtocolError for a server time that cannot
         be true (splitprune.wire.timing)."""
+        if self._reader is not None:   # items were submitted: the reader thread takes every answer
+            return self.submit(data, samples).result()
         item = spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
         start = time.perf_counter()
         self._queue.put(item)
         out = next(self._replies)
-        elapsed = time.perf_counter() - start
-        reply = spb.InferItemReply.FromString(out)
-        if reply.error:
-            raise StreamRefused(spb.ErrorReason.Name(reply.error), reply.message)
-        server = server_seconds(reply.server_us / 1e6, elapsed, "InferItemReply")
-        return ItemResult(reply, elapsed * 1e3, len(item), len(out), server)
+        return item_result(out, time.perf_counter() - start, len(item))
+
+    def submit(self, data: bytes, samples: int = 1) -> Future:
+        """Send one item and return at once: a Future of its ItemResult (or of the exception `infer` raises).
+        Not waiting for it abandons it: its answer is still read, in turn, and dropped."""
+        item = spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
+        future: Future = Future()
+        with self._lock:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read, name="splitprune-infer-stream", daemon=True)
+                self._reader.start()
+            self._unanswered.append((future, time.perf_counter(), len(item)))
+            self._queue.put(item)
+        return future
+
+    def _read(self) -> None:
+        failure: Exception = StreamRefused("UNAVAILABLE", "the server ended the stream")
+        try:
+            for out in self._replies:
+                received = time.perf_counter()
+                with self._lock:
+                    if not self._unanswered:
+                        failure = ProtocolError("the server answered an item that was not sent")
+                        break
+                    future, sent, size = self._unanswered.popleft()
+                try:
+                    future.set_result(item_result(out, received - sent, size))
+                except (StreamRefused, ProtocolError) as exc:
+                    future.set_exception(exc)
+        except grpc.RpcError as exc:
+            failure = exc
+        with self._lock:
+            while self._unanswered:
+                self._unanswered.popleft()[0].set_exception(failure)
 
     def close(self) -> None:
         self._queue.put(None)  # half-close: the server ends the stream
         self._replies.cancel()
+
+
+def item_result(out: bytes, elapsed: float, item_bytes: int) -> ItemResult:
+    """The ItemResult of one answer `elapsed` seconds after its item (`item_bytes`) was sent."""
+    reply = spb.InferItemReply.FromString(out)
+    if reply.error:
+        raise StreamRefused(spb.ErrorReason.Name(reply.error), reply.message)
+    server = server_seconds(reply.server_us / 1e6, elapsed, "InferItemReply")
+    return ItemResult(reply, elapsed * 1e3, item_bytes, len(out), server)
 
 
 class InferSessions:
@@ -94,18 +144,40 @@ class InferSessions:
         """One request: `tensor` (an EncodedTensor of N samples) on its session. Raises grpc.RpcError for a
         refused or broken session, StreamRefused for a refused item, ProtocolError for a bad server time."""
         key = session_key(fingerprint, budget, tensor)
-        opened = 0
         try:
-            if key not in self._sessions:
-                self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor),
-                                                        self.metadata)
-                opened = self._sessions[key].open_bytes
+            opened = self._open(key, fingerprint, budget, tensor)
             result = self._sessions[key].infer(item_data(tensor), tensor.shape[0])
         except grpc.RpcError:
             self._sessions.pop(key, None)
             raise
         result.open_bytes = opened
         return result
+
+    def submit(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> tuple[Future, int, int]:
+        """`infer` returning at once: (a Future of the ItemResult, the bytes of its InferItem, of the InferOpen
+        if it opened its session). Opening may raise grpc.RpcError; a broken stream fails the Future with it."""
+        key = session_key(fingerprint, budget, tensor)
+        try:
+            opened = self._open(key, fingerprint, budget, tensor)
+        except grpc.RpcError:
+            self._sessions.pop(key, None)
+            raise
+        session, data, samples = self._sessions[key], item_data(tensor), tensor.shape[0]
+        future = session.submit(data, samples)
+
+        def drop_broken(done: Future) -> None:
+            if isinstance(done.exception(), grpc.RpcError) and self._sessions.get(key) is session:
+                self._sessions.pop(key, None)
+
+        future.add_done_callback(drop_broken)
+        return future, spb.InferItem(data=data, samples=0 if samples == 1 else samples).ByteSize(), opened
+
+    def _open(self, key: tuple, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> int:
+        """Open the session of `key` unless open: the bytes of its InferOpen (0: it was open)."""
+        if key in self._sessions:
+            return 0
+        self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor), self.metadata)
+        return self._sessions[key].open_bytes
 
     def close(self) -> None:
         for session in self._sessions.values():

@@ -127,6 +127,7 @@ def simulate(trace_name: str, run: dict, accuracy: dict[tuple[int, str], float],
     trace, options = LinkTrace.load(trace_name), run["options"]
     real = measured(trace, run["rows"], options, run["trace_start_unix"])
     policies = [("auto (controller, simulated)", options, controller_replay(trace, options, real, target)),
+                ("auto + hedge (simulated)", options, controller_replay(trace, options, real, target, hedge=True)),
                 ("oracle (knows the trace, simulated)", options,
                  replay(trace, options, real, oracle(trace, options, target), target))]
     policies += [(f"fixed {o.label()} (simulated)", fixed_options, replay(trace, fixed_options, real, fixed(k), target))
