@@ -51,7 +51,8 @@ def test_infer_auto_steps_down_when_the_link_does(model, tmp_path, capsys):
         log, out = tmp_path / "log.json", tmp_path / "out.json"
         rc = main(["infer", "--server", address, "--checkpoint", str(run), "--budget", "auto", "--latency-ms", "250",
                    "--duration", str(STEP_AT + 3.0), "--every", "0", "--log", str(log), "--out", str(out),
-                   "--warmup", "3"])   # the 2nd and 3rd (largest, smallest option) fit the link: no climb needed
+                   "--warmup", "3", "--no-stream"])   # unary: the options are sized as Infer calls
+        # the 2nd and 3rd warm-up requests (largest, smallest option) fit the link: no climb needed
         trace_start = trace_started(link)   # its clock started at the first connection
     finally:
         link.terminate()
@@ -227,7 +228,7 @@ def test_a_hedge_answers_when_the_main_request_is_late_and_the_stream_moves_on(m
         log, out = tmp_path / "log.json", tmp_path / "out.json"
         rc = main(["infer", "--server", address, "--checkpoint", str(run), "--budget", "auto", "--latency-ms", "250",
                    "--duration", str(step + 2.0), "--every", "0", "--log", str(log), "--out", str(out), "--warmup",
-                   "3", "--hedge", *(["--stream"] if stream else [])])
+                   "3", "--hedge", *([] if stream else ["--no-stream"])])
         trace_start = trace_started(link)
     finally:
         link.terminate()

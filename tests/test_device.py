@@ -72,7 +72,7 @@ def test_device_cli_predicts_like_pytorch_and_reports_stages(exported, server, t
     path, images = batch_file(tmp_path)
     report = tmp_path / "report.json"
     rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "1", "--out", str(report),
-                      str(path)])
+                      "--no-stream", str(path)])   # unary: the payload counted per Infer call
     text = capsys.readouterr().out
     assert rc == 0, text
     r = json.loads(report.read_text())
@@ -98,7 +98,7 @@ def test_device_auto_budget_streams_with_the_shared_controller(exported, server,
     path, _ = batch_file(tmp_path, 6)
     log, report = tmp_path / "log.json", tmp_path / "auto.json"
     rc = device_main(["infer", "--server", server.address, "--model", str(out), "--budget", "auto", "--latency-ms",
-                      "5000", "--every", "0", "--log", str(log), "--out", str(report), str(path)])
+                      "5000", "--every", "0", "--log", str(log), "--out", str(report), "--no-stream", str(path)])
     text = capsys.readouterr().out
     assert rc == 0, text
     doc, summary = json.loads(log.read_text()), json.loads(report.read_text())
@@ -112,7 +112,7 @@ def test_device_auto_budget_streams_with_the_shared_controller(exported, server,
     assert 0 <= summary["accuracy"] <= 1 and "6 requests" in text
 
 
-@pytest.mark.parametrize("more", [[], ["--stream"]], ids=["unary", "stream"])
+@pytest.mark.parametrize("more", [["--no-stream"], []], ids=["unary", "stream"])
 def test_device_auto_budget_hedges_through_the_shared_loop(exported, server, tmp_path, capsys, more):
     """--hedge on a fast link: every request above the smallest option sends a hedge first; the main answers
     in time, so no hedge answer is used, and its bytes are counted apart."""
@@ -268,7 +268,7 @@ def test_device_sends_entropy_coded_activations_to_a_real_server(exported, serve
                  "16", "--dtype-up", "ec"]) == 0
     path, images = batch_file(tmp_path)
     reports = {}
-    for name, folder, more in (("fp16", out, []), ("ec", ec_out, []), ("stream", ec_out, ["--stream"])):
+    for name, folder, more in (("fp16", out, ["--no-stream"]), ("ec", ec_out, ["--no-stream"]), ("stream", ec_out, [])):
         reports[name] = tmp_path / f"{name}.json"
         assert device_main(["infer", "--server", server.address, "--model", str(folder), "--budget", "2", *more,
                             "--out", str(reports[name]), str(path)]) == 0

@@ -99,7 +99,7 @@ def test_splitprune_infer_on_a_session_answers_as_unary_calls_do(served, tmp_pat
 
     run, proc = served
     results = {}
-    for mode, more in (("unary", []), ("stream", ["--stream"])):
+    for mode, more in (("unary", ["--no-stream"]), ("stream", [])):
         out = tmp_path / f"{mode}.json"
         assert main(["infer", "--checkpoint", str(run), "--server", proc.address, "--dtype-up", "ec",
                      "--test-subset", "24", "--warmup", "1", *more, "--out", str(out)]) == 0

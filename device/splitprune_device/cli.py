@@ -38,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="onnxruntime threads (default: 1, the weak-device setting)")
     p.add_argument("--cpu", type=int, help="pin this process to one CPU core (Linux), for steadier timings")
-    p.add_argument("--stream", action="store_true",
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="send the requests on one streaming session (InferStream: the request's header said once, "
-                        "then each request is its data alone) instead of one Infer call each")
+                        "then each request is its data alone; the default); --no-stream: one Infer call each")
     p.add_argument("--connect-timeout", type=float, default=20.0,
                    help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")

@@ -21,8 +21,9 @@ def add_parser(subparsers, name: str) -> None:
                                     "(default: the trained budget); 'auto': chosen per request to meet --latency-ms")
     p.add_argument("--dtype-up", choices=list(WIRE_DTYPES), help="uplink dtype (default: as trained)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per inference request (default: 1)")
-    p.add_argument("--stream", action="store_true", help="send the requests on one streaming session "
-                   "(InferStream: the request's header said once, then each request is its data alone)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="send the requests on one streaming session (InferStream: the request's header said once, "
+                        "then each request is its data alone; the default); --no-stream: one Infer call each")
     p.add_argument("--test-subset", type=int, help="use N test images (default: all)")
     p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
