@@ -28,9 +28,9 @@ from controller_heldout import heldout_traces, load_residuals  # noqa: E402
 
 from splitprune.adaptive.controller import Option  # noqa: E402
 from splitprune.adaptive.estimators import ESTIMATORS  # noqa: E402
-from splitprune.adaptive.replay import (controller_replay, measured, network_seconds, oracle,  # noqa: E402
-                                        reaction_stats, reactions, replay, score)
-from splitprune.link.trace import LinkTrace  # noqa: E402
+from splitprune.adaptive.replay import (controller_replay, fixed, measured, network_seconds,  # noqa: E402
+                                        oracle, reaction_stats, reactions, replay, score)
+from splitprune.link.trace import LinkTrace, builtin_traces  # noqa: E402
 
 REAL = ROOT / "bench_results/traces/mahimahi"
 LAGS = (0.25, 1.0)   # the late oracles: the link exactly as it was this many seconds ago
@@ -67,7 +67,8 @@ def lagged(trace: LinkTrace, options: list[Option], target: float, lag: float):
 
 def groups() -> dict[str, list[LinkTrace]]:
     real = sorted(REAL.glob("*.csv"))
-    return {"synthetic held-out": heldout_traces(),
+    return {"shipped": [LinkTrace.load(name) for name in builtin_traces()],
+            "synthetic held-out": heldout_traces(),
             "real select": [LinkTrace.load(p) for p in real if p.name.startswith("select-")],
             "real test": [LinkTrace.load(p) for p in real if p.name.startswith("test-")]}
 
@@ -81,6 +82,9 @@ def run_group(traces, runs, options, accuracy, target, settings: dict) -> dict:
             knows = oracle(trace, options, target)
             best = score(replay(trace, options, real, knows, target), options, accuracy, target)
             oracle_choice = [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests]
+            fixed_scores = [score(replay(trace, options, real, fixed(k), target), options, accuracy, target)
+                            for k in range(len(options))]
+            as_often = [f["accuracy"] for f in fixed_scores if f["share_within_target"] >= auto["share_within_target"]]
             late = {lag: score(replay(trace, options, real, lagged(trace, options, target, lag), target), options,
                                accuracy, target) for lag in LAGS}
             steps += reactions(trace, requests, oracle_choice, target)
@@ -89,11 +93,14 @@ def run_group(traces, runs, options, accuracy, target, settings: dict) -> dict:
                          "requests": auto["requests"], "vs_oracle_pt": 100 * (auto["accuracy"] - best["accuracy"]),
                          "bytes_vs_oracle": (auto["bytes_up"] / auto["requests"]) /
                                             max(best["bytes_up"] / best["requests"], 1e-9),
+                         "vs_best_fixed_pt": 100 * (auto["accuracy"] - max(as_often)) if as_often else None,
                          **{f"lagged_{lag:g}s_share": h["share_within_target"] for lag, h in late.items()},
                          **{f"lagged_{lag:g}s_bytes_vs_oracle": (h["bytes_up"] / h["requests"]) /
                             max(best["bytes_up"] / best["requests"], 1e-9) for lag, h in late.items()}})
     pooled = sum(r["share"] * r["requests"] for r in rows) / sum(r["requests"] for r in rows)
+    beats = [r["vs_best_fixed_pt"] for r in rows if r["vs_best_fixed_pt"] is not None]
     return {"min_share": min(r["share"] for r in rows), "pooled_share": pooled,
+            "min_vs_best_fixed_pt": min(beats) if beats else None,
             **{f"lagged_{lag:g}s_min_share": min(r[f"lagged_{lag:g}s_share"] for r in rows) for lag in LAGS},
             **{f"lagged_{lag:g}s_mean_bytes_vs_oracle": sum(r[f"lagged_{lag:g}s_bytes_vs_oracle"] for r in rows)
                / len(rows) for lag in LAGS},
@@ -111,7 +118,9 @@ def main() -> None:
                         help="comma-separated names of VARIANTS (an estimator and the controller settings with it)")
     parser.add_argument("--inference", type=Path, default=DEFAULT_INFERENCE,
                         help="a bench's adaptive inference results: the model's options, accuracies and residuals")
-    parser.add_argument("--groups", default="synthetic held-out,real select,real test")
+    parser.add_argument("--groups", default="synthetic held-out,real select,real test",
+                        help="of: shipped (the built-in traces: the benchmark's), synthetic held-out, real select, "
+                             "real test")
     parser.add_argument("--ladder", choices=("log", "full"), default="log",
                         help="log: the options of the recorded run (its validation ranking dropped B=4, 16, 64 and "
                              "256); full: every power-of-two budget, as the ranking with RANK_TOLERANCE keeps them")
@@ -175,11 +184,13 @@ def render(doc: dict) -> str:
                          f"{r['mean_bytes_vs_oracle']:.2f} ({r['min_bytes_vs_oracle']:.2f})",
                          f"{rise['within_1s']}/{rise['count']} ({held['within_1s']}/{held['count']})",
                          f"{fall['within_1s']}/{fall['count']}",
+                         "-" if r.get("min_vs_best_fixed_pt") is None else f"{r['min_vs_best_fixed_pt']:+.2f}",
                          " / ".join(f"{100 * r[f'lagged_{lag:g}s_min_share']:.1f}" for lag in LAGS
                                     if f"lagged_{lag:g}s_min_share" in r) or "-"])
         lines += [f"Target {target:g} ms:", "", markdown_table(
             ["variant", "traces", "% in time (worst trace / pooled)", "pt vs oracle (worst)",
              "bytes / oracle's (worst)", "rises answered <= 1 s (held 2 s)", "falls <= 1 s",
+             "pt above the best fixed option in time as often (worst)",
              "late oracle 0.25 s / 1 s: % in time (worst)"], rows).rstrip(), ""]
     return "\n".join(lines) + "\n"
 
