@@ -3,14 +3,13 @@ half, encode, send, and time every stage."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from splitprune.adaptive import Option
 from splitprune.adaptive.hedge import Pending, Start
-from splitprune.adaptive.stream import Outcome
+from splitprune.adaptive.stream import Outcome, submitted
 from splitprune.errors import UserError
 from splitprune.proto import pb
 from splitprune.wire.codec import decode_label_array
@@ -137,20 +136,11 @@ def make_start(model: DeviceModel, client: InferenceClient, images: np.ndarray, 
         compute = time.perf_counter() - started
         call, cancel, sent = client.submit(model.fingerprint, option.budget, tensor, index + 1,
                                            1 if num_classes <= 256 else 2)
-        outcome: Future = Future()
 
-        def answered(f: Future) -> None:
-            if f.cancelled():
-                return outcome.cancel() or None
-            try:
-                predicted, round_trip, server, up, down = f.result()
-                predictions = decode_label_array(predicted, 1, num_classes)
-            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this answer
-                return outcome.set_exception(exc)
-            correct = None if labels is None else int(predictions[0] == labels[i])
-            outcome.set_result(Outcome(1, correct, up, down, time.perf_counter() - started, round_trip, server))
+        def score(predicted) -> int | None:
+            predictions = decode_label_array(predicted, 1, num_classes)
+            return None if labels is None else int(predictions[0] == labels[i])
 
-        call.add_done_callback(answered)
-        return Pending(outcome, cancel, started, compute, 1, sent)
+        return submitted(call, cancel, sent, started, compute, 1, score)
 
     return start

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from splitprune.adaptive.controller import Option
-from splitprune.adaptive.hedge import Hedged, Start, from_start, race
+from splitprune.adaptive.hedge import Hedged, Pending, Start, from_start, race
 from splitprune.adaptive.policy import AutoBudget, Clock
 from splitprune.errors import UserError
 
@@ -38,6 +39,28 @@ class Outcome:
     def compute_seconds(self) -> float:
         """The part not on the link: the device's own work outside the call, and the server's reported compute."""
         return max(self.seconds - self.call_seconds, 0.0) + min(self.server_seconds, self.call_seconds)
+
+
+def submitted(call: Future, cancel: Callable[[], None], sent: int, started: float, compute: float, samples: int,
+              score: Callable[[object], int | None]) -> Pending:
+    """A call on its way as a Pending: once `call` gives (reply, round trip s, server s, bytes up, bytes down),
+    `score(reply)` (the samples predicted right, or None) makes its Outcome, seconds counted from `started`."""
+    outcome: Future = Future()
+
+    def answered(f: Future) -> None:
+        if f.cancelled():
+            outcome.cancel()
+            return
+        try:
+            reply, round_trip, server, up, down = f.result()
+            correct = score(reply)
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this answer
+            outcome.set_exception(exc)
+            return
+        outcome.set_result(Outcome(samples, correct, up, down, time.perf_counter() - started, round_trip, server))
+
+    call.add_done_callback(answered)
+    return Pending(outcome, cancel, started, compute, samples, sent)
 
 
 @dataclass(frozen=True)

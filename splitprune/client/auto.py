@@ -8,13 +8,12 @@ through the real server. The loop and the controller are torch-free and shared w
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 
 from splitprune.adaptive import Option
 from splitprune.adaptive.budgets import model_options
 from splitprune.adaptive.hedge import Pending, Start
 from splitprune.adaptive.policy import AutoBudget, AutoStepBudget
-from splitprune.adaptive.stream import Outcome, StreamResult, run_stream
+from splitprune.adaptive.stream import Outcome, StreamResult, run_stream, submitted
 from splitprune.errors import UserError
 
 
@@ -98,21 +97,8 @@ def make_start(session) -> Start:
         request_id, request = device.eval_request(last["z"], option.budget)
         compute = time.perf_counter() - started
         call, cancel, sent = client.submit(request, option.budget)
-        outcome: Future = Future()
-
-        def answered(f: Future) -> None:
-            if f.cancelled():
-                return outcome.cancel() or None
-            try:
-                reply, round_trip, server, up, down = f.result()
-                predictions = device.eval_predictions(reply, request_id, len(y))
-            except Exception as exc:  # noqa: BLE001 - handed to whoever waits for this answer
-                return outcome.set_exception(exc)
-            outcome.set_result(Outcome(len(y), int((predictions == y).sum()), up, down,
-                                       time.perf_counter() - started, round_trip, server))
-
-        call.add_done_callback(answered)
-        return Pending(outcome, cancel, started, compute, len(y), sent)
+        return submitted(call, cancel, sent, started, compute, len(y),
+                         lambda reply: int((device.eval_predictions(reply, request_id, len(y)) == y).sum()))
 
     return start
 
