@@ -132,7 +132,7 @@ def training_bytes(parts, budget: int) -> tuple[int, int]:
     prefix = device.selector.prefix   # an any-budget model's channels travel as a prefix length, both ways
     up = pb.TrainRequest(step_id=1, activations=device.codec.compress(values, channels, device.channels, prefix),
                          labels=labels, lr_scale=0.5)
-    down = pb.TrainReply(step_id=1, loss=1.0, correct=1, server_us=50_000,   # a 50 ms step: a 3-byte varint
+    down = pb.TrainReply(step_id=1, loss=1.0, correct=1, server_us=50_000,   # fixed width: any step's time
                          gradient=ChannelCodec(cfg.dtype_down).compress(values, channels, device.channels, prefix))
     return up.ByteSize(), down.ByteSize()
 
