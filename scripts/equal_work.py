@@ -1,0 +1,54 @@
+"""The other equal-work comparison: dedicated ca models at two server steps per batch, as the any-budget model takes.
+
+    python scripts/equal_work.py [--budgets 4,8,16] [--out bench_results/adaptive/equal_work]
+
+Reads bench_results/adaptive/runs/ca{B}_2step[_seed1] (`splitprune train --method ca --server-steps 2`, the
+quick profile's ca command otherwise; their command.txt), scores each final model on the full 10k test set at
+its budget (cached in the run's full_test_budgets.json), and sets them against the any-budget model (two server
+steps) and the one-step dedicated models as `splitprune bench adaptive` recorded them (adaptive/adaptive.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from cut_table import accuracy  # noqa: E402
+
+from splitprune.bench.core.common import markdown_table  # noqa: E402
+from splitprune.bench.core.verdict import difference, explain, interval  # noqa: E402
+
+RUNS = ROOT / "bench_results/adaptive/runs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="4,8,16")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/equal_work")
+    args = parser.parse_args()
+    recorded = json.loads((ROOT / "bench_results/adaptive/adaptive.json").read_text())["accuracy"]["verdicts"]
+    rows, doc = [], {}
+    for b in (int(x) for x in args.budgets.split(",")):
+        runs = [p for p in (RUNS / f"ca{b}_2step", RUNS / f"ca{b}_2step_seed1") if (p / "summary.json").exists()]
+        two = [accuracy(p, (b,))[str(b)] for p in runs]
+        ours, one = recorded[str(b)]["anybudget"], recorded[str(b)]["rival_accuracy"]
+        gap = difference(interval(ours), interval(two)) if two else None
+        doc[b] = {"anybudget_2steps": ours, "ca_1step": one, "ca_2steps": two, "difference": gap.__dict__ if gap else None}
+        rows.append([b, ", ".join(f"{100 * a:.2f}%" for a in ours), ", ".join(f"{100 * a:.2f}%" for a in one),
+                     ", ".join(f"{100 * a:.2f}%" for a in two) or "not run", gap.text() if gap else "n/a",
+                     explain(gap, -0.003, "anybudget - ca (2 steps)") if gap else "not measured"])
+    table = markdown_table(["budget", "anybudget, 2 server steps (seeds)", "ca, 1 step (seeds)", "ca, 2 steps (seeds)",
+                            "anybudget - ca (2 steps)", "verdict (0.3 pt)"], rows)
+    command = "python scripts/equal_work.py " + " ".join(sys.argv[1:])
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "budgets": doc}, indent=1))
+    args.out.with_suffix(".md").write_text(f"`{command.strip()}` (full 10k test set)\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
