@@ -60,7 +60,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from splitprune.adaptive.estimators import ESTIMATORS, make_estimator
+from splitprune.adaptive.estimators import make_estimator
 from splitprune.errors import UserError
 
 
@@ -155,8 +155,6 @@ class BudgetController:
             raise UserError(f"growth must be a number >= 1 (1: one option at a time), got {self.growth!r}")
         if not 0 <= self.start_index < len(self.options):
             raise UserError(f"start_index must be in 0..{len(self.options) - 1}")
-        if self.estimator not in ESTIMATORS:
-            raise UserError(f"unknown rate estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         self._rate = make_estimator(self.estimator)
         self._index = self.start_index
         self._settle_now = self.settle

@@ -4,8 +4,8 @@ The controller's own fit (``"pairs"``, controller.py) measures the rate only fro
 while it holds one option it learns nothing and its last fit freezes. Replayed over real 3G traces that froze
 0.49 Mbit/s for 8 s while the link ran at 2.6-3.1, and no rise of 2x or more was answered within 1 s. Here
 every clean request is a throughput sample: its bytes over its time on the link minus the round trip,
-``size / (network - rtt)``; the round trip is the controller's (the lowest recent excess over the transfer
-time). Two estimators from the video-streaming literature, each asked for a seconds-per-byte at a size:
+``size / (network - rtt)``; the round trip is the controller's (the intercept of its last fit over pairs of
+sizes, lowered by any request quicker than it). Two estimators from the video-streaming literature, each asked for a seconds-per-byte at a size:
 
 - ``"harmonic"`` (RobustMPC, Yin et al., SIGCOMM 2015): the harmonic mean of the last ``samples`` throughputs,
   discounted by the largest relative error of the recent transfer-time predictions (``1 + err``, err capped at
@@ -24,6 +24,8 @@ import collections
 import math
 import statistics
 from typing import Protocol
+
+from splitprune.errors import UserError
 
 ESTIMATORS = ("pairs", "harmonic", "sized")
 
@@ -91,4 +93,4 @@ def make_estimator(name: str) -> RateEstimator | None:
         return SizedRate()
     if name == "pairs":
         return None
-    raise ValueError(f"unknown rate estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    raise UserError(f"unknown rate estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")

@@ -63,8 +63,7 @@ class InferenceClient:
         if self.stream:
             req = pb.EvalRequest.FromString(request)
         else:
-            head = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString()
-            data = head + frame(3, request)  # field 3 = eval: the EvalRequest bytes as they are
+            data = self._unary_data(request, budget)
         before = self._meter.read() if self._meter else None
         start = time.perf_counter()
         try:
@@ -75,12 +74,10 @@ class InferenceClient:
                     out = self._infer(data, metadata=self.conn.metadata, timeout=self.timeout)
                 except grpc.RpcError as exc:
                     raise remote_error(exc, "inference request failed") from None
-                elapsed = time.perf_counter() - start
-                unary = spb.InferReply.FromString(out)
-                server_ms = server_seconds(unary.server_ms / 1e3, elapsed, "InferReply") * 1e3
-                reply, up, down = unary.eval, len(data), len(out)
+                reply, server_s = unary_reply(out, time.perf_counter() - start)
+                server_ms, up, down = server_s * 1e3, len(data), len(out)
         except ProtocolError as exc:
-            raise RemoteError(f"the server at {self.conn.target} broke the protocol: {exc}") from None
+            raise self._broke(exc) from None
         self.latencies_ms.append((time.perf_counter() - start) * 1e3)
         if self._meter:
             self.traffic.attribute("evaluation", self._meter, before, self._meter.read())
@@ -109,7 +106,7 @@ class InferenceClient:
             if isinstance(exc, (grpc.RpcError, StreamRefused)):
                 exc = session_error(exc) if self.stream else remote_error(exc, "inference request failed")
             elif isinstance(exc, ProtocolError):
-                exc = RemoteError(f"the server at {self.conn.target} broke the protocol: {exc}")
+                exc = self._broke(exc)
             done.set_exception(exc)
 
         def finish(reply: pb.EvalReply, elapsed: float, server: float, up: int, down: int) -> None:
@@ -133,7 +130,7 @@ class InferenceClient:
 
             item.add_done_callback(answered)
             return done, lambda: None, up
-        data = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString() + frame(3, request)
+        data = self._unary_data(request, budget)
         start = time.perf_counter()
         call = self._infer.future(data, metadata=self.conn.metadata, timeout=self.timeout)
 
@@ -144,19 +141,33 @@ class InferenceClient:
             if f.exception() is not None:
                 return fail(f.exception())
             elapsed, out = time.perf_counter() - start, f.result()
-            unary = spb.InferReply.FromString(out)
             try:
-                server = server_seconds(unary.server_ms / 1e3, elapsed, "InferReply")
+                reply, server = unary_reply(out, elapsed)
             except ProtocolError as exc:
                 return fail(exc)
-            finish(unary.eval, elapsed, server, len(data), len(out))
+            finish(reply, elapsed, server, len(data), len(out))
 
         call.add_done_callback(replied)
         return done, call.cancel, len(data)
 
+    def _unary_data(self, request: bytes, budget: int) -> bytes:
+        """The InferRequest of one EvalRequest (bytes) at `budget`."""
+        head = spb.InferRequest(fingerprint=self.fingerprint, budget=budget).SerializeToString()
+        return head + frame(3, request)  # field 3 = eval: the EvalRequest bytes as they are
+
+    def _broke(self, exc: ProtocolError) -> RemoteError:
+        return RemoteError(f"the server at {self.conn.target} broke the protocol: {exc}")
+
     def close(self) -> None:
         self._sessions.close()
         self.conn.close()
+
+
+def unary_reply(out: bytes, elapsed: float) -> tuple[pb.EvalReply, float]:
+    """The EvalReply of an InferReply received `elapsed` s after its request was sent, and the server's time
+    in seconds, checked against that round trip (ProtocolError)."""
+    unary = spb.InferReply.FromString(out)
+    return unary.eval, server_seconds(unary.server_ms / 1e3, elapsed, "InferReply")
 
 
 def session_error(exc: grpc.RpcError | StreamRefused) -> RemoteError:

@@ -79,7 +79,7 @@ class InferStreamClient:
         be true (splitprune.wire.timing)."""
         if self._reader is not None:   # items were submitted: the reader thread takes every answer
             return self.submit(data, samples).result()
-        item = spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
+        item = item_message(data, samples)
         start = time.perf_counter()
         self._queue.put(item)
         out = next(self._replies)
@@ -88,7 +88,10 @@ class InferStreamClient:
     def submit(self, data: bytes, samples: int = 1) -> Future:
         """Send one item and return at once: a Future of its ItemResult (or of the exception `infer` raises).
         Not waiting for it abandons it: its answer is still read, in turn, and dropped."""
-        item = spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
+        return self.send_item(item_message(data, samples))
+
+    def send_item(self, item: bytes) -> Future:
+        """`submit` of an InferItem already serialized (item_message)."""
         future: Future = Future()
         with self._lock:
             if self._reader is None:
@@ -121,6 +124,11 @@ class InferStreamClient:
     def close(self) -> None:
         self._queue.put(None)  # half-close: the server ends the stream
         self._replies.cancel()
+
+
+def item_message(data: bytes, samples: int) -> bytes:
+    """The serialized InferItem of one request's tensor data for `samples` samples (0, unset, means 1)."""
+    return spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
 
 
 def item_result(out: bytes, elapsed: float, item_bytes: int) -> ItemResult:
@@ -162,15 +170,15 @@ class InferSessions:
         except grpc.RpcError:
             self._sessions.pop(key, None)
             raise
-        session, data, samples = self._sessions[key], item_data(tensor), tensor.shape[0]
-        future = session.submit(data, samples)
+        session, item = self._sessions[key], item_message(item_data(tensor), tensor.shape[0])
+        future = session.send_item(item)
 
         def drop_broken(done: Future) -> None:
             if isinstance(done.exception(), grpc.RpcError) and self._sessions.get(key) is session:
                 self._sessions.pop(key, None)
 
         future.add_done_callback(drop_broken)
-        return future, spb.InferItem(data=data, samples=0 if samples == 1 else samples).ByteSize(), opened
+        return future, len(item), opened
 
     def _open(self, key: tuple, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> int:
         """Open the session of `key` unless open: the bytes of its InferOpen (0: it was open)."""

@@ -72,8 +72,9 @@ def run(out: Path, root: Path = Path(".")) -> dict:
         best = max(r["validation"] for r in rows)
         chosen = min((r for r in rows if r["validation"] >= best + LOSS), key=lambda r: r["traffic_bytes"])
     up, down = chosen["uplink"], chosen["downlink"]
-    tested = [_accuracy(_train(out, up, down, seed), up, "test") for seed in (0, 1)]
-    traffic = [_traffic(_train(out, up, down, seed)) for seed in (0, 1)]
+    runs = [_train(out, up, down, seed) for seed in (0, 1)]
+    tested = [_accuracy(run_dir, up, "test") for run_dir in runs]
+    traffic = [_traffic(run_dir) for run_dir in runs]
     sl = json.loads((root / "bench_results/rate/rate.json").read_text())["sl_test"]
     gap = difference(interval([t["accuracy"] for t in tested]), Interval(sl["low"], sl["high"]))
     factor = sl_traffic / max(traffic)
