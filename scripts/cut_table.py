@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
+    if not seeds(args.runs, "anybudget"):
+        sys.exit(f"error: --runs {args.runs}: no finished any-budget run (anybudget/summary.json) there")
     ours = [accuracy(p, LADDER) for p in seeds(args.runs, "anybudget")]
     rows, doc = [], {}
     for b in LADDER:

@@ -128,8 +128,11 @@ def main() -> None:
     parser.add_argument("--render", type=Path, help="only write the markdown of this results file next to it")
     args = parser.parse_args()
     if args.render:
+        if not args.render.is_file():
+            sys.exit(f"error: --render {args.render}: no such results file")
         args.render.with_suffix(".md").write_text(render(json.loads(args.render.read_text())))
         return
+    targets, variants, wanted = checked(args)
     inference = args.inference
     bench = json.loads((inference / "adaptive_infer.json").read_text())
     run = next(t for t in bench["traces"] if t["trace"] == "cellular-fades")
@@ -145,12 +148,10 @@ def main() -> None:
         log = json.loads((inference / run["log"]).read_text())
         runs = {"own cellular-fades run": measured(LinkTrace.load("cellular-fades"), log["rows"], logged,
                                                    run["trace_start_unix"])}
-    results = []
-    for target_ms in (float(t) for t in args.targets.split(",")):
-        for estimator in args.variants.split(","):
-            for group, traces in groups().items():
-                if group not in args.groups.split(","):
-                    continue
+    results, loaded = [], {group: traces for group, traces in groups().items() if group in wanted}
+    for target_ms in targets:
+        for estimator in variants:
+            for group, traces in loaded.items():
                 r = run_group(traces, runs, options, accuracy, target_ms / 1e3, VARIANTS[estimator])
                 results.append({"target_ms": target_ms, "variant": estimator, "settings": VARIANTS[estimator],
                                 "group": group, **r})
@@ -167,6 +168,28 @@ def main() -> None:
            "results": results}
     args.out.write_text(json.dumps(doc, indent=1))
     args.out.with_suffix(".md").write_text(render(doc))
+
+
+def checked(args) -> tuple[list[float], list[str], list[str]]:
+    """--targets, --variants and --groups as lists, or one clear message and exit 2 before anything is read."""
+    try:
+        targets = [float(t) for t in args.targets.split(",")]
+    except ValueError:
+        targets = []
+    if not targets or not all(0 < t < 60_000 for t in targets):
+        sys.exit(f"error: --targets takes latency targets in ms between 0 and 60000, comma-separated, "
+                 f"got {args.targets!r}")
+    variants = [v.strip() for v in args.variants.split(",")]
+    if not all(v in VARIANTS for v in variants):
+        sys.exit(f"error: --variants: choose from {', '.join(VARIANTS)}, got {args.variants!r}")
+    wanted = [g.strip() for g in args.groups.split(",")]
+    known = ("shipped", "synthetic held-out", "real select", "real test")
+    if not all(g in known for g in wanted):
+        sys.exit(f"error: --groups: choose from {', '.join(known)}, got {args.groups!r}")
+    if not (args.inference / "adaptive_infer.json").is_file():
+        sys.exit(f"error: --inference {args.inference}: no adaptive_infer.json (a `splitprune bench adaptive` "
+                 f"inference run) there")
+    return targets, variants, wanted
 
 
 def render(doc: dict) -> str:
