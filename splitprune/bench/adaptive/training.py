@@ -89,7 +89,7 @@ def time_to(points: list[dict], target: float) -> float | None:
 
 def run_one(budget: str, out: Path, s: Settings) -> list[dict]:
     """One training through a fresh proxy (the trace starts with the run); resumes nothing, reuses a finished run."""
-    from splitprune.bench.paper.link_time import Server
+    from splitprune.bench.core.processes import ServeSubprocess, free_port
     from splitprune.link.proxy import LinkProfile, LinkProxy
 
     run = out / "runs" / f"budget_{budget}"
@@ -99,8 +99,9 @@ def run_one(budget: str, out: Path, s: Settings) -> list[dict]:
         import shutil
         shutil.rmtree(run)  # an interrupted run through a link is not resumable in the same conditions
     run.parent.mkdir(parents=True, exist_ok=True)
-    server = Server(threads=1, accelerator="cpu", log=out / f"serve_{budget}.log")
-    proxy = LinkProxy(("127.0.0.1", 0), (server.host, server.port), LinkProfile(), trace=looped_trace()).start()
+    server = ServeSubprocess(free_port(), "--accelerator", "cpu", "--idle-timeout", "3600",
+                             log_path=out / f"serve_{budget}.log", threads=1).start()
+    proxy = LinkProxy(("127.0.0.1", 0), ("127.0.0.1", server.port), LinkProfile(), trace=looped_trace()).start()
     try:
         address = f"127.0.0.1:{proxy.address[1]}"
         cmd = train_command(budget, address, run, s)
