@@ -118,6 +118,9 @@ class RunConfig:
     nested: str = option("sandwich", "anybudget: the channel prefixes the server trains on per step: sandwich "
                          "(1, all it received, one random ladder budget between) or random (one ladder budget: "
                          "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
+    rung_decoder: bool = option(False, "anybudget: the decoder's deconvolution once per budget rung (each budget "
+                                "its own first server layer, as a dedicated model has; the device half and the "
+                                "wire unchanged), not only its BatchNorms", added=True)
 
     seeding: int = option(SEEDING, "how initial weights are drawn: 2: each half from a random stream of its own, "
                           "seeded from (seed, side), so a side builds only its own half; 1: both halves from one "
@@ -330,6 +333,8 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("method prune needs --from CHECKPOINT (a trained model)")
     if cfg.nested != "sandwich" and cfg.method != "anybudget":
         raise UserError(f"--nested {cfg.nested} applies to method anybudget only")
+    if cfg.rung_decoder and cfg.method != "anybudget":
+        raise UserError("--rung-decoder applies to method anybudget only")
     if cfg.reset_low > cfg.reset_high:
         raise UserError(f"reset_low ({cfg.reset_low:g}) must not exceed reset_high ({cfg.reset_high:g})")
     _check_schedule(cfg)

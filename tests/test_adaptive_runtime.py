@@ -90,6 +90,20 @@ def test_impossible_target_warns_once_and_sends_the_smallest(model, tmp_path, ca
     assert "--latency-ms goes with --budget auto" in capsys.readouterr().err
 
 
+def test_on_a_stream_the_options_are_sized_as_the_items_that_travel(model, tmp_path):
+    run, server = model
+    log = tmp_path / "log.json"
+    assert main(["infer", "--server", server.address, "--checkpoint", str(run), "--budget", "auto",
+                 "--latency-ms", "500", "--test-subset", "8", "--warmup", "3", "--log", str(log)]) == 0
+    doc = json.loads(log.read_text())
+    sized = {(o["budget"], o["dtype"]): (o["bytes_up"], o["bytes_down"]) for o in doc["options"]}
+    for r in doc["rows"]:
+        up, down = sized[r["budget"], r["dtype"]]
+        assert r["bytes_up"] == up and abs(r["bytes_down"] - down) <= 1, (r, up, down)   # server_us's varint
+    smallest = doc["options"][0]
+    assert smallest["bytes_up"] < 40   # an item: no fingerprint, budget or tensor header (an Infer call: ~100 B)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0

@@ -14,7 +14,7 @@ from splitprune.bench.adaptive.accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
 from splitprune.client.connect import connect
 from splitprune.compression import ChannelCodec, encode_labels, keep_channels
-from splitprune.compression.bottleneck import ladder, rung
+from splitprune.compression.rungs import ladder, rung
 from splitprune.compression.budget import channel_mask
 from splitprune.compression.codec import Decoded
 from splitprune.config import make_config, resolve_schedule

@@ -6,7 +6,7 @@ import tempfile
 import torch
 from torch import nn
 
-from splitprune.compression.bottleneck import RungBatchNorm
+from splitprune.compression.rungs import RungBatchNorm
 from splitprune.config import make_config
 from splitprune.data import calibration_batches
 from splitprune.training.evaluation import evaluate

@@ -10,8 +10,7 @@ from splitprune.adaptive import Option
 from splitprune.adaptive.budgets import model_options
 from splitprune.errors import UserError
 from splitprune.proto import pb
-from splitprune.proto import service_pb2 as spb
-from splitprune.wire.codec import encode_label_array
+from splitprune.wire.stream import exchange_sizes
 from splitprune_device.model import DeviceModel
 
 
@@ -46,17 +45,16 @@ def make_policy(text: str | None, exported: list[int], trained: int) -> BudgetPo
     return FixedBudget(budget)
 
 
-def auto_options(model: DeviceModel, dtypes: list[str]) -> list[Option]:
-    """The option ladder of `--budget auto`: the exported budgets x `dtypes`, each sized as the InferRequest and
-    InferReply of one image would be (encoded by this package's own uplink path)."""
+def auto_options(model: DeviceModel, dtypes: list[str], stream: bool) -> list[Option]:
+    """The option ladder of `--budget auto`: the exported budgets x `dtypes`, each sized as one image's request and
+    answer would be (encoded by this package's own uplink path; an item on a session with `stream`, else an
+    Infer call)."""
     _, height, width = model.manifest["wire_shape"]
     rng = np.random.default_rng(0)
 
     def bytes_for(budget: int, dtype: str) -> tuple[int, int]:
         kept = rng.standard_normal((1, budget, height, width)).astype(np.float32)
         req = pb.EvalRequest(request_id=1, activations=model.encode(kept, budget, dtype))
-        reply = pb.EvalReply(request_id=1, predictions=encode_label_array(np.zeros(1, dtype=np.int64)))
-        return (spb.InferRequest(fingerprint=model.fingerprint, budget=budget, eval=req).ByteSize(),
-                spb.InferReply(eval=reply, server_ms=1.0).ByteSize())
+        return exchange_sizes(model.fingerprint, budget, req, stream)
 
     return model_options(model.manifest, dtypes, bytes_for)

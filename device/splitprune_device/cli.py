@@ -159,7 +159,7 @@ def stream_auto(model, client, images: np.ndarray, y: np.ndarray | None, args: a
     from splitprune_device.budget import auto_options
     from splitprune_device.runner import make_send, make_start
 
-    options = auto_options(model, uplink_dtypes(args.dtypes_up, model.manifest["codec"]["dtype_up"]))
+    options = auto_options(model, uplink_dtypes(args.dtypes_up, model.manifest["codec"]["dtype_up"]), args.stream)
     result = run_stream(make_send(model, client, images, y), AutoBudget(options, args.latency_ms / 1e3),
                         None if args.duration else len(images), args.duration, show=print, every=args.every,
                         warmup=max(args.warmup, 0),

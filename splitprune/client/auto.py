@@ -18,10 +18,11 @@ from splitprune.errors import UserError
 
 
 class SizingLink:
-    """Answers an EvalRequest as a server would, without sending it: the sizes its Infer messages would have."""
+    """Answers an EvalRequest as a server would, without sending it: the sizes its messages would have (an item
+    on a session with `stream`, else an Infer call)."""
 
-    def __init__(self, fingerprint: str, budget: int) -> None:
-        self.fingerprint, self.budget = fingerprint, budget
+    def __init__(self, fingerprint: str, budget: int, stream: bool) -> None:
+        self.fingerprint, self.budget, self.stream = fingerprint, budget, stream
         self.sizes = (0, 0)
 
     def evaluate(self, request: bytes) -> bytes:
@@ -29,17 +30,18 @@ class SizingLink:
 
         from splitprune.compression import encode_labels
         from splitprune.proto import pb
-        from splitprune.proto import service_pb2 as spb
+        from splitprune.wire.stream import exchange_sizes
 
-        req = spb.InferRequest(fingerprint=self.fingerprint, budget=self.budget, eval=pb.EvalRequest.FromString(request))
-        count = int(req.eval.activations.shape[0])
-        reply = pb.EvalReply(request_id=req.eval.request_id, predictions=encode_labels(torch.zeros(count, dtype=torch.long)))
-        self.sizes = (req.ByteSize(), spb.InferReply(eval=reply, server_ms=1.0).ByteSize())
+        req = pb.EvalRequest.FromString(request)
+        self.sizes = exchange_sizes(self.fingerprint, self.budget, req, self.stream)
+        count = int(req.activations.shape[0])
+        reply = pb.EvalReply(request_id=req.request_id, predictions=encode_labels(torch.zeros(count, dtype=torch.long)))
         return reply.SerializeToString()
 
 
 def inference_options(session, dtypes: list[str], ranked: bool = True) -> list[Option]:
-    """The option ladder of a model (model_options), each option sized by encoding a real sample;
+    """The option ladder of a model (model_options), each option sized by encoding a real sample as the session's
+    client sends it (an item on a stream, or an Infer call);
     `ranked=False`: every option that costs more bytes than the one before, whatever its accuracy."""
     from splitprune.compression import ChannelCodec
 
@@ -47,7 +49,7 @@ def inference_options(session, dtypes: list[str], ranked: bool = True) -> list[O
     codec = device.codec
 
     def bytes_for(budget: int, dtype: str) -> tuple[int, int]:
-        link = SizingLink(session.meta["fingerprint"], budget)
+        link = SizingLink(session.meta["fingerprint"], budget, session.client.stream)
         device.codec = ChannelCodec(dtype)
         device.predict(x, link, budget)
         return link.sizes

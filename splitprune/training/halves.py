@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from splitprune.compression import Decoder, GatedEncoder, encoded_shape
-from splitprune.compression.bottleneck import PrefixDecoder, RungBatchNorm, per_budget_norms
+from splitprune.compression.rungs import PrefixDecoder, RungBatchNorm, per_budget_norms
 from splitprune.compression.prior import GridPrior
 from splitprune.config import RunConfig
 from splitprune.errors import UserError
@@ -162,8 +162,8 @@ def build_server_half(cfg: RunConfig, num_classes: int, in_channels: int, weight
     channels = shape.channels
     with _stream(cfg, "server"):
         layers = build_part(cfg.model, cfg.split, num_classes, in_channels, "server")
-        decoder = (PrefixDecoder if cfg.method == "anybudget" else Decoder)(channels, cfg.resolution,
-                                                                             relu=shape.nonnegative)
+        decoder = (PrefixDecoder(channels, cfg.resolution, relu=shape.nonnegative, per_rung=cfg.rung_decoder)
+                   if cfg.method == "anybudget" else Decoder(channels, cfg.resolution, relu=shape.nonnegative))
     if loaded is not None:
         load_part(layers, loaded)
     if passes_through(cfg):

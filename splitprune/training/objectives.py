@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from splitprune.compression.bottleneck import ladder
+from splitprune.compression.rungs import ladder
 from splitprune.compression.codec import Decoded
 from splitprune.config import NESTED_SAMPLINGS
 from splitprune.wire.refusals import BadTensor

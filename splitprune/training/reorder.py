@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from splitprune.compression.bottleneck import ladder
+from splitprune.compression.rungs import ladder
 from splitprune.compression.budget import channel_mask
 
 GATE = "device.encoder.gate_logits"
 ENCODER_OUT = ("device.encoder.conv.weight", "device.encoder.conv.bias", "device.encoder.bn.weight",
                "device.encoder.bn.bias", "device.encoder.bn.running_mean", "device.encoder.bn.running_var")
 DECODER_IN = ("server.decoder.deconv.weight",)
+DECODER_BIAS = "server.decoder.deconv.bias"
 
 
 def gate_order(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,18 @@ def with_rung_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             out[layer + name] = tensors[layer + name].reshape(1, -1).repeat(rungs, 1)
         if layer + "num_batches_tracked" in tensors:
             out[layer + "num_batches_tracked"] = tensors[layer + "num_batches_tracked"].reshape(1).repeat(rungs)
+    return out
+
+
+def with_rung_decoder(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy whose decoder deconvolution (one, shared) is one per rung of the ladder, each a copy of the shared
+    one's rows for its channels (compression.rungs.RungDeconv): the same function, --rung-decoder's layout."""
+    out = dict(tensors)
+    weight, bias = out.pop(DECODER_IN[0]), out.pop(DECODER_BIAS)
+    rungs = ladder(weight.shape[0])
+    for r, b in enumerate(rungs):
+        out[f"{DECODER_IN[0]}.{r}"] = weight[:b].clone()
+    out[DECODER_BIAS] = bias.reshape(1, -1).repeat(len(rungs), 1)
     return out
 
 

@@ -26,7 +26,7 @@ from splitprune.training.halves import (DeviceHalf, Geometry, ServerHalf, build_
                                         check_halves, passes_through)
 from splitprune.training.link import Link
 from splitprune.training.objectives import NestedPrefixes
-from splitprune.training.reorder import gated_to_anybudget
+from splitprune.training.reorder import DECODER_IN, gated_to_anybudget, with_rung_decoder
 from splitprune.training.server_worker import LocalLink, ServerWorker
 
 
@@ -239,7 +239,14 @@ def read_pretrained(cfg: RunConfig, num_classes: int | None = None) -> dict[str,
                         f"(splitprune eval/infer --budget B); --method {cfg.method} starts from a gated "
                         "model (sl, ca, deprune, prune)")
     tensors = read_tensors(meta["_folder"])
-    return gated_to_anybudget(tensors) if cfg.method == "anybudget" and gated else tensors
+    tensors = gated_to_anybudget(tensors) if cfg.method == "anybudget" and gated else tensors
+    shared = DECODER_IN[0] in tensors
+    if cfg.rung_decoder and shared:
+        return with_rung_decoder(tensors)
+    if not cfg.rung_decoder and not shared and f"{DECODER_IN[0]}.0" in tensors:
+        raise UserError(f"checkpoint {cfg.from_checkpoint} has a decoder per budget rung (--rung-decoder): "
+                        "continue it with --rung-decoder")
+    return tensors
 
 
 def load_pretrained(cfg: RunConfig, device: DeviceWorker, server: ServerWorker | None, num_classes: int) -> None:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from splitprune.adaptive.policy import StepBudget
-from splitprune.compression.bottleneck import ladder
+from splitprune.compression.rungs import ladder
 from splitprune.compression.tables import META_KEY as TABLES_KEY
 from splitprune.compression.tables import count_symbols, tables_entries
 from splitprune.wire.entropy import EC_DTYPES

@@ -18,10 +18,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from splitprune.errors import ProtocolError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
+from splitprune.wire.codec import encode_label_array
 from splitprune.wire.timing import server_seconds
 
 INFER_STREAM_METHOD = "/splitprune.v1.SplitPrune/InferStream"
@@ -129,6 +131,21 @@ class InferStreamClient:
 def item_message(data: bytes, samples: int) -> bytes:
     """The serialized InferItem of one request's tensor data for `samples` samples (0, unset, means 1)."""
     return spb.InferItem(data=data, samples=0 if samples == 1 else samples).SerializeToString()
+
+
+def exchange_sizes(fingerprint: str, budget: int, request: pb.EvalRequest, stream: bool) -> tuple[int, int]:
+    """(up, down): the serialized sizes of one request of `request`'s tensor and of its answer (predictions, a
+    1 ms server time) as they travel: an item on a session and its InferItemReply (the session's opening is
+    not counted), or a unary InferRequest and InferReply. What `--budget auto` plans each option with."""
+    tensor = request.activations
+    samples = int(tensor.shape[0])
+    labels = encode_label_array(np.zeros(samples, dtype=np.int64))
+    if stream:
+        answer = spb.InferItemReply(labels=labels.data, server_us=1000)
+        return len(item_message(item_data(tensor), samples)), answer.ByteSize()
+    reply = pb.EvalReply(request_id=request.request_id, predictions=labels)
+    return (spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=request).ByteSize(),
+            spb.InferReply(eval=reply, server_ms=1.0).ByteSize())
 
 
 def item_result(out: bytes, elapsed: float, item_bytes: int) -> ItemResult:

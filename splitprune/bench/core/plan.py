@@ -95,6 +95,14 @@ def plan(profile: Profile) -> dict[str, RunSpec]:
                 "anybudget, one server step (prefix, fp16/fp32)", suite="adaptive", full_last=K,
                 note="the any-budget run with --server-steps 1: the server's optimizer steps per batch of the "
                      "dedicated models (its objective still runs three prefixes)"),
+        # (h) both with a decoder deconvolution per budget rung (--rung-decoder): a first server layer per budget
+        *seeded("anybudget_rung", scratch("anybudget", "all:22", "fp16", "fp32", rung_decoder=True),
+                "anybudget, a decoder per rung (prefix, fp16/fp32)", suite="adaptive", full_last=K,
+                note="the any-budget run with --rung-decoder: each budget rung its own decoder deconvolution"),
+        *seeded("anybudget_rung_1step", scratch("anybudget", "all:22", "fp16", "fp32", rung_decoder=True,
+                                                server_steps=1),
+                "anybudget, a decoder per rung, one server step (prefix, fp16/fp32)", suite="adaptive", full_last=K,
+                note="--rung-decoder at one server optimizer step per batch, as the dedicated models take"),
         # (d) a trained model at every budget (prune chain from sl), and trained baselines (seed 0 only)
         RunSpec("chain", "rate", {**common, "method": "prune", "schedule": chain, "train_subset": p.chain_subset,
                                   "dtype_up": "fp16", "dtype_down": "fp32"}, "prune chain 64->1 from sl",
