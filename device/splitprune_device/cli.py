@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_inputs(paths: list[str], labels_path: str | None, limit: int | None) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+def load_inputs(paths: list[str], labels_path: str | None,
+                limit: int | None) -> tuple[list[str], np.ndarray, np.ndarray | None]:
     from splitprune_device.images import read_inputs, read_labels
 
     names, arrays, labels = [], [], []
