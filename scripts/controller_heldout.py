@@ -123,12 +123,12 @@ def main() -> None:
                     auto = score(requests, options, accuracy, target)
                     knows = oracle(trace, options, target)
                     best = score(replay(trace, options, real, knows, target), options, accuracy, target)
-                    steps = reactions(trace, requests, [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests],
+                    steps = reactions(trace, requests, [knows(r.index, r.t, real[r.index % len(real)]) for r in requests],
                                       target)
                     rows.append({"residuals": name, "trace": trace.name,
                                  "share_within_target": auto["share_within_target"],
                                  "vs_oracle_pt": 100 * (auto["accuracy"] - best["accuracy"]),
-                                 "switches_per_100": switches_per_100([k for _, _, k, _ in requests]),
+                                 "switches_per_100": switches_per_100([r.option for r in requests]),
                                  "requests": len(requests), "within": auto["share_within_target"] * len(requests),
                                  "reactions": steps})
             steady = [r for r in rows if r["trace"].startswith("steady")]

@@ -81,7 +81,7 @@ def run_group(traces, runs, options, accuracy, target, settings: dict) -> dict:
             auto = score(requests, options, accuracy, target)
             knows = oracle(trace, options, target)
             best = score(replay(trace, options, real, knows, target), options, accuracy, target)
-            oracle_choice = [knows(i, t, real[i % len(real)]) for i, t, _, _ in requests]
+            oracle_choice = [knows(r.index, r.t, real[r.index % len(real)]) for r in requests]
             fixed_scores = [score(replay(trace, options, real, fixed(k), target), options, accuracy, target)
                             for k in range(len(options))]
             as_often = [f["accuracy"] for f in fixed_scores if f["share_within_target"] >= auto["share_within_target"]]

@@ -3,7 +3,7 @@ verdict (adaptive_train). Torch-free, no clock."""
 import pytest
 
 from splitprune.adaptive.controller import Option
-from splitprune.adaptive.replay import Measured, controller_replay, fixed, reactions, replay
+from splitprune.adaptive.replay import Measured, Replayed, controller_replay, fixed, reactions, replay
 from splitprune.bench.adaptive.training import accuracy_verdict
 from splitprune.link.trace import LinkTrace
 
@@ -20,7 +20,7 @@ def test_a_fixed_option_takes_the_modelled_network_time_plus_the_residual():
     trace, real = steady_run(1.0)
     requests = replay(trace, OPTIONS, real, fixed(2), 0.2)
     # 12353 B at 10 Mbit/s ~ 9.9 ms, 2 x 20 ms one way, 5 ms server, 20 ms residual
-    assert all(abs(latency - (0.0099 + 0.04 + 0.005 + 0.02)) < 0.002 for *_, latency in requests)
+    assert all(abs(r.latency - (0.0099 + 0.04 + 0.005 + 0.02)) < 0.002 for r in requests)
 
 
 def test_the_replayed_controller_starts_from_its_warm_up_like_the_real_stream():
@@ -29,7 +29,7 @@ def test_the_replayed_controller_starts_from_its_warm_up_like_the_real_stream():
     trace, real = steady_run()
     requests = controller_replay(trace, OPTIONS, real, 0.2)
     assert requests[0][2] == len(OPTIONS) - 1
-    assert all(k == len(OPTIONS) - 1 for _, _, k, _ in requests)
+    assert all(r.option == len(OPTIONS) - 1 for r in requests)
 
 
 def test_reactions_time_each_rate_step_of_2x_from_the_request_that_answers_it():
@@ -39,7 +39,7 @@ def test_reactions_time_each_rate_step_of_2x_from_the_request_that_answers_it():
     chosen = [2 if t < 5 else 0 if t < 11.2 else 2 for t in times]
     latency = [0.3 if t == 5.25 or t == 5.75 else 0.1 for t in times]   # the first two after the fall miss
     best = [2 if t < 5 or t >= 10 else 0 for t in times]
-    steps = reactions(trace, [(i, t, k, lat) for i, (t, k, lat) in enumerate(zip(times, chosen, latency))],
+    steps = reactions(trace, [Replayed(i, t, k, lat) for i, (t, k, lat) in enumerate(zip(times, chosen, latency))],
                       best, 0.2)
     assert [(s["at"], s["direction"]) for s in steps] == [(5, "fall"), (10, "rise")]
     assert abs(steps[0]["seconds"] - 1.25) < 1e-9 and steps[0]["late"] == 2     # in time again at 6.25 s
@@ -162,9 +162,9 @@ def test_hedged_auto_keeps_the_requests_of_a_deep_fade_in_time():
     assert late["plain"] >= 5 and late["hedged"] == 0, late     # each fade catches one large request unhedged
     assert 0 < hedged["hedged_answers"] <= hedged["hedges"]
     assert hedged["hedge_bytes_up"] == hedged["hedges"] * OPTIONS[0].bytes_up
-    by_b1 = sum(k == 0 or by_hedge for _, _, k, _, by_hedge in requests)   # a hedge answers as B=1, scored so
+    by_b1 = sum(r.option == 0 or r.hedged for r in requests)   # a hedge answers as B=1, scored so
     assert hedged["option_share"]["B=1 int8"] == pytest.approx(by_b1 / len(requests))
-    answered = [accuracy[0 if by_hedge else k] for _, _, k, _, by_hedge in requests]
+    answered = [accuracy[0 if r.hedged else r.option] for r in requests]
     assert hedged["accuracy"] == pytest.approx(sum(answered) / len(requests))
     assert "hedged_answers" not in plain
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from splitprune.adaptive.controller import BudgetController, Observation, Option
 from splitprune.adaptive.hedge import waited
@@ -85,10 +85,20 @@ Chooser = Callable[[int, float, Measured], int]          # (request, trace time,
 Observer = Callable[[int, float, float, Measured, bool], None]   # (option, done, seconds, measured, answered)
 
 
+class Replayed(NamedTuple):
+    """One simulated request: its number, when it was sent (trace time), its option's index, the latency of the
+    answer used, and with --hedge whether that answer was the hedge's (None: no hedging)."""
+
+    index: int
+    t: float
+    option: int
+    latency: float
+    hedged: bool | None = None
+
+
 def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose: Chooser, target: float,
-           observe: Observer | None = None, hedge: bool = False) -> list[tuple]:
-    """Requests one after another over the real run's window: (request, trace time, option index, latency);
-    with `hedge`, (request, trace time, option index, latency of the answer used, whether the hedge's)."""
+           observe: Observer | None = None, hedge: bool = False) -> list[Replayed]:
+    """Requests one after another over the real run's window."""
     t, end, out = real[0].t, real[-1].t, []
     i, busy = 0, -math.inf
     while t <= end:
@@ -96,7 +106,7 @@ def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose
         k = choose(i, t, m)
         if hedge:
             latency, hedged, main, moved_on, busy = hedged_request(trace, options, k, t, busy, m, target)
-            out.append((i, t, k, latency, hedged))
+            out.append(Replayed(i, t, k, latency, hedged))
             if observe:   # the main request as the device saw it: answered, or abandoned when it moved on
                 observe(k, t + (moved_on if main is None else main), moved_on if main is None else main, m,
                         main is not None)
@@ -104,7 +114,7 @@ def replay(trace: LinkTrace, options: list[Option], real: list[Measured], choose
             i += 1
             continue
         latency = m.residual + network_seconds(trace, t, options[k], m.server)
-        out.append((i, t, k, latency))
+        out.append(Replayed(i, t, k, latency))
         if observe:
             observe(k, t + latency, latency, m, True)
         t += latency + m.gap
@@ -171,21 +181,21 @@ def controller_replay(trace: LinkTrace, options: list[Option], real: list[Measur
     return replay(trace, options, real, lambda i, t, m: controller.decide().index, target, observe, hedge)
 
 
-def score(requests: list[tuple], options: list[Option], accuracy: list[float], target: float) -> dict:
+def score(requests: list[Replayed], options: list[Option], accuracy: list[float], target: float) -> dict:
     """Share within the target (of the answer used), accuracy (the mean over requests of the accuracy of the
     option that answered, on the same test images), bytes, mean budget, and the share of the requests each
     option answered; of a hedged replay also the answers the hedge gave and the hedges' bytes."""
     n = len(requests)
-    answered = [0 if len(r) > 4 and r[4] else r[2] for r in requests]   # a hedge answers as the smallest
-    out = {"requests": n, "share_within_target": sum(r[3] <= target for r in requests) / max(n, 1),
+    answered = [0 if r.hedged else r.option for r in requests]   # a hedge answers as the smallest
+    out = {"requests": n, "share_within_target": sum(r.latency <= target for r in requests) / max(n, 1),
            "accuracy": sum(accuracy[k] for k in answered) / max(n, 1),
-           "bytes_up": sum(options[r[2]].bytes_up for r in requests),
-           "bytes_down": sum(options[r[2]].bytes_down for r in requests),
-           "mean_budget": sum(options[r[2]].budget for r in requests) / max(n, 1),
+           "bytes_up": sum(options[r.option].bytes_up for r in requests),
+           "bytes_down": sum(options[r.option].bytes_down for r in requests),
+           "mean_budget": sum(options[r.option].budget for r in requests) / max(n, 1),
            "option_share": shares([options[k].label() for k in answered])}
-    if requests and len(requests[0]) > 4:
-        hedges = sum(r[2] > 0 for r in requests)
-        out |= {"hedged_answers": sum(r[4] for r in requests), "hedges": hedges,
+    if requests and requests[0].hedged is not None:
+        hedges = sum(r.option > 0 for r in requests)
+        out |= {"hedged_answers": sum(bool(r.hedged) for r in requests), "hedges": hedges,
                 "hedge_bytes_up": hedges * options[0].bytes_up, "hedge_bytes_down": hedges * options[0].bytes_down}
     return out
 
@@ -211,25 +221,25 @@ def rate_changes(trace: LinkTrace, start: float, end: float, factor: float = 2.0
     return out
 
 
-def reactions(trace: LinkTrace, requests: list[tuple[int, float, int, float]], best: list[int], target: float,
+def reactions(trace: LinkTrace, requests: list[Replayed], best: list[int], target: float,
               factor: float = 2.0, hold: float = 0.0) -> list[dict]:
-    """How long a policy took to react to each rate step of `factor` or more, from (request, trace time,
-    option index, latency) and the option the oracle would have used for each request (`best`, same length).
+    """How long a policy took to react to each rate step of `factor` or more, from its requests and the option
+    the oracle would have used for each request (`best`, same length).
 
     A fall is answered by the first request sent after it that was in time: the seconds from the step to
     it, and the requests before it that were late (the one in flight at the step cannot be helped). A rise
     is answered by the first request sent after it at the oracle's option or a better one, in time."""
     out = []
-    end = requests[-1][1] if requests else 0.0
-    for at, before, after in rate_changes(trace, requests[0][1] if requests else 0.0, end, factor, hold):
-        following = [(r, b) for r, b in zip(requests, best) if r[1] >= at]
+    end = requests[-1].t if requests else 0.0
+    for at, before, after in rate_changes(trace, requests[0].t if requests else 0.0, end, factor, hold):
+        following = [(r, b) for r, b in zip(requests, best) if r.t >= at]
         if after < before:
-            answer = next((r for r, _ in following if r[3] <= target), None)
+            answer = next((r for r, _ in following if r.latency <= target), None)
         else:
-            answer = next((r for r, b in following if r[2] >= b and r[3] <= target), None)
-        late = sum(1 for r, _ in following if (answer is None or r[1] < answer[1]) and r[3] > target)
+            answer = next((r for r, b in following if r.option >= b and r.latency <= target), None)
+        late = sum(1 for r, _ in following if (answer is None or r.t < answer.t) and r.latency > target)
         out.append({"at": at, "from_mbit": before, "to_mbit": after, "direction": "fall" if after < before else "rise",
-                    "seconds": None if answer is None else answer[1] - at, "late": late})
+                    "seconds": None if answer is None else answer.t - at, "late": late})
     return out
 
 
@@ -261,8 +271,9 @@ def reaction_summary(trace: LinkTrace, rows: list[dict], options: list[Option], 
     `reaction_stats` and its option switches per 100 requests."""
     real = measured(trace, rows, options, trace_start_unix)
     index = {(o.budget, o.dtype): k for k, o in enumerate(options)}
-    requests = [(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3) for i, (r, m) in enumerate(zip(rows, real))]
+    requests = [Replayed(i, m.t, index[r["budget"], r["dtype"]], r["latency_ms"] / 1e3)
+                for i, (r, m) in enumerate(zip(rows, real))]
     best = oracle(trace, options, target)
     steps = reactions(trace, requests, [best(i, m.t, m) for i, m in enumerate(real)], target)
-    return {"steps": steps, "switches_per_100": switches_per_100([k for _, _, k, _ in requests]),
+    return {"steps": steps, "switches_per_100": switches_per_100([r.option for r in requests]),
             **reaction_stats(steps)}
