@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
+from support import assert_remote_equals_local, sandwich_step
 from splitprune.adaptive.budgets import budget_quality
 from splitprune.bench.adaptive.accuracy import accuracy_at_budgets, compare
 from splitprune.cli import main
-from splitprune.client.connect import connect
 from splitprune.compression import ChannelCodec, encode_labels, keep_channels
 from splitprune.compression.rungs import ladder, rung
 from splitprune.compression.budget import channel_mask
@@ -22,8 +21,6 @@ from splitprune.data import make_loaders, validation_loader
 from splitprune.errors import ProtocolError, UserError
 from splitprune.export import load_workers
 from splitprune.proto import pb
-from splitprune.server.app import start_app
-from splitprune.server.config import ServeConfig
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.objectives import NestedPrefixes, prefix_input
 from splitprune.training.rng import RngStream
@@ -129,14 +126,8 @@ def test_each_rung_has_its_own_affine_transform_trained_by_its_forwards():
     cfg = make_config({**SMALL, "method": "anybudget"})
     _, server, _ = build_workers(cfg, 10, 1)
     half = server.half
-    torch.manual_seed(0)
-    values, labels = torch.rand(4, 512, 4, 4), torch.randint(10, (4,))
-    with RngStream(2).active():
-        budgets = NestedPrefixes().budgets(512)
-    with RngStream(2).active():
-        loss, _ = NestedPrefixes()(half, Decoded(values, torch.arange(512), 512), values, labels)
-    loss.backward()
-    trained = sorted(rung(b, 512) for b in budgets)
+    trained = sandwich_step(half)
+    values = torch.rand(4, 512, 4, 4)
     for norm in (half.decoder.bn, dict(half.layers.named_modules())["features.19"]):
         assert norm.weight.shape == norm.bias.shape == (10, 512)
         moved = [r for r in range(10) if norm.weight.grad[r].abs().sum() > 0]
@@ -314,20 +305,7 @@ def test_budget_caps_the_prefix_an_anybudget_run_sends():
 def test_anybudget_over_grpc_equals_in_process_training(tmp_path):
     cfg = make_config({**SMALL, "method": "anybudget", "schedule": "8:1", "lr_schedule": "cosine",
                        "test_subset": 16})
-    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=4))
-    try:
-        endpoint = connect(cfg, handle.address, out=str(tmp_path / "remote"))
-        try:
-            remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
-        finally:
-            endpoint.close()
-    finally:
-        handle.stop(grace=0.5)
-    strip = ("wall_seconds", "train_seconds", "transport")
-    assert {k: v for k, v in remote.items() if k not in strip} == {k: v for k, v in local.items() if k not in strip}
-    a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("local", "remote"))
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert_remote_equals_local(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- --from a gated model

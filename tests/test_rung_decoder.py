@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from support import assert_remote_equals_local, sandwich_step
 from splitprune.cli import main as cli_main
-from splitprune.client.connect import connect
-from splitprune.compression.codec import Decoded
-from splitprune.compression.rungs import RungDeconv, ladder, rung
+from splitprune.compression.rungs import RungDeconv, ladder
 from splitprune.config import make_config
 from splitprune.errors import UserError
-from splitprune.server.app import start_app
-from splitprune.server.config import ServeConfig
-from splitprune.training.objectives import NestedPrefixes, prefix_input
+from splitprune.training.objectives import prefix_input
 from splitprune.training.reorder import with_rung_decoder
-from splitprune.training.rng import RngStream
 from splitprune.training.setup import build_workers
-from splitprune.training.trainer import Trainer
 
 SMALL = dict(model="vgg11_bn_compact", dataset="fashion-mnist", train_subset=32, test_subset=32, batch_size=16,
              test_batch_size=32, threads=1, seed=0, method="anybudget")
@@ -46,15 +40,8 @@ def test_a_rung_decoder_starts_as_the_shared_one_at_every_budget():
 
 def test_each_rung_trains_its_own_deconvolution_and_its_statistics():
     _, half = _halves()
-    torch.manual_seed(0)
-    values, labels = torch.rand(4, 512, 4, 4), torch.randint(10, (4,))
-    with RngStream(2).active():
-        budgets = NestedPrefixes().budgets(512)
-    with RngStream(2).active():
-        loss, _ = NestedPrefixes()(half, Decoded(values, torch.arange(512), 512), values, labels)
-    loss.backward()
+    trained = sandwich_step(half)
     deconv = half.decoder.deconv
-    trained = sorted(rung(b, 512) for b in budgets)
     moved = [r for r, w in enumerate(deconv.weight) if w.grad is not None and w.grad.abs().sum() > 0]
     assert moved == trained and len(trained) == 3
     assert [r for r in range(10) if deconv.bias.grad[r].abs().sum() > 0] == trained
@@ -83,20 +70,8 @@ def test_rung_decoder_is_an_anybudget_setting():
 def test_rung_decoder_over_grpc_equals_in_process_training_and_evaluates_at_a_budget(tmp_path, capsys):
     cfg = make_config({**SMALL, "schedule": "8:1", "lr_schedule": "cosine", "test_subset": 16,
                        "rung_decoder": True})
-    local = Trainer(cfg, tmp_path / "local", show_progress=False).run()
-    handle = start_app(ServeConfig(listen="127.0.0.1:0", max_sessions=4))
-    try:
-        endpoint = connect(cfg, handle.address, out=str(tmp_path / "remote"))
-        try:
-            remote = Trainer(cfg, tmp_path / "remote", endpoint=endpoint, show_progress=False).run()
-        finally:
-            endpoint.close()
-    finally:
-        handle.stop(grace=0.5)
-    strip = ("wall_seconds", "train_seconds", "transport")
-    assert {k: v for k, v in remote.items() if k not in strip} == {k: v for k, v in local.items() if k not in strip}
-    a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("local", "remote"))
-    assert "server.decoder.deconv.weight.3" in a and all(torch.equal(a[k], b[k]) for k in b)
+    tensors = assert_remote_equals_local(cfg, tmp_path)
+    assert "server.decoder.deconv.weight.3" in tensors
     capsys.readouterr()
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "local"), "--budget", "4", "--test-subset", "16",
                      "--quiet"]) == 0
