@@ -121,17 +121,14 @@ class RunConfig:
     rung_decoder: bool = option(False, "anybudget: the decoder's deconvolution once per budget rung (each budget "
                                 "its own first server layer, as a dedicated model has; the device half and the "
                                 "wire unchanged), not only its BatchNorms", added=True)
-
     seeding: int = option(SEEDING, "how initial weights are drawn: 2: each half from a random stream of its own, "
                           "seeded from (seed, side), so a side builds only its own half; 1: both halves from one "
                           "stream (runs made before it, which can be resumed and loaded, not started anew)",
                           choices=(1, 2), legacy=1)
-
     bn_calibration: int = option(CALIBRATION, "training images whose BatchNorm statistics, both halves', replace the "
                                  "running ones before each evaluation: statistics of the weights evaluated (precise "
                                  "BN), which a short run at a constant lr needs; 0: the running statistics, as the "
                                  "paper evaluates", ge=0, le=1_000_000, legacy=0)
-
     server_steps: int | None = option(None, "optimizer steps the server half takes per training batch it receives; "
                                       "the extra ones run its objective again on the same activations (server "
                                       "compute, no traffic, the device's gradient from the first)", ge=1, le=4,

@@ -144,6 +144,8 @@ def cli_command(spec: RunSpec, root: Path, specs: dict[str, RunSpec]) -> str:
     flags = ["splitprune", "train", "--method", cfg.method]
     for name, (_, kind, _) in field_specs(RunConfig).items():  # every option that differs from its default
         flag, value = flag_name(RunConfig, name), getattr(cfg, name)
+        if flag and kind is bool and value is True and getattr(default, name) is not True:
+            flags.append(flag)   # a switch the run turns on (--rung-decoder)
         if not flag or kind not in (int, float, str):
             continue
         if name in ("model", "dataset", "schedule", "dtype_up", "dtype_down") or value != getattr(default, name):
