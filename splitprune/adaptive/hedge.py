@@ -2,10 +2,11 @@
 
 The device computes and encodes the hedge (the same sample at the smallest option, tens of bytes) and puts it on
 the wire, then the chosen option (the main request): on a stream the hedge's bytes go first; as two unary calls
-on one connection gRPC may interleave their frames, so part of the main's can travel before the hedge's. It takes the main answer if it arrives by the deadline
-(the latency target, from the start of the request), else the hedge's if that one arrived by then, else
-whichever comes first; then it moves on. The answer it does not take is abandoned: a unary call is cancelled,
-an answer on a stream is read and dropped when it comes (streams answer in order: splitprune.wire.stream).
+on one connection gRPC may interleave their frames, so part of the main's can travel before the hedge's. It
+takes the main answer if it arrives by the deadline (the latency target, from the start of the request), else
+the hedge's if that one arrived by then, else whichever comes first; then it moves on. The answer it does not
+take is abandoned: a unary call is cancelled, an answer on a stream is read and dropped when it comes (streams
+answer in order: splitprune.wire.stream).
 Bytes handed to the socket still cross the link, so a hedge cannot make a faded link faster: it buys an answer
 in time (at the smallest option's accuracy) and keeps one late request from holding up the next.
 
