@@ -37,9 +37,19 @@ def mean_difference(a: list[float], b: list[float]) -> Interval:
     return Interval(d - se, d + se)
 
 
+def budgets_arg(text: str) -> list[int]:
+    try:
+        budgets = [int(x) for x in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise argparse.ArgumentTypeError(f"--budgets takes budgets >= 1 separated by commas, not {text!r}")
+    return budgets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="4,8,16")
+    parser.add_argument("--budgets", type=budgets_arg, default="4,8,16")
     parser.add_argument("--also", default="anybudget_repro", help="more any-budget runs (names, comma-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results/adaptive/equal_work")
     args = parser.parse_args()
@@ -48,7 +58,9 @@ def main() -> None:
         sys.exit(f"error: --also: no finished run at {', '.join(missing)}")
     recorded = json.loads((ROOT / "bench_results/adaptive/adaptive.json").read_text())["accuracy"]["verdicts"]
     rows, doc = [], {}
-    for b in (int(x) for x in args.budgets.split(",")):
+    if missing := [b for b in args.budgets if str(b) not in recorded]:
+        sys.exit(f"error: --budgets: no recorded any-budget accuracy at B = {', '.join(map(str, missing))}")
+    for b in args.budgets:
         runs = [p for p in (RUNS / f"ca{b}_2step", RUNS / f"ca{b}_2step_seed1") if (p / "summary.json").exists()]
         two = [accuracy(p, (b,))[str(b)] for p in runs]
         ours = recorded[str(b)]["anybudget"] + [accuracy(p, (b,))[str(b)] for p in extra]

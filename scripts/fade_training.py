@@ -45,8 +45,11 @@ def summarize(results: dict[int, dict], images: int) -> dict:
     best = max(fixed, key=lambda b: sum(final[b]) / len(final[b]))
     se = max((p * (1 - p) / images) ** 0.5 for b in ("auto", best) for p in final[b])
     gap = difference(interval(final["auto"], se), interval(final[best], se))
-    lag = [res["auto"]["time_to_common_s"] - min(r["time_to_common_s"] for r in res["rows"] if r["budget"] != "auto")
-           if res["auto"]["time_to_common_s"] is not None else None for res in results.values()]
+    def fastest(res: dict) -> float:   # the seed's fastest fixed budget, as measure() picked it
+        return next(r["time_to_common_s"] for r in res["rows"] if r["budget"] == res["fastest_fixed"])
+
+    lag = [res["auto"]["time_to_common_s"] - fastest(res) if res["auto"]["time_to_common_s"] is not None else None
+           for res in results.values()]
     speed = at_most(interval(lag), 0.0)
     return {"final_accuracy": final, "most_accurate_fixed": best,
             "accuracy_verdict": explain(gap, 0.0, f"auto - fixed {best}"),
