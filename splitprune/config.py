@@ -115,12 +115,13 @@ class RunConfig:
                                   le=10_000_000, added=True)
     rate_lambda: float = option(0.0, "weight of the uplink's rate (bits per sample on dtype ec's grid under a learned "
                                 "per-channel prior) in the device's loss", ge=0, le=100, added=True)
+    train_grid: int = option(0, "round the values sent to dtype ecL's grid (L = 3, 7, 15) in training and evaluation: "
+                             "the server learns on what ecL sends; 0: off", choices=(0, 3, 7, 15), added=True)
     nested: str = option("sandwich", "anybudget: the channel prefixes the server trains on per step: sandwich "
                          "(1, all it received, one random ladder budget between) or random (one ladder budget: "
                          "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
-    rung_decoder: bool = option(False, "anybudget: the decoder's deconvolution once per budget rung (each budget "
-                                "its own first server layer, as a dedicated model has; the device half and the "
-                                "wire unchanged), not only its BatchNorms", added=True)
+    rung_decoder: bool = option(False, "anybudget: a decoder deconvolution per budget rung, not only its "
+                                "BatchNorms (the device half and the wire unchanged)", added=True)
     seeding: int = option(SEEDING, "how initial weights are drawn: 2: each half from a random stream of its own, "
                           "seeded from (seed, side), so a side builds only its own half; 1: both halves from one "
                           "stream (runs made before it, which can be resumed and loaded, not started anew)",
@@ -308,8 +309,7 @@ def _floats(text: str, name: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise UserError(f"--{name} must be 1 or 3 numbers separated by commas, e.g. 0.485,0.456,0.406, "
-                        f"got {text!r}") from None
+        raise UserError(f"--{name} must be 1 or 3 numbers separated by commas (e.g. 0.5,0.5,0.5): {text!r}") from None
     if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
         raise UserError(f"--{name} must be 1 or 3 finite numbers separated by commas, got {text!r}")
     if name == "std" and min(values) <= 0:

@@ -133,3 +133,24 @@ def test_training_with_a_rate_term_lowers_the_coded_bytes(tmp_path):
         sizes[rate] = json.loads((tmp_path / f"{rate}.json").read_text())["bytes_per_sample"]
         assert ("device.prior.logits" in read_tensors(run / "checkpoint")) == (rate != "0")  # older keys kept
     assert sizes["3"] < sizes["0"], sizes
+
+
+def test_a_run_trained_on_the_grid_sends_grid_values_and_ec3_reads_them_exactly(tmp_path):
+    from splitprune.training.setup import load_checkpoint
+
+    run = tmp_path / "grid"
+    assert main(["train", "--method", "ca", "--budget", "4", "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "32", "--threads", "1", "--quiet", "--train-grid", "3", "--out", str(run)]) == 0
+    loaded = load_checkpoint(run, sides=("device",))
+    worker = loaded.device
+    assert worker.grid == 3 and loaded.cfg.train_grid == 3
+    z = worker.infer_half(torch.rand(8, loaded.meta["in_channels"], 32, 32))
+    channels = worker.kept_channels(4)
+    kept, message = worker._encode(z, channels)
+    sent = ChannelCodec.decompress(message).values
+    assert torch.allclose(sent * 3, (sent * 3).round(), atol=1e-3)         # on the grid's 4 levels
+    assert not torch.allclose(kept * 3, (kept * 3).round(), atol=1e-3)     # the values trained on are not
+    tables = read_tables(read_meta(run / "checkpoint"), worker.channels)
+    coded = ChannelCodec("ec3", tables).compress(sent, channels, worker.channels)
+    spec = TensorSpec(worker.channels, *sent.shape[2:], tables=tables)
+    assert torch.allclose(decode_tensor(coded, spec).values, sent, atol=1e-3)  # ec3 sends them as they are

@@ -35,8 +35,11 @@ class DeviceWorker:
 
     def __init__(self, half: DeviceHalf, geometry: Geometry, num_classes: int, codec_up: ChannelCodec,
                  scaling: str = "paper", budget_eps: float = 1000.0, budget_delta: float = 0.01, seed: int = 0,
-                 selector: ChannelSelector | None = None, rate_lambda: float = 0.0) -> None:
+                 selector: ChannelSelector | None = None, rate_lambda: float = 0.0, grid: int = 0) -> None:
+        """`grid` L > 0: the values sent are rounded to dtype ecL's L+1 levels (--train-grid); their gradient
+        passes to the unrounded values unchanged (straight through)."""
         self.half = half
+        self.grid = grid
         self.rate_lambda = rate_lambda  # the rate term's weight (the half has a prior when it is > 0)
         self.selector: ChannelSelector = selector or TopBByGate()
         self.geometry = geometry
@@ -89,7 +92,8 @@ class DeviceWorker:
 
     def _encode(self, z: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, pb.EncodedTensor]:
         kept = keep_channels(z, channels, channel_mask(self.half.gate_logits), self.scaling)
-        return kept, self.codec.compress(kept, channels, self.channels, self.selector.prefix)
+        sent = kept.detach().mul(self.grid).round_().clamp_(0, self.grid).div_(self.grid) if self.grid else kept
+        return kept, self.codec.compress(sent, channels, self.channels, self.selector.prefix)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, link: Link, lr_scale: float = 1.0,
                    step_budget: StepBudget | None = None) -> StepStats:

@@ -101,7 +101,7 @@ def _device_worker(cfg: RunConfig, half: DeviceHalf, geometry: Geometry, num_cla
                    tables: dict[int, np.ndarray] | None = None) -> DeviceWorker:
     selector = PrefixChannels() if cfg.method == "anybudget" else None
     return DeviceWorker(half, geometry, num_classes, ChannelCodec(cfg.dtype_up, tables), cfg.scaling, cfg.budget_eps,
-                        cfg.budget_delta, cfg.seed, selector, cfg.rate_lambda)
+                        cfg.budget_delta, cfg.seed, selector, cfg.rate_lambda, cfg.train_grid)
 
 
 def _server_worker(cfg: RunConfig, half: ServerHalf, geometry: Geometry, num_classes: int,

@@ -2,14 +2,15 @@
 
 The headline candidate of `bench rate` (ca B=4, r=2; the quick profile's commands, seeds 0 and 1) is trained
 again with this version, which counts its frozen entropy tables at the end of training, and with the rate
-term at each --rates weight (`--rate-lambda`); the final models are evaluated on the 2,000 validation images
+term at each --rates weight (`--rate-lambda`), and without one on each --grids grid (`--train-grid`: the values
+sent rounded to ecL's grid in training); the final models are evaluated on the 2,000 validation images
 at budgets 1..4 with fp16, int8, int4 and the entropy-coded grids ec (16 levels), ec7 (8) and ec3 (4) (with
-a rate term: the coded ones only; tables a checkpoint lacks, trained before it kept them, are counted by the
-bench on the training set as the trainer counts them). Per byte limit the best
+a rate term: the coded ones only; trained on a grid L: ecL only; tables a checkpoint lacks, trained before it
+kept them, are counted by the bench on the training set as the trainer counts them). Per byte limit the best
 configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
 the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
 
-    python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --out bench_results/entropy
+    python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --grids 0,3 --out bench_results/entropy
 """
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashio
          "--test-subset 1000 --threads 2 --validation-size 2000 --out {out}")  # bench rate's ca4_r2 runs
 
 
-def _train(out: Path, seed: int, rate: float) -> Path:
-    run = out / "runs" / (f"ca4_r2_seed{seed}" if rate == 0 else f"ca4_r2_rate{rate:g}_seed{seed}")
+def _train(out: Path, seed: int, rate: float, grid: int) -> Path:
+    name = "ca4_r2" + (f"_rate{rate:g}" if rate else "") + (f"_grid{grid}" if grid else "")
+    run = out / "runs" / f"{name}_seed{seed}"
     if not (run / "summary.json").exists():
-        command = TRAIN.format(seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
+        command = (TRAIN.format(seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
+                   + (f" --train-grid {grid}" if grid else ""))
         print(f"[entropy] {command}", flush=True)
         subprocess.run([sys.executable, "-m", "splitprune", *shlex.split(command)[1:], "--quiet"], check=True)
         (run / "command.txt").write_text(command + "\n")
@@ -69,16 +72,22 @@ def _model(run_dir: Path, counted: dict):
     return model
 
 
-def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
+def _dtypes(rate: float, grid: int) -> tuple[str, ...]:
+    return (f"ec{grid}",) if grid else DTYPES if rate == 0 else CODED
+
+
+def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (0,)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    runs = {(rate, seed): _train(out, seed, rate) for rate in rates for seed in SEEDS}
-    plans = {rate: [Point(b, d) for b in BUDGETS for d in (DTYPES if rate == 0 else CODED)] for rate in rates}
+    kinds = [(rate, grid) for rate in rates for grid in grids if rate == 0 or grid == 0]  # the prior is ec's grid
+    runs = {(kind, seed): _train(out, seed, *kind) for kind in kinds for seed in SEEDS}
+    plans = {kind: [Point(b, d) for b in BUDGETS for d in _dtypes(*kind)] for kind in kinds}
     rows = []
     counted = {}
-    for (rate, seed), run_dir in runs.items():
+    for ((rate, grid), seed), run_dir in runs.items():
         model = _model(run_dir, counted)
-        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[rate]):
-            rows.append({"seed": seed, "rate_lambda": rate, **r, "config": f"rate {rate:g} {r['point']}"})
+        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[(rate, grid)]):
+            rows.append({"seed": seed, "rate_lambda": rate, "train_grid": grid, **r,
+                         "config": f"rate {rate:g} " + (f"grid {grid} " if grid else "") + r["point"]})
     sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
     sl_test = Interval(sl["low"], sl["high"])
     choices = []
@@ -92,11 +101,11 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
             continue
         best = max(fits, key=lambda c: (sum(r["accuracy"] for r in fits[c]) / len(SEEDS),
                                         -max(r["bytes_per_sample"] for r in fits[c]), c))
-        rate, key = fits[best][0]["rate_lambda"], fits[best][0]["point"]
-        point = next(p for p in plans[rate] if p.key() == key)
+        kind, key = (fits[best][0]["rate_lambda"], fits[best][0].get("train_grid", 0)), fits[best][0]["point"]
+        point = next(p for p in plans[kind] if p.key() == key)
         tested = []
         for seed in SEEDS:
-            model = _model(runs[(rate, seed)], counted)
+            model = _model(runs[(kind, seed)], counted)
             tested += evaluate_points(model, _loader(model.cfg, "test"), [point])
         gap = difference(interval([t["accuracy"] for t in tested]), sl_test)
         choices.append({"limit": limit, "point": best, "candidates": len(fits),
@@ -105,10 +114,10 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
                         "bytes_per_sample": max(t["bytes_per_sample"] for t in tested),
                         "single_sample_bytes": max(t["single_sample_bytes"] for t in tested),
                         "vs_sl": gap.__dict__ if gap else None, "explained": explain(gap, need, "chosen - sl")})
-    table = markdown_table(["seed", "rate weight", "point", "uplink B/sample (batch 256)", "single-request payload B",
-                            "validation accuracy"],
-                           [[r["seed"], f"{r['rate_lambda']:g}", r["point"], f"{r['bytes_per_sample']:.2f}",
-                             r["single_sample_bytes"],
+    table = markdown_table(["seed", "rate weight", "trained on grid", "point", "uplink B/sample (batch 256)",
+                            "single-request payload B", "validation accuracy"],
+                           [[r["seed"], f"{r['rate_lambda']:g}", r.get("train_grid") or "-", r["point"],
+                             f"{r['bytes_per_sample']:.2f}", r["single_sample_bytes"],
                              f"{100 * r['accuracy']:.2f}%"] for r in sorted(rows, key=lambda r: (r["bytes_per_sample"],
                                                                                               r["seed"]))])
     chosen = markdown_table(["limit (B/sample)", "chosen on validation", "B/sample (batch 256, test)",
@@ -117,7 +126,8 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,)) -> dict:
                               c.get("single_sample_bytes", "-"),
                               ", ".join(f"{100 * a:.2f}%" for a in c.get("test_accuracy", [])),
                               c.get("explained", c.get("verdict"))] for c in choices])
-    command = f"python -m splitprune.bench.paper.entropy --rates {','.join(f'{r:g}' for r in rates)} --out {out}"
+    command = (f"python -m splitprune.bench.paper.entropy --rates {','.join(f'{r:g}' for r in rates)}"
+               + (f" --grids {','.join(map(str, grids))}" if grids != (0,) else "") + f" --out {out}")
     markdown = (f"`{command}`\n\nChosen on validation (2,000 held-out training images), scored on the full test set; "
                 f"sl's final models: {100 * sl_test.low:.2f} to {100 * sl_test.high:.2f} % (bench_results/rate).\n\n"
                 f"{chosen}\n\nEvery candidate (validation):\n\n{table}\n")
@@ -134,11 +144,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     from splitprune.bench.core.plots import figure, save
 
     fig, (ax,) = figure()
-    for dtype, rate in [(d, 0.0) for d in DTYPES] + sorted({(r["dtype"], r["rate_lambda"]) for r in rows
-                                                           if r["rate_lambda"]}):
-        ps = sorted((r for r in rows if r["dtype"] == dtype and r["rate_lambda"] == rate),
-                    key=lambda r: r["bytes_per_sample"])
-        label = dtype if not rate else f"{dtype}, rate term {rate:g}"
+    def kind(r: dict) -> tuple:
+        return r["dtype"], r["rate_lambda"], r.get("train_grid", 0)
+
+    for dtype, rate, grid in [(d, 0.0, 0) for d in DTYPES] + sorted({kind(r) for r in rows if kind(r)[1:] != (0, 0)}):
+        ps = sorted((r for r in rows if kind(r) == (dtype, rate, grid)), key=lambda r: r["bytes_per_sample"])
+        label = dtype + (f", rate term {rate:g}" if rate else "") + (", trained on its grid" if grid else "")
         ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=label, alpha=0.7)
     ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
     ax.set_xscale("log")
@@ -153,9 +164,17 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default="0", help="rate-term weights to train with, comma-separated (0: none)")
+    p.add_argument("--grids", default="0", help="grids L to train on (--train-grid), comma-separated (0: none)")
     p.add_argument("--out", default="bench_results/entropy")
     args = p.parse_args(argv)
-    run(Path(args.out), tuple(float(r) for r in args.rates.split(",")))
+    try:
+        grids = tuple(int(g) for g in args.grids.split(","))
+        rates = tuple(float(r) for r in args.rates.split(","))
+    except ValueError:
+        p.error("--rates takes numbers and --grids integers, comma-separated")
+    if not set(grids) <= {0, 3, 7, 15}:
+        p.error("--grids takes 0, 3, 7 or 15")
+    run(Path(args.out), rates, grids)
     return 0
 
 
