@@ -220,14 +220,15 @@ def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
     run, out = exported
     certs = make_certificates(tmp_path / "certs")
     proc = ServeSubprocess(free_port(), "--model", str(run), "--tls-cert", certs.server_cert, "--tls-key",
-                         certs.server_key, "--token", "s3cret").start()
+                         certs.server_key, "--token", "s3cret", "--session-port", "0").start()
     try:
         path, _ = batch_file(tmp_path, 2)
         base = ["infer", "--server", proc.address, "--model", str(out), "--tls-ca", certs.ca, str(path)]
-        assert device_main([*base, "--token", "s3cret"]) == 0
-        assert "accuracy" in capsys.readouterr().out
-        assert device_main([*base, "--token", "wrong"]) == 2
-        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        for more in ([], ["--tcp-session"]):   # an InferStream, and a session on the TLS session port
+            assert device_main([*base, "--token", "s3cret", *more]) == 0
+            assert "accuracy" in capsys.readouterr().out
+            assert device_main([*base, "--token", "wrong", *more]) == 2
+            assert "UNAUTHENTICATED" in capsys.readouterr().err
     finally:
         proc.stop()
 

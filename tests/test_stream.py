@@ -28,11 +28,11 @@ def served(exported, tmp_path_factory):
     proc.stop()
 
 
-def _unary(channel, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> bytes:
+def _unary(channel, fingerprint: str, budget: int, tensor: pb.EncodedTensor, metadata=()) -> bytes:
     req = spb.InferRequest(fingerprint=fingerprint, budget=budget, eval=pb.EvalRequest(request_id=1,
                                                                                        activations=tensor))
-    return spb.InferReply.FromString(channel.unary_unary(INFER_METHOD)(req.SerializeToString(), timeout=30)) \
-        .eval.predictions.data
+    out = channel.unary_unary(INFER_METHOD)(req.SerializeToString(), timeout=30, metadata=metadata)
+    return spb.InferReply.FromString(out).eval.predictions.data
 
 
 @pytest.mark.parametrize("dtype", ["ec", "int4", "fp16"])

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="send the requests on one streaming session (InferStream: the request's header said once, "
                         "then each request is its data alone; the default); --no-stream: one Infer call each")
+    p.add_argument("--tcp-session", action="store_true",
+                   help="open the sessions on the server's TCP session port (serve --session-port): each message "
+                        "framed by its length alone, no HTTP/2 around it")
     p.add_argument("--connect-timeout", type=float, default=20.0,
                    help="seconds to wait for the server to answer at all (default: 20)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent first and left out of the timings")
@@ -120,6 +123,8 @@ def run_infer(args: argparse.Namespace) -> int:
     from splitprune_device.model import DeviceModel
     from splitprune_device.runner import check_server, run_inference
 
+    if args.tcp_session and not args.stream:
+        raise UserError("--tcp-session opens streaming sessions: leave out --no-stream")
     if args.cpu is not None:
         if not hasattr(os, "sched_setaffinity"):
             raise UserError("--cpu needs Linux (sched_setaffinity)")
@@ -134,7 +139,7 @@ def run_infer(args: argparse.Namespace) -> int:
     names, images, y = load_inputs(args.inputs, args.labels, args.limit)
     model.prepare(images[:1])  # a wrong size or channel count is refused before connecting
     client = InferenceClient(args.server, args.token or os.environ.get(TOKEN_ENV) or None, args.tls_ca,
-                          connect_timeout_s=args.connect_timeout, stream=args.stream)
+                          connect_timeout_s=args.connect_timeout, stream=args.stream, tcp=args.tcp_session)
     try:
         info = check_server(model, client)
         if args.batch_size > info.max_batch:

@@ -12,7 +12,9 @@ from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.codec import MAX_MESSAGE_BYTES
-from splitprune.wire.stream import InferSessions, ItemResult, StreamRefused
+from splitprune.wire.addresses import parse_hostport
+from splitprune.wire.session_socket import client_context, on_port
+from splitprune.wire.stream import InferSessions, ItemResult, SessionLost, StreamRefused, on_channel
 from splitprune.wire.timing import server_seconds
 
 _SERVICE = spb.DESCRIPTOR.services_by_name["SplitPrune"]
@@ -34,6 +36,13 @@ def explain(exc: grpc.RpcError, what: str) -> UserError:
     return UserError(f"{what}: {tag}: {exc.details()}")
 
 
+def refused(exc: StreamRefused) -> UserError:
+    """One clear message for a refused item or session (or one whose TCP connection broke)."""
+    if isinstance(exc, SessionLost):
+        return UserError(f"inference session failed: {exc}")
+    return UserError(f"inference request refused: {exc}")
+
+
 def broke_protocol(server: str, exc: ProtocolError) -> UserError:
     return UserError(f"the server at {server} broke the protocol: {exc}")
 
@@ -51,9 +60,11 @@ class InferenceClient:
     """One channel to the server; the token travels as `authorization: Bearer T`, TLS when a CA is given."""
 
     def __init__(self, server: str, token: str | None = None, tls_ca: str | None = None,
-                 timeout_s: float = 60.0, connect_timeout_s: float = 20.0, stream: bool = False) -> None:
-        """`stream`: requests go on InferStream sessions (one per budget and dtype, opened on first use)."""
-        self.stream = stream
+                 timeout_s: float = 60.0, connect_timeout_s: float = 20.0, stream: bool = False,
+                 tcp: bool = False) -> None:
+        """`stream`: requests go on InferStream sessions (one per budget and dtype, opened on first use); `tcp`: on
+        sessions on the server's TCP session port instead (docs/protocol.md 5.2)."""
+        self.stream = stream or tcp
         if ":" not in server:
             raise UserError(f"--server {server!r}: give HOST:PORT")
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -72,7 +83,17 @@ class InferenceClient:
         self.server, self.timeout_s = server, timeout_s
         self._describe = self.channel.unary_unary(method_path("Describe"))  # bytes in, bytes out
         self._infer = self.channel.unary_unary(method_path("Infer"))
-        self._sessions = InferSessions(self.channel, self.metadata)
+        if tcp:
+            host = parse_hostport(server, default_host="localhost")[0]
+
+            def address_of(fingerprint: str) -> tuple[str, int] | None:
+                port = self.describe(fingerprint).session_port
+                return (host, port) if port else None
+
+            self._sessions = InferSessions(on_port(address_of, token, client_context(tls_ca) if tls_ca else None,
+                                                   timeout_s))
+        else:
+            self._sessions = InferSessions(on_channel(self.channel, self.metadata))
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -112,7 +133,7 @@ class InferenceClient:
         except grpc.RpcError as exc:
             raise explain(exc, "inference session failed") from None
         except StreamRefused as exc:
-            raise UserError(f"inference request refused: {exc}") from None
+            raise refused(exc) from None
         except ProtocolError as exc:
             raise broke_protocol(self.server, exc) from None
 
@@ -127,7 +148,7 @@ class InferenceClient:
             if isinstance(exc, grpc.RpcError):
                 exc = explain(exc, what)
             elif isinstance(exc, StreamRefused):
-                exc = UserError(f"inference request refused: {exc}")
+                exc = refused(exc)
             elif isinstance(exc, ProtocolError):
                 exc = broke_protocol(self.server, exc)
             done.set_exception(exc)
@@ -137,6 +158,8 @@ class InferenceClient:
                 item, up, _ = self._sessions.submit(fingerprint, budget, tensor)
             except grpc.RpcError as exc:
                 raise explain(exc, "inference session failed") from None
+            except StreamRefused as exc:
+                raise refused(exc) from None
 
             def answered(f: Future) -> None:
                 if f.exception() is not None:

@@ -24,6 +24,9 @@ def add_parser(subparsers, name: str) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="send the requests on one streaming session (InferStream: the request's header said once, "
                         "then each request is its data alone; the default); --no-stream: one Infer call each")
+    p.add_argument("--tcp-session", action="store_true",
+                   help="open the sessions on the server's TCP session port (serve --session-port, docs/protocol.md "
+                        "5.2): each message framed by its length alone, no HTTP/2 around it")
     p.add_argument("--test-subset", type=int, help="use N test images (default: all)")
     p.add_argument("--data-dir", help="where the dataset is (default: as trained)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     check_auto_args(args, args.budget == "auto")
+    if args.tcp_session and not args.stream:
+        raise UserError("--tcp-session opens streaming sessions: leave out --no-stream")
     remote = connect_config(args)
     from splitprune.training.checkpoint import parse_budget, read_meta
 
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from splitprune.client.split_inference import run_inference
 
     r = run_inference(args.checkpoint, remote, args.budget, args.dtype_up, args.batch_size,
-                      args.test_subset, args.data_dir, max(args.warmup, 0), args.stream)
+                      args.test_subset, args.data_dir, max(args.warmup, 0), args.stream, args.tcp_session)
     lat, rpc = r["latency_ms"], r["rpc_latency_ms"]
     print(f"budget {r['budget']} of {r['channels']} channels, uplink {r['dtype_up']}, {r['batch_size']} sample(s) "
           f"per request: test accuracy {percent(r['test_accuracy'])} on {r['test_samples']} images")
@@ -90,7 +95,7 @@ def run_auto(args: argparse.Namespace, remote) -> int:
     from splitprune.client.split_inference import open_session
 
     session = open_session(args.checkpoint, remote, None, args.batch_size, args.test_subset, args.data_dir,
-                           args.stream)
+                           args.stream, args.tcp_session)
     try:
         dtypes = uplink_dtypes(args.dtypes_up, session.cfg.dtype_up)
         result = stream(session, args.latency_ms, dtypes, max(args.warmup, 0), duration=args.duration,

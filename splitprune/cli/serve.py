@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
           f"{f'; replica {tier.rank} of {tier.world_size}' if tier else ''})", flush=True)
     if handle.metrics_address:
         print(f"splitprune serve: metrics on http://{handle.metrics_address}/metrics", flush=True)
+    if handle.sessions is not None:
+        print(f"splitprune serve: inference sessions on TCP port {handle.sessions.port}", flush=True)
     try:
         while not stop.wait(0.5) and not (tier and tier.down.is_set()):
             pass

@@ -14,7 +14,9 @@ from splitprune.errors import ProtocolError, UserError
 from splitprune.proto import pb
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import DESCRIBE_METHOD, INFER_METHOD, frame
-from splitprune.wire.stream import InferSessions, StreamRefused
+from splitprune.client.traffic import SocketMeter
+from splitprune.wire.session_socket import client_context, on_port
+from splitprune.wire.stream import BROKEN, InferSessions, SessionLost, StreamRefused, on_channel
 from splitprune.wire.timing import server_seconds
 
 
@@ -22,12 +24,17 @@ class InferenceClient:
     """Describe and Infer calls for one hosted model (identified by its config fingerprint); with `stream`, each
     request goes on the InferStream session of its budget and tensor header (opened on first use)."""
 
-    def __init__(self, config: ConnectConfig | str, fingerprint: str, stream: bool = False) -> None:
+    def __init__(self, config: ConnectConfig | str, fingerprint: str, stream: bool = False, tcp: bool = False) -> None:
+        """`tcp`: sessions on the server's TCP session port (docs/protocol.md 5.2), not InferStreams."""
         self.conn = Connection(config)
         self.traffic = self.conn.traffic
         channel, self._meter = self.conn.channel("control")
-        self.stream = stream
-        self._sessions = InferSessions(channel, self.conn.metadata)
+        self.stream = stream or tcp
+        tls = self.conn.tls
+        self._sessions = InferSessions(on_port(self._session_address, self.conn.config.token,
+                                               tls and client_context(tls.ca, tls.cert, tls.key),
+                                               self.conn.config.step_timeout)
+                                       if tcp else on_channel(channel, self.conn.metadata))
         self._describe = channel.unary_unary(DESCRIBE_METHOD)
         self._infer = channel.unary_unary(INFER_METHOD)
         self.fingerprint = fingerprint
@@ -53,6 +60,17 @@ class InferenceClient:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                     raise remote_error(exc, f"cannot describe model {self.fingerprint} on {self.conn.target}") from None
                 time.sleep(0.2)
+
+    def _session_address(self, fingerprint: str) -> tuple[str, int] | None:
+        """Where the session port the server announces is (through a counting relay when measuring)."""
+        port = self.describe().session_port
+        if not port:
+            return None
+        if not self.conn.measure:
+            return self.conn.host, port
+        meter = SocketMeter((self.conn.host, port), "evaluation")
+        self.traffic.meters.append(meter)
+        return meter.address
 
     def link(self, budget: int) -> "InferenceLink":
         return InferenceLink(self, budget)
@@ -117,7 +135,7 @@ class InferenceClient:
         if self.stream:
             try:
                 item, up, opened = self._sessions.submit(self.fingerprint, budget, req.activations)
-            except grpc.RpcError as exc:
+            except (*BROKEN, StreamRefused) as exc:
                 raise session_error(exc) from None
             if opened:
                 self.traffic.exchange("control", opened, 0)
@@ -171,6 +189,8 @@ def unary_reply(out: bytes, elapsed: float) -> tuple[pb.EvalReply, float]:
 
 
 def session_error(exc: grpc.RpcError | StreamRefused) -> RemoteError:
+    if isinstance(exc, SessionLost):
+        return RemoteError(f"inference session failed: {exc}", reason=exc.reason)
     if isinstance(exc, StreamRefused):
         return RemoteError(f"inference request refused: {exc}", reason=exc.reason)
     return remote_error(exc, "inference session failed")

@@ -23,9 +23,11 @@ class InferenceSession:
 
 
 def open_session(checkpoint: str, server: ConnectConfig | str, dtype_up: str | None = None, batch_size: int = 1,
-                 test_subset: int | None = None, data_dir: str | None = None, stream: bool = False) -> InferenceSession:
+                 test_subset: int | None = None, data_dir: str | None = None, stream: bool = False,
+                 tcp: bool = False) -> InferenceSession:
     """Everything before the first request; the caller closes `session.client`. `server`: a ConnectConfig, or
-    just HOST:PORT; `stream`: requests on InferStream sessions instead of unary Infer calls."""
+    just HOST:PORT; `stream`: requests on InferStream sessions instead of unary Infer calls; `tcp`: on sessions
+    on the server's TCP session port."""
     server = ConnectConfig(server=server) if isinstance(server, str) else server
     from splitprune.client.inference import InferenceClient
     from splitprune.data import make_loaders
@@ -43,7 +45,7 @@ def open_session(checkpoint: str, server: ConnectConfig | str, dtype_up: str | N
     _, test, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size,
                               meta["in_channels"], cfg.seed, 1, test_subset, False, batch_size,
                               normalisation=cfg.normalisation())
-    client = InferenceClient(server, meta["fingerprint"], stream)  # connect last: all else is ready
+    client = InferenceClient(server, meta["fingerprint"], stream, tcp)  # connect last: all else is ready
     try:
         info = client.describe()
         if list(info.wire_shape) != list(meta["wire_shape"]) or info.num_classes != meta["num_classes"]:
@@ -64,13 +66,13 @@ def open_session(checkpoint: str, server: ConnectConfig | str, dtype_up: str | N
 
 def run_inference(checkpoint: str, server: ConnectConfig | str, budget_text: str | None = None,
                   dtype_up: str | None = None, batch_size: int = 1, test_subset: int | None = None,
-                  data_dir: str | None = None, warmup: int = 3, stream: bool = False) -> dict:
+                  data_dir: str | None = None, warmup: int = 3, stream: bool = False, tcp: bool = False) -> dict:
     """Every test image through the server at one budget: accuracy, latency and bytes."""
     import torch
 
     from splitprune.training.checkpoint import parse_budget
 
-    session = open_session(checkpoint, server, dtype_up, batch_size, test_subset, data_dir, stream)
+    session = open_session(checkpoint, server, dtype_up, batch_size, test_subset, data_dir, stream, tcp)
     client, info, device, cfg, meta, batches = (session.client, session.info, session.device, session.cfg,
                                                 session.meta, session.batches)
     channels = int(meta["cut_shape"][0])
@@ -95,7 +97,7 @@ def run_inference(checkpoint: str, server: ConnectConfig | str, budget_text: str
         result = {
             "checkpoint": meta["_folder"], "server": client.conn.target, "fingerprint": info.fingerprint,
             "budget": budget, "channels": channels, "dtype_up": cfg.dtype_up, "batch_size": batch_size,
-            "stream": stream,
+            "stream": stream or tcp, "tcp_session": tcp,
             "requests": len(batches), "test_samples": samples, "test_accuracy": correct / max(samples, 1),
             "samples_per_second": samples / seconds if seconds else None,
             "latency_ms": {"p50": percentile(wall, 50), "p99": percentile(wall, 99), "mean": sum(wall) / len(wall)},

@@ -206,7 +206,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("protocol_version", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "weights_sha256", "version", "max_batch", "read_only", "attached_clients", "max_train_batch")
+    __slots__ = ("protocol_version", "fingerprint", "config_json", "num_classes", "in_channels", "wire_shape", "weights_sha256", "version", "max_batch", "read_only", "attached_clients", "max_train_batch", "session_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,7 @@ class DescribeReply(_message.Message):
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TRAIN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     fingerprint: str
     config_json: str
@@ -231,7 +232,8 @@ class DescribeReply(_message.Message):
     read_only: bool
     attached_clients: int
     max_train_batch: int
-    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., weights_sha256: _Optional[str] = ..., version: _Optional[int] = ..., max_batch: _Optional[int] = ..., read_only: _Optional[bool] = ..., attached_clients: _Optional[int] = ..., max_train_batch: _Optional[int] = ...) -> None: ...
+    session_port: int
+    def __init__(self, protocol_version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., config_json: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., wire_shape: _Optional[_Iterable[int]] = ..., weights_sha256: _Optional[str] = ..., version: _Optional[int] = ..., max_batch: _Optional[int] = ..., read_only: _Optional[bool] = ..., attached_clients: _Optional[int] = ..., max_train_batch: _Optional[int] = ..., session_port: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("fingerprint", "budget", "eval")
@@ -268,12 +270,16 @@ class InferOpen(_message.Message):
     def __init__(self, fingerprint: _Optional[str] = ..., budget: _Optional[int] = ..., dtype: _Optional[_Union[_splitprune_pb2.DType, str]] = ..., channels: _Optional[bytes] = ..., prefix: _Optional[int] = ..., tables: _Optional[int] = ...) -> None: ...
 
 class InferOpened(_message.Message):
-    __slots__ = ("wire_shape", "max_batch")
+    __slots__ = ("wire_shape", "max_batch", "error", "message")
     WIRE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     wire_shape: _containers.RepeatedScalarFieldContainer[int]
     max_batch: int
-    def __init__(self, wire_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    error: ErrorReason
+    message: str
+    def __init__(self, wire_shape: _Optional[_Iterable[int]] = ..., max_batch: _Optional[int] = ..., error: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InferItem(_message.Message):
     __slots__ = ("data", "samples")

@@ -8,5 +8,6 @@
 - Servicer (servicer): the gRPC methods over a SplitService, protocol-unaware.
 
 Around them: app (start, stop, housekeeping), sessions, batching, store (disk), transfer (state and
-inference calls), validation (handshake checks), metrics, health, ratelog, replicas (a tier of servers).
+inference calls), validation (handshake checks), metrics, health, ratelog, replicas (a tier of servers),
+inference (an inference session's answers, and the plain TCP session port: SessionPort).
 """

@@ -16,6 +16,7 @@ from splitprune.errors import UserError
 from splitprune.server.config import ServeConfig
 from splitprune.server.service import SplitService
 from splitprune.server.servicer import Servicer, TokenInterceptor, log_refusal
+from splitprune.server.inference.port import SessionPort, server_context
 from splitprune.server.telemetry.health import CHECK_METHOD, Health
 from splitprune.server.telemetry.metrics import Metrics
 from splitprune.server.telemetry.ratelog import BoundedLog
@@ -69,8 +70,9 @@ class App:
     """A running server: its address, and a stop() that drains, saves and shuts down."""
 
     def __init__(self, service: SplitService, server: grpc.Server, address: tuple[str, int], tls: bool,
-                 health: Health, metrics: Metrics, metrics_address: tuple[str, int] | None = None) -> None:
-        self.service, self.server, self.tls = service, server, tls
+                 health: Health, metrics: Metrics, metrics_address: tuple[str, int] | None = None,
+                 sessions: SessionPort | None = None) -> None:
+        self.service, self.server, self.tls, self.sessions = service, server, tls, sessions
         self.host, self.port = address
         self.health, self.metrics, self._metrics_address = health, metrics, metrics_address
         self._stop = threading.Event()
@@ -99,6 +101,8 @@ class App:
             return
         self._stopped = True
         self.drain()
+        if self.sessions is not None:
+            self.sessions.stop()
         done = self.server.stop(grace)
         self._stop.set()
         self._thread.join(timeout=5)  # no periodic save races the final one
@@ -178,15 +182,29 @@ def start_app(config: ServeConfig, tier=None) -> App:
     if not bound:
         service.discard_temporary()
         raise UserError(f"cannot listen on {target}: the address is in use or not an address of this machine")
-    metrics_address = None
-    if config.metrics is not None:
-        try:
+    metrics_address = sessions = None
+    try:
+        if config.metrics is not None:
             metrics_address = metrics.serve(*parse_hostport(config.metrics, default_host=host))
-        except UserError:
-            server.stop(None)
-            service.discard_temporary()
-            raise
+        if config.session_port is not None:
+            sessions = _session_port(service, config, host, metrics, refused)
+    except UserError:
+        server.stop(None)
+        metrics.stop()
+        service.discard_temporary()
+        raise
     for warning in exposure_warnings(host, config.token, credentials is not None):
         log.warning(warning)
     server.start()
-    return App(service, server, (host, bound), credentials is not None, health, metrics, metrics_address)
+    return App(service, server, (host, bound), credentials is not None, health, metrics, metrics_address, sessions)
+
+
+def _session_port(service: SplitService, config: ServeConfig, host: str, metrics: Metrics, refused) -> SessionPort:
+    tls = server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+    try:
+        port = SessionPort(service, host, config.session_port, config.token, tls, metrics, refused)
+    except OSError:
+        raise UserError(f"cannot listen on {format_hostport((host, config.session_port))} (--session-port): the "
+                        "address is in use or not an address of this machine") from None
+    service.session_port = port.port
+    return port

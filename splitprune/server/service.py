@@ -47,6 +47,7 @@ class SplitService:
         self.counters = {"steps": 0, "retried_steps": 0, "sessions": 0, "errors": 0, "infer": 0, "checkpoints": 0}
         self._count_lock = threading.Lock()
         self.tier = None  # replicas.Tier when this server is one replica of a tier (serve --distributed)
+        self.session_port = 0  # the bound --session-port (0: none), announced by Describe
         self.infer_streams = threading.BoundedSemaphore(config.max_sessions)  # open InferStream sessions
         self.batching = Batching(config, self.check_draining, self._applied)
         self.admission = Admission(config.inflight_bytes, config.admission_wait)

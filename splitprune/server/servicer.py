@@ -16,7 +16,7 @@ from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server import transfer
 from splitprune.server.service import SplitService
-from splitprune.server.streams import InferSession
+from splitprune.server.inference.stream import InferSession
 from splitprune.server.telemetry.metrics import Metrics
 from splitprune.server.telemetry.ratelog import BoundedLog
 from splitprune.server.validation import parse

@@ -70,7 +70,8 @@ def describe(service: SplitService, req: spb.DescribeRequest) -> spb.DescribeRep
         protocol_version=PROTOCOL_VERSION, fingerprint=half.fingerprint, config_json=json.dumps(half.cfg.to_dict()),
         num_classes=half.num_classes, in_channels=half.in_channels, wire_shape=list(half.geometry.wire_shape),
         weights_sha256=digest, version=version, max_batch=half.max_batch, read_only=half.read_only,
-        attached_clients=service.sessions.attached(half), max_train_batch=half.max_train_batch)
+        attached_clients=service.sessions.attached(half), max_train_batch=half.max_train_batch,
+        session_port=service.session_port)
 
 
 def infer(service: SplitService, req: spb.InferRequest) -> spb.InferReply:

@@ -1,4 +1,5 @@
-"""The client side of a streaming inference session (`InferStream`, docs/protocol.md 5.1), torch-free.
+"""The client side of a streaming inference session, torch-free: an `InferStream` (docs/protocol.md 5.1), or a
+connection to the server's TCP session port (5.2, wire/session_socket.py).
 
 One bidirectional stream per session: the InferOpen says once what stays the same (the half, the budget,
 the dtype, the kept channels, the tables' digest, all taken from the first request's EncodedTensor); each
@@ -16,6 +17,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -62,19 +64,34 @@ class StreamRefused(Exception):
         self.reason = reason
 
 
-class InferStreamClient:
-    """One open InferStream on `channel`; `infer` sends one item and waits for its reply."""
+class SessionLost(StreamRefused):
+    """A session's connection broke or closed (a session on a TCP port; an InferStream's is a grpc.RpcError)."""
 
-    def __init__(self, channel: grpc.Channel, opened: spb.InferOpen, metadata=()) -> None:
-        self._queue: queue.Queue = queue.Queue()
-        self._queue.put(opened.SerializeToString())
-        self.open_bytes = opened.ByteSize()
-        call = channel.stream_stream(INFER_STREAM_METHOD)
-        self._replies = call(iter(self._queue.get, None), metadata=metadata)
-        self.opened = spb.InferOpened.FromString(next(self._replies))
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message)
+
+
+BROKEN = (grpc.RpcError, SessionLost)  # what ends a session, whatever carries it
+
+
+class Session:
+    """One open inference session, whatever carries it: `infer` sends one item and waits for its reply, `submit`
+    returns at once. A transport gives `_send` (one serialized item), `_replies` (the answers, in order, raising
+    one of BROKEN when the session ends) and `_end`."""
+
+    def __init__(self, opened: spb.InferOpened, open_bytes: int) -> None:
+        self.opened, self.open_bytes = opened, open_bytes
         self._lock = threading.Lock()
         self._unanswered: collections.deque = collections.deque()   # (future, sent at, item bytes), in order
         self._reader: threading.Thread | None = None
+
+    def _send(self, item: bytes) -> None:
+        raise NotImplementedError
+
+    _replies: Iterator[bytes]
+
+    def _end(self) -> None:
+        raise NotImplementedError
 
     def infer(self, data: bytes, samples: int = 1) -> ItemResult:
         """One item's result; StreamRefused for a refused item, ProtocolError for a server time that cannot
@@ -83,7 +100,7 @@ class InferStreamClient:
             return self.submit(data, samples).result()
         item = item_message(data, samples)
         start = time.perf_counter()
-        self._queue.put(item)
+        self._send(item)
         out = next(self._replies)
         return item_result(out, time.perf_counter() - start, len(item))
 
@@ -100,11 +117,15 @@ class InferStreamClient:
                 self._reader = threading.Thread(target=self._read, name="splitprune-infer-stream", daemon=True)
                 self._reader.start()
             self._unanswered.append((future, time.perf_counter(), len(item)))
-            self._queue.put(item)
+            try:
+                self._send(item)
+            except BROKEN as exc:
+                self._unanswered.pop()
+                future.set_exception(exc)
         return future
 
     def _read(self) -> None:
-        failure: Exception = StreamRefused("UNAVAILABLE", "the server ended the stream")
+        failure: Exception = SessionLost("the server ended the session")
         try:
             for out in self._replies:
                 received = time.perf_counter()
@@ -117,15 +138,37 @@ class InferStreamClient:
                     future.set_result(item_result(out, received - sent, size))
                 except (StreamRefused, ProtocolError) as exc:
                     future.set_exception(exc)
-        except grpc.RpcError as exc:
+        except BROKEN as exc:
             failure = exc
         with self._lock:
             while self._unanswered:
                 self._unanswered.popleft()[0].set_exception(failure)
 
     def close(self) -> None:
+        self._end()
+
+
+class InferStreamClient(Session):
+    """One open InferStream on `channel`."""
+
+    def __init__(self, channel: grpc.Channel, opened: spb.InferOpen, metadata=()) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._queue.put(opened.SerializeToString())
+        call = channel.stream_stream(INFER_STREAM_METHOD)
+        self._replies = call(iter(self._queue.get, None), metadata=metadata)
+        super().__init__(spb.InferOpened.FromString(next(self._replies)), opened.ByteSize())
+
+    def _send(self, item: bytes) -> None:
+        self._queue.put(item)
+
+    def _end(self) -> None:
         self._queue.put(None)  # half-close: the server ends the stream
         self._replies.cancel()
+
+
+def on_channel(channel: grpc.Channel, metadata=()) -> Callable[[spb.InferOpen], Session]:
+    """What opens sessions as InferStreams on `channel` (InferSessions' `open`)."""
+    return lambda opened: InferStreamClient(channel, opened, metadata)
 
 
 def item_message(data: bytes, samples: int) -> bytes:
@@ -158,21 +201,22 @@ def item_result(out: bytes, elapsed: float, item_bytes: int) -> ItemResult:
 
 
 class InferSessions:
-    """The InferStream sessions of one channel: one per model, budget and tensor header, opened on the first
-    request that needs it; a session whose stream broke is dropped (the next request opens another)."""
+    """The sessions of one client: one per model, budget and tensor header, opened by `open` (on_channel, or
+    session_socket.on_port) on the first request that needs it; a session that broke is dropped (the next
+    request opens another)."""
 
-    def __init__(self, channel: grpc.Channel, metadata=()) -> None:
-        self.channel, self.metadata = channel, metadata
-        self._sessions: dict[tuple, InferStreamClient] = {}
+    def __init__(self, open: Callable[[spb.InferOpen], Session]) -> None:
+        self.open = open
+        self._sessions: dict[tuple, Session] = {}
 
     def infer(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> ItemResult:
-        """One request: `tensor` (an EncodedTensor of N samples) on its session. Raises grpc.RpcError for a
+        """One request: `tensor` (an EncodedTensor of N samples) on its session. Raises one of BROKEN for a
         refused or broken session, StreamRefused for a refused item, ProtocolError for a bad server time."""
         key = session_key(fingerprint, budget, tensor)
         try:
             opened = self._open(key, fingerprint, budget, tensor)
             result = self._sessions[key].infer(item_data(tensor), tensor.shape[0])
-        except grpc.RpcError:
+        except BROKEN:
             self._sessions.pop(key, None)
             raise
         result.open_bytes = opened
@@ -180,18 +224,18 @@ class InferSessions:
 
     def submit(self, fingerprint: str, budget: int, tensor: pb.EncodedTensor) -> tuple[Future, int, int]:
         """`infer` returning at once: (a Future of the ItemResult, the bytes of its InferItem, of the InferOpen
-        if it opened its session). Opening may raise grpc.RpcError; a broken stream fails the Future with it."""
+        if it opened its session). Opening may raise one of BROKEN; a broken session fails the Future with it."""
         key = session_key(fingerprint, budget, tensor)
         try:
             opened = self._open(key, fingerprint, budget, tensor)
-        except grpc.RpcError:
+        except BROKEN:
             self._sessions.pop(key, None)
             raise
         session, item = self._sessions[key], item_message(item_data(tensor), tensor.shape[0])
         future = session.send_item(item)
 
         def drop_broken(done: Future) -> None:
-            if isinstance(done.exception(), grpc.RpcError) and self._sessions.get(key) is session:
+            if isinstance(done.exception(), BROKEN) and self._sessions.get(key) is session:
                 self._sessions.pop(key, None)
 
         future.add_done_callback(drop_broken)
@@ -201,7 +245,7 @@ class InferSessions:
         """Open the session of `key` unless open: the bytes of its InferOpen (0: it was open)."""
         if key in self._sessions:
             return 0
-        self._sessions[key] = InferStreamClient(self.channel, open_message(fingerprint, budget, tensor), self.metadata)
+        self._sessions[key] = self.open(open_message(fingerprint, budget, tensor))
         return self._sessions[key].open_bytes
 
     def close(self) -> None:

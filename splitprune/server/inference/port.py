@@ -1,0 +1,197 @@
+"""Inference sessions on a plain TCP port (`serve --session-port`, docs/protocol.md 5.2).
+
+The same sessions as InferStream (inference/stream.py: the InferOpen checked once, then one InferItemReply per
+InferItem, in order, one bad item failing that item alone), framed by a varint length each (wire/frames.py)
+instead of HTTP/2 and gRPC: no frame headers, no length prefixes, no flow-control frames, so a one-sample
+request costs its item and a byte. A connection's first frame is MAGIC and the token, checked before anything
+else is read; its second the InferOpen, answered by an InferOpened (with `error` set when refused, and the
+connection closed). Sessions count against --max-sessions with the InferStream ones; TLS as the gRPC port's.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import ssl
+import threading
+from typing import Callable
+
+from splitprune.errors import ProtocolError
+from splitprune.proto import service_pb2 as spb
+from splitprune.server.service import SplitService
+from splitprune.server.inference.stream import InferSession
+from splitprune.server.telemetry.metrics import Metrics
+from splitprune.server.validation import parse
+from splitprune.wire.frames import MAGIC, FrameTooLarge, read_frame, send_frame
+from splitprune.wire.refusals import BadHandshake, Refusal, ServerBusy, TooLarge, Unauthenticated
+
+log = logging.getLogger("splitprune.serve")
+OPEN_LIMIT = 4096        # bytes of each of a connection's first two frames (MAGIC + token, InferOpen)
+HANDSHAKE_S = 10.0       # seconds a connection has to send them (and to finish TLS)
+MESSAGE_LIMIT = 1000     # characters of a refusal's message
+DRAIN_BYTES = 1 << 20    # what a refused connection may still send before it is closed
+
+
+def refusal_of(exc: ProtocolError) -> Refusal:
+    if isinstance(exc, Refusal):
+        return exc
+    return TooLarge(str(exc)) if isinstance(exc, FrameTooLarge) else BadHandshake(str(exc))
+
+
+class SessionPort:
+    """A listening socket whose connections are inference sessions; `stop` closes it and every connection."""
+
+    def __init__(self, service: SplitService, host: str, port: int, token: str | None,
+                 tls: ssl.SSLContext | None, metrics: Metrics, refused: Callable[[str, str, Refusal], None]) -> None:
+        self.service, self.token, self.tls, self.metrics, self.refused = service, token, tls, metrics, refused
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=128)
+        self.port = self.sock.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept, name="splitprune-session-port", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return  # closed by stop()
+            if not self.service.infer_streams.acquire(blocking=False):
+                self._busy(conn, f"{peer[0]}:{peer[1]}")
+                continue
+            with self._lock:
+                if self._stopped:
+                    conn.close()
+                    self.service.infer_streams.release()
+                    return
+                self._open.add(conn)
+            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"), daemon=True,
+                             name="splitprune-session").start()
+
+    def _busy(self, conn: socket.socket, peer: str) -> None:
+        refusal = ServerBusy(f"this server holds {self.service.config.max_sessions} inference sessions already "
+                             "(--max-sessions)")
+        self.refused("session", peer, refusal)
+        try:
+            if self.tls is None:  # a TLS peer would need a handshake first: it sees the connection close
+                conn.settimeout(1.0)
+                send_frame(conn, refused_open(refusal))
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        stream = conn
+        try:
+            conn.settimeout(HANDSHAKE_S)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each answer leaves at once
+            if self.tls is not None:
+                stream = self.tls.wrap_socket(conn, server_side=True)  # takes over conn's socket
+                with self._lock:
+                    self._open.discard(conn)
+                    self._open.add(stream)
+            session = self._open_session(stream, peer)
+            if session is None:
+                return
+            stream.settimeout(self.service.config.idle_timeout)
+            limit = self.service.config.max_message_bytes
+            while True:
+                try:
+                    data = read_frame(stream, limit)
+                except FrameTooLarge as exc:  # its body cannot be skipped unread: the session ends
+                    send_frame(stream, failed_item(TooLarge(str(exc))))
+                    self.refused("session item", peer, TooLarge(str(exc)))
+                    finish(stream)
+                    return
+                if data is None:
+                    return
+                with self.metrics.call("infer_item", len(data)) as call:
+                    out = call.reply(session.answer(data))
+                send_frame(stream, out)
+        except (OSError, ProtocolError):
+            pass  # a connection that broke, timed out, failed TLS or sent a length that is no varint
+        except Exception:  # noqa: BLE001 - the server goes on; the gRPC port answers INTERNAL here
+            log.exception("inference session from %s failed", peer)
+        finally:
+            with self._lock:
+                self._open.discard(stream)
+            stream.close()
+            self.service.infer_streams.release()
+
+    def _open_session(self, stream: socket.socket, peer: str) -> InferSession | None:
+        """The session of the connection's first two frames, or None after answering a refusal."""
+        try:
+            hello = read_frame(stream, OPEN_LIMIT)
+            if hello is None:
+                return None
+            if not hello.startswith(MAGIC):
+                raise BadHandshake("not a splitprune session: the first frame starts with the wrong bytes")
+            if self.token is not None and not hmac.compare_digest(hello[len(MAGIC):], self.token.encode()):
+                raise Unauthenticated("missing or wrong token")
+            first = read_frame(stream, OPEN_LIMIT)
+            if first is None:
+                return None
+            with self.metrics.call("infer_open", len(first)) as call:
+                session = InferSession(self.service, parse(spb.InferOpen, first))
+                send_frame(stream, call.reply(session.opened()))
+            return session
+        except ProtocolError as exc:
+            refusal = refusal_of(exc)
+            self.refused("session", peer, refusal)
+            send_frame(stream, refused_open(refusal))
+            finish(stream)
+            return None
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            conns = list(self._open)
+        self.sock.close()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes its thread, which closes it
+            except OSError:
+                pass
+        self._thread.join(timeout=5)
+
+
+def finish(stream: socket.socket) -> None:
+    """End a connection after a refusal so that the peer reads it: closing with unread bytes would reset the
+    connection, and a reset may discard the refusal before the peer reads it. So: no more writes, then what
+    the peer still sends read and dropped (at most DRAIN_BYTES, for at most a second)."""
+    try:
+        stream.shutdown(socket.SHUT_WR)
+        stream.settimeout(1.0)
+        left = DRAIN_BYTES
+        while left > 0:
+            data = stream.recv(min(left, 65536))
+            if not data:
+                return
+            left -= len(data)
+    except OSError:
+        pass
+
+
+def refused_open(refusal: Refusal) -> bytes:
+    return spb.InferOpened(error=spb.ErrorReason.Value(refusal.reason),
+                           message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
+
+
+def failed_item(refusal: Refusal) -> bytes:
+    return spb.InferItemReply(error=spb.ErrorReason.Value(refusal.reason),
+                              message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
+
+
+def server_context(cert: str | None, key: str | None, client_ca: str | None) -> ssl.SSLContext | None:
+    """The TLS context of the session port from the gRPC port's files (checked there first); None: plaintext."""
+    if not (cert and key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

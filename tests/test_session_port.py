@@ -1,0 +1,150 @@
+"""Inference sessions on the server's TCP session port (`serve --session-port`, docs/protocol.md 5.2): a real
+`splitprune serve` on loopback, an independent proxy counting the socket's bytes, the answers equal to unary
+Infer's, bad items in the middle of a session, bad openings, garbage and oversized frames, too many sessions."""
+import json
+import socket
+
+import grpc
+import pytest
+
+from splitprune.bench.core.processes import ServeSubprocess, free_port
+from splitprune.bench.paper.single import encoded_samples
+from splitprune.link.profile import LinkProfile
+from splitprune.link.proxy import LinkProxy
+from splitprune.proto import service_pb2 as spb
+from splitprune.wire.frames import MAGIC, frame, read_frame, varint
+from splitprune.wire.session_socket import SocketSession
+from splitprune.wire.stream import SessionLost, StreamRefused, item_data, item_message, open_message
+from test_stream import _unary
+
+REQUESTS = 24
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    run, _ = exported
+    session_port = free_port()
+    proc = ServeSubprocess(free_port(), "--model", str(run), "--max-sessions", "2", "--token", TOKEN,
+                           "--session-port", str(session_port),
+                           log_path=tmp_path_factory.mktemp("serve") / "serve.log").start()
+    yield run, proc, ("127.0.0.1", session_port)
+    proc.stop()
+
+
+def _opened(address, meta, tensor, token=TOKEN) -> SocketSession:
+    return SocketSession(address, open_message(meta["fingerprint"], int(meta["budget"]), tensor), token)
+
+
+@pytest.mark.parametrize("dtype", ["ec", "int4"])
+def test_a_session_answers_like_unary_infer_with_one_byte_of_framing_and_survives_bad_items(served, dtype):
+    run, proc, address = served
+    meta, tensors = encoded_samples(str(run), dtype, REQUESTS)
+    direct = grpc.insecure_channel(proc.address)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    with LinkProxy(("127.0.0.1", 0), address, LinkProfile()) as proxy:
+        session = _opened(proxy.address, meta, tensors[0])
+        assert list(session.opened.wire_shape) == meta["wire_shape"]
+        before = proxy.counters()
+        assert before.bytes_up == session.open_bytes   # MAGIC + token and the InferOpen, a varint each
+        for i, tensor in enumerate(tensors):
+            counts = proxy.counters()
+            result = session.infer(item_data(tensor))
+            expected = _unary(direct, meta["fingerprint"], int(meta["budget"]), tensor, auth)
+            assert result.reply.labels == expected                                # the same answer
+            after = proxy.counters()
+            item = item_message(item_data(tensor), 1)
+            assert after.bytes_up - counts.bytes_up == len(item) + 1              # the item and its length
+            assert after.bytes_down - counts.bytes_down == result.bytes_down + 1
+            if i == REQUESTS // 2:  # bad items in the middle: each refused alone, the session goes on
+                for bad, reason in ((b"\x00" * 3, "BAD_TENSOR"), (item_data(tensor)[:-1], "BAD_TENSOR"),
+                                    (b"\xff" * 40, "BAD_TENSOR")):
+                    with pytest.raises(StreamRefused, match=reason):
+                        session.infer(bad)
+                with pytest.raises(StreamRefused, match="TOO_LARGE"):
+                    session.infer(item_data(tensor), samples=10**6)
+        session.close()
+    direct.close()
+    if dtype == "ec":  # issue 24's single-request targets, on the socket
+        assert result.bytes_up + 1 <= 32 and result.bytes_down + 1 <= 24
+
+
+def _raw(address, *frames_: bytes) -> socket.socket:
+    sock = socket.create_connection(address, timeout=30)
+    sock.sendall(b"".join(frames_))
+    return sock
+
+
+def _refusal(sock: socket.socket) -> str:
+    answer = spb.InferOpened.FromString(read_frame(sock, 1 << 16))
+    assert read_frame(sock, 1 << 16) is None   # and the connection is closed
+    sock.close()
+    return spb.ErrorReason.Name(answer.error)
+
+
+def test_bad_openings_garbage_and_too_many_sessions_are_refused_and_the_server_serves_on(served):
+    run, proc, address = served
+    meta, tensors = encoded_samples(str(run), "ec", 1)
+    good = open_message(meta["fingerprint"], int(meta["budget"]), tensors[0]).SerializeToString()
+    hello = frame(MAGIC + TOKEN.encode())
+    assert _refusal(_raw(address, frame(MAGIC + b"wrong"), frame(good))) == "UNAUTHENTICATED_TOKEN"
+    assert _refusal(_raw(address, frame(MAGIC))) == "UNAUTHENTICATED_TOKEN"
+    assert _refusal(_raw(address, b"GET / HTTP/1.1\r\n" + b"x" * 99)) == "BAD_HANDSHAKE"  # not a session
+    assert _refusal(_raw(address, varint(10**6))) == "TOO_LARGE"                   # an opening over 4 KiB
+    assert _refusal(_raw(address, hello, frame(b"\xff" * 9))) == "BAD_MESSAGE"     # not an InferOpen
+    with pytest.raises(StreamRefused, match="UNKNOWN_MODEL"):
+        _opened(address, {"fingerprint": "0" * 16, "budget": 1}, tensors[0])
+    with pytest.raises(StreamRefused, match="BAD_TENSOR"):   # other entropy tables than the model's
+        bad = open_message(meta["fingerprint"], int(meta["budget"]), tensors[0])
+        bad.tables ^= 1
+        SocketSession(address, bad, TOKEN)
+    # an item announcing more than the server's message limit: answered TOO_LARGE, and that session ends
+    sock = _raw(address, hello, frame(good), varint(2**34))
+    assert not spb.InferOpened.FromString(read_frame(sock, 1 << 16)).error
+    assert spb.ErrorReason.Name(spb.InferItemReply.FromString(read_frame(sock, 1 << 16)).error) == "TOO_LARGE"
+    assert read_frame(sock, 1 << 16) is None
+    sock.close()
+    sessions = [_opened(address, meta, tensors[0]) for _ in range(2)]   # --max-sessions 2
+    with pytest.raises(StreamRefused, match="SERVER_BUSY"):
+        _opened(address, meta, tensors[0])
+    assert sessions[0].infer(item_data(tensors[0])).reply.labels        # the open ones still serve
+    for session in sessions:
+        session.close()
+    with LinkProxy(("127.0.0.1", 0), address, LinkProfile()) as proxy:
+        lost = _opened(proxy.address, meta, tensors[0])
+    with pytest.raises(SessionLost):   # the connection went away: the client says so, nothing hangs
+        lost.infer(item_data(tensors[0]))
+    lost.close()
+    fresh = _opened(address, meta, tensors[0])   # room again once they closed
+    assert fresh.infer(item_data(tensors[0])).reply.labels
+    fresh.close()
+
+
+def test_splitprune_infer_on_the_session_port_answers_as_on_an_infer_stream(served, tmp_path, capsys):
+    from splitprune.cli import main
+
+    run, proc, _ = served
+    results = {}
+    for mode, more in (("stream", []), ("tcp", ["--tcp-session"])):
+        out = tmp_path / f"{mode}.json"
+        assert main(["infer", "--checkpoint", str(run), "--server", proc.address, "--token", TOKEN, "--dtype-up",
+                     "ec", "--test-subset", "16", "--warmup", "1", *more, "--out", str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    capsys.readouterr()
+    assert results["tcp"]["tcp_session"] and results["tcp"]["test_accuracy"] == results["stream"]["test_accuracy"]
+    assert main(["infer", "--checkpoint", str(run), "--server", proc.address, "--tcp-session", "--no-stream"]) == 2
+    assert "--tcp-session opens streaming sessions" in capsys.readouterr().err
+
+
+def test_a_client_asking_for_a_session_port_the_server_lacks_gets_one_clear_message(exported, tmp_path, capsys):
+    from splitprune.cli import main
+
+    run, _ = exported
+    proc = ServeSubprocess(free_port(), "--model", str(run), log_path=tmp_path / "serve.log").start()
+    try:
+        assert main(["infer", "--checkpoint", str(run), "--server", proc.address, "--tcp-session",
+                     "--test-subset", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "announces no TCP session port" in err and "Traceback" not in err
+    finally:
+        proc.stop()
