@@ -1,12 +1,12 @@
-"""One sample per request on the wire (issue 24): unary Infer against a streaming session (InferStream), bytes
-counted on the socket by an independent proxy (splitprune.link.LinkProxy, no shaping), both directions,
-HTTP/2 and gRPC framing included.
+"""One sample per request on the wire (issue 24): unary Infer, a streaming session (InferStream) and a session on
+the server's TCP session port (docs/protocol.md 5.2), bytes counted on the socket by an independent proxy
+(splitprune.link.LinkProxy, no shaping), both directions, all framing included.
 
-A `splitprune serve --model CHECKPOINT` subprocess on loopback; the client (this process, torch device half)
-sends REQUESTS single test images at the model's trained budget with each dtype, first on one channel as
-unary Infer calls, then on another as one InferStream session. Steady state: the bytes between the
-WARMUP-th and the last request, divided by their count; the first request (connection, HTTP/2 settings,
-the stream's headers and its InferOpen) is reported apart.
+A `splitprune serve --model CHECKPOINT --session-port P` subprocess on loopback; the client (this process,
+torch device half) sends REQUESTS single test images at the model's trained budget with each dtype, first on
+one channel as unary Infer calls, then on another as one InferStream session, then on one connection to the
+session port. Steady state: the bytes between the WARMUP-th and the last request, divided by their count; the
+first request (connection, HTTP/2 settings, the stream's headers and its InferOpen) is reported apart.
 
     python -m splitprune.bench.paper.single --checkpoint CHECKPOINT --out bench_results/entropy/single
 """
@@ -47,7 +47,7 @@ def _measure(address: tuple[str, int], send, requests: int) -> dict:
     with LinkProxy(("127.0.0.1", 0), address, LinkProfile()) as proxy:
         channel = grpc.insecure_channel("%s:%d" % proxy.address, client_options())  # the runtime's settings
         counts, payload = [], 0
-        with send(channel) as call:
+        with send(channel, proxy.address) as call:
             for i in range(requests):
                 payload = call(i)
                 counts.append(proxy.counters())
@@ -67,13 +67,16 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
     from splitprune.proto import pb
     from splitprune.proto import service_pb2 as spb
     from splitprune.wire.envelopes import INFER_METHOD
+    from splitprune.wire.session_socket import SocketSession
     from splitprune.wire.stream import InferStreamClient, item_data, open_message
 
     from splitprune.bench.paper.measure import with_all_tables
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = with_all_tables(checkpoint, out / "checkpoint")  # tables for every grid (ec3 ...), sealed
-    server = ServeSubprocess(free_port(), "--model", checkpoint, log_path=out / "serve.log").start()
+    session_port = free_port()
+    server = ServeSubprocess(free_port(), "--model", checkpoint, "--session-port", str(session_port),
+                             log_path=out / "serve.log").start()
     host, port = server.address.rsplit(":", 1)
     rows = []
     try:
@@ -82,7 +85,7 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
             fp, budget = meta["fingerprint"], int(meta["budget"])
 
             @contextlib.contextmanager
-            def unary(channel):
+            def unary(channel, _):
                 call = channel.unary_unary(INFER_METHOD)
 
                 def one(i):
@@ -93,8 +96,9 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
                 yield one
 
             @contextlib.contextmanager
-            def stream(channel):
-                session = InferStreamClient(channel, open_message(fp, budget, tensors[0]))
+            def stream(channel, address):
+                session = (InferStreamClient(channel, open_message(fp, budget, tensors[0])) if address is None
+                           else SocketSession(address, open_message(fp, budget, tensors[0])))
 
                 def one(i):
                     return session.infer(item_data(tensors[i])).bytes_up
@@ -102,9 +106,11 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
                     yield one
                 finally:
                     session.close()
-            for name, send in (("unary Infer", unary), ("InferStream session", stream)):
-                rows.append({"dtype": dtype, "mode": name, "budget": budget,
-                             **_measure((host, int(port)), send, REQUESTS)})
+
+            for name, send, where in (("unary Infer", unary, int(port)),
+                                      ("InferStream session", lambda c, _: stream(c, None), int(port)),
+                                      ("TCP session port", stream, session_port)):
+                rows.append({"dtype": dtype, "mode": name, "budget": budget, **_measure((host, where), send, REQUESTS)})
     finally:
         server.stop()
     for r in rows:
