@@ -148,3 +148,21 @@ def test_a_client_asking_for_a_session_port_the_server_lacks_gets_one_clear_mess
         assert "announces no TCP session port" in err and "Traceback" not in err
     finally:
         proc.stop()
+
+
+def test_answers_not_waited_for_are_read_in_turn_on_the_session_port(served):
+    """--hedge abandons answers on a session: on the TCP port too, each answer goes to its own item, in order."""
+    run, proc, address = served
+    meta, tensors = encoded_samples(str(run), "int4", 12)
+    direct = grpc.insecure_channel(proc.address)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    expected = [_unary(direct, meta["fingerprint"], int(meta["budget"]), t, auth) for t in tensors]
+    direct.close()
+    assert len(set(expected)) > 1   # else a confused answer could not show
+    session = _opened(address, meta, tensors[0])
+    abandoned = [session.submit(item_data(t)) for t in tensors[:4]]   # nobody waits for these
+    for i, tensor in enumerate(tensors[4:], start=4):
+        got = session.infer(item_data(tensor)) if i % 2 else session.submit(item_data(tensor)).result(timeout=30)
+        assert got.reply.labels == expected[i]
+    assert [f.result(timeout=0).reply.labels for f in abandoned] == expected[:4]
+    session.close()
