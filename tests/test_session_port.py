@@ -3,6 +3,7 @@
 Infer's, bad items in the middle of a session, bad openings, garbage and oversized frames, too many sessions."""
 import json
 import socket
+import time
 
 import grpc
 import pytest
@@ -166,3 +167,45 @@ def test_answers_not_waited_for_are_read_in_turn_on_the_session_port(served):
         assert got.reply.labels == expected[i]
     assert [f.result(timeout=0).reply.labels for f in abandoned] == expected[:4]
     session.close()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
+def test_garbage_after_a_valid_opening_never_breaks_the_server(served, garbage):
+    """Raw bytes after a valid opening (frames or not, lengths of any size): the connection gets answers or is
+    closed; the server logs no failure and opens the next session."""
+    run, proc, address = served
+    meta, tensors = _samples(str(run))
+    good = open_message(meta["fingerprint"], int(meta["budget"]), tensors[0]).SerializeToString()
+    sock = _raw(address, frame(MAGIC + TOKEN.encode()), frame(good), *garbage)
+    sock.settimeout(0.2)
+    try:
+        while read_frame(sock, 1 << 20) is not None:
+            pass
+    except (OSError, ValueError):
+        pass   # waiting for the rest of a frame, or closed: either way this connection is done
+    sock.close()
+    for _ in range(50):   # the server notices the close before it has room for the next session
+        try:
+            fresh = _opened(address, meta, tensors[0])
+            break
+        except StreamRefused as exc:
+            assert "SERVER_BUSY" in str(exc)
+            time.sleep(0.05)
+    assert fresh.infer(item_data(tensors[0])).reply.labels
+    fresh.close()
+    assert "Traceback" not in proc.log() and "failed" not in proc.log()
+
+
+_cache: dict = {}
+
+
+def _samples(run: str):
+    if run not in _cache:
+        _cache[run] = encoded_samples(run, "ec", 1)
+    return _cache[run]
