@@ -213,7 +213,7 @@ def test_device_package_installs_without_torch_and_infers(exported, server, tmp_
 
 
 def test_device_over_tls_with_a_token(exported, tmp_path, capsys):
-    from support import make_certificates
+    from splitprune.bench.core.certificates import make_certificates
 
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make test certificates")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import make_certificates
+from splitprune.bench.core.certificates import make_certificates
 
 from splitprune.cli import main
 from splitprune.client.config import ConnectConfig

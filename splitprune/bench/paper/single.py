@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 REQUESTS, WARMUP = 200, 20
+DTYPES = ("fp16", "int4", "ec", "ec3")
 TARGETS = {"up": 32, "down": 24}  # bytes per request on the wire, steady state (issue 24)
 
 
@@ -36,7 +37,7 @@ def encoded_samples(checkpoint: str, dtype: str, count: int):
         return meta, [device._encode(z[i:i + 1], channels)[1] for i in range(count)]
 
 
-def _measure(address: tuple[str, int], send, requests: int) -> dict:
+def _measure(address: tuple[str, int], send, requests: int, credentials=None) -> dict:
     """Socket bytes per request through a fresh proxy: the first request, and the steady state after WARMUP."""
     import grpc
 
@@ -45,7 +46,9 @@ def _measure(address: tuple[str, int], send, requests: int) -> dict:
     from splitprune.wire.channels import client_options
 
     with LinkProxy(("127.0.0.1", 0), address, LinkProfile()) as proxy:
-        channel = grpc.insecure_channel("%s:%d" % proxy.address, client_options())  # the runtime's settings
+        target, options = "%s:%d" % proxy.address, client_options()  # the runtime's settings
+        channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
+                   else grpc.insecure_channel(target, options))
         counts, payload = [], 0
         with send(channel, proxy.address) as call:
             for i in range(requests):
@@ -59,7 +62,8 @@ def _measure(address: tuple[str, int], send, requests: int) -> dict:
             "payload_up": payload}
 
 
-def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "ec", "ec3")) -> dict:
+def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = DTYPES, tls: bool = False) -> dict:
+    """`tls`: the server speaks TLS on both ports (throw-away certificates), the clients verify it."""
     import contextlib
 
     from splitprune.bench.core.common import markdown_table, write_results
@@ -74,8 +78,20 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = with_all_tables(checkpoint, out / "checkpoint")  # tables for every grid (ec3 ...), sealed
-    session_port = free_port()
-    server = ServeSubprocess(free_port(), "--model", checkpoint, "--session-port", str(session_port),
+    session_port, more, credentials, context = free_port(), [], None, None
+    if tls:
+        import tempfile
+
+        import grpc
+
+        from splitprune.bench.core.certificates import make_certificates
+        from splitprune.wire.session_socket import client_context
+
+        certs = make_certificates(tempfile.mkdtemp(prefix="splitprune-certs-"))
+        more = ["--tls-cert", certs.server_cert, "--tls-key", certs.server_key]
+        credentials = grpc.ssl_channel_credentials(Path(certs.ca).read_bytes())
+        context = client_context(certs.ca)
+    server = ServeSubprocess(free_port(), "--model", checkpoint, "--session-port", str(session_port), *more,
                              log_path=out / "serve.log").start()
     host, port = server.address.rsplit(":", 1)
     rows = []
@@ -98,7 +114,7 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
             @contextlib.contextmanager
             def stream(channel, address):
                 session = (InferStreamClient(channel, open_message(fp, budget, tensors[0])) if address is None
-                           else SocketSession(address, open_message(fp, budget, tensors[0])))
+                           else SocketSession(address, open_message(fp, budget, tensors[0]), tls=context))
 
                 def one(i):
                     return session.infer(item_data(tensors[i])).bytes_up
@@ -110,13 +126,15 @@ def run(checkpoint: str, out: Path, dtypes: tuple[str, ...] = ("fp16", "int4", "
             for name, send, where in (("unary Infer", unary, int(port)),
                                       ("InferStream session", lambda c, _: stream(c, None), int(port)),
                                       ("TCP session port", stream, session_port)):
-                rows.append({"dtype": dtype, "mode": name, "budget": budget, **_measure((host, where), send, REQUESTS)})
+                rows.append({"dtype": dtype, "mode": name + (" (TLS)" if tls else ""), "budget": budget,
+                             **_measure((host, where), send, REQUESTS, credentials)})
     finally:
         server.stop()
     for r in rows:
         r["up_target_holds"] = r["steady_up"] <= TARGETS["up"]
         r["down_target_holds"] = r["steady_down"] <= TARGETS["down"]
-    command = f"python -m splitprune.bench.paper.single --checkpoint {checkpoint} --out {out}"
+    command = (f"python -m splitprune.bench.paper.single --checkpoint {checkpoint} --out {out}"
+               + (f" --dtypes {','.join(dtypes)}" if dtypes != DTYPES else "") + (" --tls" if tls else ""))
     table = markdown_table(
         ["dtype", "mode", "payload up (B)", "wire up per request (B, steady)", "wire down per request (B, steady)",
          "first request up / down (B)", f"<= {TARGETS['up']} B up / <= {TARGETS['down']} B down"],
@@ -138,8 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", default="bench_results/entropy/single")
+    p.add_argument("--tls", action="store_true", help="the server speaks TLS (throw-away certificates, openssl)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="uplink dtypes, comma-separated")
     args = p.parse_args(argv)
-    run(args.checkpoint, Path(args.out))
+    from splitprune.config import WIRE_DTYPE_NAMES
+    from splitprune.errors import UserError
+
+    dtypes = tuple(args.dtypes.split(","))
+    if not set(dtypes) <= set(WIRE_DTYPE_NAMES):
+        p.error(f"--dtypes takes names of {', '.join(WIRE_DTYPE_NAMES)}, comma-separated")
+    try:
+        run(args.checkpoint, Path(args.out), dtypes, args.tls)
+    except UserError as exc:
+        print(f"single: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
