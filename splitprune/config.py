@@ -22,7 +22,7 @@ from splitprune.errors import UserError
 from splitprune.options import NO_LEGACY, Option, check_value, field_specs, option, show
 
 METHODS = ("sl", "ca", "deprune", "prune", "anybudget")
-NESTED_SAMPLINGS = ("sandwich", "random")  # anybudget's server objective (training.objectives.NestedPrefixes)
+NESTED_SAMPLINGS = ("sandwich", "random", "sandwich4")  # anybudget's server objective (objectives.NestedPrefixes)
 LR_SCHEDULES = ("constant", "cosine")
 ALL = "all"
 # Names defined next to the code that uses them (which imports torch); tests/test_config.py keeps these in step.
@@ -117,9 +117,9 @@ class RunConfig:
                                 "per-channel prior) in the device's loss", ge=0, le=100, added=True)
     train_grid: int = option(0, "round the values sent to dtype ecL's grid (L = 3, 7, 15) in training and evaluation: "
                              "the server learns on what ecL sends; 0: off", choices=(0, 3, 7, 15), added=True)
-    nested: str = option("sandwich", "anybudget: the channel prefixes the server trains on per step: sandwich "
-                         "(1, all it received, one random ladder budget between) or random (one ladder budget: "
-                         "plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
+    nested: str = option("sandwich", "anybudget: the prefixes the server trains on per step: sandwich (1, all it "
+                         "received, one random ladder budget between), sandwich4 (two between) or random (one ladder "
+                         "budget: plain nested dropout)", choices=NESTED_SAMPLINGS, added=True)
     rung_decoder: bool = option(False, "anybudget: a decoder deconvolution per budget rung, not only its "
                                 "BatchNorms (the device half and the wire unchanged)", added=True)
     seeding: int = option(SEEDING, "how initial weights are drawn: 2: each half from a random stream of its own, "

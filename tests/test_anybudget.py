@@ -98,6 +98,11 @@ def test_sandwich_trains_the_smallest_the_whole_and_one_ladder_budget_between():
     with RngStream(3).active():
         assert [NestedPrefixes("sandwich").budgets(512) for _ in range(40)] == draws
     assert NestedPrefixes().budgets(2) == [2, 1] and NestedPrefixes().budgets(1) == [1]
+    with RngStream(3).active():
+        wide = [NestedPrefixes("sandwich4").budgets(512) for _ in range(40)]
+    assert all(d[0] == 512 and d[-1] == 1 and len(d) == 4 and set(d[1:3]) <= set(ladder(512)[1:-1]) for d in wide)
+    assert len({b for d in wide for b in d[1:3]}) == 8 and NestedPrefixes("sandwich4").passes == 4
+    assert NestedPrefixes("sandwich4").budgets(6) == [6, 4, 2, 1] and NestedPrefixes("sandwich4").budgets(4) == [4, 2, 1]
 
 
 def test_sandwich_sums_the_label_losses_of_its_prefixes():

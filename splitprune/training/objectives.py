@@ -14,6 +14,8 @@ active around the call, so a run over the network draws what an in-process run d
   weight, as in slimmable networks, Yu & Huang, ICCV 2019). Slimmable networks' in-place distillation (the
   smaller prefixes learning from the whole one's predictions) lost 0.3-2.5 pt at every budget below all
   on validation data (docs/design.md).
+- "sandwich4": the same with two distinct budgets drawn from between: each budget of the ladder trained twice
+  as often, for a fourth pass per step.
 - "random": plain nested (ordered) dropout, one ladder budget up to K drawn per step.
 
 A step reports the loss it minimises (the sum) and the accuracy at the largest prefix it trained on.
@@ -70,7 +72,8 @@ class NestedPrefixes:
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown nested sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.sampling = sampling
-        self.passes = 3 if sampling == "sandwich" else 1
+        self.middles = {"sandwich": 1, "sandwich4": 2}.get(sampling, 0)
+        self.passes = 2 + self.middles if self.middles else 1
 
     def budgets(self, received: int) -> list[int]:
         """This step's prefixes, largest first; draws from the active random state."""
@@ -78,7 +81,10 @@ class NestedPrefixes:
         if self.sampling == "random":
             return [rungs[int(torch.randint(len(rungs), ()))]]
         between = rungs[1:-1]
-        middle = [between[int(torch.randint(len(between), ()))]] if between else []
+        if self.middles == 1 or len(between) <= 1:   # one draw: what runs made before sandwich4 drew
+            middle = [between[int(torch.randint(len(between), ()))]] if between else []
+        else:
+            middle = [between[int(i)] for i in torch.randperm(len(between))[:self.middles]]
         return sorted({received, *middle, 1}, reverse=True)
 
     def __call__(self, half: torch.nn.Module, received: Decoded, compact: torch.Tensor,
