@@ -81,7 +81,7 @@ class Session:
 
     def __init__(self, opened: spb.InferOpened, open_bytes: int) -> None:
         self.opened, self.open_bytes = opened, open_bytes
-        self._lock = threading.Lock()
+        self._lock, self._sending = threading.Lock(), threading.Lock()
         self._unanswered: collections.deque = collections.deque()   # (future, sent at, item bytes), in order
         self._reader: threading.Thread | None = None
 
@@ -112,16 +112,20 @@ class Session:
     def send_item(self, item: bytes) -> Future:
         """`submit` of an InferItem already serialized (item_message)."""
         future: Future = Future()
-        with self._lock:
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read, name="splitprune-infer-stream", daemon=True)
-                self._reader.start()
-            self._unanswered.append((future, time.perf_counter(), len(item)))
+        with self._sending:   # items leave in the order they are queued for their answers
+            with self._lock:
+                if self._reader is None:
+                    self._reader = threading.Thread(target=self._read, name="splitprune-infer-stream", daemon=True)
+                    self._reader.start()
+                self._unanswered.append((future, time.perf_counter(), len(item)))
             try:
-                self._send(item)
+                self._send(item)   # outside _lock: a send waiting for room must not stop the reader making it
             except BROKEN as exc:
-                self._unanswered.pop()
-                future.set_exception(exc)
+                with self._lock:
+                    if self._unanswered and self._unanswered[-1][0] is future:
+                        self._unanswered.pop()
+                if not future.done():   # the reader may have failed it already, with the session
+                    future.set_exception(exc)
         return future
 
     def _read(self) -> None:
