@@ -209,3 +209,28 @@ def _samples(run: str):
     if run not in _cache:
         _cache[run] = encoded_samples(run, "ec", 1)
     return _cache[run]
+
+
+def test_each_replica_of_a_tier_serves_sessions_on_its_own_port(exported, tmp_path):
+    from splitprune.bench.systems.scale_replicas import _free_ports, start_tier
+    from splitprune.wire.envelopes import DESCRIBE_METHOD
+
+    run, _ = exported
+    first = _free_ports(2)
+    tier, addresses = start_tier(2, tmp_path / "state", "--model", str(run), "--session-port", str(first),
+                                 log_path=tmp_path / "tier.log")
+    try:
+        meta, tensors = encoded_samples(str(run), "ec", 1)
+        for rank, address in enumerate(addresses):
+            channel = grpc.insecure_channel(address)
+            described = spb.DescribeReply.FromString(channel.unary_unary(DESCRIBE_METHOD)(
+                spb.DescribeRequest(fingerprint=meta["fingerprint"]).SerializeToString(), timeout=30))
+            channel.close()
+            assert described.session_port == first + rank   # replica r: --session-port + r
+            session = SocketSession(("127.0.0.1", first + rank), open_message(meta["fingerprint"],
+                                                                               int(meta["budget"]), tensors[0]))
+            assert session.infer(item_data(tensors[0])).reply.labels
+            session.close()
+        assert f"sessions on port {first + 1}" in tier.log()
+    finally:
+        tier.stop()

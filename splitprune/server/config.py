@@ -40,7 +40,8 @@ class ServeConfig(Settings):
                                        metavar="PEM", default_text="no client certificates")
     session_port: int | None = option(None, "also serve inference sessions on this TCP port of the --listen host: "
                                       "each message framed by its length alone, no HTTP/2 (docs/protocol.md 5.2; "
-                                      "port 0 picks a free one)", ge=0, le=65535, metavar="PORT", default_text="off")
+                                      "port 0 picks a free one; replica r of a tier: PORT + r)", ge=0, le=65535,
+                                      metavar="PORT", default_text="off")
     threads: int | None = option(None, "torch CPU threads of the server", ge=1, le=1024,
                                  default_text="torch's, all cores")
     accelerator: str = option("cpu", "where the server halves compute (the wire is the same)", choices=("cpu", "cuda"))
@@ -113,8 +114,6 @@ class ServeConfig(Settings):
                             f"({self.max_request_mb:g}): one request of the largest batch must fit")
         if self.token is not None and not self.token:
             raise UserError("the token must not be empty")
-        if self.session_port is not None and (self.distributed or self.replicas):
-            raise UserError("--session-port serves one server: a tier's replicas serve sessions on InferStream")
 
     @property
     def max_message_bytes(self) -> int:

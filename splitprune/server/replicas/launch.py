@@ -24,12 +24,14 @@ def replica_listen(listen: str, local_rank: int) -> str:
 
 
 def join_tier(config: ServeConfig, env: TierEnv):
-    """(this replica's config, its Tier): listen on --listen's port + LOCAL_RANK, keep its halves in
+    """(this replica's config, its Tier): listen on --listen's port + LOCAL_RANK (and --session-port's + LOCAL_RANK
+    when given), keep its halves in
     --checkpoint/replica-RANK and its clients' checkpoints in --checkpoint/checkpoints (shared by the
     replicas: any of them can resume any client); the first generation is formed."""
     from splitprune.server.replicas.tier import Tier, join_tier_membership
 
-    own = dataclasses.replace(config, listen=replica_listen(config.listen, env.local_rank),
+    session_port = config.session_port + env.local_rank if config.session_port else config.session_port
+    own = dataclasses.replace(config, listen=replica_listen(config.listen, env.local_rank), session_port=session_port,
                               checkpoint=os.path.join(config.checkpoint, f"replica-{env.rank}")
                               if config.checkpoint else None)
     membership = join_tier_membership(env, config.accelerator, config.sync_timeout, config.sync_settle)
@@ -71,7 +73,8 @@ def launch(config: ServeConfig) -> int:
     def start(rank: int) -> subprocess.Popen:
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         proc = subprocess.Popen(argv, env=env, start_new_session=True)  # signals come from here, once
-        print(f"splitprune serve: replica {rank} of {n} at {format_hostport((host, port + rank))} "
+        sessions = f", sessions on port {config.session_port + rank}" if config.session_port else ""
+        print(f"splitprune serve: replica {rank} of {n} at {format_hostport((host, port + rank))}{sessions} "
               f"(pid {proc.pid})", flush=True)
         return proc
 
