@@ -135,7 +135,10 @@ def test_inference_serves_a_read_only_model_behind_its_service():
         (mount,) = [m for path, m in mounts.items() if model.startswith(path + "/")]
         assert mount.get("readOnly") is True
     assert svc["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["grpc"]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["grpc", "sessions"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (sessions,) = [p for p in svc["spec"]["ports"] if p["name"] == "sessions"]
+    assert sessions["port"] == ports["sessions"] == args.session_port  # Describe announces the Service's port
     autoscaler = [d for d in documents() if d["kind"] == "HorizontalPodAutoscaler"]
     assert [a["spec"]["scaleTargetRef"]["name"] for a in autoscaler] == [deployment["metadata"]["name"]]
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it
