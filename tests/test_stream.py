@@ -119,12 +119,17 @@ def test_answers_not_waited_for_are_read_in_turn_and_never_taken_for_the_next(se
     fingerprint, budget = meta["fingerprint"], int(meta["budget"])
     channel = grpc.insecure_channel(proc.address)
     expected = [_unary(channel, fingerprint, budget, t) for t in tensors]
+    check_answers_in_turn(InferStreamClient(channel, open_message(fingerprint, budget, tensors[0])), tensors,
+                          expected)
+    channel.close()
+
+
+def check_answers_in_turn(session, tensors: list, expected: list[bytes]) -> None:
+    """Four items abandoned, then items waited for and submitted in turn: each answer is its own item's."""
     assert len(set(expected)) > 1   # else a confused answer could not show
-    session = InferStreamClient(channel, open_message(fingerprint, budget, tensors[0]))
     abandoned = [session.submit(item_data(t)) for t in tensors[:4]]   # nobody waits for these
     for i, tensor in enumerate(tensors[4:], start=4):
         got = session.infer(item_data(tensor)) if i % 2 else session.submit(item_data(tensor)).result(timeout=30)
         assert got.reply.labels == expected[i]
     assert [f.result(timeout=0).reply.labels for f in abandoned] == expected[:4]
     session.close()
-    channel.close()
