@@ -79,6 +79,14 @@ class SessionPort:
             if self.tls is None:  # a TLS peer would need a handshake first: it sees the connection close
                 conn.settimeout(1.0)
                 send_frame(conn, refused_open(refusal))
+                conn.setblocking(False)   # what the peer sent already (its opening) is read, at most 64 KiB,
+                for _ in range(16):       # so that closing is less likely to reset the connection (finish()
+                    if not conn.recv(4096):   # without its wait: this is the accept thread)
+                        break
+        except OSError:   # BlockingIOError included: nothing more has arrived
+            pass
+        try:
+            conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         conn.close()
