@@ -19,7 +19,7 @@ from typing import Callable
 from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.server.service import SplitService
-from splitprune.server.inference.stream import InferSession
+from splitprune.server.inference.stream import InferSession, failed_item
 from splitprune.server.telemetry.metrics import Metrics
 from splitprune.server.validation import parse
 from splitprune.wire.frames import MAGIC, FrameTooLarge, read_frame, send_frame
@@ -28,8 +28,9 @@ from splitprune.wire.refusals import BadHandshake, Refusal, ServerBusy, TooLarge
 log = logging.getLogger("splitprune.serve")
 OPEN_LIMIT = 4096        # bytes of each of a connection's first two frames (MAGIC + token, InferOpen)
 HANDSHAKE_S = 10.0       # seconds a connection has to send them (and to finish TLS)
-MESSAGE_LIMIT = 1000     # characters of a refusal's message
+MESSAGE_LIMIT = 1000     # characters of a refused opening's message (as the gRPC port's details)
 DRAIN_BYTES = 1 << 20    # what a refused connection may still send before it is closed
+BUSY_DRAIN_BYTES = 1 << 16   # ... when refused at --max-sessions (read without waiting, by the accept thread)
 
 
 def refusal_of(exc: ProtocolError) -> Refusal:
@@ -75,20 +76,13 @@ class SessionPort:
         refusal = ServerBusy(f"this server holds {self.service.config.max_sessions} inference sessions already "
                              "(--max-sessions)")
         self.refused("session", peer, refusal)
-        try:
-            if self.tls is None:  # a TLS peer would need a handshake first: it sees the connection close
+        if self.tls is None:  # a TLS peer would need a handshake first: it sees the connection close
+            try:
                 conn.settimeout(1.0)
                 send_frame(conn, refused_open(refusal))
-                conn.setblocking(False)   # what the peer sent already (its opening) is read, at most 64 KiB,
-                for _ in range(16):       # so that closing is less likely to reset the connection (finish()
-                    if not conn.recv(4096):   # without its wait: this is the accept thread)
-                        break
-        except OSError:   # BlockingIOError included: nothing more has arrived
-            pass
-        try:
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+            except OSError:
+                pass
+        finish(conn, wait_s=0.0, limit=BUSY_DRAIN_BYTES)   # this is the accept thread: it does not wait
         conn.close()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
@@ -110,8 +104,9 @@ class SessionPort:
                 try:
                     data = read_frame(stream, limit)
                 except FrameTooLarge as exc:  # its body cannot be skipped unread: the session ends
-                    send_frame(stream, failed_item(TooLarge(str(exc))))
-                    self.refused("session item", peer, TooLarge(str(exc)))
+                    refusal = TooLarge(str(exc))
+                    send_frame(stream, failed_item(refusal))
+                    self.refused("session item", peer, refusal)
                     finish(stream)
                     return
                 if data is None:
@@ -166,31 +161,27 @@ class SessionPort:
         self._thread.join(timeout=5)
 
 
-def finish(stream: socket.socket) -> None:
+def finish(stream: socket.socket, wait_s: float = 1.0, limit: int = DRAIN_BYTES) -> None:
     """End a connection after a refusal so that the peer reads it: closing with unread bytes would reset the
     connection, and a reset may discard the refusal before the peer reads it. So: no more writes, then what
-    the peer still sends read and dropped (at most DRAIN_BYTES, for at most a second)."""
+    the peer still sends read and dropped (at most `limit` bytes, waiting at most `wait_s` for each read; 0:
+    only what has arrived already)."""
     try:
         stream.shutdown(socket.SHUT_WR)
-        stream.settimeout(1.0)
-        left = DRAIN_BYTES
+        stream.settimeout(wait_s)
+        left = limit
         while left > 0:
             data = stream.recv(min(left, 65536))
             if not data:
                 return
             left -= len(data)
-    except OSError:
+    except OSError:   # BlockingIOError and timeouts included: nothing more to read now
         pass
 
 
 def refused_open(refusal: Refusal) -> bytes:
     return spb.InferOpened(error=spb.ErrorReason.Value(refusal.reason),
                            message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
-
-
-def failed_item(refusal: Refusal) -> bytes:
-    return spb.InferItemReply(error=spb.ErrorReason.Value(refusal.reason),
-                              message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
 
 
 def server_context(cert: str | None, key: str | None, client_ca: str | None) -> ssl.SSLContext | None:

@@ -1,10 +1,11 @@
-"""The streaming inference session (`InferStream`, docs/protocol.md 5.1).
+"""An inference session's answers, whatever carries it: an `InferStream` (docs/protocol.md 5.1) or the TCP
+session port (5.2, port.py).
 
 What stays the same for a session (the half, the budget, the dtype, the kept channels, the entropy tables'
 digest) is said once, in the InferOpen, and checked once; each later message is an InferItem holding the
-tensor's data alone (splitprune.wire.stream.item_data), rebuilt here into the EncodedTensor a unary Infer would carry and validated by the
-same code (sizes before decoding, the tables, the budget). One bad item is answered with its error and
-the session goes on; a bad InferOpen ends the stream.
+tensor's data alone (splitprune.wire.stream.item_data), rebuilt here into the EncodedTensor a unary Infer
+would carry and validated by the same code (sizes before decoding, the tables, the budget). One bad item is
+answered with its error and the session goes on; a bad InferOpen ends the session.
 """
 from __future__ import annotations
 
@@ -61,10 +62,8 @@ class InferSession:
         try:
             return self._answer(parse_item(data)).SerializeToString()
         except ProtocolError as exc:  # a Refusal, or the codec's own rule
-            refusal = exc if isinstance(exc, Refusal) else BadTensor(str(exc))
             self.service.count("errors")
-            return spb.InferItemReply(error=spb.ErrorReason.Value(refusal.reason),
-                                      message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
+            return failed_item(exc if isinstance(exc, Refusal) else BadTensor(str(exc)))
 
     def _answer(self, item: spb.InferItem) -> spb.InferItemReply:
         n = item.samples or 1
@@ -81,3 +80,9 @@ class InferSession:
         reply = infer(self.service, spb.InferRequest(fingerprint=self.fingerprint, budget=self.budget,
                                                      eval=pb.EvalRequest(request_id=1, activations=tensor)))
         return spb.InferItemReply(labels=reply.eval.predictions.data, server_us=microseconds(reply.server_ms / 1e3))
+
+
+def failed_item(refusal: Refusal) -> bytes:
+    """The InferItemReply that refuses one item (the session goes on, unless its transport cannot)."""
+    return spb.InferItemReply(error=spb.ErrorReason.Value(refusal.reason),
+                              message=str(refusal)[:MESSAGE_LIMIT]).SerializeToString()
