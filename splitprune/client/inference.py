@@ -16,7 +16,7 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.wire.envelopes import DESCRIBE_METHOD, INFER_METHOD, frame
 from splitprune.client.traffic import SocketMeter
 from splitprune.wire.session_socket import client_context, on_port
-from splitprune.wire.stream import BROKEN, InferSessions, SessionLost, StreamRefused, on_channel
+from splitprune.wire.stream import InferSessions, SessionLost, StreamRefused, on_channel
 from splitprune.wire.timing import server_seconds
 
 
@@ -135,7 +135,7 @@ class InferenceClient:
         if self.stream:
             try:
                 item, up, opened = self._sessions.submit(self.fingerprint, budget, req.activations)
-            except (*BROKEN, StreamRefused) as exc:
+            except (grpc.RpcError, StreamRefused) as exc:   # a lost TCP session is a StreamRefused too
                 raise session_error(exc) from None
             if opened:
                 self.traffic.exchange("control", opened, 0)
