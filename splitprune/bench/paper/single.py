@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(dtypes) <= set(WIRE_DTYPE_NAMES):
         p.error(f"--dtypes takes names of {', '.join(WIRE_DTYPE_NAMES)}, comma-separated")
     try:
+        from splitprune.training.checkpoint import read_meta
+
+        read_meta(args.checkpoint)   # a bad checkpoint is refused before the output folder is made
         run(args.checkpoint, Path(args.out), dtypes, args.tls)
     except UserError as exc:
         print(f"single: {exc}", file=sys.stderr)
