@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 from typing import Callable
 
 from splitprune.errors import ProtocolError
@@ -15,6 +16,7 @@ from splitprune.wire.frames import MAGIC, frame, read_frame
 from splitprune.wire.stream import Session, SessionLost, StreamRefused
 
 REPLY_LIMIT = 1 << 20  # bytes of one answer: labels of the largest batch and a message fit many times
+CLOSE_WAIT_S = 2.0     # how long a close waits for the server to end the connection too
 
 
 class SocketSession(Session):
@@ -72,6 +74,19 @@ class SocketSession(Session):
             raise SessionLost(f"the session on {self._where} broke: {exc}") from None
 
     def _end(self) -> None:
+        """Close gracefully: no more items, then what the server still sends (abandoned answers) read and dropped
+        until it ends the connection, which it does once the session's slot is free again (or CLOSE_WAIT_S)."""
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            if self._reader is not None:   # it reads them, and stops when the server ends the connection
+                self._reader.join(CLOSE_WAIT_S)
+            while self._reader is None and (left := deadline - time.monotonic()) > 0:
+                self._sock.settimeout(left)
+                if not self._sock.recv(65536):
+                    break
+        except (OSError, ValueError):   # broken, timed out, or a TLS socket already unwrapped
+            pass
         self._sock.close()
 
 

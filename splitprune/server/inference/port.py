@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Callable
 
 from splitprune.errors import ProtocolError
@@ -50,6 +51,8 @@ class SessionPort:
         self.port = self.sock.getsockname()[1]
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        # refused connections still being answered without holding a session: as many as sessions at most
+        self._closing = threading.BoundedSemaphore(service.config.max_sessions)
         self._stopped = False
         self._thread = threading.Thread(target=self._accept, name="splitprune-session-port", daemon=True)
         self._thread.start()
@@ -86,7 +89,18 @@ class SessionPort:
         conn.close()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
-        stream = conn
+        stream, held, closing = conn, True, False
+
+        def end_with(message: bytes) -> None:
+            """Answer a refusal and finish the connection. Its session slot is given back first (when few
+            refused connections are being finished), so a peer that read the refusal can open again at once."""
+            nonlocal held, closing
+            if self._closing.acquire(blocking=False):
+                closing, held = True, False
+                self.service.infer_streams.release()
+            send_frame(stream, message)
+            finish(stream)
+
         try:
             conn.settimeout(HANDSHAKE_S)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each answer leaves at once
@@ -96,7 +110,9 @@ class SessionPort:
                     self._open.discard(conn)
                     self._open.add(stream)
             session = self._open_session(stream, peer)
-            if session is None:
+            if isinstance(session, Refusal):
+                end_with(refused_open(session))
+            if not isinstance(session, InferSession):
                 return
             stream.settimeout(self.service.config.idle_timeout)
             limit = self.service.config.max_message_bytes
@@ -105,9 +121,8 @@ class SessionPort:
                     data = read_frame(stream, limit)
                 except FrameTooLarge as exc:  # its body cannot be skipped unread: the session ends
                     refusal = TooLarge(str(exc))
-                    send_frame(stream, failed_item(refusal))
                     self.refused("session item", peer, refusal)
-                    finish(stream)
+                    end_with(failed_item(refusal))
                     return
                 if data is None:
                     return
@@ -121,11 +136,14 @@ class SessionPort:
         finally:
             with self._lock:
                 self._open.discard(stream)
+            if held:   # before the close: a peer that saw the connection end finds its slot free
+                self.service.infer_streams.release()
+            if closing:
+                self._closing.release()
             stream.close()
-            self.service.infer_streams.release()
 
-    def _open_session(self, stream: socket.socket, peer: str) -> InferSession | None:
-        """The session of the connection's first two frames, or None after answering a refusal."""
+    def _open_session(self, stream: socket.socket, peer: str) -> InferSession | Refusal | None:
+        """The session of the connection's first two frames, the refusal to answer, or None: the peer left."""
         try:
             hello = read_frame(stream, OPEN_LIMIT)
             if hello is None:
@@ -144,9 +162,7 @@ class SessionPort:
         except ProtocolError as exc:
             refusal = refusal_of(exc)
             self.refused("session", peer, refusal)
-            send_frame(stream, refused_open(refusal))
-            finish(stream)
-            return None
+            return refusal
 
     def stop(self) -> None:
         with self._lock:
@@ -164,13 +180,14 @@ class SessionPort:
 def finish(stream: socket.socket, wait_s: float = 1.0, limit: int = DRAIN_BYTES) -> None:
     """End a connection after a refusal so that the peer reads it: closing with unread bytes would reset the
     connection, and a reset may discard the refusal before the peer reads it. So: no more writes, then what
-    the peer still sends read and dropped (at most `limit` bytes, waiting at most `wait_s` for each read; 0:
-    only what has arrived already)."""
+    the peer still sends read and dropped (at most `limit` bytes, for at most `wait_s` seconds in all; 0: only
+    what has arrived already)."""
+    deadline = time.monotonic() + wait_s
     try:
         stream.shutdown(socket.SHUT_WR)
-        stream.settimeout(wait_s)
         left = limit
         while left > 0:
+            stream.settimeout(max(0.0, deadline - time.monotonic()))
             data = stream.recv(min(left, 65536))
             if not data:
                 return
