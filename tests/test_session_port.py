@@ -14,7 +14,7 @@ from splitprune.link.profile import LinkProfile
 from splitprune.link.proxy import LinkProxy
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.frames import MAGIC, frame, read_frame, varint
-from splitprune.wire.session_socket import SocketSession
+from splitprune.wire.session_socket import SocketSession, on_port
 from splitprune.wire.stream import SessionLost, StreamRefused, item_data, item_message, open_message
 from test_stream import _unary, check_answers_in_turn
 
@@ -240,3 +240,23 @@ def test_each_replica_of_a_tier_serves_sessions_on_its_own_port(exported, tmp_pa
         assert f"sessions on port {first + 1}" in tier.log()
     finally:
         tier.stop()
+
+
+def test_the_port_is_asked_for_once_per_model_and_again_after_a_session_failed_to_connect(served):
+    run, proc, address = served
+    meta, tensors = encoded_samples(str(run), "ec", 1)
+    asked = []
+
+    def address_of(fingerprint: str):
+        asked.append(fingerprint)
+        return ("127.0.0.1", free_port()) if len(asked) == 1 else address   # first: a port nobody listens on
+
+    open_session = on_port(address_of, TOKEN)
+    opening = open_message(meta["fingerprint"], int(meta["budget"]), tensors[0])
+    with pytest.raises(SessionLost, match="cannot connect"):
+        open_session(opening)
+    sessions = [open_session(opening) for _ in range(2)]
+    assert asked == [meta["fingerprint"]] * 2
+    for session in sessions:
+        assert session.infer(item_data(tensors[0])).reply.labels
+        session.close()

@@ -93,13 +93,21 @@ class SocketSession(Session):
 def on_port(address_of: Callable[[str], tuple[str, int] | None], token: str | None = None,
             tls: ssl.SSLContext | None = None, timeout_s: float = 60.0) -> Callable[[spb.InferOpen], Session]:
     """What opens sessions on a server's session port (InferSessions' `open`): `address_of(fingerprint)` is where
-    the port the server announces for a model is (DescribeReply.session_port; None: it announces none)."""
+    the port the server announces for a model is (DescribeReply.session_port; None: it announces none), asked
+    once per model and again after a session failed to connect (a restarted server may announce another)."""
+    known: dict[str, tuple[str, int]] = {}
+
     def open_session(opened: spb.InferOpen) -> Session:
-        address = address_of(opened.fingerprint)
+        address = known.get(opened.fingerprint) or address_of(opened.fingerprint)
         if address is None:
             raise SessionLost("the server announces no TCP session port: start it with --session-port, or leave "
                               "out --tcp-session")
-        return SocketSession(address, opened, token, tls, timeout_s)
+        known[opened.fingerprint] = address
+        try:
+            return SocketSession(address, opened, token, tls, timeout_s)
+        except SessionLost:
+            known.pop(opened.fingerprint, None)
+            raise
 
     return open_session
 
