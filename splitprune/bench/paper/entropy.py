@@ -6,11 +6,14 @@ term at each --rates weight (`--rate-lambda`), and without one on each --grids g
 sent rounded to ecL's grid in training); the final models are evaluated on the 2,000 validation images
 at budgets 1..4 with fp16, int8, int4 and the entropy-coded grids ec (16 levels), ec7 (8) and ec3 (4) (with
 a rate term: the coded ones only; trained on a grid L: ecL only; tables a checkpoint lacks, trained before it
-kept them, are counted by the bench on the training set as the trainer counts them). Per byte limit the best
+kept them, are counted by the bench on the training set as the trainer counts them). With --trained, dedicated
+ca models at other budgets (r=2, each rate and grid alike) are candidates too, at budgets up to their own. Per
+byte limit the best
 configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
 the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
 
-    python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --grids 0,3 --out bench_results/entropy
+    python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --grids 0,3 --trained 2,4 \
+        --out bench_results/entropy
 """
 from __future__ import annotations
 
@@ -32,16 +35,17 @@ CODED = ("ec", "ec7", "ec3")  # what the runs with a rate term are evaluated wit
 BUDGETS = (1, 2, 3, 4)
 LIMITS = ((8, -0.01), (16, -0.01))
 FLOOR_BYTES = math.log2(10) / 8  # a 10-class answer's information
-TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashion-mnist --schedule 4:22 --epochs 4 "
-         "--dtype-up fp16 --dtype-down fp32 --resolution 2 --lr-schedule cosine --seed {seed} --train-subset 2500 "
-         "--test-subset 1000 --threads 2 --validation-size 2000 --out {out}")  # bench rate's ca4_r2 runs
+# bench rate's ca4_r2 runs (at --schedule 4:22), dedicated models at other budgets alike
+TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashion-mnist --schedule {budget}:22 "
+         "--epochs 4 --dtype-up fp16 --dtype-down fp32 --resolution 2 --lr-schedule cosine --seed {seed} "
+         "--train-subset 2500 --test-subset 1000 --threads 2 --validation-size 2000 --out {out}")
 
 
-def _train(out: Path, seed: int, rate: float, grid: int) -> Path:
-    name = "ca4_r2" + (f"_rate{rate:g}" if rate else "") + (f"_grid{grid}" if grid else "")
+def _train(out: Path, seed: int, budget: int, rate: float, grid: int) -> Path:
+    name = f"ca{budget}_r2" + (f"_rate{rate:g}" if rate else "") + (f"_grid{grid}" if grid else "")
     run = out / "runs" / f"{name}_seed{seed}"
     if not (run / "summary.json").exists():
-        command = (TRAIN.format(seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
+        command = (TRAIN.format(budget=budget, seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
                    + (f" --train-grid {grid}" if grid else ""))
         print(f"[entropy] {command}", flush=True)
         subprocess.run([sys.executable, "-m", "splitprune", *shlex.split(command)[1:], "--quiet"], check=True)
@@ -73,21 +77,24 @@ def _model(run_dir: Path, counted: dict):
 
 
 def _dtypes(rate: float, grid: int) -> tuple[str, ...]:
-    return (f"ec{grid}",) if grid else DTYPES if rate == 0 else CODED
+    return (f"ec{grid}" if grid != 15 else "ec",) if grid else DTYPES if rate == 0 else CODED
 
 
-def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (0,)) -> dict:
+def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (0,),
+        trained: tuple[int, ...] = (4,)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    kinds = [(rate, grid) for rate in rates for grid in grids if rate == 0 or grid == 0]  # the prior is ec's grid
+    kinds = [(b, rate, grid) for b in trained for rate in rates for grid in grids
+             if rate == 0 or grid == 0]  # the prior is ec's grid
     runs = {(kind, seed): _train(out, seed, *kind) for kind in kinds for seed in SEEDS}
-    plans = {kind: [Point(b, d) for b in BUDGETS for d in _dtypes(*kind)] for kind in kinds}
+    plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:])] for kind in kinds}
     rows = []
     counted = {}
-    for ((rate, grid), seed), run_dir in runs.items():
+    for ((budget, rate, grid), seed), run_dir in runs.items():
         model = _model(run_dir, counted)
-        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[(rate, grid)]):
-            rows.append({"seed": seed, "rate_lambda": rate, "train_grid": grid, **r,
-                         "config": f"rate {rate:g} " + (f"grid {grid} " if grid else "") + r["point"]})
+        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[(budget, rate, grid)]):
+            rows.append({"seed": seed, "trained_budget": budget, "rate_lambda": rate, "train_grid": grid, **r,
+                         "config": (f"ca B={budget} " if budget != 4 else "") + f"rate {rate:g} "
+                         + (f"grid {grid} " if grid else "") + r["point"]})
     sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
     sl_test = Interval(sl["low"], sl["high"])
     choices = []
@@ -101,7 +108,8 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
             continue
         best = max(fits, key=lambda c: (sum(r["accuracy"] for r in fits[c]) / len(SEEDS),
                                         -max(r["bytes_per_sample"] for r in fits[c]), c))
-        kind, key = (fits[best][0]["rate_lambda"], fits[best][0].get("train_grid", 0)), fits[best][0]["point"]
+        first = fits[best][0]
+        kind, key = (first.get("trained_budget", 4), first["rate_lambda"], first.get("train_grid", 0)), first["point"]
         point = next(p for p in plans[kind] if p.key() == key)
         tested = []
         for seed in SEEDS:
@@ -114,9 +122,10 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
                         "bytes_per_sample": max(t["bytes_per_sample"] for t in tested),
                         "single_sample_bytes": max(t["single_sample_bytes"] for t in tested),
                         "vs_sl": gap.__dict__ if gap else None, "explained": explain(gap, need, "chosen - sl")})
-    table = markdown_table(["seed", "rate weight", "trained on grid", "point", "uplink B/sample (batch 256)",
+    table = markdown_table(["seed", "model", "rate weight", "trained on grid", "point", "uplink B/sample (batch 256)",
                             "single-request payload B", "validation accuracy"],
-                           [[r["seed"], f"{r['rate_lambda']:g}", r.get("train_grid") or "-", r["point"],
+                           [[r["seed"], f"ca B={r.get('trained_budget', 4)}", f"{r['rate_lambda']:g}",
+                             r.get("train_grid") or "-", r["point"],
                              f"{r['bytes_per_sample']:.2f}", r["single_sample_bytes"],
                              f"{100 * r['accuracy']:.2f}%"] for r in sorted(rows, key=lambda r: (r["bytes_per_sample"],
                                                                                               r["seed"]))])
@@ -127,7 +136,8 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
                               ", ".join(f"{100 * a:.2f}%" for a in c.get("test_accuracy", [])),
                               c.get("explained", c.get("verdict"))] for c in choices])
     command = (f"python -m splitprune.bench.paper.entropy --rates {','.join(f'{r:g}' for r in rates)}"
-               + (f" --grids {','.join(map(str, grids))}" if grids != (0,) else "") + f" --out {out}")
+               + (f" --grids {','.join(map(str, grids))}" if grids != (0,) else "")
+               + (f" --trained {','.join(map(str, trained))}" if trained != (4,) else "") + f" --out {out}")
     markdown = (f"`{command}`\n\nChosen on validation (2,000 held-out training images), scored on the full test set; "
                 f"sl's final models: {100 * sl_test.low:.2f} to {100 * sl_test.high:.2f} % (bench_results/rate).\n\n"
                 f"{chosen}\n\nEvery candidate (validation):\n\n{table}\n")
@@ -155,7 +165,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes per sample (batch 256)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("ca B=4, r=2 (budgets 1-4), seeds 0 and 1", fontsize=10)
+    ax.set_title("ca r=2 models (budgets 1-4), seeds 0 and 1", fontsize=10)
     ax.legend()
     ax.grid(True, alpha=0.3)
     save(fig, path)
@@ -165,16 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default="0", help="rate-term weights to train with, comma-separated (0: none)")
     p.add_argument("--grids", default="0", help="grids L to train on (--train-grid), comma-separated (0: none)")
+    p.add_argument("--trained", default="4", help="budgets of the dedicated ca models trained, comma-separated "
+                   "(4: the headline's alone)")
     p.add_argument("--out", default="bench_results/entropy")
     args = p.parse_args(argv)
     try:
         grids = tuple(int(g) for g in args.grids.split(","))
         rates = tuple(float(r) for r in args.rates.split(","))
+        trained = tuple(int(b) for b in args.trained.split(","))
     except ValueError:
-        p.error("--rates takes numbers and --grids integers, comma-separated")
+        p.error("--rates takes numbers, --grids and --trained integers, comma-separated")
     if not set(grids) <= {0, 3, 7, 15}:
         p.error("--grids takes 0, 3, 7 or 15")
-    run(Path(args.out), rates, grids)
+    if 4 not in trained or not set(trained) <= set(BUDGETS):
+        p.error(f"--trained takes budgets among {', '.join(map(str, BUDGETS))}, 4 among them")
+    run(Path(args.out), rates, grids, trained)
     return 0
 
 
