@@ -89,6 +89,8 @@ def test_bad_opens_and_too_many_streams_are_refused(served):
         InferStreamClient(channel, good)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert sessions[0].infer(item_data(tensors[0])).reply.labels  # the open ones still serve
+    sessions[0].close()
+    sessions[0] = InferStreamClient(channel, good)   # a closed session's place is free once its close returns
     for s in sessions:
         s.close()
     channel.close()

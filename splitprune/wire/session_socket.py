@@ -13,10 +13,9 @@ from typing import Callable
 from splitprune.errors import ProtocolError
 from splitprune.proto import service_pb2 as spb
 from splitprune.wire.frames import MAGIC, frame, read_frame
-from splitprune.wire.stream import Session, SessionLost, StreamRefused
+from splitprune.wire.stream import CLOSE_WAIT_S, Session, SessionLost, StreamRefused
 
 REPLY_LIMIT = 1 << 20  # bytes of one answer: labels of the largest batch and a message fit many times
-CLOSE_WAIT_S = 2.0     # how long a close waits for the server to end the connection too
 
 
 class SocketSession(Session):

@@ -28,6 +28,8 @@ from splitprune.proto import service_pb2 as spb
 from splitprune.wire.codec import encode_label_array
 from splitprune.wire.timing import server_seconds
 
+CLOSE_WAIT_S = 2.0   # how long closing a session waits for the server to end it too
+
 INFER_STREAM_METHOD = "/splitprune.v1.SplitPrune/InferStream"
 
 
@@ -166,7 +168,12 @@ class InferStreamClient(Session):
         self._queue.put(item)
 
     def _end(self) -> None:
-        self._queue.put(None)  # half-close: the server ends the stream
+        """Half-close, then wait (CLOSE_WAIT_S at most) for the server to end the stream, which it does once the
+        session's place is free again, so that the next session can open at once; then cancel."""
+        ended = threading.Event()
+        self._replies.add_done_callback(lambda _: ended.set())
+        self._queue.put(None)
+        ended.wait(CLOSE_WAIT_S)
         self._replies.cancel()
 
 
