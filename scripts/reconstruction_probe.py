@@ -88,6 +88,8 @@ def main() -> int:
     missing = [str(r) for r in runs if not (r / "checkpoint").is_dir()]
     if missing:
         parser.error(f"no checkpoint in {', '.join(missing)}")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
     torch.set_num_threads(1)
     results = [probe(r) for r in runs]
     command = "python scripts/reconstruction_probe.py --runs " + args.runs + f" --out {args.out}"
