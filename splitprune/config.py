@@ -24,6 +24,7 @@ from splitprune.options import NO_LEGACY, Option, check_value, field_specs, opti
 METHODS = ("sl", "ca", "deprune", "prune", "anybudget")
 NESTED_SAMPLINGS = ("sandwich", "random", "sandwich4")  # anybudget's server objective (objectives.NestedPrefixes)
 LR_SCHEDULES = ("constant", "cosine")
+EC_PRIORS = ("channel", "position")  # halves.ec_positions
 ALL = "all"
 # Names defined next to the code that uses them (which imports torch); tests/test_config.py keeps these in step.
 MODEL_NAMES = ("vgg11_bn", "vgg11_bn_compact", "resnet18")                       # splitprune.models.sources
@@ -114,7 +115,9 @@ class RunConfig:
                                   "for every seed; the training subset comes from the rest); 0: none", ge=0,
                                   le=10_000_000, added=True)
     rate_lambda: float = option(0.0, "weight of the uplink's rate (bits per sample on dtype ec's grid under a learned "
-                                "per-channel prior) in the device's loss", ge=0, le=100, added=True)
+                                "prior, --ec-prior) in the device's loss", ge=0, le=100, added=True)
+    ec_prior: str = option("channel", "dtype ec's tables and rate prior: one per channel, or per channel and position "
+                           "of the cut (fewer bytes where its layout is fixed)", choices=EC_PRIORS, added=True)
     train_grid: int = option(0, "round the values sent to dtype ecL's grid (L = 3, 7, 15) in training and evaluation: "
                              "the server learns on what ecL sends; 0: off", choices=(0, 3, 7, 15), added=True)
     nested: str = option("sandwich", "anybudget: the prefixes the server trains on per step: sandwich (1, all it "
@@ -317,14 +320,11 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
 def _validate(cfg: RunConfig) -> None:
     """What no single field decides (nothing here reads a file or imports a model)."""
     from_source_text(cfg.model)
     cfg.normalisation()
-    if cfg.weights_sha256 is not None and not _SHA256.match(cfg.weights_sha256):
+    if cfg.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", cfg.weights_sha256):
         raise UserError("weights_sha256 must be 64 lowercase hexadecimal digits")
     if cfg.method == "prune" and not cfg.from_checkpoint:
         raise UserError("method prune needs --from CHECKPOINT (a trained model)")

@@ -1,5 +1,6 @@
 """Frozen entropy tables of a trained model (dtype EC, splitprune/wire/entropy.py): counted on the training set
-at the end of training for each grid (L = 3, 7, 15: dtypes ec3, ec7, ec), kept in the checkpoint's sealed
+at the end of training for each grid (L = 3, 7, 15: dtypes ec3, ec7, ec), per channel or per channel and
+position (--ec-prior), kept in the checkpoint's sealed
 metadata and, for the exported dtype, in the manifest."""
 from __future__ import annotations
 
@@ -15,16 +16,21 @@ META_KEY = "ec_tables"
 LEVELS = tuple(sorted(EC_DTYPES.values()))
 
 
-def count_symbols(values: Iterable[torch.Tensor], channels: int,
-                  levels: tuple[int, ...] = LEVELS) -> dict[int, np.ndarray]:
-    """Symbol counts [C, L+1] per grid L of the values every channel would send ([N, C, H, W] in [0, 1])."""
-    counts = {L: np.zeros(channels * (L + 1), dtype=np.int64) for L in levels}
+def count_symbols(values: Iterable[torch.Tensor], channels: int, levels: tuple[int, ...] = LEVELS,
+                  positions: int = 1) -> dict[int, np.ndarray]:
+    """Symbol counts per grid L of the values every channel would send ([N, C, H, W] in [0, 1]): [C, L+1], or
+    with positions H*W (a position prior) [C, H*W, L+1]."""
+    counts = {L: np.zeros(channels * positions * (L + 1), dtype=np.int64) for L in levels}
     for batch in values:
         array = batch.detach().cpu().numpy()
+        n, _, h, w = array.shape
+        if positions not in (1, h * w):
+            raise ValueError(f"{positions} positions of tables for a {h}x{w} cut")
         for L, total in counts.items():
-            rows = (np.arange(channels) * (L + 1)).reshape(1, -1, 1, 1)
-            total += np.bincount((quantize_ec(array, L) + rows).reshape(-1), minlength=total.size)
-    return {L: c.reshape(channels, L + 1) for L, c in counts.items()}
+            rows = np.arange(channels * positions).reshape(1, channels, *((h, w) if positions > 1 else (1, 1)))
+            total += np.bincount((quantize_ec(array, L) + rows * (L + 1)).reshape(-1), minlength=total.size)
+    shape = (channels, positions) if positions > 1 else (channels,)
+    return {L: c.reshape(*shape, L + 1) for L, c in counts.items()}
 
 
 def table_entry(tables: np.ndarray) -> dict:

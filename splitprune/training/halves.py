@@ -29,6 +29,11 @@ class Geometry:
         return self.cut_shape[0]
 
 
+def ec_positions(cfg: RunConfig, shape: Geometry) -> int:
+    """How many positions of the cut have tables of their own (--ec-prior): 1, or all H x W of the wire."""
+    return shape.wire_shape[1] * shape.wire_shape[2] if cfg.ec_prior == "position" else 1
+
+
 class DeviceHalf(nn.Module):
     """Runs on the device: backbone layers up to the cut, then the gated encoder."""
 
@@ -149,7 +154,7 @@ def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int, weight
         load_part(layers, loaded)
     if passes_through(cfg):
         encoder.start_as_identity()
-    prior = GridPrior(shape.channels) if cfg.rate_lambda > 0 else None
+    prior = GridPrior(shape.channels, positions=ec_positions(cfg, shape)) if cfg.rate_lambda > 0 else None
     return DeviceHalf(layers, encoder, prior), shape
 
 

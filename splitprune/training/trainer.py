@@ -25,7 +25,7 @@ from splitprune.training.checkpoint import (check_run_folder, check_start_budget
                                             module_tensors, optimizer_tensors, read_meta, read_tensors,
                                             write_checkpoint)
 from splitprune.training.evaluation import evaluate, evaluate_budgets, progress_bar, short_run_warning
-from splitprune.training.halves import check_halves
+from splitprune.training.halves import check_halves, ec_positions
 from splitprune.training.link import OptimizerSettings, lr_scale
 from splitprune.training.records.journal import ByteJournal
 from splitprune.training.records.summary import run_summary
@@ -140,8 +140,8 @@ class Trainer:
     def _ec_tables(self) -> list[dict]:
         """Symbol counts of every channel over the training set (the device half in eval mode), as tables, one
         set per grid."""
-        batches = (self.device.cut_values(x) for x, _ in self.parts.train_loader)
-        return tables_entries(count_symbols(batches, self.parts.geometry.wire_shape[0]))
+        batches, shape = (self.device.cut_values(x) for x, _ in self.parts.train_loader), self.parts.geometry
+        return tables_entries(count_symbols(batches, shape.wire_shape[0], positions=ec_positions(self.cfg, shape)))
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():

@@ -7,9 +7,11 @@ sent rounded to ecL's grid in training); the final models are evaluated on the 2
 at budgets 1..4 with fp16, int8, int4 and the entropy-coded grids ec (16 levels), ec7 (8) and ec3 (4) (with
 a rate term: the coded ones only; trained on a grid L: ecL only; tables a checkpoint lacks, trained before it
 kept them, are counted by the bench on the training set as the trainer counts them). With --trained, dedicated
-ca models at other budgets (r=2, each rate and grid alike) are candidates too, at budgets up to their own. Per
-byte limit the best
-configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
+ca models at other budgets (r=2, each rate and grid alike) are candidates too, at budgets up to their own. With
+--priors channel,position every run is a candidate with tables per channel and position of the cut as well
+(`--ec-prior position`: a run without a rate term trains the same, and the bench counts its tables as the
+trainer would; a run with one is trained again with the position prior in its rate term). Per byte limit the
+best configuration on validation (mean over the seeds, ties: fewer bytes) is chosen, and only it is scored on
 the full test set, against sl's final models (bench_results/rate/rate.json, same profile).
 
     python -m splitprune.bench.paper.entropy --rates 0,0.003,0.01 --grids 0,3 --trained 2,4 \
@@ -27,7 +29,10 @@ from pathlib import Path
 
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.verdict import Interval, difference, explain, interval
-from splitprune.bench.paper.measure import Point, complete_tables, evaluate_points, load_model
+from splitprune.bench.paper.measure import (Point, complete_tables, count_tables, cut_positions, evaluate_points,
+                                            load_model)
+from splitprune.compression.tables import LEVELS
+from splitprune.config import EC_PRIORS
 
 SEEDS = (0, 1)
 DTYPES = ("fp16", "int8", "int4", "ec", "ec7", "ec3")
@@ -41,12 +46,15 @@ TRAIN = ("splitprune train --method ca --model vgg11_bn_compact --dataset fashio
          "--train-subset 2500 --test-subset 1000 --threads 2 --validation-size 2000 --out {out}")
 
 
-def _train(out: Path, seed: int, budget: int, rate: float, grid: int) -> Path:
-    name = f"ca{budget}_r2" + (f"_rate{rate:g}" if rate else "") + (f"_grid{grid}" if grid else "")
+def _train(out: Path, seed: int, budget: int, rate: float, grid: int, prior: str) -> Path:
+    trained_prior = prior if rate else "channel"  # without a rate term the prior shapes the tables alone
+    name = (f"ca{budget}_r2" + (f"_rate{rate:g}" if rate else "") + (f"_grid{grid}" if grid else "")
+            + ("_pos" if trained_prior == "position" else ""))
     run = out / "runs" / f"{name}_seed{seed}"
     if not (run / "summary.json").exists():
         command = (TRAIN.format(budget=budget, seed=seed, out=run) + (f" --rate-lambda {rate:g}" if rate else "")
-                   + (f" --train-grid {grid}" if grid else ""))
+                   + (f" --train-grid {grid}" if grid else "")
+                   + (" --ec-prior position" if trained_prior == "position" else ""))
         print(f"[entropy] {command}", flush=True)
         subprocess.run([sys.executable, "-m", "splitprune", *shlex.split(command)[1:], "--quiet"], check=True)
         (run / "command.txt").write_text(command + "\n")
@@ -67,9 +75,15 @@ def _loader(cfg, data: str):
     return full_test_loader(cfg, prof)
 
 
-def _model(run_dir: Path, counted: dict):
-    """A run's final model with its entropy tables for every grid (those its checkpoint lacks counted here)."""
+def _model(run_dir: Path, counted: dict, prior: str = "channel"):
+    """A run's final model with its entropy tables for every grid (those its checkpoint lacks counted here), or
+    with tables per position counted here for a run whose training did not depend on its prior."""
     model = load_model(run_dir / "checkpoint")
+    if prior == "position" != model.cfg.ec_prior:
+        tables = model.server.spec.tables
+        tables.clear()
+        tables.update(count_tables(model, LEVELS, cut_positions(model)))
+        counted[f"{run_dir.name} (position)"] = list(LEVELS)
     added = complete_tables(model)
     if added:
         counted[run_dir.name] = added
@@ -81,20 +95,22 @@ def _dtypes(rate: float, grid: int) -> tuple[str, ...]:
 
 
 def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (0,),
-        trained: tuple[int, ...] = (4,)) -> dict:
+        trained: tuple[int, ...] = (4,), priors: tuple[str, ...] = ("channel",)) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    kinds = [(b, rate, grid) for b in trained for rate in rates for grid in grids
+    kinds = [(b, rate, grid, prior) for b in trained for rate in rates for grid in grids for prior in priors
              if rate == 0 or grid == 0]  # the prior is ec's grid
     runs = {(kind, seed): _train(out, seed, *kind) for kind in kinds for seed in SEEDS}
     plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:])] for kind in kinds}
     rows = []
     counted = {}
-    for ((budget, rate, grid), seed), run_dir in runs.items():
-        model = _model(run_dir, counted)
-        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[(budget, rate, grid)]):
-            rows.append({"seed": seed, "trained_budget": budget, "rate_lambda": rate, "train_grid": grid, **r,
+    for ((budget, rate, grid, prior), seed), run_dir in runs.items():
+        model = _model(run_dir, counted, prior)
+        for r in evaluate_points(model, _loader(model.cfg, "validation"), plans[(budget, rate, grid, prior)]):
+            rows.append({"seed": seed, "trained_budget": budget, "rate_lambda": rate, "train_grid": grid,
+                         "prior": prior, **r,
                          "config": (f"ca B={budget} " if budget != 4 else "") + f"rate {rate:g} "
-                         + (f"grid {grid} " if grid else "") + r["point"]})
+                         + (f"grid {grid} " if grid else "") + ("position prior " if prior != "channel" else "")
+                         + r["point"]})
     sl = json.loads((out.parent / "rate" / "rate.json").read_text())["sl_test"]
     sl_test = Interval(sl["low"], sl["high"])
     choices = []
@@ -109,11 +125,11 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
         best = max(fits, key=lambda c: (sum(r["accuracy"] for r in fits[c]) / len(SEEDS),
                                         -max(r["bytes_per_sample"] for r in fits[c]), c))
         first = fits[best][0]
-        kind, key = (first.get("trained_budget", 4), first["rate_lambda"], first.get("train_grid", 0)), first["point"]
-        point = next(p for p in plans[kind] if p.key() == key)
+        kind = (first["trained_budget"], first["rate_lambda"], first["train_grid"], first["prior"])
+        point = next(p for p in plans[kind] if p.key() == first["point"])
         tested = []
         for seed in SEEDS:
-            model = _model(runs[(kind, seed)], counted)
+            model = _model(runs[(kind, seed)], counted, kind[3])
             tested += evaluate_points(model, _loader(model.cfg, "test"), [point])
         gap = difference(interval([t["accuracy"] for t in tested]), sl_test)
         choices.append({"limit": limit, "point": best, "candidates": len(fits),
@@ -122,10 +138,10 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
                         "bytes_per_sample": max(t["bytes_per_sample"] for t in tested),
                         "single_sample_bytes": max(t["single_sample_bytes"] for t in tested),
                         "vs_sl": gap.__dict__ if gap else None, "explained": explain(gap, need, "chosen - sl")})
-    table = markdown_table(["seed", "model", "rate weight", "trained on grid", "point", "uplink B/sample (batch 256)",
-                            "single-request payload B", "validation accuracy"],
-                           [[r["seed"], f"ca B={r.get('trained_budget', 4)}", f"{r['rate_lambda']:g}",
-                             r.get("train_grid") or "-", r["point"],
+    table = markdown_table(["seed", "model", "rate weight", "trained on grid", "prior", "point",
+                            "uplink B/sample (batch 256)", "single-request payload B", "validation accuracy"],
+                           [[r["seed"], f"ca B={r['trained_budget']}", f"{r['rate_lambda']:g}",
+                             r["train_grid"] or "-", r["prior"], r["point"],
                              f"{r['bytes_per_sample']:.2f}", r["single_sample_bytes"],
                              f"{100 * r['accuracy']:.2f}%"] for r in sorted(rows, key=lambda r: (r["bytes_per_sample"],
                                                                                               r["seed"]))])
@@ -137,7 +153,8 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
                               c.get("explained", c.get("verdict"))] for c in choices])
     command = (f"python -m splitprune.bench.paper.entropy --rates {','.join(f'{r:g}' for r in rates)}"
                + (f" --grids {','.join(map(str, grids))}" if grids != (0,) else "")
-               + (f" --trained {','.join(map(str, trained))}" if trained != (4,) else "") + f" --out {out}")
+               + (f" --trained {','.join(map(str, trained))}" if trained != (4,) else "")
+               + (f" --priors {','.join(priors)}" if priors != ("channel",) else "") + f" --out {out}")
     markdown = (f"`{command}`\n\nChosen on validation (2,000 held-out training images), scored on the full test set; "
                 f"sl's final models: {100 * sl_test.low:.2f} to {100 * sl_test.high:.2f} % (bench_results/rate).\n\n"
                 f"{chosen}\n\nEvery candidate (validation):\n\n{table}\n")
@@ -155,11 +172,13 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     fig, (ax,) = figure()
     def kind(r: dict) -> tuple:
-        return r["dtype"], r["rate_lambda"], r.get("train_grid", 0)
+        return r["dtype"], r["rate_lambda"], r["train_grid"], r["prior"]
 
-    for dtype, rate, grid in [(d, 0.0, 0) for d in DTYPES] + sorted({kind(r) for r in rows if kind(r)[1:] != (0, 0)}):
-        ps = sorted((r for r in rows if kind(r) == (dtype, rate, grid)), key=lambda r: r["bytes_per_sample"])
-        label = dtype + (f", rate term {rate:g}" if rate else "") + (", trained on its grid" if grid else "")
+    plain = [(d, 0.0, 0, "channel") for d in DTYPES]
+    for dtype, rate, grid, prior in plain + sorted({kind(r) for r in rows} - set(plain)):
+        ps = sorted((r for r in rows if kind(r) == (dtype, rate, grid, prior)), key=lambda r: r["bytes_per_sample"])
+        label = (dtype + (f", rate term {rate:g}" if rate else "") + (", trained on its grid" if grid else "")
+                 + (", position prior" if prior != "channel" else ""))
         ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=label, alpha=0.7)
     ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
     ax.set_xscale("log")
@@ -177,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grids", default="0", help="grids L to train on (--train-grid), comma-separated (0: none)")
     p.add_argument("--trained", default="4", help="budgets of the dedicated ca models trained, comma-separated "
                    "(4: the headline's alone)")
+    p.add_argument("--priors", default="channel", help="entropy priors (--ec-prior), comma-separated: channel, "
+                   "position")
     p.add_argument("--out", default="bench_results/entropy")
     args = p.parse_args(argv)
     try:
@@ -189,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--grids takes 0, 3, 7 or 15")
     if 4 not in trained or not set(trained) <= set(BUDGETS):
         p.error(f"--trained takes budgets among {', '.join(map(str, BUDGETS))}, 4 among them")
-    run(Path(args.out), rates, grids, trained)
+    priors = tuple(args.priors.split(","))
+    if "channel" not in priors or not set(priors) <= set(EC_PRIORS):
+        p.error(f"--priors takes {' and '.join(EC_PRIORS)}, channel among them")
+    run(Path(args.out), rates, grids, trained, priors)
     return 0
 
 

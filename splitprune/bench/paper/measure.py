@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from splitprune.bench.paper.baselines import Baseline, TopKCodec, install
@@ -57,23 +58,36 @@ def load_model(folder, accelerator: str = "cpu", baseline: Baseline | None = Non
     return LoadedModel(meta, cfg, device, server, int(meta["budget"]))
 
 
-def complete_tables(model: LoadedModel) -> list[int]:
-    """Entropy tables for every grid: the ones a checkpoint lacks (trained before it kept them) are counted here
-    on its training set, as the trainer counts them at the end of training. The grids added."""
-    from splitprune.compression.tables import LEVELS, count_symbols
+def count_tables(model: LoadedModel, levels: tuple[int, ...], positions: int) -> dict[int, np.ndarray]:
+    """Entropy tables per grid L counted on the run's training set, as the trainer counts them at its end."""
+    from splitprune.compression.tables import count_symbols
     from splitprune.data import make_loaders
     from splitprune.training.setup import input_channels
     from splitprune.wire.entropy import fit_tables
 
+    cfg = model.cfg
+    train, _, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, input_channels(cfg),
+                               cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment, cfg.test_batch_size,
+                               cfg.validation_size, cfg.normalisation())
+    counts = count_symbols((model.device.cut_values(x) for x, _ in train), model.channels, levels, positions)
+    return {L: fit_tables(c) for L, c in counts.items()}
+
+
+def cut_positions(model: LoadedModel) -> int:
+    """H x W of what the model sends: the positions of a position prior's tables."""
+    _, h, w = model.meta.get("wire_shape") or model.meta["cut_shape"]
+    return int(h) * int(w)
+
+
+def complete_tables(model: LoadedModel) -> list[int]:
+    """Entropy tables for every grid: the ones a checkpoint lacks (trained before it kept them) are counted here
+    (count_tables). The grids added."""
+    from splitprune.compression.tables import LEVELS
+
     tables = model.server.spec.tables
     missing = tuple(L for L in LEVELS if L not in tables)
     if missing:
-        cfg = model.cfg
-        train, _, _ = make_loaders(cfg.dataset, cfg.data_dir, cfg.batch_size, cfg.input_size, input_channels(cfg),
-                                   cfg.seed, cfg.train_subset, cfg.test_subset, cfg.augment, cfg.test_batch_size,
-                                   cfg.validation_size, cfg.normalisation())
-        counts = count_symbols((model.device.cut_values(x) for x, _ in train), model.channels, missing)
-        tables.update({L: fit_tables(c) for L, c in counts.items()})
+        tables.update(count_tables(model, missing, cut_positions(model) if model.cfg.ec_prior == "position" else 1))
     return list(missing)
 
 
