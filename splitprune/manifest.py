@@ -17,7 +17,7 @@ from splitprune.files import check_out_folder
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "splitprune-device-model/1"
 INPUT_NAME, OUTPUT_NAME = "images", "kept"  # the ONNX graph's input and output
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 8 << 20  # room for the largest entropy tables (wire.entropy.MAX_ENTRIES, a line each)
 TOLERANCE = 1e-5  # largest |onnx - torch| accepted on the encoder output at export (values in [0, 1])
 _REQUIRED = ("protocol_version", "fingerprint", "server_weights_sha256", "num_classes", "input", "cut_shape",
              "wire_shape", "codec", "budgets")

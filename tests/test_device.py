@@ -285,3 +285,43 @@ def test_device_sends_entropy_coded_activations_to_a_real_server(exported, serve
     for i in range(8):
         predicted, _, _ = device.predict(torch.from_numpy(DeviceModel(ec_out).prepare(images[i:i + 1])), link, 2)
         assert int(predicted[0]) == ec["predictions"][i]
+
+
+def test_a_model_trained_with_the_position_prior_exports_its_tables_to_the_device_encoder(tmp_path):
+    """Trained with --ec-prior position: [C, H*W, L+1] tables in the checkpoint and the manifest, the exported
+    device half codes with them as the PyTorch device does, and the server decodes the device's string."""
+    from splitprune.compression.codec import decode_tensor
+    from splitprune.compression.tables import read_tables
+    from splitprune.manifest import INPUT_NAME, onnx_session, read_manifest
+    from splitprune.proto import pb
+    from splitprune.training.checkpoint import read_tensors
+    from splitprune.wire.codec import encode_values
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["train", "--method", "ca", "--budget", "2", "--epochs", "1", "--train-subset", "48",
+                 "--test-subset", "16", "--threads", "1", "--quiet", "--rate-lambda", "1", "--ec-prior", "position",
+                 "--out", str(run)]) == 0
+    meta = read_meta(run)
+    channels, h, w = meta["wire_shape"]
+    tables = read_tables(meta, channels)
+    assert all(t.shape == (channels, h * w, levels + 1) for levels, t in tables.items())
+    assert read_tensors(run / "checkpoint")["device.prior.logits"].shape == (channels, h * w, 16)
+    assert main(["eval", "--checkpoint", str(run), "--dtype-up", "ec7", "--test-subset", "32", "--out",
+                 str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["bytes_per_sample"] > 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--budget", "1,2", "--check-images", "16",
+                 "--dtype-up", "ec7"]) == 0
+    model = DeviceModel(out)
+    assert np.array_equal(model.tables, tables[7])
+    device, server, cfg, _, _ = load_workers(str(run))
+    device.codec = ChannelCodec("ec7", tables)
+    x, _, _ = sample_inputs(cfg, 1, 8)
+    for budget in (1, 2):
+        with torch.no_grad():
+            kept, message = device._encode(device.half(x), device.kept_channels(budget))
+        onnx = onnx_session(str(out / read_manifest(out)["budgets"][str(budget)]["file"]))
+        sent = model.encode(onnx.run(None, {INPUT_NAME: x.numpy()})[0], budget)
+        expected = encode_values(kept.numpy(), model.kept(budget), channels, pb.EC, False, tables[7])
+        assert expected == message and sent.tables == message.tables and sent.shape == message.shape
+        decoded = decode_tensor(sent, server.spec)   # the device's string decodes on the server's tables
+        assert decoded.values.shape == kept.shape

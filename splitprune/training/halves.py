@@ -16,6 +16,7 @@ from splitprune.config import RunConfig
 from splitprune.errors import UserError
 from splitprune.models import build_part, check_model, check_server_input, cut_nonnegative, load_part, load_weights
 from splitprune.models.randomness import private_rng
+from splitprune.wire.entropy import EC_LEVELS, MAX_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,13 @@ class Geometry:
 
 def ec_positions(cfg: RunConfig, shape: Geometry) -> int:
     """How many positions of the cut have tables of their own (--ec-prior): 1, or all H x W of the wire."""
-    return shape.wire_shape[1] * shape.wire_shape[2] if cfg.ec_prior == "position" else 1
+    if cfg.ec_prior == "channel":
+        return 1
+    channels, h, w = shape.wire_shape
+    if channels * h * w * (EC_LEVELS + 1) > MAX_ENTRIES:
+        raise UserError(f"--ec-prior position: a {channels}x{h}x{w} cut needs {channels * h * w * (EC_LEVELS + 1):,} "
+                        f"table entries, more than {MAX_ENTRIES:,}; use --ec-prior channel (or a smaller cut)")
+    return h * w
 
 
 class DeviceHalf(nn.Module):

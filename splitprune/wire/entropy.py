@@ -23,7 +23,7 @@ from splitprune.errors import ProtocolError
 EC_LEVELS = 15               # q in 0..15: the int4 alphabet (dtype ec)
 EC_DTYPES = {"ec": 15, "ec7": 7, "ec3": 3}  # dtype name -> grid levels L (all travel as DType EC)
 MAX_FREQUENCY = 1 << 24      # per entry of a table
-MAX_ENTRIES = 1 << 22        # entries of one grid's tables (16 MiB as uint32): a position prior's C x H*W x (L+1)
+MAX_ENTRIES = 1 << 18        # entries of one grid's tables: C x (L+1), or C x H*W x (L+1) per position
 
 
 def fit_tables(counts: np.ndarray) -> np.ndarray:
