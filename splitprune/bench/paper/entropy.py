@@ -100,7 +100,7 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
     kinds = [(b, rate, grid, prior) for b in trained for rate in rates for grid in grids for prior in priors
              if rate == 0 or grid == 0]  # the prior is ec's grid
     runs = {(kind, seed): _train(out, seed, *kind) for kind in kinds for seed in SEEDS}
-    plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:])] for kind in kinds}
+    plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:3])] for kind in kinds}
     rows = []
     counted = {}
     for ((budget, rate, grid, prior), seed), run_dir in runs.items():
