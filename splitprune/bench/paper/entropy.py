@@ -90,8 +90,9 @@ def _model(run_dir: Path, counted: dict, prior: str = "channel"):
     return model
 
 
-def _dtypes(rate: float, grid: int) -> tuple[str, ...]:
-    return (f"ec{grid}" if grid != 15 else "ec",) if grid else DTYPES if rate == 0 else CODED
+def _dtypes(rate: float, grid: int, prior: str) -> tuple[str, ...]:
+    """What a kind is evaluated with: its grid's dtype, the coded ones (a rate term, or tables per position), or all."""
+    return (f"ec{grid}" if grid != 15 else "ec",) if grid else DTYPES if rate == 0 and prior == "channel" else CODED
 
 
 def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (0,),
@@ -100,7 +101,7 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
     kinds = [(b, rate, grid, prior) for b in trained for rate in rates for grid in grids for prior in priors
              if rate == 0 or grid == 0]  # the prior is ec's grid
     runs = {(kind, seed): _train(out, seed, *kind) for kind in kinds for seed in SEEDS}
-    plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:3])] for kind in kinds}
+    plans = {kind: [Point(b, d) for b in BUDGETS if b <= kind[0] for d in _dtypes(*kind[1:])] for kind in kinds}
     rows = []
     counted = {}
     for ((budget, rate, grid, prior), seed), run_dir in runs.items():
@@ -168,24 +169,29 @@ def run(out: Path, rates: tuple[float, ...] = (0.0,), grids: tuple[int, ...] = (
 
 
 def _plot(rows: list[dict], path: Path) -> None:
+    """Every point (faint) and, per dtype and prior, the best validation accuracy at no more bytes (the line)."""
     from splitprune.bench.core.plots import figure, save
 
     fig, (ax,) = figure()
-    def kind(r: dict) -> tuple:
-        return r["dtype"], r["rate_lambda"], r["train_grid"], r["prior"]
-
-    plain = [(d, 0.0, 0, "channel") for d in DTYPES]
-    for dtype, rate, grid, prior in plain + sorted({kind(r) for r in rows} - set(plain)):
-        ps = sorted((r for r in rows if kind(r) == (dtype, rate, grid, prior)), key=lambda r: r["bytes_per_sample"])
-        label = (dtype + (f", rate term {rate:g}" if rate else "") + (", trained on its grid" if grid else "")
-                 + (", position prior" if prior != "channel" else ""))
-        ax.plot([r["bytes_per_sample"] for r in ps], [100 * r["accuracy"] for r in ps], "o", label=label, alpha=0.7)
-    ax.axvline(FLOOR_BYTES, color="grey", linestyle="--", label="log2(10) bits")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["dtype"] + (", position prior" if r["prior"] != "channel" else ""), []).append(r)
+    colours = {d: f"C{i}" for i, d in enumerate(DTYPES)}
+    for label, points in sorted(groups.items()):
+        points.sort(key=lambda r: r["bytes_per_sample"])
+        front = [r for i, r in enumerate(points) if r["accuracy"] > max((p["accuracy"] for p in points[:i]), default=0)]
+        colour = colours[points[0]["dtype"]]
+        ax.plot([r["bytes_per_sample"] for r in front], [100 * r["accuracy"] for r in front], marker="o", ms=3,
+                label=label, color=colour, linestyle="--" if "position" in label else "-")
+        ax.plot([r["bytes_per_sample"] for r in points], [100 * r["accuracy"] for r in points], ".", color=colour,
+                alpha=0.2)
+    ax.axvline(FLOOR_BYTES, color="grey", linestyle=":", label="log2(10) bits")
     ax.set_xscale("log")
+    ax.set_ylim(75, 88)
     ax.set_xlabel("uplink bytes per sample (batch 256)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("ca r=2 models (budgets 1-4), seeds 0 and 1", fontsize=10)
-    ax.legend()
+    ax.set_title("ca r=2 models (budgets 1-4, every rate weight and grid), seeds 0 and 1", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, alpha=0.3)
     save(fig, path)
 
