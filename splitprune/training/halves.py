@@ -161,7 +161,8 @@ def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int, weight
         load_part(layers, loaded)
     if passes_through(cfg):
         encoder.start_as_identity()
-    prior = GridPrior(shape.channels, positions=ec_positions(cfg, shape)) if cfg.rate_lambda > 0 else None
+    positions = ec_positions(cfg, shape)  # checked here, before training, whatever the rate weight
+    prior = GridPrior(shape.channels, positions=positions) if cfg.rate_lambda > 0 else None
     return DeviceHalf(layers, encoder, prior), shape
 
 
