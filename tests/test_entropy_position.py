@@ -104,11 +104,10 @@ def test_a_cut_too_large_for_tables_per_position_is_refused_before_training(tmp_
     from splitprune.cli import main
     from splitprune.training.halves import Geometry, ec_positions
 
-    cfg = make_config({"ec_prior": "position", "rate_lambda": 0.1})
-    assert ec_positions(cfg, Geometry((512, 3, 3), (512, 3, 3))) == 9
-    assert ec_positions(make_config({}), Geometry((512, 12, 12), (512, 12, 12))) == 1
+    assert ec_positions("position", Geometry((512, 3, 3), (512, 3, 3))) == 9
+    assert ec_positions(make_config({}).ec_prior, Geometry((512, 12, 12), (512, 12, 12))) == 1
     with pytest.raises(UserError, match="a 512x12x12 cut needs 1,179,648 table entries, more than 262,144"):
-        ec_positions(cfg, Geometry((512, 12, 12), (512, 12, 12)))
+        ec_positions("position", Geometry((512, 12, 12), (512, 12, 12)))
     # without a rate term too: the tables are counted at the end of training, the size is checked at its start
     assert main(["train", "--method", "ca", "--input-size", "96", "--ec-prior", "position", "--epochs", "1",
                  "--train-subset", "16", "--out", str(tmp_path / "never")]) == 2

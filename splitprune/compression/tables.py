@@ -23,11 +23,11 @@ def count_symbols(values: Iterable[torch.Tensor], channels: int, levels: tuple[i
     counts = {L: np.zeros(channels * positions * (L + 1), dtype=np.int64) for L in levels}
     for batch in values:
         array = batch.detach().cpu().numpy()
-        n, _, h, w = array.shape
+        _, _, h, w = array.shape
         if positions not in (1, h * w):
             raise ValueError(f"{positions} positions of tables for a {h}x{w} cut")
+        rows = np.arange(channels * positions).reshape(1, channels, *((h, w) if positions > 1 else (1, 1)))
         for L, total in counts.items():
-            rows = np.arange(channels * positions).reshape(1, channels, *((h, w) if positions > 1 else (1, 1)))
             total += np.bincount((quantize_ec(array, L) + rows * (L + 1)).reshape(-1), minlength=total.size)
     shape = (channels, positions) if positions > 1 else (channels,)
     return {L: c.reshape(*shape, L + 1) for L, c in counts.items()}

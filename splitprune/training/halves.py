@@ -30,9 +30,10 @@ class Geometry:
         return self.cut_shape[0]
 
 
-def ec_positions(cfg: RunConfig, shape: Geometry) -> int:
-    """How many positions of the cut have tables of their own (--ec-prior): 1, or all H x W of the wire."""
-    if cfg.ec_prior == "channel":
+def ec_positions(prior: str, shape: Geometry) -> int:
+    """How many positions of the cut have tables of their own under `prior` (--ec-prior): 1, or all H x W of
+    the wire."""
+    if prior == "channel":
         return 1
     channels, h, w = shape.wire_shape
     if channels * h * w * (EC_LEVELS + 1) > MAX_ENTRIES:
@@ -161,7 +162,7 @@ def build_device_half(cfg: RunConfig, num_classes: int, in_channels: int, weight
         load_part(layers, loaded)
     if passes_through(cfg):
         encoder.start_as_identity()
-    positions = ec_positions(cfg, shape)  # checked here, before training, whatever the rate weight
+    positions = ec_positions(cfg.ec_prior, shape)  # checked here, before training, whatever the rate weight
     prior = GridPrior(shape.channels, positions=positions) if cfg.rate_lambda > 0 else None
     return DeviceHalf(layers, encoder, prior), shape
 

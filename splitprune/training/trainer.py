@@ -141,7 +141,8 @@ class Trainer:
         """Symbol counts of every channel over the training set (the device half in eval mode), as tables, one
         set per grid."""
         batches, shape = (self.device.cut_values(x) for x, _ in self.parts.train_loader), self.parts.geometry
-        return tables_entries(count_symbols(batches, shape.wire_shape[0], positions=ec_positions(self.cfg, shape)))
+        positions = ec_positions(self.cfg.ec_prior, shape)
+        return tables_entries(count_symbols(batches, shape.wire_shape[0], positions=positions))
 
     def _resume(self) -> bool:
         if not (self.out / "checkpoint" / "meta.json").exists():

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from splitprune.bench.core.common import markdown_table, write_results
 from splitprune.bench.core.verdict import Interval, difference, explain, interval
-from splitprune.bench.paper.measure import (Point, complete_tables, count_tables, cut_positions, evaluate_points,
-                                            load_model)
+from splitprune.bench.paper.measure import Point, complete_tables, count_tables, evaluate_points, load_model
 from splitprune.compression.tables import LEVELS
 from splitprune.config import EC_PRIORS
+from splitprune.training.halves import ec_positions
 
 SEEDS = (0, 1)
 DTYPES = ("fp16", "int8", "int4", "ec", "ec7", "ec3")
@@ -82,7 +82,7 @@ def _model(run_dir: Path, counted: dict, prior: str = "channel"):
     if prior == "position" != model.cfg.ec_prior:
         tables = model.server.spec.tables
         tables.clear()
-        tables.update(count_tables(model, LEVELS, cut_positions(model)))
+        tables.update(count_tables(model, LEVELS, ec_positions("position", model.device.geometry)))
         counted[f"{run_dir.name} (position)"] = list(LEVELS)
     added = complete_tables(model)
     if added:

@@ -22,6 +22,7 @@ from splitprune.config import stored_config
 from splitprune.proto import pb
 from splitprune.training.checkpoint import load_module, read_meta, read_tensors
 from splitprune.training.device_worker import DeviceWorker
+from splitprune.training.halves import ec_positions
 from splitprune.training.link import parse_message
 from splitprune.training.server_worker import LocalLink, ServerWorker
 from splitprune.training.setup import build_workers
@@ -73,12 +74,6 @@ def count_tables(model: LoadedModel, levels: tuple[int, ...], positions: int) ->
     return {L: fit_tables(c) for L, c in counts.items()}
 
 
-def cut_positions(model: LoadedModel) -> int:
-    """H x W of what the model sends: the positions of a position prior's tables."""
-    _, h, w = model.meta.get("wire_shape") or model.meta["cut_shape"]
-    return int(h) * int(w)
-
-
 def complete_tables(model: LoadedModel) -> list[int]:
     """Entropy tables for every grid: the ones a checkpoint lacks (trained before it kept them) are counted here
     (count_tables). The grids added."""
@@ -87,7 +82,7 @@ def complete_tables(model: LoadedModel) -> list[int]:
     tables = model.server.spec.tables
     missing = tuple(L for L in LEVELS if L not in tables)
     if missing:
-        tables.update(count_tables(model, missing, cut_positions(model) if model.cfg.ec_prior == "position" else 1))
+        tables.update(count_tables(model, missing, ec_positions(model.cfg.ec_prior, model.device.geometry)))
     return list(missing)
 
 
